@@ -60,7 +60,9 @@ class Augment(grain.transforms.RandomMap):
     ch = min(h, max(1, int(round(math.sqrt(area / aspect)))))
     x0 = int(rng.integers(0, w - cw + 1))
     y0 = int(rng.integers(0, h - ch + 1))
-    out = _resize(image, self.size, box=(x0, y0, x0 + cw, y0 + ch))
+    full = (cw, ch) == (w, h)
+    out = _resize(image, self.size, box=None if full else
+                  (x0, y0, x0 + cw, y0 + ch))
     if self.flip and rng.random() < 0.5:
       out = out[:, ::-1]
     return _example(element, out)

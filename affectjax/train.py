@@ -108,7 +108,7 @@ def train_step(state: State, batch: dict, *, graphdef, tx, config,
   rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
 
   def loss_fn(params):
-    model = nnx.merge(graphdef, params, state["rest"])
+    model = nnx.merge(graphdef, params, state["rest"], copy=True)
     x = model.preprocess(batch["image"])
     logits, va = model(x, train=True, train_backbone=train_backbone,
                        rngs=nnx.Rngs(dropout=rng))
@@ -123,7 +123,7 @@ def train_step(state: State, batch: dict, *, graphdef, tx, config,
   params = optax.apply_updates(state["params"], updates)
   new_state = {"step": state["step"] + 1, "params": params, "rest": rest,
                "opt_state": opt_state}
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
                      **stats}
 
 

@@ -10,3 +10,19 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_arrayrecord(tmp_path_factory):
+  """A small synthetic AffectNet, generated and prepared once per session.
+
+  Returns the prepared directory (ArrayRecord shards + manifest.json).
+  """
+  from data_prep import affectnet, synthetic  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("synthetic")
+  synthetic.generate(str(root / "raw"), num_train=160, num_val=52, seed=0)
+  affectnet.prepare(str(root / "raw"), str(root / "prepared"), image_size=24,
+                    num_workers=1)
+  return str(root / "prepared")

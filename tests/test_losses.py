@@ -146,6 +146,15 @@ def test_out_of_range_label_is_excluded_from_ce_and_visible_in_counts():
   ref_ce = _reference({k: v[keep] for k, v in d.items()}, vw=0.0, aw=0.0)
   np.testing.assert_allclose(
       float(stats["ce_sum"] / stats["ce_weight_sum"]), ref_ce, rtol=1e-5)
+  # Also excluded when class weights are looked up by label.
+  cw = np.linspace(0.5, 2.0, C)
+  _, wstats = _loss(bad, class_weights=cw)
+  ref_wce = _reference({k: v[keep] for k, v in d.items()}, vw=0.0, aw=0.0,
+                       class_weights=cw)
+  np.testing.assert_allclose(
+      float(wstats["ce_sum"] / wstats["ce_weight_sum"]), ref_wce, rtol=1e-5)
+  np.testing.assert_allclose(float(wstats["ce_weight_sum"]),
+                             cw[d["expression"][keep]].sum(), rtol=1e-6)
 
 
 def test_loss_equals_loss_from_stats_and_halves_add_up():

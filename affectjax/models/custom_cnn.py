@@ -57,9 +57,13 @@ class CustomCNN(nnx.Module):
       stages.append(nnx.List(stage))
     self.stages = nnx.List(stages)
 
-  def preprocess(self, images_uint8: jax.Array) -> jax.Array:
+  @staticmethod
+  def default_preprocess(images_uint8: jax.Array) -> jax.Array:
     """x/255 standardized with the ImageNet mean/std (a well-scaled input for scratch training)."""
     return preprocessing.standardize(images_uint8)
+
+  def preprocess(self, images_uint8: jax.Array) -> jax.Array:
+    return self.default_preprocess(images_uint8)
 
   def __call__(self, x: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> jax.Array:
