@@ -97,8 +97,17 @@ def class_counts(n: int, split: str, num_classes: int = 8) -> list[int]:
     p = np.full(num_classes, 1.0 / num_classes)
   else:
     p = np.asarray(AFFECTNET_TRAIN_COUNTS[:num_classes], np.float64)
-    p = np.maximum(p / p.sum(), MIN_CLASS_FRACTION)
     p /= p.sum()
+    # Raise rare classes to the floor and shrink the others proportionally;
+    # repeat, since shrinking can push another class under the floor.
+    floored = np.zeros(num_classes, bool)
+    while True:
+      floored |= p < MIN_CLASS_FRACTION
+      free = ~floored
+      p[floored] = MIN_CLASS_FRACTION
+      p[free] *= (1 - MIN_CLASS_FRACTION * floored.sum()) / p[free].sum()
+      if (p >= MIN_CLASS_FRACTION - 1e-12).all():
+        break
   raw = p * n
   counts = np.floor(raw).astype(int)
   # Largest remainder: hand the leftover rows to the biggest fractions.

@@ -1,0 +1,63 @@
+"""VGG16 backbone, layer for layer `keras.applications.VGG16(include_top=False)`.
+
+Five blocks of 3x3 'same' convolutions with bias and ReLU (64, 128, 256, 512,
+512 filters; 2, 2, 3, 3, 3 convs), each followed by a 2x2/2 'valid' max pool,
+so a 224 px input gives a 7x7x512 map. There is no BatchNorm. Inputs use
+Keras' 'caffe' preprocessing (BGR, ImageNet channel means subtracted, no
+scaling) because that is what the ImageNet weights were trained on.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from affectjax.models import keras_plan
+from affectjax.models import layers
+from affectjax.models import preprocessing
+
+_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+
+
+class VGG16(nnx.Module):
+  """Feature extractor: (B, H, W, 3) caffe-preprocessed -> (B, H/32, W/32, 512)."""
+
+  num_features = 512
+
+  def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dtype = dtype
+    blocks = []
+    in_features = 3
+    for filters, repeats in _BLOCKS:
+      convs = []
+      for _ in range(repeats):
+        convs.append(layers.conv(in_features, filters, 3, dtype=dtype, rngs=rngs))
+        in_features = filters
+      blocks.append(nnx.List(convs))
+    self.blocks = nnx.List(blocks)
+
+  @staticmethod
+  def default_preprocess(images_uint8: jax.Array) -> jax.Array:
+    return preprocessing.caffe(images_uint8)
+
+  def preprocess(self, images_uint8: jax.Array) -> jax.Array:
+    """Keras 'caffe' mode: RGB->BGR, minus the BGR ImageNet means (0..255 scale)."""
+    return self.default_preprocess(images_uint8)
+
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    del train, rngs  # No BatchNorm or stochastic layers in VGG16.
+    x = x.astype(self.dtype)
+    for convs in self.blocks:
+      for conv in convs:
+        x = nnx.relu(conv(x))
+      x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    return x
+
+  def keras_weight_plan(self) -> dict[str, list[keras_plan.Target]]:
+    """Keras layer 'block{b}_conv{c}' -> self.blocks[b-1][c-1]."""
+    return {f"block{b + 1}_conv{c + 1}": keras_plan.conv(conv)
+            for b, convs in enumerate(self.blocks) for c, conv in enumerate(convs)}
+
+  def after_keras_load(self, *, imagenet_rescale: bool) -> None:
+    del imagenet_rescale  # Caffe preprocessing has no weights.

@@ -1,0 +1,409 @@
+"""The AffectNet layouts data_prep reads, and how each becomes a row stream.
+
+official  `Manually_Annotated_Images/<subdir>/<file>` + `training.csv` and
+          `validation.csv` (9 columns; 68 landmarks as 136 ';'-separated
+          numbers in image pixels). The CSVs may also sit in
+          `Manually_Annotated_file_lists/`. A header line is optional.
+npy       `train_set|val_set/images/N.jpg` + `annotations/N_exp.npy`,
+          `N_val.npy`, `N_aro.npy`, `N_lnd.npy` (values often stored as
+          strings). Images are already face crops.
+folders   `train|val/<class>/*.jpg`, class = 0-7 or a name (any case). No
+          valence/arousal: written as -2 ("no value").
+
+Each split is first *indexed* cheaply (CSV line offsets or a sorted file
+list; no image is opened), so that shard i is always the same contiguous
+block of rows whatever the worker count, which is what makes a resumed run
+identical to an uninterrupted one. A block (`Part`) is small and picklable;
+iterating it yields `Row`s to convert or `Skip`s to count.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+
+from affectjax import data as affect_data
+from data_prep import labels
+
+LAYOUTS = ("official", "npy", "folders")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff",
+                    ".webp")
+OFFICIAL_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width",
+                    "face_height", "facial_landmarks", "expression", "valence",
+                    "arousal")
+_OFFICIAL_CSV = {"train": "training.csv", "val": "validation.csv"}
+_OFFICIAL_IMAGE_DIRS = ("Manually_Annotated_Images",
+                        "Manually_Annotated/Manually_Annotated_Images")
+_OFFICIAL_CSV_DIRS = ("", "Manually_Annotated_file_lists")
+_NPY_SPLIT = {"train": "train_set", "val": "val_set"}
+_FOLDER_SPLIT = {"train": ("train",), "val": ("val", "validation")}
+
+
+@dataclasses.dataclass
+class Row:
+  """One face to convert. Coordinates are source-image pixels."""
+  number: int  # 1-based CSV line, or 1-based position in the file listing.
+  path: str  # As the source names it (relative to the image root).
+  file: str  # Absolute file path, already checked to stay inside the root.
+  expression: int
+  valence: float
+  arousal: float
+  box: tuple[float, float, float, float] | None  # x, y, w, h; None = whole.
+  landmarks: np.ndarray | None  # (68, 2) or None.
+
+
+@dataclasses.dataclass
+class Skip:
+  """A row or file that is not written, and why."""
+  reason: str
+  number: int
+  path: str
+  detail: str = ""
+
+
+Item = Union[Row, Skip]
+
+
+class LayoutError(ValueError):
+  """The input directory does not look like the requested layout."""
+
+
+def is_image_name(name: str) -> bool:
+  return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def resolve(root: str, rel: str) -> str | None:
+  """`root/rel` as an absolute path, or None if it would escape `root`.
+
+  Works on the path strings and symlink targets only; the file itself is
+  never opened here, so a hostile `../../etc/passwd` row is never read.
+  """
+  if not rel or os.path.isabs(rel) or "\x00" in rel:
+    return None
+  root_real = os.path.realpath(root)
+  full = os.path.realpath(os.path.join(root_real, rel))
+  if os.path.commonpath([root_real, full]) != root_real:
+    return None
+  return full
+
+
+def _existing_case_variant(path: str) -> str | None:
+  """AffectNet mixes `.jpg` and `.JPG`: find the file if only case differs."""
+  if os.path.exists(path):
+    return path
+  stem, ext = os.path.splitext(path)
+  for alt in {ext.lower(), ext.upper(), ".jpg", ".JPG", ".jpeg", ".JPEG",
+              ".png", ".PNG"}:
+    if os.path.exists(stem + alt):
+      return stem + alt
+  return None
+
+
+def _find(input_dir: str, candidates: Sequence[str]) -> str | None:
+  for c in candidates:
+    p = os.path.join(input_dir, c)
+    if os.path.exists(p):
+      return p
+  return None
+
+
+def detect(input_dir: str) -> str:
+  """Returns the layout name of `input_dir` (see module docstring)."""
+  if not os.path.isdir(input_dir):
+    raise LayoutError(f"--input_dir={input_dir} is not a directory.")
+  for name in _OFFICIAL_CSV.values():
+    if _find(input_dir, [os.path.join(d, name) for d in _OFFICIAL_CSV_DIRS]):
+      return "official"
+  if any(os.path.isdir(os.path.join(input_dir, d, "images"))
+         for d in _NPY_SPLIT.values()):
+    return "npy"
+  if any(os.path.isdir(os.path.join(input_dir, d))
+         for names in _FOLDER_SPLIT.values() for d in names):
+    return "folders"
+  raise LayoutError(
+      f"Cannot detect the AffectNet layout of {input_dir}: expected "
+      "training.csv/validation.csv + Manually_Annotated_Images/ (official), "
+      "train_set/images + train_set/annotations (npy), or train/<class>/ "
+      "(folders). Pass --layout to force one.")
+
+
+# ----------------------------------------------------------------- official
+
+
+@dataclasses.dataclass
+class OfficialPart:
+  """Rows of one shard of an official CSV: byte ranges of its lines."""
+  csv_path: str
+  image_root: str
+  starts: np.ndarray  # Byte offset where each row's line starts.
+  ends: np.ndarray  # Byte offset just past each row's line.
+  numbers: np.ndarray  # 1-based line numbers (for error reports).
+
+  def __iter__(self) -> Iterator[Item]:
+    if not len(self.starts):
+      return
+    with open(self.csv_path, "rb") as fp:
+      fp.seek(int(self.starts[0]))
+      block = fp.read(int(self.ends[-1] - self.starts[0]))
+    base = int(self.starts[0])
+    for s, e, n in zip(self.starts, self.ends, self.numbers):
+      yield _official_row(block[s - base:e - base], int(n), self.image_root)
+
+
+def _official_row(raw: bytes, number: int, image_root: str) -> Item:
+  try:
+    line = raw.decode("utf-8").strip("\r\n\ufeff")
+    (fields,) = list(csv.reader([line]))
+  except (UnicodeDecodeError, csv.Error, ValueError) as e:
+    return Skip(labels.MALFORMED_ROW, number, "", f"unreadable line: {e}")
+  rel = fields[0].strip() if fields else ""
+  if len(fields) != len(OFFICIAL_COLUMNS):
+    return Skip(labels.MALFORMED_ROW, number, rel,
+                f"expected {len(OFFICIAL_COLUMNS)} fields, got {len(fields)}")
+  try:
+    box = tuple(float(v) for v in fields[1:5])
+    lm_text = fields[5].strip()
+    landmarks = None
+    if lm_text:
+      lm = np.asarray([float(v) for v in lm_text.split(";")], np.float32)
+      if lm.size != 2 * affect_data.NUM_LANDMARKS:
+        raise ValueError(f"{lm.size} landmark numbers, expected 136")
+      landmarks = lm.reshape(affect_data.NUM_LANDMARKS, 2)
+    expression = labels.parse_int(fields[6])
+    valence, arousal = float(fields[7]), float(fields[8])
+  except ValueError as e:
+    return Skip(labels.MALFORMED_ROW, number, rel, str(e))
+  if not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
+    return Skip(labels.BAD_FACE_BOX, number, rel, f"face box {box}")
+  reason = labels.check(expression, valence, arousal, 8)
+  if reason is not None:
+    return Skip(reason, number, rel,
+                f"expression={expression} valence={valence} arousal={arousal}")
+  full = resolve(image_root, rel)
+  if full is None:
+    return Skip(labels.PATH_ESCAPES_ROOT, number, rel,
+                f"path leaves {image_root}")
+  return Row(number, rel, full, expression, valence, arousal, box, landmarks)
+
+
+@dataclasses.dataclass
+class OfficialIndex:
+  csv_path: str
+  image_root: str
+  starts: np.ndarray
+  ends: np.ndarray
+  numbers: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def part(self, start: int, stop: int) -> OfficialPart:
+    return OfficialPart(self.csv_path, self.image_root, self.starts[start:stop],
+                        self.ends[start:stop], self.numbers[start:stop])
+
+
+def _index_official(input_dir: str, split: str) -> OfficialIndex | None:
+  csv_path = _find(input_dir, [os.path.join(d, _OFFICIAL_CSV[split])
+                               for d in _OFFICIAL_CSV_DIRS])
+  if csv_path is None:
+    return None
+  image_root = _find(input_dir, _OFFICIAL_IMAGE_DIRS)
+  if image_root is None:
+    raise LayoutError(
+        f"{input_dir} has {os.path.basename(csv_path)} but no image folder; "
+        f"expected one of {list(_OFFICIAL_IMAGE_DIRS)}.")
+  starts, ends, numbers = [], [], []
+  offset = 0
+  with open(csv_path, "rb") as fp:
+    for number, line in enumerate(fp, start=1):
+      stripped = line.strip()
+      # Blank lines are not rows. The header (optional) names column 0.
+      if stripped and not (number == 1 and stripped.lstrip(
+          b"\xef\xbb\xbf").startswith(b"subDirectory_filePath")):
+        starts.append(offset)
+        ends.append(offset + len(line))
+        numbers.append(number)
+      offset += len(line)
+  return OfficialIndex(csv_path, image_root, np.asarray(starts, np.int64),
+                       np.asarray(ends, np.int64),
+                       np.asarray(numbers, np.int64))
+
+
+# ---------------------------------------------------------------------- npy
+
+
+def _npy_value(arr: np.ndarray) -> float:
+  """A scalar stored as a number or a string (e.g. array('0.53', '<U4'))."""
+  return float(np.asarray(arr).reshape(-1)[0])
+
+
+def _npy_landmarks(arr: np.ndarray) -> np.ndarray:
+  a = np.asarray(arr)
+  if a.dtype.kind in "US" and a.size == 1:  # One string "x;y;..." or "x,y".
+    text = str(a.reshape(-1)[0]).replace(",", ";").strip("[] ")
+    a = np.asarray([float(v) for v in text.replace(" ", ";").split(";") if v])
+  a = np.asarray(a, np.float64).astype(np.float32)
+  if a.size != 2 * affect_data.NUM_LANDMARKS:
+    raise ValueError(f"{a.size} landmark numbers, expected 136")
+  return a.reshape(affect_data.NUM_LANDMARKS, 2)
+
+
+@dataclasses.dataclass
+class NpyPart:
+  split_dir: str
+  names: Sequence[str]  # File names inside images/.
+  numbers: Sequence[int]
+
+  def __iter__(self) -> Iterator[Item]:
+    image_root = os.path.join(self.split_dir, "images")
+    ann = os.path.join(self.split_dir, "annotations")
+    for name, number in zip(self.names, self.numbers):
+      rel = f"images/{name}"
+      if not is_image_name(name):
+        yield Skip(labels.NOT_AN_IMAGE, number, rel, "not an image file name")
+        continue
+      full = resolve(image_root, name)
+      if full is None:
+        yield Skip(labels.PATH_ESCAPES_ROOT, number, rel, "symlink leaves root")
+        continue
+      stem = os.path.splitext(name)[0]
+      paths = {k: os.path.join(ann, f"{stem}_{k}.npy")
+               for k in ("exp", "val", "aro", "lnd")}
+      missing = [k for k in ("exp", "val", "aro")
+                 if not os.path.exists(paths[k])]
+      if missing:
+        yield Skip(labels.MISSING_ANNOTATION, number, rel,
+                   f"no annotations/{stem}_{{{','.join(missing)}}}.npy")
+        continue
+      try:
+        expression = labels.parse_int(
+            np.asarray(np.load(paths["exp"], allow_pickle=False)
+                       ).reshape(-1)[0])
+        valence = _npy_value(np.load(paths["val"], allow_pickle=False))
+        arousal = _npy_value(np.load(paths["aro"], allow_pickle=False))
+        landmarks = None
+        if os.path.exists(paths["lnd"]):
+          landmarks = _npy_landmarks(np.load(paths["lnd"], allow_pickle=False))
+      except (ValueError, OSError, IndexError, EOFError) as e:
+        yield Skip(labels.MALFORMED_ROW, number, rel,
+                   f"bad annotation for {stem}: {e}")
+        continue
+      reason = labels.check(expression, valence, arousal, 8)
+      if reason is not None:
+        yield Skip(reason, number, rel, f"expression={expression} "
+                   f"valence={valence} arousal={arousal}")
+        continue
+      yield Row(number, rel, full, expression, valence, arousal, None,
+                landmarks)
+
+
+@dataclasses.dataclass
+class NpyIndex:
+  split_dir: str
+  names: list[str]
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def part(self, start: int, stop: int) -> NpyPart:
+    return NpyPart(self.split_dir, self.names[start:stop],
+                   list(range(start + 1, min(stop, len(self.names)) + 1)))
+
+
+def _numeric_first(name: str):
+  stem = os.path.splitext(name)[0]
+  return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+def _index_npy(input_dir: str, split: str) -> NpyIndex | None:
+  split_dir = os.path.join(input_dir, _NPY_SPLIT[split])
+  images = os.path.join(split_dir, "images")
+  if not os.path.isdir(images):
+    return None
+  names = sorted((e.name for e in os.scandir(images) if not e.is_dir()),
+                 key=_numeric_first)
+  return NpyIndex(split_dir, names)
+
+
+# ------------------------------------------------------------------ folders
+
+
+@dataclasses.dataclass
+class FolderPart:
+  split_dir: str
+  entries: Sequence[tuple[str, int | None]]  # (relative path, class code).
+  numbers: Sequence[int]
+
+  def __iter__(self) -> Iterator[Item]:
+    for (rel, code), number in zip(self.entries, self.numbers):
+      if not is_image_name(rel):
+        yield Skip(labels.NOT_AN_IMAGE, number, rel, "not an image file name")
+        continue
+      if code is None:
+        yield Skip(labels.MALFORMED_ROW, number, rel,
+                   "image is not inside a class folder")
+        continue
+      reason = labels.check(code, affect_data.NO_VALUE, affect_data.NO_VALUE,
+                            8)
+      if reason is not None:
+        yield Skip(reason, number, rel, f"class folder code {code}")
+        continue
+      full = resolve(self.split_dir, rel)
+      if full is None:
+        yield Skip(labels.PATH_ESCAPES_ROOT, number, rel, "symlink leaves root")
+        continue
+      yield Row(number, rel, full, code, affect_data.NO_VALUE,
+                affect_data.NO_VALUE, None, None)
+
+
+@dataclasses.dataclass
+class FolderIndex:
+  split_dir: str
+  entries: list[tuple[str, int | None]]
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def part(self, start: int, stop: int) -> FolderPart:
+    return FolderPart(self.split_dir, self.entries[start:stop],
+                      list(range(start + 1, min(stop, len(self.entries)) + 1)))
+
+
+def _index_folders(input_dir: str, split: str) -> FolderIndex | None:
+  split_dir = _find(input_dir, _FOLDER_SPLIT[split])
+  if split_dir is None or not os.path.isdir(split_dir):
+    return None
+  entries: list[tuple[str, int | None]] = []
+  for top in sorted(os.scandir(split_dir), key=lambda e: e.name):
+    if not top.is_dir():
+      entries.append((top.name, None))
+      continue
+    code = labels.folder_class(top.name)
+    if code is None:
+      raise LayoutError(
+          f"Unknown class folder {top.path}: name class folders 0-7 or one of "
+          f"{', '.join(affect_data.LABEL_NAMES_8)} (any case).")
+    # Files anywhere below a class folder belong to it; sorted for a stable
+    # order independent of the file system.
+    for dirpath, dirnames, filenames in os.walk(top.path):
+      dirnames.sort()
+      for f in sorted(filenames):
+        entries.append((os.path.relpath(os.path.join(dirpath, f), split_dir),
+                        code))
+  return FolderIndex(split_dir, entries)
+
+
+_INDEXERS = {"official": _index_official, "npy": _index_npy,
+             "folders": _index_folders}
+
+
+def index_split(layout: str, input_dir: str, split: str):
+  """The split's row index (`len()`, `.part(start, stop)`), or None if absent."""
+  if layout not in _INDEXERS:
+    raise LayoutError(f"--layout must be one of auto, {', '.join(LAYOUTS)}; "
+                      f"got {layout!r}.")
+  return _INDEXERS[layout](input_dir, split)

@@ -1,0 +1,217 @@
+"""Converting one shard: rows -> face crops -> records -> one ArrayRecord file.
+
+A shard is the unit of work, of parallelism and of resumption:
+  1. records are written to `<shard>.tmp-<pid>`;
+  2. the finished file is renamed to its final name;
+  3. its stats (counts, skips, class histogram, sha256) are written, also via
+     a temp name, to `.prep_state/<shard>.json`, the completion marker.
+A crash at any point leaves either no marker (the shard is redone from
+scratch) or a complete shard. Since a shard's rows and their order are fixed
+by the row index (see layouts.py), a redone shard is byte-identical.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+from typing import Any, Callable
+
+import numpy as np
+
+from affectjax import data as affect_data
+from data_prep import images
+from data_prep import labels
+from data_prep import layouts
+
+STATE_DIR = ".prep_state"
+TMP_TAG = ".tmp-"
+MAX_SKIP_EXAMPLES = 5  # Per reason and shard; the manifest keeps the first 5.
+# group_size:1 makes every record individually addressable: random access
+# (Grain's global shuffle) reads one record, not a 64k-record chunk.
+# JPEG bytes do not compress; raw pixels do (zstd trades little read time).
+WRITER_OPTIONS = {"jpeg": "group_size:1,uncompressed",
+                  "raw": "group_size:1,zstd:3"}
+# Test hook to simulate a crash: SIGKILL this process after writing this many
+# records in total (lets tests kill a real run mid-shard, deterministically).
+CRASH_ENV = "AFFECTJAX_PREP_CRASH_AFTER_RECORDS"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+  image_size: int
+  encoding: str
+  jpeg_quality: int
+  margin: float
+  num_classes: int
+
+
+@dataclasses.dataclass
+class ShardTask:
+  output_dir: str
+  split: str
+  shard: int
+  num_shards: int
+  part: Any  # A layouts.*Part: iterable of Row | Skip.
+  options: ConvertOptions
+
+  @property
+  def filename(self) -> str:
+    return affect_data.shard_filename(self.split, self.shard, self.num_shards)
+
+
+def state_path(output_dir: str, filename: str) -> str:
+  return os.path.join(output_dir, STATE_DIR, filename + ".json")
+
+
+def load_done(output_dir: str, filename: str) -> dict | None:
+  """The shard's stats if it is complete (marker present, file intact)."""
+  try:
+    with open(state_path(output_dir, filename)) as fp:
+      stats = json.load(fp)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+  path = os.path.join(output_dir, filename)
+  if not os.path.exists(path) or os.path.getsize(path) != stats["num_bytes"]:
+    return None
+  return stats
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f"{path}{TMP_TAG}{os.getpid()}"
+  with open(tmp, "w") as fp:
+    json.dump(obj, fp, indent=1, sort_keys=True)
+    fp.write("\n")
+  os.replace(tmp, path)
+
+
+def convert(row: layouts.Row, opts: ConvertOptions) -> bytes:
+  """One row -> serialized record. Raises BadImage / OSError for skips."""
+  file = layouts._existing_case_variant(row.file)  # pylint: disable=protected-access
+  if file is None:
+    raise FileNotFoundError(row.file)
+  with open(file, "rb") as fp:
+    data = fp.read()
+  size = opts.image_size
+  crop = {}
+
+  def min_size(h: int, w: int) -> tuple[int, int]:
+    # Decode only as large as needed for the crop to keep >= size pixels.
+    box = row.box if row.box is not None else (0, 0, w, h)
+    margin = opts.margin if row.box is not None else 0.0
+    x0, y0, x1, y1 = images.crop_box(box, margin, h, w)
+    crop["box"] = (x0, y0, x1, y1)
+    return (math.ceil(h * size / (y1 - y0)), math.ceil(w * size / (x1 - x0)))
+
+  img, sy, sx = images.load_rgb(data, min_size=min_size)
+  if "box" not in crop or (sy, sx) == (1.0, 1.0):
+    # PIL path (or no downscale): crop on the decoded image's own size.
+    min_size(round(img.shape[0] / sy), round(img.shape[1] / sx))
+  x0, y0, x1, y1 = crop["box"]
+  dx0, dy0 = int(math.floor(x0 * sx)), int(math.floor(y0 * sy))
+  dx1 = max(dx0 + 1, min(img.shape[1], int(math.ceil(x1 * sx))))
+  dy1 = max(dy0 + 1, min(img.shape[0], int(math.ceil(y1 * sy))))
+  out = images.resize(img[dy0:dy1, dx0:dx1], size)
+  lm = None
+  if row.landmarks is not None:
+    # Source pixels -> crop pixels -> output pixels.
+    lm = ((row.landmarks - np.asarray([x0, y0], np.float32)) *
+          np.asarray([size / (x1 - x0), size / (y1 - y0)], np.float32))
+  return affect_data.encode_record(
+      image=images.encode(out, opts.encoding, opts.jpeg_quality),
+      expression=row.expression, valence=row.valence, arousal=row.arousal,
+      landmarks=lm, path=row.path)
+
+
+class _Stats:
+  """Per-shard counts: written, skipped by reason, examples, histogram."""
+
+  def __init__(self, num_classes: int):
+    self.written = 0
+    self.skipped: collections.Counter = collections.Counter()
+    self.examples: dict[str, list] = collections.defaultdict(list)
+    self.class_counts = [0] * num_classes
+
+  def skip(self, reason: str, number: int, path: str, detail: str) -> None:
+    self.skipped[reason] += 1
+    if len(self.examples[reason]) < MAX_SKIP_EXAMPLES:
+      self.examples[reason].append(
+          {"row": int(number), "path": path, "detail": detail[:300]})
+
+
+_records_this_process = 0
+
+
+def _maybe_crash() -> None:
+  global _records_this_process
+  _records_this_process += 1
+  limit = os.environ.get(CRASH_ENV)
+  if limit and _records_this_process >= int(limit):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(task: ShardTask,
+        progress: Callable[[int], None] | None = None) -> dict:
+  """Converts and writes one shard; returns (and persists) its stats."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  opts = task.options
+  final = os.path.join(task.output_dir, task.filename)
+  tmp = f"{final}{TMP_TAG}{os.getpid()}"
+  stats = _Stats(opts.num_classes)
+  writer = array_record_module.ArrayRecordWriter(
+      tmp, WRITER_OPTIONS[opts.encoding])
+  pending = 0
+  try:
+    for item in task.part:
+      pending += 1
+      if progress is not None and pending >= 16:
+        progress(pending)
+        pending = 0
+      if isinstance(item, layouts.Skip):
+        stats.skip(item.reason, item.number, item.path, item.detail)
+        continue
+      if item.expression >= opts.num_classes:
+        stats.skip(labels.EXCLUDED_CLASS, item.number, item.path,
+                   f"class {item.expression} is not in the "
+                   f"{opts.num_classes}-class protocol")
+        continue
+      try:
+        record = convert(item, opts)
+      except images.BadImage as e:
+        stats.skip(e.reason, item.number, item.path, str(e))
+        continue
+      except FileNotFoundError:
+        stats.skip(labels.MISSING_FILE, item.number, item.path,
+                   "file does not exist")
+        continue
+      except OSError as e:  # Unreadable: permissions, a directory, I/O error.
+        stats.skip(labels.CORRUPT_IMAGE, item.number, item.path,
+                   f"cannot read file: {e}")
+        continue
+      writer.write(record)
+      stats.written += 1
+      stats.class_counts[item.expression] += 1
+      _maybe_crash()
+  finally:
+    writer.close()
+  if progress is not None and pending:
+    progress(pending)
+  sha = hashlib.sha256()
+  with open(tmp, "rb") as fp:
+    for chunk in iter(lambda: fp.read(1 << 20), b""):
+      sha.update(chunk)
+  num_bytes = os.path.getsize(tmp)
+  os.replace(tmp, final)
+  result = {
+      "file": task.filename, "split": task.split, "shard": task.shard,
+      "num_examples": stats.written, "num_bytes": num_bytes,
+      "sha256": sha.hexdigest(), "skipped": dict(sorted(
+          stats.skipped.items())),
+      "skip_examples": dict(sorted(stats.examples.items())),
+      "class_counts": stats.class_counts,
+  }
+  write_json_atomic(state_path(task.output_dir, task.filename), result)
+  return result

@@ -1,0 +1,140 @@
+"""data_prep.synthetic: official layout, labels, determinism, learnable cues."""
+import csv
+import hashlib
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from affectjax import data as affect_data
+from data_prep import layouts
+from data_prep import synthetic
+
+
+def _read_csv(path):
+  with open(path, newline="") as fp:
+    return list(csv.DictReader(fp))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("synth"))
+  synthetic.generate(out, num_train=160, num_val=40, seed=3, image_size=96)
+  return out
+
+
+def test_official_layout_and_columns(tree):
+  assert layouts.detect(tree) == "official"
+  for name, n in (("training.csv", 160), ("validation.csv", 40)):
+    with open(os.path.join(tree, name)) as fp:
+      assert fp.readline().strip() == synthetic.CSV_HEADER
+    rows = _read_csv(os.path.join(tree, name))
+    assert len(rows) == n
+    assert tuple(rows[0]) == layouts.OFFICIAL_COLUMNS
+    for r in rows:
+      img_path = os.path.join(tree, synthetic.IMAGES_DIR,
+                              r["subDirectory_filePath"])
+      with Image.open(img_path) as im:
+        assert im.format == "JPEG" and im.size == (96, 96)
+        w, h = im.size
+      x, y, bw, bh = (int(r[k]) for k in ("face_x", "face_y", "face_width",
+                                           "face_height"))
+      # The face box lies inside, and is smaller than, the image.
+      assert 0 <= x and 0 <= y and x + bw <= w and y + bh <= h
+      assert bw * bh < 0.9 * w * h
+      lm = np.asarray([float(v) for v in r["facial_landmarks"].split(";")])
+      assert lm.shape == (136,)
+      assert 0 <= int(r["expression"]) <= 7
+      assert -1 <= float(r["valence"]) <= 1 and -1 <= float(r["arousal"]) <= 1
+
+
+def test_class_balance_train_imbalanced_val_balanced():
+  counts = synthetic.class_counts(1000, "train")
+  assert sum(counts) == 1000
+  # AffectNet's order of frequency: happy > neutral > sad/anger > rare ones.
+  assert counts[1] > counts[0] > counts[2] > counts[7]
+  # The floor keeps every class at >= MIN_CLASS_FRACTION of the split.
+  assert min(counts) >= int(synthetic.MIN_CLASS_FRACTION * 1000) - 1
+  assert synthetic.class_counts(80, "val") == [10] * 8
+  assert sum(synthetic.class_counts(83, "val")) == 83
+
+
+def test_valence_arousal_follow_class(tree):
+  rows = _read_csv(os.path.join(tree, "training.csv")) + _read_csv(
+      os.path.join(tree, "validation.csv"))
+  va = {}
+  for r in rows:
+    va.setdefault(int(r["expression"]), []).append(
+        (float(r["valence"]), float(r["arousal"])))
+  mean = {c: np.mean(v, 0) for c, v in va.items()}
+  assert mean[1][0] > 0.4  # happy: positive valence
+  assert mean[2][0] < -0.3 and mean[2][1] < 0  # sad: negative, calm
+  assert mean[6][0] < -0.2 and mean[6][1] > 0.4  # anger: negative, aroused
+  assert mean[3][1] > 0.4  # surprise: aroused
+
+
+def test_deterministic_given_seed(tmp_path):
+  a, b, c = (str(tmp_path / n) for n in "abc")
+  synthetic.generate(a, 12, 4, seed=7, image_size=64)
+  synthetic.generate(b, 12, 4, seed=7, image_size=64, num_workers=2,
+                     chunk_size=5)
+  synthetic.generate(c, 12, 4, seed=8, image_size=64)
+
+  def digest(root):
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(root)):
+      for f in sorted(files):
+        h.update(f.encode())
+        with open(os.path.join(dirpath, f), "rb") as fp:
+          h.update(fp.read())
+    return h.hexdigest()
+
+  assert digest(a) == digest(b)  # Worker count does not change the output.
+  assert digest(a) != digest(c)
+
+
+def test_expression_drives_pixels():
+  """Mean face crops differ more between classes than within (learnable)."""
+  crops = {}
+  for expr in (1, 3, 6):
+    for i in range(12):
+      rng = np.random.default_rng([0, expr, i])
+      v, a = synthetic._sample_va(expr, rng)  # pylint: disable=protected-access
+      img, lm, _ = synthetic.render_face(expr, v, a, rng, 96)
+      # Mouth region, located by the landmarks (so pose jitter cancels).
+      mx, my = lm[48:68].mean(0).astype(int)
+      crops.setdefault(expr, []).append(
+          img[my - 10:my + 10, mx - 16:mx + 16].astype(float).mean(2))
+  means = {e: np.mean(v, 0) for e, v in crops.items()}
+  within = np.mean([np.abs(c - means[e]).mean() for e, cs in crops.items()
+                    for c in cs])
+  between = np.mean([np.abs(means[1] - means[3]).mean(),
+                     np.abs(means[3] - means[6]).mean(),
+                     np.abs(means[1] - means[6]).mean()])
+  assert between > 0.5 * within, (between, within)
+
+
+def test_landmarks_match_drawn_face():
+  rng = np.random.default_rng(0)
+  img, lm, (x, y, w, h) = synthetic.render_face(3, 0.0, 0.8, rng, 128)
+  # Every landmark lies inside the image, and the eyes/mouth lie in the box.
+  assert (lm >= -1).all() and (lm <= 129).all()
+  inner = lm[36:68]
+  assert (inner[:, 0] >= x).all() and (inner[:, 0] <= x + w).all()
+  assert (inner[:, 1] >= y).all() and (inner[:, 1] <= y + h).all()
+  # Surprise draws a dark open mouth: the mouth centre is darker than the
+  # cheek beside it.
+  mx, my = lm[60:68].mean(0).round().astype(int)
+  cheek = img[my, int(lm[48, 0]) - 8].mean()
+  assert img[my, mx].mean() < cheek - 30
+
+
+def test_cli(tmp_path):
+  synthetic.main([f"--output_dir={tmp_path}", "--num_train=5", "--num_val=3",
+                  "--num_workers=1", "--image_size=64",
+                  f"--contact_sheet={tmp_path / 'sheet.png'}"])
+  assert len(_read_csv(tmp_path / "training.csv")) == 5
+  assert len(_read_csv(tmp_path / "validation.csv")) == 3
+  assert Image.open(tmp_path / "sheet.png").size[0] > 0
+  assert affect_data.LABEL_NAMES_8[0] == "neutral"
