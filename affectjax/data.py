@@ -82,7 +82,10 @@ def encode_record(*, image: bytes, expression: int, valence: float,
   f["arousal"].float_list.value.append(float(arousal))
   f["landmarks"].float_list.value.extend(lm.tolist())
   f["path"].bytes_list.value.append(path.encode("utf-8"))
-  return ex.SerializeToString()
+  # deterministic=True sorts the map keys: byte-identical records across
+  # processes (upb otherwise orders map entries by a per-process hash seed),
+  # which resumable runs and shard checksums rely on.
+  return ex.SerializeToString(deterministic=True)
 
 
 def decode_record(serialized: bytes, *, encoding: str = "jpeg",

@@ -28,11 +28,16 @@ from PIL import Image
 from affectjax import data
 
 
+def _ensure_flags_parsed() -> None:
+  """Grain reads absl flags; outside an absl app (tests, notebooks) nobody parsed them."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _worker_init(worker_index: int, worker_count: int) -> None:
   """Grain workers re-import ``__main__``; absl flags there must count as parsed."""
   del worker_index, worker_count
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+  _ensure_flags_parsed()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,7 @@ def _example(element: dict, image: np.ndarray) -> dict:
 
 
 def _mp_options(num_workers: int, buffer_size: int):
+  _ensure_flags_parsed()
   return grain.MultiprocessingOptions(
       num_workers=num_workers, per_worker_buffer_size=max(1, buffer_size))
 

@@ -205,9 +205,16 @@ class EfficientNet(nnx.Module):
 
 
 class EfficientNetB3(EfficientNet):
-  """keras.applications.EfficientNetB3: width 1.2, depth 1.4, default 300 px."""
+  """keras.applications.EfficientNetB3: width 1.2, depth 1.4, default 300 px.
 
-  def __init__(self, *, drop_connect_rate: float = 0.2, dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    super().__init__(width_coefficient=1.2, depth_coefficient=1.4,
+  `width_coefficient` / `depth_coefficient` exist only so tests and CPU demos
+  can build a shrunken network through the same code path; ImageNet weights
+  need the defaults (loading checks every shape).
+  """
+
+  def __init__(self, *, drop_connect_rate: float = 0.2,
+               width_coefficient: float = 1.2, depth_coefficient: float = 1.4,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(width_coefficient=width_coefficient,
+                     depth_coefficient=depth_coefficient,
                      drop_connect_rate=drop_connect_rate, dtype=dtype, rngs=rngs)

@@ -1,0 +1,174 @@
+"""data_prep.affectnet on the npy and folders layouts, and layout detection."""
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from affectjax import data as affect_data
+from data_prep import affectnet
+from data_prep import layouts
+
+S = 24
+
+
+def _face(seed: int, size=40) -> bytes:
+  a = np.random.default_rng(seed).integers(0, 256, (size, size, 3), np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(a).save(buf, format="JPEG", quality=95)
+  return buf.getvalue()
+
+
+def _write(path, data: bytes):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as fp:
+    fp.write(data)
+
+
+def _npy(path, value):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.save(path, value)
+
+
+@pytest.fixture(scope="module")
+def npy_tree(tmp_path_factory):
+  """train_set/val_set with string-valued annotations and every bad case."""
+  root = str(tmp_path_factory.mktemp("npy"))
+  expected = {}  # path -> (expression, valence, arousal)
+  for split_dir, n in (("train_set", 6), ("val_set", 3)):
+    for i in range(n):
+      _write(f"{root}/{split_dir}/images/{i}.jpg", _face(i))
+      ann = f"{root}/{split_dir}/annotations/{i}"
+      expr, v, a = i % 8, round(-0.9 + 0.3 * i, 2), round(0.8 - 0.2 * i, 2)
+      # AffectNet's npy redistribution stores the numbers as strings.
+      _npy(f"{ann}_exp.npy", np.array(str(expr)))
+      _npy(f"{ann}_val.npy", np.array(str(v)))
+      _npy(f"{ann}_aro.npy", np.array(str(a)))
+      _npy(f"{ann}_lnd.npy", np.array([f"{x:.1f}" for x in
+                                       np.linspace(0, 39, 136)]))
+      if split_dir == "train_set":
+        expected[f"images/{i}.jpg"] = (expr, v, a)
+  t = f"{root}/train_set"
+  _write(f"{t}/images/100.jpg", _face(100))  # No annotations at all.
+  _write(f"{t}/images/Thumbs.db", b"\x00" * 64)
+  _write(f"{t}/images/101.jpg", b"")  # Annotated, but empty / truncated.
+  _write(f"{t}/images/102.jpg", _face(102)[:300])
+  for i in (101, 102):
+    for k in ("exp", "val", "aro"):
+      _npy(f"{t}/annotations/{i}_{k}.npy", np.array("1" if k == "exp" else
+                                                    "0.5"))
+  for i, (e, v, a) in {103: ("9", "0.1", "0.1"), 104: ("1", "1.7", "0"),
+                       105: ("3", "-2", "-2")}.items():
+    _write(f"{t}/images/{i}.jpg", _face(i))
+    _npy(f"{t}/annotations/{i}_exp.npy", np.array(e))
+    _npy(f"{t}/annotations/{i}_val.npy", np.array(v))
+    _npy(f"{t}/annotations/{i}_aro.npy", np.array(a))
+  expected["images/105.jpg"] = (3, -2.0, -2.0)  # "no value" is kept.
+  _write(f"{t}/images/106.jpg", _face(106))
+  _write(f"{t}/annotations/106_exp.npy", b"not a numpy file")
+  _npy(f"{t}/annotations/106_val.npy", np.array("0"))
+  _npy(f"{t}/annotations/106_aro.npy", np.array("0"))
+  skips = {"missing_annotation": 1, "not_an_image": 1, "empty_file": 1,
+           "corrupt_image": 1, "label_uncertain": 1, "label_out_of_range": 1,
+           "malformed_row": 1}
+  return root, expected, skips
+
+
+def test_npy_layout(npy_tree, tmp_path):
+  root, expected, skips = npy_tree
+  assert layouts.detect(root) == "npy"
+  m = affectnet.prepare(root, str(tmp_path), image_size=S, progress=False)
+  assert m["layout"] == "npy"
+  train = m["splits"]["train"]
+  assert train["skipped"] == skips
+  assert train["written"] == len(expected)
+  assert m["splits"]["val"]["written"] == 3
+  src = affect_data.source(str(tmp_path), "train")
+  got = {src[i]["path"]: src[i] for i in range(len(src))}
+  assert set(got) == set(expected)
+  for path, (e, v, a) in expected.items():
+    ex = got[path]
+    assert (ex["expression"], ex["valence"], ex["arousal"]) == (
+        e, np.float32(v), np.float32(a))
+    assert ex["image"].shape == (S, S, 3)
+  # Already-cropped images: the whole image is resized, landmarks scaled.
+  want = np.asarray(Image.open(io.BytesIO(_face(0))).resize(
+      (S, S), Image.Resampling.BILINEAR))
+  assert np.abs(got["images/0.jpg"]["image"].astype(int) - want).mean() < 12
+  np.testing.assert_allclose(got["images/0.jpg"]["landmarks"].reshape(-1),
+                             np.linspace(0, 39, 136).round(1) * S / 40,
+                             rtol=1e-5, atol=1e-4)
+  assert np.isnan(got["images/105.jpg"]["landmarks"]).all()
+
+
+@pytest.fixture(scope="module")
+def folders_tree(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("folders"))
+  names = ["Neutral", "HAPPY", "2", "surprise", "Fear", "disgust", "6",
+           "Contempt"]
+  expected = {}
+  for code, name in enumerate(names):
+    for k in range(2):
+      rel = f"{name}/img_{k}.jpg"
+      _write(f"{root}/train/{rel}", _face(10 * code + k))
+      expected[rel] = code
+    _write(f"{root}/val/{code}/v.jpg", _face(500 + code))
+  _write(f"{root}/train/HAPPY/sub/deep.JPG", _face(999))
+  expected["HAPPY/sub/deep.JPG"] = 1
+  _write(f"{root}/train/Fear/Thumbs.db", b"\x00" * 10)
+  _write(f"{root}/train/Fear/.DS_Store", b"\x00" * 10)
+  _write(f"{root}/train/6/broken.jpg", b"\xff\xd8\xff garbage")
+  _write(f"{root}/train/stray.jpg", _face(1))  # Not inside a class folder.
+  skips = {"not_an_image": 2, "corrupt_image": 1, "malformed_row": 1}
+  return root, expected, skips
+
+
+def test_folders_layout(folders_tree, tmp_path):
+  root, expected, skips = folders_tree
+  assert layouts.detect(root) == "folders"
+  m = affectnet.prepare(root, str(tmp_path), image_size=S, num_shards=2,
+                        progress=False)
+  train = m["splits"]["train"]
+  assert train["skipped"] == skips
+  assert train["written"] == len(expected)
+  assert m["splits"]["val"]["written"] == 8
+  src = affect_data.source(str(tmp_path), "train")
+  got = {src[i]["path"]: src[i] for i in range(len(src))}
+  assert {p: int(e["expression"]) for p, e in got.items()} == expected
+  for ex in got.values():  # No valence/arousal in this layout: -2 = masked.
+    assert ex["valence"] == -2.0 and ex["arousal"] == -2.0
+    assert np.isnan(ex["landmarks"]).all()
+  assert train["class_counts"] == [2, 3, 2, 2, 2, 2, 2, 2]
+
+
+def test_folders_seven_classes_and_forced_layout(folders_tree, tmp_path):
+  root = folders_tree[0]
+  m = affectnet.prepare(root, str(tmp_path), layout="folders", image_size=S,
+                        classes=7, progress=False)
+  assert m["splits"]["train"]["skipped"]["excluded_class"] == 2
+  assert m["splits"]["val"]["skipped"] == {"excluded_class": 1}
+  assert m["label_names"] == list(affect_data.LABEL_NAMES_7)
+
+
+def test_unknown_class_folder_is_a_clear_error(tmp_path):
+  _write(f"{tmp_path}/in/train/smiling/a.jpg", _face(0))
+  with pytest.raises(layouts.LayoutError, match="smiling"):
+    affectnet.prepare(str(tmp_path / "in"), str(tmp_path / "out"),
+                      progress=False)
+
+
+def test_detect_and_forced_layout_mismatch(npy_tree, folders_tree, tmp_path):
+  with pytest.raises(layouts.LayoutError, match="no train or val"):
+    affectnet.prepare(npy_tree[0], str(tmp_path), layout="folders",
+                      progress=False)
+  with pytest.raises(layouts.LayoutError, match="--layout"):
+    layouts.index_split("zip", folders_tree[0], "train")
+
+
+def test_resolve_rejects_escapes(tmp_path):
+  root = str(tmp_path)
+  assert layouts.resolve(root, "a/b.jpg") == os.path.join(
+      os.path.realpath(root), "a", "b.jpg")
+  for bad in ("../x.jpg", "a/../../x.jpg", "/etc/passwd", ""):
+    assert layouts.resolve(root, bad) is None
