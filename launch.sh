@@ -57,7 +57,8 @@ bootstrap() {
   fi
   echo "launch.sh: installing affectjax[${extras}] into $("$PY" -c 'import sys; print(sys.prefix)')"
   "$PY" -m pip install --quiet --upgrade pip
-  "$PY" -m pip install --quiet -e ".[${extras}]"
+  local target="."; [[ -n "$extras" ]] && target=".[${extras}]"
+  "$PY" -m pip install --quiet -e "$target"
   [[ $own_venv == 1 ]] && echo "$want" > "$stamp"
   return 0
 }

@@ -183,9 +183,10 @@ def eval_dataset(config, *, split: str = "val", local_batch_size: int,
   ds = ds.map(_LoadMasked(src, config.image_size))
   ds = ds.batch(local_batch_size, drop_remainder=False)
   ds = ds.to_iter_dataset()
-  if config.data.num_workers > 0:
+  if config.data.eval_num_workers > 0:
     ds = ds.mp_prefetch(
-        _mp_options(config.data.num_workers, config.data.prefetch_buffer_size),
+        _mp_options(config.data.eval_num_workers,
+                    config.data.prefetch_buffer_size),
         worker_init_fn=_worker_init)
   return ds, n
 

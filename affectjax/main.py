@@ -11,6 +11,7 @@ pods, SLURM, ...), or give ``--coordinator_address``, ``--num_processes`` and
 """
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 
 import jax
@@ -39,6 +40,14 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Keeps Orbax's and Grain's per-save INFO chatter out of the run log."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in ("/orbax/", "/grain/"))
+
+
 def _init_distributed() -> None:
   if _COORDINATOR.value:
     if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
@@ -62,6 +71,7 @@ def _has_accelerator() -> bool:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   _init_distributed()
   logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)",
                jax.__version__, jax.process_index(), jax.process_count(),

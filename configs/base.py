@@ -26,6 +26,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dir = "data/affectnet_arrayrecord"
   c.data.num_workers = 2  # Grain worker processes (0 = in-process).
+  c.data.eval_num_workers = 2  # Same, for evaluation passes.
   c.data.prefetch_buffer_size = 4  # Batches buffered per worker.
 
   c.augment = ml_collections.ConfigDict()

@@ -235,8 +235,12 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   if tasks and len(tasks) < total:
     print(f"resuming: {total - len(tasks)} of {total} shards already done.",
           file=sys.stderr)
+  elif not tasks and progress:
+    print(f"all {total} shards are already complete; rewriting the "
+          "metadata only.", file=sys.stderr)
   start = time.time()
-  _run_tasks(tasks, todo_rows, num_workers, progress)
+  if tasks:
+    _run_tasks(tasks, todo_rows, num_workers, progress)
   elapsed = time.time() - start
 
   manifest = _manifest(output_dir, input_dir, resolved, opts, indexes, shard_counts,
@@ -255,8 +259,8 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
     written = sum(s["written"] for s in manifest["splits"].values())
     skipped = sum(sum(s["skipped"].values())
                   for s in manifest["splits"].values())
-    print(f"wrote {written} examples ({skipped} skipped) in {elapsed:.1f}s "
-          f"to {output_dir}", file=sys.stderr)
+    print(f"{output_dir}: {written} examples written, {skipped} skipped "
+          f"(this run: {todo_rows} rows in {elapsed:.1f}s)", file=sys.stderr)
   return manifest
 
 
@@ -289,6 +293,10 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
       "label_names": list(names),
       # Source expression code -> class id (identity on the kept codes).
       "label_mapping": {str(c): c for c in range(opts.num_classes)},
+      # folders layout: each class folder's name -> expression code.
+      "class_folders": {s: getattr(idx, "class_folders", None)
+                        for s, idx in indexes.items()
+                        if getattr(idx, "class_folders", None) is not None},
       "image_size": opts.image_size,
       "encoding": opts.encoding,
       "jpeg_quality": opts.jpeg_quality if opts.encoding == "jpeg" else None,
@@ -333,7 +341,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   import argparse  # pylint: disable=g-import-not-at-top
   ap = argparse.ArgumentParser(
       prog="python -m data_prep.affectnet",
-      description=__doc__.split("\n\n")[0].strip(),
+      description="Convert AffectNet (official, npy or folders layout) to "
+                  "sharded ArrayRecord files + manifest.json. See "
+                  "docs/DATA.md.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   ap.add_argument("--input_dir", required=True,
                   help="AffectNet root, in any supported layout.")

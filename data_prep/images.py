@@ -18,8 +18,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-# Never let PIL paper over a truncated file (it is a counted skip instead).
-Image.MAX_IMAGE_PIXELS = 200_000_000  # AffectNet's largest are ~20 MP.
+# PIL's decompression-bomb guard, raised for real photos (AffectNet's largest
+# are ~20 MP); anything bigger is reported as a corrupt image. PIL's
+# LOAD_TRUNCATED_IMAGES stays False: a truncated file is a counted skip.
+Image.MAX_IMAGE_PIXELS = 200_000_000
 
 
 class BadImage(ValueError):
@@ -30,10 +32,17 @@ class BadImage(ValueError):
     self.reason = reason
 
 
-def _has_exif_orientation(data: bytes) -> bool:
-  # The Exif APP1 segment sits in the first few KB. Only then is the slower
-  # PIL path needed to read the orientation tag.
-  return b"Exif\x00\x00" in data[:65536]
+def _needs_rotation(data: bytes) -> bool:
+  """True if a JPEG's EXIF orientation tag asks for a rotation or flip."""
+  # Most files have no Exif APP1 segment (it sits in the first 64 KB); only
+  # those that do pay for PIL's lazy header parse (no pixel decode).
+  if b"Exif\x00\x00" not in data[:65536]:
+    return False
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return im.getexif().get(0x0112, 1) not in (0, 1)
+  except (OSError, ValueError, SyntaxError):
+    return False  # Unreadable EXIF: decode as stored.
 
 
 def load_rgb(data: bytes, *,
@@ -45,7 +54,8 @@ def load_rgb(data: bytes, *,
     data: the file's bytes.
     min_size: optional function (height, width) of the stored image ->
       (min_height, min_width) the decoded image must keep; lets the JPEG
-      decoder downscale by 1/2, 1/4 or 1/8 while staying at least that big.
+      decoder downscale by a factor M/8 (DCT scaling) while staying at least
+      that big.
 
   Returns:
     (image, sy, sx): the decoded image and the factors that map original
@@ -56,7 +66,7 @@ def load_rgb(data: bytes, *,
   """
   if not data:
     raise BadImage("empty_file", "file has 0 bytes")
-  if data[:2] == b"\xff\xd8" and not _has_exif_orientation(data):
+  if data[:2] == b"\xff\xd8" and not _needs_rotation(data):
     try:
       import simplejpeg  # pylint: disable=g-import-not-at-top
       h, w, _, _ = simplejpeg.decode_jpeg_header(data)
@@ -64,6 +74,8 @@ def load_rgb(data: bytes, *,
       img = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=mh,
                                    min_width=mw)
       return img, img.shape[0] / h, img.shape[1] / w
+    except BadImage:
+      raise  # From min_size: e.g. a face box outside the image.
     except ValueError:
       pass  # CMYK/odd JPEGs, or corrupt: let PIL decide (and report) below.
   return _load_with_pil(data), 1.0, 1.0

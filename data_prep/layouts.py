@@ -91,7 +91,7 @@ def resolve(root: str, rel: str) -> str | None:
   return full
 
 
-def _existing_case_variant(path: str) -> str | None:
+def find_case_variant(path: str) -> str | None:
   """AffectNet mixes `.jpg` and `.JPG`: find the file if only case differs."""
   if os.path.exists(path):
     return path
@@ -364,6 +364,7 @@ class FolderPart:
 class FolderIndex:
   split_dir: str
   entries: list[tuple[str, int | None]]
+  class_folders: dict[str, int]  # Folder name -> expression code.
 
   def __len__(self) -> int:
     return len(self.entries)
@@ -378,6 +379,7 @@ def _index_folders(input_dir: str, split: str) -> FolderIndex | None:
   if split_dir is None or not os.path.isdir(split_dir):
     return None
   entries: list[tuple[str, int | None]] = []
+  class_folders: dict[str, int] = {}
   for top in sorted(os.scandir(split_dir), key=lambda e: e.name):
     if not top.is_dir():
       entries.append((top.name, None))
@@ -387,6 +389,7 @@ def _index_folders(input_dir: str, split: str) -> FolderIndex | None:
       raise LayoutError(
           f"Unknown class folder {top.path}: name class folders 0-7 or one of "
           f"{', '.join(affect_data.LABEL_NAMES_8)} (any case).")
+    class_folders[top.name] = code
     # Files anywhere below a class folder belong to it; sorted for a stable
     # order independent of the file system.
     for dirpath, dirnames, filenames in os.walk(top.path):
@@ -394,7 +397,7 @@ def _index_folders(input_dir: str, split: str) -> FolderIndex | None:
       for f in sorted(filenames):
         entries.append((os.path.relpath(os.path.join(dirpath, f), split_dir),
                         code))
-  return FolderIndex(split_dir, entries)
+  return FolderIndex(split_dir, entries, class_folders)
 
 
 _INDEXERS = {"official": _index_official, "npy": _index_npy,

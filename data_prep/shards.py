@@ -32,9 +32,11 @@ TMP_TAG = ".tmp-"
 MAX_SKIP_EXAMPLES = 5  # Per reason and shard; the manifest keeps the first 5.
 # group_size:1 makes every record individually addressable: random access
 # (Grain's global shuffle) reads one record, not a 64k-record chunk.
-# JPEG bytes do not compress; raw pixels do (zstd trades little read time).
+# No compression: JPEG bytes do not compress, and raw pixels exist for speed
+# (measured on 112 px faces: zstd saves ~20% disk but halves the read rate
+# and slows preparation by ~40%; see docs/BENCHMARKS.md).
 WRITER_OPTIONS = {"jpeg": "group_size:1,uncompressed",
-                  "raw": "group_size:1,zstd:3"}
+                  "raw": "group_size:1,uncompressed"}
 # Test hook to simulate a crash: SIGKILL this process after writing this many
 # records in total (lets tests kill a real run mid-shard, deterministically).
 CRASH_ENV = "AFFECTJAX_PREP_CRASH_AFTER_RECORDS"
@@ -90,7 +92,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 def convert(row: layouts.Row, opts: ConvertOptions) -> bytes:
   """One row -> serialized record. Raises BadImage / OSError for skips."""
-  file = layouts._existing_case_variant(row.file)  # pylint: disable=protected-access
+  file = layouts.find_case_variant(row.file)
   if file is None:
     raise FileNotFoundError(row.file)
   with open(file, "rb") as fp:

@@ -252,7 +252,7 @@ def test_landmarks_move_into_crop_coordinates(tmp_path):
   (root / "training.csv").write_text(
       f"{header}\n1/a.jpg,20,20,40,40,{lm_text},3,0.1,0.2\n")
   # validation.csv without a header line: it is optional.
-  (root / "validation.csv").write_text(f"1/a.jpg,20,20,40,40,,0,0,0\n")
+  (root / "validation.csv").write_text("1/a.jpg,20,20,40,40,,0,0,0\n")
   out = tmp_path / "out"
   m = affectnet.prepare(str(root), str(out), image_size=S, margin=0.0,
                         progress=False)
@@ -282,6 +282,11 @@ def test_raw_encoding_matches_jpeg(bad_tree, prepared, tmp_path):
          if train[i]["path"] == "odd/png_named.jpg"][0]
   want = np.asarray(_two_tone().resize((S, S), Image.Resampling.BILINEAR))
   np.testing.assert_array_equal(png["image"], want)
+  # tfds reads raw shards too (a bytes-encoded uint8 Tensor feature).
+  import tensorflow_datasets as tfds
+  theirs = tfds.builder_from_directory(str(tmp_path)).as_data_source("val")
+  for i in range(8):
+    np.testing.assert_array_equal(theirs[i]["image"], raw_src[i]["image"])
 
 
 def test_seven_class_protocol(bad_tree, tmp_path):
@@ -332,3 +337,23 @@ def test_bad_flags_are_rejected_with_clear_errors(bad_tree, tmp_path):
     affectnet.prepare(root, str(tmp_path), classes=6, progress=False)
   with pytest.raises(ValueError, match="Cannot detect"):
     affectnet.prepare(str(tmp_path), str(tmp_path / "o"), progress=False)
+
+
+def test_official_variant_folders_and_crlf(tmp_path):
+  """CSVs in Manually_Annotated_file_lists/, images one level deeper, CRLF."""
+  src = tmp_path / "flat"
+  synthetic.generate(str(src), num_train=6, num_val=2, seed=4, image_size=64)
+  root = tmp_path / "nested"
+  (root / "Manually_Annotated").mkdir(parents=True)
+  (root / "Manually_Annotated_file_lists").mkdir()
+  os.rename(src / synthetic.IMAGES_DIR,
+            root / "Manually_Annotated" / synthetic.IMAGES_DIR)
+  for name in ("training.csv", "validation.csv"):
+    text = (src / name).read_bytes().replace(b"\n", b"\r\n")
+    (root / "Manually_Annotated_file_lists" / name).write_bytes(text)
+  m = affectnet.prepare(str(root), str(tmp_path / "out"), image_size=S,
+                        progress=False)
+  assert m["layout"] == "official"
+  assert (m["splits"]["train"]["written"], m["splits"]["val"]["written"]) == (
+      6, 2)
+  assert m["splits"]["train"]["skipped"] == {}

@@ -69,9 +69,14 @@ def npy_tree(tmp_path_factory):
   _write(f"{t}/annotations/106_exp.npy", b"not a numpy file")
   _npy(f"{t}/annotations/106_val.npy", np.array("0"))
   _npy(f"{t}/annotations/106_aro.npy", np.array("0"))
+  # A symlink that leaves the root (annotated, so only the path is wrong).
+  _write(f"{root}/outside.jpg", _face(7))
+  os.symlink(f"{root}/outside.jpg", f"{t}/images/107.jpg")
+  for k in ("exp", "val", "aro"):
+    _npy(f"{t}/annotations/107_{k}.npy", np.array("1"))
   skips = {"missing_annotation": 1, "not_an_image": 1, "empty_file": 1,
            "corrupt_image": 1, "label_uncertain": 1, "label_out_of_range": 1,
-           "malformed_row": 1}
+           "malformed_row": 1, "path_escapes_root": 1}
   return root, expected, skips
 
 
@@ -120,7 +125,11 @@ def folders_tree(tmp_path_factory):
   _write(f"{root}/train/Fear/.DS_Store", b"\x00" * 10)
   _write(f"{root}/train/6/broken.jpg", b"\xff\xd8\xff garbage")
   _write(f"{root}/train/stray.jpg", _face(1))  # Not inside a class folder.
-  skips = {"not_an_image": 2, "corrupt_image": 1, "malformed_row": 1}
+  _write(f"{root}/train/sad/empty.jpg", b"")
+  _write(f"{root}/elsewhere.jpg", _face(3))
+  os.symlink(f"{root}/elsewhere.jpg", f"{root}/train/sad/link.jpg")
+  skips = {"not_an_image": 2, "corrupt_image": 1, "malformed_row": 1,
+           "empty_file": 1, "path_escapes_root": 1}
   return root, expected, skips
 
 
@@ -140,6 +149,8 @@ def test_folders_layout(folders_tree, tmp_path):
     assert ex["valence"] == -2.0 and ex["arousal"] == -2.0
     assert np.isnan(ex["landmarks"]).all()
   assert train["class_counts"] == [2, 3, 2, 2, 2, 2, 2, 2]
+  assert m["class_folders"]["train"]["HAPPY"] == 1
+  assert m["class_folders"]["val"]["7"] == 7
 
 
 def test_folders_seven_classes_and_forced_layout(folders_tree, tmp_path):

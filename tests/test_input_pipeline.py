@@ -82,6 +82,7 @@ def test_processes_get_disjoint_shards_of_an_epoch(synthetic_arrayrecord):
 def test_eval_covers_every_example_once_with_padding(synthetic_arrayrecord,
                                                      process_count):
   c = _config(synthetic_arrayrecord)
+  c.data.eval_num_workers = process_count - 1  # Also cover worker processes.
   src = data.source(synthetic_arrayrecord, "val")
   n = len(src)
   global_batch = 16

@@ -9,7 +9,6 @@ uint8 images: ours = model.features(model.preprocess(images)), Keras' = its
 own preprocessing + model. 32 px, batch 2 (XLA CPU convs are slow); the full
 224/300 px check is benchmarks/keras_parity_full.py.
 """
-import os
 
 import jax
 import numpy as np
@@ -17,58 +16,13 @@ import pytest
 from flax import nnx
 
 import keras  # conftest sets KERAS_BACKEND=jax first.
-from keras.src.applications import efficientnet as keras_efficientnet
-from keras.src.models import functional as keras_functional
 
 from affectjax import models
 from affectjax.models import keras_h5
+from affectjax.models import keras_reference
 
 SIZE = 32
 RTOL = 1e-4
-
-
-def keras_legacy_layers(model):
-  """A Keras model's weights in the legacy layout and naming of the official files.
-
-  Legacy order per layer is trainable then non-trainable weights; names are
-  TF-Keras style '<layer>/<weight>:0' (DepthwiseConv2D's kernel was named
-  'depthwise_kernel' there).
-  """
-  out = []
-  for layer in model.layers:
-    weights = []
-    for w in layer.trainable_weights + layer.non_trainable_weights:
-      name = w.path.split("/")[-1]
-      if isinstance(layer, keras.layers.DepthwiseConv2D) and name == "kernel":
-        name = "depthwise_kernel"
-      weights.append((f"{layer.name}/{name}:0", np.asarray(w.numpy())))
-    out.append((layer.name, weights))
-  return out
-
-
-def randomize(model, seed):
-  """Overwrites every weight of a Keras model with random values of a sane scale."""
-  rng = np.random.default_rng(seed)
-  for layer in model.layers:
-    for w in layer.weights:
-      name, shape = w.path.split("/")[-1], tuple(w.shape)
-      if name == "kernel":
-        fan_in = (shape[0] * shape[1] if isinstance(layer, keras.layers.DepthwiseConv2D)
-                  else int(np.prod(shape[:-1])))
-        value = rng.normal(0.0, np.sqrt(1.0 / fan_in), shape)
-      elif name in ("bias", "beta", "moving_mean"):
-        value = rng.normal(0.0, 0.1, shape)
-      elif name in ("gamma", "moving_variance"):
-        value = rng.uniform(0.5, 1.5, shape)
-      elif name == "mean":  # Normalization layer.
-        value = rng.uniform(0.3, 0.6, shape)
-      elif name == "variance":
-        value = rng.uniform(0.03, 0.1, shape)
-      elif name == "count":
-        continue
-      else:
-        raise AssertionError(f"unexpected Keras weight {w.path}")
-      w.assign(value.astype(np.float32))
 
 
 def images(seed=0, n=2):
@@ -80,8 +34,7 @@ def assert_close(ours, ref, rtol=RTOL):
   assert ours.shape == ref.shape
   assert np.all(np.isfinite(ours))
   assert np.abs(ref).max() > 1e-3, "degenerate reference; rescale the random weights"
-  rel_l2 = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
-  rel_max = np.abs(ours - ref).max() / np.abs(ref).max()
+  rel_l2, rel_max = keras_reference.relative_errors(ours, ref)
   assert rel_l2 <= rtol and rel_max <= rtol, (rel_l2, rel_max)
 
 
@@ -95,8 +48,20 @@ def converted(name, path, **kwargs):
   return model
 
 
-def features(model, x_uint8):
-  return nnx.jit(lambda b, x: b(b.preprocess(x)))(model.backbone, x_uint8)
+def assert_layers_match_keras(model, keras_model, name, x_uint8):
+  """Every intermediate output (stem, each block, top) within RTOL of Keras' layer.
+
+  Checking only the final map is not enough: a randomly weighted deep net is
+  contractive, so a wrong stem can still give nearly equal final features.
+  """
+  ours = nnx.jit(lambda b, x: b.intermediates(b.preprocess(x)))(model.backbone, x_uint8)
+  ref = keras_reference.tap_outputs(keras_model, ours,
+                                    keras_reference.keras_preprocess(name, x_uint8))
+  for tap in ours:
+    assert_close(ours[tap], ref[tap])
+  # The backbone's call (what model.features runs) is the last tap.
+  np.testing.assert_array_equal(
+      nnx.jit(lambda b, x: b(b.preprocess(x)))(model.backbone, x_uint8), ours[list(ours)[-1]])
 
 
 def snapshot(model):
@@ -105,11 +70,10 @@ def snapshot(model):
 
 @pytest.fixture(scope="module")
 def vgg16(tmp_path_factory):
-  keras_model = keras.applications.VGG16(include_top=False, weights=None,
-                                         input_shape=(SIZE, SIZE, 3))
-  randomize(keras_model, seed=1)
+  keras_model = keras_reference.build("vgg16", SIZE)
+  keras_reference.randomize(keras_model, seed=1)
   path = str(tmp_path_factory.mktemp("vgg") / "vgg16_notop.h5")
-  keras_h5.write_legacy(path, keras_legacy_layers(keras_model))
+  keras_h5.write_legacy(path, keras_reference.legacy_layers(keras_model))
   return keras_model, path
 
 
@@ -117,17 +81,13 @@ def vgg16(tmp_path_factory):
 def efficientnet_b3(tmp_path_factory):
   """Keras EfficientNetB3 as built for weights='imagenet' (with the extra rescale), randomized."""
   path = str(tmp_path_factory.mktemp("effnet") / "efficientnetb3_notop.h5")
-  with pytest.MonkeyPatch.context() as mp:
-    # Build the weights='imagenet' graph offline: no download, no load yet.
-    mp.setattr(keras_efficientnet.file_utils, "get_file", lambda *a, **k: path)
-    mp.setattr(keras_functional.Functional, "load_weights", lambda *a, **k: None)
-    keras_model = keras.applications.EfficientNetB3(
-        include_top=False, weights="imagenet", input_shape=(SIZE, SIZE, 3))
-  randomize(keras_model, seed=2)
+  # The weights='imagenet' graph, built offline: no download, no load yet.
+  keras_model = keras_reference.build("efficientnet_b3", SIZE, imagenet_graph=True)
+  keras_reference.randomize(keras_model, seed=2)
   expected = snapshot(keras_model)
-  keras_h5.write_legacy(path, keras_legacy_layers(keras_model))
+  keras_h5.write_legacy(path, keras_reference.legacy_layers(keras_model))
   # Our writer's file must be a file Keras itself reads: scramble, reload, compare.
-  randomize(keras_model, seed=3)
+  keras_reference.randomize(keras_model, seed=3)
   keras_model.load_weights(path)
   for a, b in zip(expected, snapshot(keras_model)):
     np.testing.assert_array_equal(a, b)
@@ -136,11 +96,8 @@ def efficientnet_b3(tmp_path_factory):
 
 def test_vgg16_matches_keras(vgg16):
   keras_model, path = vgg16
-  x = images(0)
-  ref = keras_model.predict(
-      keras.applications.vgg16.preprocess_input(x.astype(np.float32)), verbose=0)
   model = converted("vgg16", path)
-  assert_close(features(model, x), ref)
+  assert_layers_match_keras(model, keras_model, "vgg16", images(0))
 
 
 def test_vgg16_module_preprocess_is_keras_caffe():
@@ -154,10 +111,8 @@ def test_efficientnet_b3_matches_keras_imagenet_stem(efficientnet_b3):
   assert any(l.name.startswith("rescaling") and l.name != "rescaling"
              for l in keras_model.layers), "Keras model lacks the imagenet rescale"
   x = images(2)
-  # EfficientNet's Keras preprocessing is inside the model: feed raw 0..255.
-  ref = keras_model.predict(x.astype(np.float32), verbose=0)
   model = converted("efficientnet_b3", path)
-  assert_close(features(model, x), ref)
+  assert_layers_match_keras(model, keras_model, "efficientnet_b3", x)
   # The stem alone: our preprocess == Keras Rescaling -> Normalization -> Rescaling.
   stem_out = [l for l in keras_model.layers if l.name.startswith("rescaling")][-1].output
   keras_stem = keras.Model(keras_model.input, stem_out)

@@ -91,3 +91,97 @@ def test_bad_names_and_kwargs_are_explained():
     models.create("custom_cnn", rngs=nnx.Rngs(0), widthz=(4,))
   with pytest.raises(ValueError, match="config.model.dtype"):
     models.create("custom_cnn", rngs=nnx.Rngs(0), dtype="int8", **TINY)
+
+
+# --- Randomly filled models built abstractly (no per-shape init compiles). ---
+
+SMALL_EFFNET = dict(width_coefficient=0.25, depth_coefficient=0.4)
+
+
+def random_model(name, seed=0, **kwargs):
+  """models.create under eval_shape, then every variable filled from numpy at a sane scale."""
+  model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), **kwargs))
+  rng = np.random.default_rng(seed)
+  defaults = {"norm_mean": np.array(preprocessing.IMAGENET_MEAN_RGB),
+              "norm_variance": np.square(preprocessing.IMAGENET_STD_RGB),
+              "norm_rescale": np.ones(3)}
+  for path, var in nnx.iter_graph(model):
+    if not isinstance(var, nnx.Variable):
+      continue
+    leaf, shape = path[-1], var.shape
+    if leaf in defaults:
+      value = defaults[leaf]
+    elif leaf == "kernel":
+      value = rng.normal(0.0, np.sqrt(1.0 / np.prod(shape[:-1])), shape)
+    elif leaf in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, shape)
+    else:  # bias, BN mean.
+      value = rng.normal(0.0, 0.1, shape)
+    var.set_value(jnp.asarray(value, var.dtype))
+  return model
+
+
+def _rel_l2(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# bfloat16 has an 8-bit mantissa (~0.4% per rounding); through a few dozen
+# layers the outputs drift by ~1%. We promise 3% relative L2 on the logits/va.
+BF16_RTOL = 3e-2
+
+
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("custom_cnn", dict(widths=(8, 16)), 16),
+    ("vgg16", {}, 32),
+    ("efficientnet_b3", SMALL_EFFNET, 32),
+])
+def test_bfloat16_compute_tracks_float32(name, kwargs, size):
+  f32 = random_model(name, seed=1, **kwargs)
+  bf16 = random_model(name, seed=1, dtype="bfloat16", **kwargs)
+  # Parameters and BatchNorm statistics stay float32 under bf16 compute.
+  for leaf in jax.tree.leaves(nnx.state(bf16)):
+    assert leaf.dtype == jnp.float32
+  x = f32.preprocess(_images(4, size, seed=5))
+  forward = nnx.jit(lambda m, x: (m.features(x), *m(x)))
+  feats32, logits32, va32 = forward(f32, x)
+  feats16, logits16, va16 = forward(bf16, x)
+  assert feats16.dtype == jnp.bfloat16 and feats32.dtype == jnp.float32
+  assert logits16.dtype == jnp.float32 and va16.dtype == jnp.float32
+  for ours, ref in ((feats16, feats32), (logits16, logits32), (va16, va32)):
+    print(f"{name} bf16 vs f32 relative L2: {_rel_l2(ours, ref):.2e}")
+    assert _rel_l2(ours, ref) < BF16_RTOL, (name, _rel_l2(ours, ref))
+  # A training forward updates the BN statistics in float32, close to f32's.
+  train = nnx.jit(lambda m, x: m(x, train=True, rngs=nnx.Rngs(dropout=0)))
+  train(f32, x)
+  train(bf16, x)
+  s32, s16 = (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)) for m in (f32, bf16))
+  for a, b in zip(jax.tree.leaves(s16), jax.tree.leaves(s32)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_efficientnet_drop_connect_only_in_training():
+  model = random_model("efficientnet_b3", seed=2, drop_connect_rate=0.5, dropout=0.0,
+                       **SMALL_EFFNET)
+  assert any(b.residual and b.drop_rate > 0 for b in model.backbone.blocks)
+  x = model.preprocess(_images(4, 32, seed=6))
+  feats = nnx.jit(lambda m, x, key: m.features(x, train=True, rngs=nnx.Rngs(dropout=key)))
+  snapshot = nnx.clone(model)  # Training forwards move BN stats; compare from one state.
+  a = feats(model, x, jax.random.key(0))
+  nnx.update(model, nnx.state(snapshot))
+  b = feats(model, x, jax.random.key(0))
+  nnx.update(model, nnx.state(snapshot))
+  c = feats(model, x, jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  nnx.update(model, nnx.state(snapshot))
+  # Inference (and a frozen backbone during training) never drops.
+  no_drop = nnx.jit(lambda m, x: (
+      m.features(x), m.features(x, train=False, rngs=nnx.Rngs(dropout=3)), m(x)[0],
+      m(x, train=True, train_backbone=False, rngs=nnx.Rngs(dropout=7))[0]))
+  f1, f2, logits_eval, logits_frozen = no_drop(model, x)
+  np.testing.assert_array_equal(f1, f2)
+  np.testing.assert_allclose(logits_frozen, logits_eval, rtol=1e-6)
+  with pytest.raises(ValueError, match="rngs"):
+    nnx.eval_shape(lambda m: m.features(x, train=True), model)

@@ -171,12 +171,27 @@ class EfficientNet(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Feature map (B, ceil(H/32), ceil(W/32), 1536) of a preprocessed batch."""
+    return self.intermediates(x, train=train, rngs=rngs)["top_activation"]
+
+  def intermediates(self, x: jax.Array, *, train: bool = False,
+                    rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+    """Outputs of the stem, every block and the top, keyed by Keras layer name.
+
+    Keys: 'stem_activation', then per block '<block>add' (residual blocks) or
+    '<block>project_bn', then 'top_activation' (the feature map).
+    """
+    out = {}
     x = x.astype(self.dtype)
     x = layers.zero_pad(x, layers.keras_correct_pad(x.shape[1], x.shape[2], 3))
     x = nnx.swish(self.stem_bn(self.stem_conv(x), use_running_average=not train))
-    for block in self.blocks:
+    out["stem_activation"] = x
+    for name, block in zip(self.block_names, self.blocks):
       x = block(x, train=train, rngs=rngs)
-    return nnx.swish(self.top_bn(self.top_conv(x), use_running_average=not train))
+      out[name + ("add" if block.residual else "project_bn")] = x
+    x = nnx.swish(self.top_bn(self.top_conv(x), use_running_average=not train))
+    out["top_activation"] = x
+    return out
 
   def keras_weight_plan(self) -> dict[str, list[keras_plan.Target]]:
     """Keras layer names -> variables; 'normalization' may carry a _k suffix in the file."""
@@ -201,7 +216,7 @@ class EfficientNet(nnx.Module):
       rescale = 1.0 / np.sqrt(np.asarray(preprocessing.IMAGENET_STD_RGB, np.float64))
     else:
       rescale = np.ones((3,))
-    self.norm_rescale.value = jnp.asarray(rescale, jnp.float32)
+    self.norm_rescale.set_value(jnp.asarray(rescale, jnp.float32))
 
 
 class EfficientNetB3(EfficientNet):

@@ -22,10 +22,15 @@ from affectjax.models.keras_h5 import WeightFileError
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """Destination of one Keras weight: the variable (None = read but unused), accepted names."""
+  """Destination of one Keras weight: the variable (None = read but unused), accepted names.
+
+  `transform` maps the Keras array to the variable's layout, `inverse` back
+  (used by `export`).
+  """
   variable: nnx.Variable | None
   names: tuple[str, ...]
   transform: Callable[[np.ndarray], np.ndarray] = lambda a: a
+  inverse: Callable[[np.ndarray], np.ndarray] = lambda a: a
 
 
 def conv(module: nnx.Conv) -> list[Target]:
@@ -42,7 +47,8 @@ def depthwise_conv(module: nnx.Conv) -> list[Target]:
     if a.ndim != 4 or a.shape[3] != 1:
       raise WeightFileError(f"depthwise kernel of shape {a.shape}: expected (kh, kw, C, 1).")
     return np.transpose(a, (0, 1, 3, 2))
-  return [Target(module.kernel, ("depthwise_kernel", "kernel"), to_grouped)]
+  to_keras = lambda a: np.transpose(a, (0, 1, 3, 2))
+  return [Target(module.kernel, ("depthwise_kernel", "kernel"), to_grouped, to_keras)]
 
 
 def batch_norm(module: nnx.BatchNorm) -> list[Target]:
@@ -112,23 +118,21 @@ def apply(plan: dict[str, list[Target]], file_layers: dict, path: str, *,
             "the file is for a different architecture or width.")
       updates.append((target.variable, value))
   for variable, value in updates:
-    variable.value = jnp.asarray(value, dtype=variable.dtype)
+    variable.set_value(jnp.asarray(value, dtype=variable.dtype))
 
 
 def export(plan: dict[str, list[Target]]) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
   """The inverse of `apply`: the plan's variables as Keras legacy layers (for keras_h5.write_legacy).
 
   Weight names follow the official files ('<layer>/<name>:0'); unused Keras
-  weights (the Normalization layer's sample count) are written as 0. Only
-  transforms that are their own inverse (all of ours: identity, transpose of
-  the last two axes) are supported.
+  weights (the Normalization layer's sample count) are written as 0.
   """
   out = []
   for layer, targets in plan.items():
     weights = []
     for t in targets:
       value = (np.zeros((), np.int64) if t.variable is None
-               else np.asarray(t.transform(np.asarray(t.variable.value))))
+               else np.asarray(t.inverse(np.asarray(t.variable[...]))))
       weights.append((f"{layer}/{t.names[0]}:0", value))
     out.append((layer, weights))
   return out

@@ -46,13 +46,21 @@ class VGG16(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Feature map (B, H/32, W/32, 512) of a caffe-preprocessed batch."""
+    return self.intermediates(x, train=train, rngs=rngs)["block5_pool"]
+
+  def intermediates(self, x: jax.Array, *, train: bool = False,
+                    rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+    """Every block's pooled output, keyed by Keras layer name 'block{b}_pool'."""
     del train, rngs  # No BatchNorm or stochastic layers in VGG16.
+    out = {}
     x = x.astype(self.dtype)
-    for convs in self.blocks:
+    for b, convs in enumerate(self.blocks):
       for conv in convs:
         x = nnx.relu(conv(x))
       x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-    return x
+      out[f"block{b + 1}_pool"] = x
+    return out
 
   def keras_weight_plan(self) -> dict[str, list[keras_plan.Target]]:
     """Keras layer 'block{b}_conv{c}' -> self.blocks[b-1][c-1]."""

@@ -1,0 +1,198 @@
+"""Optimizer and transfer-learning modes, checked with real jitted train steps of a tiny model.
+
+The step below is our own pure step (merge -> loss -> grad -> optax update ->
+new state), shaped like the trainer's: the backbone's BatchNorm mode is the
+static `train_backbone` flag from `optim.backbone_trainable`.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from affectjax import models
+from affectjax import optim
+from configs import custom_cnn
+
+
+def tiny_config(**transfer):
+  c = custom_cnn.get_config("tiny")
+  c.total_steps = 6
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = "constant"
+  c.optimizer.learning_rate = 1e-2
+  for k, v in transfer.items():
+    c.transfer[k] = v
+  return c
+
+
+def make_state(config, seed=0):
+  model = models.create("custom_cnn", rngs=nnx.Rngs(seed), widths=(4, 8),
+                        head_hidden=8, dropout=0.0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optim.create(config, params)
+  return graphdef, params, rest, tx, tx.init(params)
+
+
+def batch(seed=0, n=8, size=16):
+  rng = np.random.default_rng(seed)
+  return (rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+          rng.integers(0, 8, (n,)).astype(np.int32),
+          rng.uniform(-1, 1, (n, 2)).astype(np.float32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def train_step(graphdef, tx, train_backbone, params, rest, opt_state, images,
+               labels, va, key):
+  def loss_fn(p):
+    model = nnx.merge(graphdef, p, rest, copy=True)
+    logits, pred_va = model(model.preprocess(images), train=True,
+                            train_backbone=train_backbone,
+                            rngs=nnx.Rngs(dropout=key))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return ce + jnp.mean((pred_va - va) ** 2), nnx.state(model, nnx.Not(nnx.Param))
+  (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), new_rest, opt_state, loss
+
+
+def run(config, steps, seed=0):
+  """Runs `steps` real steps; returns the (params, rest) after every step, the initial first."""
+  graphdef, params, rest, tx, opt_state = make_state(config)
+  history = [(params, rest)]
+  for step in range(steps):
+    images, labels, va = batch(seed + step)
+    params, rest, opt_state, loss = train_step(
+        graphdef, tx, optim.backbone_trainable(config, step), params, rest,
+        opt_state, images, labels, va, jax.random.key(step))
+    assert np.isfinite(float(loss))
+    history.append((params, rest))
+  return history
+
+
+def pure(state, group):
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(state)[group])
+
+
+def bitwise_equal(a, b):
+  return all(np.array_equal(x, y) and x.dtype == y.dtype
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def all_changed(a, b):
+  return all(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_frozen_backbone_params_and_batchnorm_stats_stay_bitwise_equal():
+  config = tiny_config(mode="frozen")
+  history = run(config, steps=3)
+  (p0, r0), (p3, r3) = history[0], history[-1]
+  assert bitwise_equal(pure(p0, "backbone"), pure(p3, "backbone"))
+  assert bitwise_equal(pure(r0, "backbone"), pure(r3, "backbone"))  # BN moving stats.
+  assert all_changed(pure(p0, "head"), pure(p3, "head"))
+
+
+def test_two_phase_unfreezes_at_the_configured_step():
+  config = tiny_config(mode="two_phase", unfreeze_step=2)
+  assert [optim.backbone_trainable(config, s) for s in range(4)] == [False, False, True, True]
+  history = run(config, steps=4)
+  p0, r0 = history[0]
+  for step in (1, 2):  # After steps 0 and 1: frozen.
+    assert bitwise_equal(pure(p0, "backbone"), pure(history[step][0], "backbone"))
+    assert bitwise_equal(pure(r0, "backbone"), pure(history[step][1], "backbone"))
+    assert all_changed(pure(p0, "head"), pure(history[step][0], "head"))
+  # Step 2 trains the backbone: every kernel and BN statistic moves.
+  assert all_changed(pure(history[2][0], "backbone"), pure(history[3][0], "backbone"))
+  assert all_changed(pure(history[2][1], "backbone"), pure(history[3][1], "backbone"))
+
+
+def test_full_mode_trains_everything():
+  history = run(tiny_config(mode="full"), steps=2)
+  for group in ("backbone", "head"):
+    assert all_changed(pure(history[0][0], group), pure(history[-1][0], group))
+  assert all_changed(pure(history[0][1], "backbone"), pure(history[-1][1], "backbone"))
+
+
+@pytest.mark.parametrize("mode,multiplier", [("full", 0.1), ("two_phase", 0.25)])
+def test_backbone_learning_rate_multiplier(mode, multiplier):
+  """Plain SGD, no decay/clipping: the first backbone update is -lr * multiplier * grad."""
+  config = tiny_config(mode=mode, unfreeze_step=0, backbone_lr_multiplier=multiplier)
+  config.optimizer.name, config.optimizer.momentum = "sgd", 0.0
+  config.optimizer.weight_decay, config.optimizer.grad_clip_norm = 0.0, 0.0
+  _, params, _, tx, opt_state = make_state(config)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  updates, _ = tx.update(grads, opt_state, params)
+  lr = config.optimizer.learning_rate
+  for u in jax.tree.leaves(nnx.to_pure_dict(updates)["backbone"]):
+    np.testing.assert_allclose(u, -lr * multiplier * 0.5, rtol=1e-6)
+  for u in jax.tree.leaves(nnx.to_pure_dict(updates)["head"]):
+    np.testing.assert_allclose(u, -lr * 0.5, rtol=1e-6)
+
+
+def test_two_phase_backbone_optimizer_state_starts_clean():
+  """Adam moments and count of the backbone stay at init while frozen, then advance."""
+  config = tiny_config(mode="two_phase", unfreeze_step=2)
+  _, params, _, tx, state0 = make_state(config)
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = state0
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+    assert all(np.all(np.asarray(u) == 0)
+               for u in jax.tree.leaves(nnx.to_pure_dict(updates)["backbone"]))
+  inner = lambda s: s[1].inner_states["backbone"].inner_state.inner
+  assert bitwise_equal(inner(state0), inner(state))
+  updates, state = tx.update(grads, state, params)
+  assert all(np.all(np.asarray(u) != 0)
+             for u in jax.tree.leaves(nnx.to_pure_dict(updates)["backbone"]))
+
+
+def test_weight_decay_skips_biases_and_batchnorm():
+  config = tiny_config(mode="full")
+  config.optimizer.name, config.optimizer.momentum = "sgd", 0.0
+  config.optimizer.weight_decay = 0.1
+  _, params, _, tx, opt_state = make_state(config)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, opt_state, params)
+  lr = config.optimizer.learning_rate
+  for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates)):
+    expected = -lr * 0.1 * np.asarray(p) if p.ndim >= 2 else np.zeros_like(p)
+    np.testing.assert_allclose(u, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+  config = tiny_config(mode="full")
+  config.optimizer.name, config.optimizer.momentum = "sgd", 0.0
+  config.optimizer.weight_decay, config.optimizer.grad_clip_norm = 0.0, 1.0
+  _, params, _, tx, opt_state = make_state(config)
+  big = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
+  updates, _ = tx.update(big, opt_state, params)
+  norm = optax.global_norm(updates)
+  np.testing.assert_allclose(norm, config.optimizer.learning_rate * 1.0, rtol=1e-5)
+
+
+def test_warmup_cosine_schedule():
+  c = tiny_config()
+  c.optimizer.schedule, c.optimizer.warmup_steps, c.total_steps = "cosine", 10, 110
+  lr = optim.schedule(c)
+  peak = c.optimizer.learning_rate
+  assert float(lr(0)) == 0.0
+  np.testing.assert_allclose(float(lr(5)), peak / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(10)), peak, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(60)), peak / 2, rtol=1e-5)  # Cosine midpoint.
+  assert float(lr(110)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_bad_transfer_and_optimizer_settings_are_explained():
+  with pytest.raises(ValueError, match="config.transfer.mode"):
+    make_state(tiny_config(mode="partial"))
+  with pytest.raises(ValueError, match="unfreeze_step"):
+    make_state(tiny_config(mode="two_phase", unfreeze_step=99))
+  c = tiny_config()
+  c.optimizer.name = "lamb"
+  with pytest.raises(ValueError, match="config.optimizer.name"):
+    make_state(c)
+  with pytest.raises(ValueError, match="neither the backbone nor the head"):
+    optim.create(tiny_config(), {"encoder": {"w": jnp.zeros((2, 2))}})
