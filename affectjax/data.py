@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -59,10 +60,22 @@ def shard_filename(split: str, shard: int, num_shards: int) -> str:
           f"{shard:05d}-of-{num_shards:05d}")
 
 
+_PB2 = None
+# Grain decodes in several threads per worker process. Concurrent first
+# imports of tensorflow_datasets (which has import cycles) deadlock on
+# Python's per-module import locks, so the first import is serialized here.
+_INIT_LOCK = threading.RLock()
+
+
 def _example_pb2():
-  # tfds' own copy of tf.train.Example; importing it does not import TF.
-  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
-  return tf_example_pb2
+  """tfds' own copy of tf.train.Example; importing it does not import TF."""
+  global _PB2
+  if _PB2 is None:
+    with _INIT_LOCK:
+      if _PB2 is None:
+        from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+        _PB2 = tf_example_pb2
+  return _PB2
 
 
 def encode_record(*, image: bytes, expression: int, valence: float,
@@ -161,10 +174,11 @@ class AffectNetSource:
 
   def _open(self):
     if self._reader is None:
-      # Imported here so that unpickling in a worker stays cheap.
-      from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
-      self._reader = array_record_data_source.ArrayRecordDataSource(
-          self.paths)
+      with _INIT_LOCK:
+        if self._reader is None:
+          from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+          self._reader = array_record_data_source.ArrayRecordDataSource(
+              self.paths)
     return self._reader
 
   def __len__(self) -> int:
@@ -185,6 +199,9 @@ class AffectNetSource:
 
   def __setstate__(self, state):
     self.__dict__.update(state)
+    # Unpickling runs in the worker's main thread, before Grain starts its
+    # decode threads: do the one-time imports here, not in those threads.
+    _example_pb2()
 
   def __repr__(self) -> str:
     return (f"AffectNetSource(split={self.split!r}, shards={len(self.paths)}, "

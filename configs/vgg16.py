@@ -12,8 +12,9 @@ with its own warmup. Alternatives:
 `--config.transfer.mode=frozen` (the head alone, as the original Keras
 project did) or `=full`. Mixed precision: `--config.model.dtype=bfloat16`.
 
-`--config=configs/vgg16.py:tiny` is the 32 px, from-scratch, few-step variant
-the tests use; `:demo` a CPU-sized run on synthetic data.
+`--config=configs/vgg16.py:tiny` is the 32 px, 1/8-width, from-scratch,
+few-step variant the tests use; `:demo` a CPU-sized (1/4-width) run on
+synthetic data.
 """
 from configs import base
 
@@ -47,6 +48,7 @@ def get_config(arg: str | None = None):
   if arg == "demo":  # CPU, synthetic data, minutes; no ImageNet file needed.
     c.data.dir = "runs/demo/data/arrayrecord"
     c.model.init = "scratch"
+    c.model.kwargs.width_multiplier = 0.25  # VGG16 layout, 1/4 of the filters.
     c.model.kwargs.dropout = 0.1
     c.model.kwargs.head_hidden = 64
     c.image_size = 32  # VGG16's five 2x2 pools need >= 32 px.
@@ -61,9 +63,11 @@ def get_config(arg: str | None = None):
     c.transfer.mode = "full"
     c.transfer.backbone_lr_multiplier = 1.0
     c.data.num_workers = 1
+    c.data.eval_num_workers = 0  # Small synthetic val split: workers cost more than they save.
   elif arg == "tiny":  # Unit/end-to-end tests: seconds, not minutes.
     c.data.dir = ""
     c.model.init = "scratch"
+    c.model.kwargs.width_multiplier = 0.125  # VGG16 layout, 1/8 of the filters.
     c.model.kwargs.dropout = 0.0
     c.model.kwargs.head_hidden = 8
     c.image_size = 32
@@ -75,9 +79,12 @@ def get_config(arg: str | None = None):
     c.checkpoint_every_steps = 4
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_steps = 1
-    c.transfer.mode = "two_phase"
-    c.transfer.unfreeze_step = 2
+    # One compiled train step (two_phase compiles two); the transfer modes
+    # have their own tests (tests/test_optim.py).
+    c.transfer.mode = "full"
+    c.transfer.backbone_lr_multiplier = 1.0
     c.data.num_workers = 0
+    c.data.eval_num_workers = 0
   elif arg:
     raise ValueError(f"Unknown config variant {arg!r} for vgg16; use 'demo' or 'tiny'.")
   return c

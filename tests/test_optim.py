@@ -169,7 +169,7 @@ def test_gradient_clipping_bounds_the_global_norm():
   _, params, _, tx, opt_state = make_state(config)
   big = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
   updates, _ = tx.update(big, opt_state, params)
-  norm = optax.global_norm(updates)
+  norm = optax.tree.norm(updates)
   np.testing.assert_allclose(norm, config.optimizer.learning_rate * 1.0, rtol=1e-5)
 
 

@@ -20,21 +20,30 @@ _BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 
 class VGG16(nnx.Module):
-  """Feature extractor: (B, H, W, 3) caffe-preprocessed -> (B, H/32, W/32, 512)."""
+  """Feature extractor: (B, H, W, 3) caffe-preprocessed -> (B, H/32, W/32, 512).
 
-  num_features = 512
+  `width_multiplier` scales every block's filters; it exists only so tests
+  and CPU demos can run the same code path small. ImageNet weights need 1.0
+  (loading checks every shape).
+  """
 
-  def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, *, width_multiplier: float = 1.0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if width_multiplier <= 0:
+      raise ValueError(f"vgg16 width_multiplier must be > 0 (config.model.kwargs), "
+                       f"got {width_multiplier}.")
     self.dtype = dtype
     blocks = []
     in_features = 3
     for filters, repeats in _BLOCKS:
+      filters = max(1, int(round(filters * width_multiplier)))
       convs = []
       for _ in range(repeats):
         convs.append(layers.conv(in_features, filters, 3, dtype=dtype, rngs=rngs))
         in_features = filters
       blocks.append(nnx.List(convs))
     self.blocks = nnx.List(blocks)
+    self.num_features = in_features
 
   @staticmethod
   def default_preprocess(images_uint8: jax.Array) -> jax.Array:

@@ -1,0 +1,93 @@
+"""configs/vgg16.py:tiny and configs/efficientnet_b3.py:tiny train end to end.
+
+Synthetic AffectNet -> ArrayRecords -> `train.train_and_evaluate` for a few
+steps; then the final checkpoint is checked against the initial state (head
+and backbone both moved), losses are finite, and the final evaluation covers
+every validation example. The full-size configs differ from :tiny only in
+sizes, steps and transfer mode (tested in test_optim.py).
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from affectjax import checkpoint as ckpt_lib
+from affectjax import sharding
+from affectjax import train
+from configs import efficientnet_b3
+from configs import vgg16
+
+NUM_VAL = 24
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  from data_prep import affectnet, synthetic  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("model_configs_data")
+  synthetic.generate(str(root / "raw"), num_train=48, num_val=NUM_VAL, seed=1,
+                     image_size=48)
+  affectnet.prepare(str(root / "raw"), str(root / "prepared"), image_size=32,
+                    num_workers=1, progress=False)
+  return str(root / "prepared")
+
+
+def _restore_final(config, workdir, like):
+  c = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1)
+  try:
+    return jax.device_get(c.restore(c.latest_step(), ckpt_lib.abstract_like(like)))
+  finally:
+    c.close()
+
+
+def _changed(a, b):
+  return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_module", [vgg16, efficientnet_b3],
+                         ids=["vgg16", "efficientnet_b3"])
+def test_tiny_config_trains_end_to_end(config_module, data_dir, tmp_path):
+  config = config_module.get_config("tiny")
+  config.data.dir = data_dir
+  workdir = str(tmp_path)
+  result = train.train_and_evaluate(config, workdir)
+  assert result["step"] == config.total_steps
+
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(l) for l in f]
+  train_losses = [l["loss"] for l in lines if l["split"] == "train"]
+  assert train_losses and all(np.isfinite(train_losses))
+  val = [l for l in lines if l["split"] == "val"][-1]
+  assert val["num_examples"] == NUM_VAL and np.isfinite(val["loss"])
+
+  _, initial, _ = train.init_state(config, sharding.make_mesh())
+  initial = jax.device_get(initial)
+  final = _restore_final(config, workdir, initial)
+  assert int(final["step"]) == config.total_steps
+  for group in ("head", "backbone"):
+    assert _changed(initial["params"][group], final["params"][group]), group
+
+
+@pytest.mark.parametrize("config_module,name,size", [
+    (vgg16, "vgg16", 224), (efficientnet_b3, "efficientnet_b3", 300)])
+def test_full_configs_build_the_keras_architecture(config_module, name, size):
+  """The real configs: Keras' default size, ImageNet init, kwargs the model accepts."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from affectjax import models  # pylint: disable=g-import-not-at-top
+  from affectjax.models import imagenet  # pylint: disable=g-import-not-at-top
+  config = config_module.get_config()
+  assert (config.model.name, config.image_size, config.model.init) == (name, size, "imagenet")
+  assert config.model.name in imagenet.WEIGHT_FILES
+  model = nnx.eval_shape(lambda: models.create(
+      config.model.name, rngs=nnx.Rngs(0), num_classes=config.num_classes,
+      dtype=config.model.dtype, **dict(config.model.kwargs)))
+  n_backbone = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(
+      nnx.state(model.backbone, nnx.Param)))
+  # keras.applications' trainable parameter counts (include_top=False).
+  assert n_backbone == {"vgg16": 14_714_688, "efficientnet_b3": 10_696_232}[name]
+  for arg in ("demo", "tiny"):
+    assert config_module.get_config(arg).model.init == "scratch"
+  with pytest.raises(ValueError, match="Unknown config variant"):
+    config_module.get_config("huge")
