@@ -13,8 +13,8 @@ Alternatives: `--config.transfer.mode=frozen` (the head alone, as the original
 Keras project did) or `=full`. Mixed precision: `--config.model.dtype=bfloat16`.
 
 `--config=configs/efficientnet_b3.py:tiny` is the shrunken (width 0.25,
-depth 0.4), 32 px, from-scratch, few-step variant the tests use; `:demo` a
-CPU-sized run on synthetic data.
+depth 0.25), 32 px, from-scratch, few-step variant the tests use; `:demo`
+(width 0.25, depth 0.4) a CPU-sized run on synthetic data.
 """
 from configs import base
 
@@ -70,6 +70,9 @@ def get_config(arg: str | None = None):
     c.data.eval_num_workers = 0  # Small synthetic val split: workers cost more than they save.
   elif arg == "tiny":  # Unit/end-to-end tests: seconds, not minutes.
     c.data.dir = ""
+    # One block per stage: fewer XLA compiles and checkpoint leaves. (Residual
+    # blocks and drop-connect are tested in tests/test_models.py.)
+    c.model.kwargs.depth_coefficient = 0.25
     c.model.kwargs.dropout = 0.0
     c.model.kwargs.head_hidden = 8
     c.model.kwargs.drop_connect_rate = 0.2
