@@ -10,11 +10,15 @@
 # wins; otherwise ./.venv is created with python3 (3.11 or newer). On a host
 # with NVIDIA GPUs the CUDA build of jax is installed, on a TPU VM the TPU one.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")"
+# User paths (--workdir, --input_dir, ...) stay relative to the caller's
+# directory; only demo and test run from the repository root.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# configs/*.py import `configs.base`, so the repository root must be importable.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 die() { echo "launch.sh: $*" >&2; exit 2; }
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$ROOT/launch.sh" | sed 's/^# \{0,1\}//'; }
 
 accelerator_extra() {
   if [[ -n "${AFFECTJAX_ACCELERATOR:-}" ]]; then echo "${AFFECTJAX_ACCELERATOR}"; return; fi
@@ -30,21 +34,21 @@ bootstrap() {
   elif [[ -n "${VIRTUAL_ENV:-}" ]]; then PY="$VIRTUAL_ENV/bin/python"
   else
     own_venv=1
-    if [[ ! -x .venv/bin/python ]]; then
+    if [[ ! -x "$ROOT/.venv/bin/python" ]]; then
       command -v python3 >/dev/null || die "python3 (3.11 or newer) is needed; install it first."
       python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "python3 is $(python3 -V 2>&1); affectjax needs 3.11 or newer (or set PYTHON=...)."
-      echo "launch.sh: creating .venv"
-      python3 -m venv .venv
+      echo "launch.sh: creating $ROOT/.venv"
+      python3 -m venv "$ROOT/.venv"
     fi
-    PY=.venv/bin/python
+    PY="$ROOT/.venv/bin/python"
   fi
   "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "$PY is $("$PY" -V 2>&1); affectjax needs Python 3.11 or newer."
   local accel; accel="$(accelerator_extra)"
   [[ "$accel" != cpu ]] && extras="${extras:+$extras,}$accel"
-  local want; want="$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)-[${extras}]"
-  local stamp=".venv/.installed-${extras:-core}"
+  local want; want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-[${extras}]"
+  local stamp="$ROOT/.venv/.installed-${extras:-core}"
   if [[ $own_venv == 0 ]]; then
     # A user's environment: install only what is missing.
     local mods="affectjax jax flax optax orbax.checkpoint grain array_record"
@@ -57,7 +61,7 @@ bootstrap() {
   fi
   echo "launch.sh: installing affectjax[${extras}] into $("$PY" -c 'import sys; print(sys.prefix)')"
   "$PY" -m pip install --quiet --upgrade pip
-  local target="."; [[ -n "$extras" ]] && target=".[${extras}]"
+  local target="$ROOT"; [[ -n "$extras" ]] && target="$ROOT[${extras}]"
   "$PY" -m pip install --quiet -e "$target"
   [[ $own_venv == 1 ]] && echo "$want" > "$stamp"
   return 0
@@ -67,6 +71,7 @@ cmd="${1:-help}"; shift || true
 case "$cmd" in
   demo)
     bootstrap ""
+    cd "$ROOT"
     export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
     raw=runs/demo/data/raw; prepared=runs/demo/data/arrayrecord
     if [[ ! -f "$raw/validation.csv" ]]; then
@@ -81,6 +86,7 @@ case "$cmd" in
     ;;
   test)
     bootstrap test
+    cd "$ROOT"
     export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
     exec "$PY" -m pytest "$@"
     ;;

@@ -167,18 +167,16 @@ def evaluate(state: State, eval_fn, config, mesh) -> dict:
   ds, n = input_pipeline.eval_dataset(
       config, local_batch_size=local_bs, process_index=jax.process_index(),
       process_count=jax.process_count())
-  outs, stat_sums = [], None
+  outs, stats = [], []
   for batch in input_pipeline.iterate(ds):
-    out, stats = eval_fn(state, sharding.shard_batch(batch, mesh))
+    out, batch_stats = eval_fn(state, sharding.shard_batch(batch, mesh))
     outs.append(out)
-    stat_sums = stats if stat_sums is None else jax.tree.map(
-        jnp.add, stat_sums, stats)
-  outs = jax.device_get(outs)
+    stats.append(batch_stats)
+  outs, stats = jax.device_get((outs, stats))
   # Global batches arrive in split order; padding rows sit at the very end.
   cat = {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
-  stat_sums = jax.device_get(stat_sums)
   result = {"loss": float(losses.loss_from_stats(
-      stat_sums, valence_weight=config.loss.valence_weight,
+      losses.sum_stats(stats), valence_weight=config.loss.valence_weight,
       arousal_weight=config.loss.arousal_weight))}
   result.update(metrics_lib.evaluate(
       expression=cat["expression"], logits_or_pred=cat["pred"],
