@@ -52,7 +52,7 @@ bootstrap() {
   if [[ $own_venv == 0 ]]; then
     # A user's environment: install only what is missing.
     local mods="affectjax jax flax optax orbax.checkpoint grain array_record"
-    [[ ",$extras," == *",test,"* ]] && mods="$mods pytest keras xdist"
+    [[ ",$extras," == *",test,"* ]] && mods="$mods pytest keras sklearn"
     if "$PY" -c "import importlib,sys; [importlib.import_module(m) for m in sys.argv[1:]]" $mods 2>/dev/null; then
       return
     fi
