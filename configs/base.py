@@ -62,3 +62,57 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.label_smoothing = 0.0
   c.loss.class_weighting = "none"  # 'none' | 'inverse_frequency'
   return c
+
+
+def imagenet_finetuning(c: ml_collections.ConfigDict) -> None:
+  """Shared recipe for fine-tuning an ImageNet backbone on AffectNet.
+
+  Two-phase transfer: the head alone for 2,000 steps, then the backbone too
+  at 0.1x the learning rate. Inverse-frequency class weights, because
+  AffectNet's training split is about half Happy.
+  """
+  c.model.init = "imagenet"
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 1e-3  # Head; the backbone gets 1e-4.
+  c.optimizer.schedule = "cosine"
+  c.optimizer.grad_clip_norm = 1.0
+  c.transfer.mode = "two_phase"
+  c.transfer.unfreeze_step = 2_000
+  c.transfer.backbone_lr_multiplier = 0.1
+  c.augment.flip = True
+  c.augment.crop_scale = (0.75, 1.0)
+  c.augment.aspect_ratio = (0.9, 1.1)
+  c.loss.class_weighting = "inverse_frequency"
+
+
+def small_run(c: ml_collections.ConfigDict, variant: str, *, image_size: int,
+              batch_size: int, eval_batch_size: int, total_steps: int,
+              log_every_steps: int, eval_every_steps: int, learning_rate: float,
+              warmup_steps: int) -> None:
+  """Shrinks a config for the CPU: 'demo' (synthetic data, minutes) or 'tiny' (tests).
+
+  Both train from scratch with full fine-tuning (one compiled train step;
+  the transfer modes have their own tests) and evaluate in-process, since a
+  small validation split costs less than starting workers.
+  """
+  c.model.init = "scratch"
+  c.transfer.mode = "full"
+  c.transfer.backbone_lr_multiplier = 1.0
+  c.image_size = image_size
+  c.batch_size = batch_size
+  c.eval_batch_size = eval_batch_size
+  c.total_steps = total_steps
+  c.log_every_steps = log_every_steps
+  c.eval_every_steps = eval_every_steps
+  c.checkpoint_every_steps = eval_every_steps
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.warmup_steps = warmup_steps
+  c.data.eval_num_workers = 0
+  if variant == "demo":
+    c.data.dir = "runs/demo/data/arrayrecord"
+    c.data.num_workers = 1
+  elif variant == "tiny":
+    c.data.dir = ""  # The tests point it at their own prepared data.
+    c.data.num_workers = 0
+  else:
+    raise ValueError(f"Unknown config variant {variant!r}; use 'demo' or 'tiny'.")

@@ -21,8 +21,8 @@ from configs import base
 
 def get_config(arg: str | None = None):
   c = base.get_base_config()
+  base.imagenet_finetuning(c)
   c.model.name = "efficientnet_b3"
-  c.model.init = "imagenet"
   c.model.kwargs.dropout = 0.3  # Keras' EfficientNetB3 top dropout.
   c.model.kwargs.head_hidden = 256
   c.model.kwargs.drop_connect_rate = 0.2  # Keras' default stochastic depth.
@@ -32,66 +32,26 @@ def get_config(arg: str | None = None):
   c.total_steps = 60_000  # ~13 epochs of AffectNet's ~287k training images.
   c.eval_every_steps = 4_000
   c.checkpoint_every_steps = 4_000
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 1e-3  # Head; the backbone gets 1e-4.
   c.optimizer.weight_decay = 1e-5
-  c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 1_000
-  c.optimizer.grad_clip_norm = 1.0
-  c.transfer.mode = "two_phase"
-  c.transfer.unfreeze_step = 2_000
-  c.transfer.backbone_lr_multiplier = 0.1
-  c.augment.flip = True
-  c.augment.crop_scale = (0.75, 1.0)
-  c.augment.aspect_ratio = (0.9, 1.1)
-  c.loss.class_weighting = "inverse_frequency"  # AffectNet is ~50% Happy.
 
-  if arg in ("demo", "tiny"):
-    # The same code path, shrunken: B3's block structure at 1/4 width, ~1/3 depth.
-    c.model.init = "scratch"
+  if arg:
+    # The same code path, shrunken: B3's block structure at 1/4 width.
     c.model.kwargs.width_coefficient = 0.25
-    c.model.kwargs.depth_coefficient = 0.4
   if arg == "demo":  # CPU, synthetic data, minutes; no ImageNet file needed.
-    c.data.dir = "runs/demo/data/arrayrecord"
+    c.model.kwargs.depth_coefficient = 0.4  # ~1/3 of B3's depth.
     c.model.kwargs.dropout = 0.1
     c.model.kwargs.head_hidden = 64
-    c.image_size = 64
-    c.batch_size = 32
-    c.eval_batch_size = 64
-    c.total_steps = 300
-    c.log_every_steps = 25
-    c.eval_every_steps = 150
-    c.checkpoint_every_steps = 150
-    c.optimizer.learning_rate = 2e-3
-    c.optimizer.warmup_steps = 30
-    c.transfer.mode = "full"
-    c.transfer.backbone_lr_multiplier = 1.0
-    c.data.num_workers = 1
-    c.data.eval_num_workers = 0  # Small synthetic val split: workers cost more than they save.
-  elif arg == "tiny":  # Unit/end-to-end tests: seconds, not minutes.
-    c.data.dir = ""
+    base.small_run(c, "demo", image_size=64, batch_size=32, eval_batch_size=64,
+                   total_steps=300, log_every_steps=25, eval_every_steps=150,
+                   learning_rate=2e-3, warmup_steps=30)
+  elif arg:  # 'tiny': the tests' variant, seconds not minutes.
     # One block per stage: fewer XLA compiles and checkpoint leaves. (Residual
     # blocks and drop-connect are tested in tests/test_models.py.)
     c.model.kwargs.depth_coefficient = 0.25
     c.model.kwargs.dropout = 0.0
     c.model.kwargs.head_hidden = 8
-    c.model.kwargs.drop_connect_rate = 0.2
-    c.image_size = 32
-    c.batch_size = 8
-    c.eval_batch_size = 16
-    c.total_steps = 4
-    c.log_every_steps = 2
-    c.eval_every_steps = 4
-    c.checkpoint_every_steps = 4
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 1
-    # One compiled train step (two_phase compiles two); the transfer modes
-    # have their own tests (tests/test_optim.py).
-    c.transfer.mode = "full"
-    c.transfer.backbone_lr_multiplier = 1.0
-    c.data.num_workers = 0
-    c.data.eval_num_workers = 0
-  elif arg and arg != "demo":
-    raise ValueError(
-        f"Unknown config variant {arg!r} for efficientnet_b3; use 'demo' or 'tiny'.")
+    base.small_run(c, arg, image_size=32, batch_size=8, eval_batch_size=16,
+                   total_steps=4, log_every_steps=2, eval_every_steps=4,
+                   learning_rate=1e-3, warmup_steps=1)
   return c
