@@ -75,3 +75,22 @@ def test_batch_that_does_not_divide_names_the_flag():
   mesh = sharding.make_mesh()
   with pytest.raises(ValueError, match="config.batch_size=12"):
     sharding.local_batch_size(12, mesh, flag="config.batch_size")
+
+
+def test_imagenet_init_offline_says_which_file_to_put_where(tmp_path,
+                                                            monkeypatch):
+  from affectjax.models import imagenet  # pylint: disable=g-import-not-at-top
+  from configs import vgg16  # pylint: disable=g-import-not-at-top
+
+  def offline(*args, **kwargs):
+    raise OSError("no network in this test")
+  monkeypatch.setattr(imagenet.urllib.request, "urlopen", offline)
+  c = vgg16.get_config("tiny")
+  c.model.init = "imagenet"
+  c.model.weights_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError,
+                     match="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"):
+    train.create_model(c)
+  c.model.init = "imagenet21k"
+  with pytest.raises(ValueError, match="config.model.init"):
+    train.create_model(c)
