@@ -1,9 +1,12 @@
-"""``WORKDIR/metrics.jsonl``: one JSON object per line, appended across resumes.
+"""Run metrics: ``WORKDIR/metrics.jsonl`` plus TensorBoard scalars.
 
+``metrics.jsonl`` has one JSON object per line, appended across resumes.
 Train lines carry ``"split": "train"``, ``step`` and ``loss``; evaluation
 lines carry ``"split": "val"``, ``step``, ``loss`` and the evaluation metrics.
-Only process 0 writes. NaN/inf values are written as ``null`` so every line
-stays strict JSON.
+NaN/inf values are written as ``null`` so every line stays strict JSON.
+
+Every scalar is also written to ``WORKDIR/tensorboard`` as ``<split>/<name>``
+(``tensorboard --logdir WORKDIR``). Only process 0 writes either.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import tensorboardX
 
 
 def _jsonable(value: Any) -> Any:
@@ -37,13 +41,24 @@ class MetricLog:
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._enabled = jax.process_index() == 0
+    self._tb = None
+    if self._enabled:
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, split: str, step: int, **values: Any) -> dict:
     record = {"split": split, "step": int(step), **_jsonable(values)}
     if self._enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(record, allow_nan=False) + "\n")
+      for name, value in record.items():
+        if isinstance(value, float) and name != "step":
+          self._tb.add_scalar(f"{split}/{name}", value, int(step))
+      self._tb.flush()
     return record
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
 
   def read(self) -> list[dict]:
     if not os.path.exists(self.path):

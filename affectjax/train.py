@@ -17,6 +17,7 @@ not ``nnx.jit``), which keeps per-step host work to a dispatch.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import time
@@ -269,9 +270,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log.write("val", step, **{k: v for k, v in last_eval.items()
                                 if k not in ("split", "step")})
   ckpt.close()
+  log.close()
   close = getattr(train_iter, "close", None)
   if close is not None:
     close()
+  # jax on CPU may alias the last batch's host buffers, which Grain keeps in
+  # shared memory; drop them now, while Grain's deleter still runs.
+  batch = None
+  gc.collect()
   return last_eval
 
 
