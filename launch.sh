@@ -8,7 +8,8 @@
 #
 # Environment: an active virtualenv ($VIRTUAL_ENV) or PYTHON=/path/to/python
 # wins; otherwise ./.venv is created with python3 (3.11 or newer). On a host
-# with NVIDIA GPUs the CUDA build of jax is installed, on a TPU VM the TPU one.
+# with NVIDIA GPUs the CUDA 12 build of jax is installed, on a TPU VM the TPU
+# one; AFFECTJAX_ACCELERATOR=cpu|cuda|cuda13|tpu overrides the detection.
 set -euo pipefail
 # User paths (--workdir, --input_dir, ...) stay relative to the caller's
 # directory; only demo and test run from the repository root.
@@ -18,10 +19,13 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 die() { echo "launch.sh: $*" >&2; exit 2; }
 
-usage() { sed -n '2,11p' "$ROOT/launch.sh" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$ROOT/launch.sh" | sed 's/^# \{0,1\}//'; }
 
 accelerator_extra() {
-  if [[ -n "${AFFECTJAX_ACCELERATOR:-}" ]]; then echo "${AFFECTJAX_ACCELERATOR}"; return; fi
+  if [[ -n "${AFFECTJAX_ACCELERATOR:-}" ]]; then
+    case "$AFFECTJAX_ACCELERATOR" in cpu|cuda|cuda13|tpu) echo "$AFFECTJAX_ACCELERATOR"; return ;;
+      *) die "AFFECTJAX_ACCELERATOR=$AFFECTJAX_ACCELERATOR: use cpu, cuda, cuda13 or tpu." ;; esac
+  fi
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo cuda
   elif [[ -e /dev/accel0 || -e /dev/vfio/0 ]]; then echo tpu
   else echo cpu; fi
