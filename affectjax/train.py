@@ -209,6 +209,13 @@ def _summarize_train(history: list[dict], step: int, seconds: float,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to ``config.total_steps`` (resuming if possible); returns final eval."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  manifest = os.path.join(config.data.dir, "manifest.json")
+  if not os.path.exists(manifest):
+    raise FileNotFoundError(
+        f"--config.data.dir={config.data.dir!r} holds no manifest.json. Point "
+        "it at the --output_dir of `python -m data_prep.affectnet` (or "
+        "`./launch.sh prep`); `./launch.sh demo` prepares a synthetic one in "
+        "runs/demo/data/arrayrecord.")
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -107,6 +107,12 @@ def test_command_line_overrides_and_summary(synthetic_arrayrecord, tmp_path):
   assert bad.returncode != 0 and "batch_sizes" in bad.stderr
 
 
+def test_missing_data_dir_names_the_flag(tmp_path):
+  c = _config(str(tmp_path / "nowhere"), 2)
+  with pytest.raises(FileNotFoundError, match="config.data.dir=.*nowhere"):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
