@@ -138,7 +138,7 @@ def eval_step(state: State, batch: dict, *, graphdef, config, class_weights):
       **_loss_kwargs(config, batch, class_weights))
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   out = {"pred": pred, "va": va.astype(jnp.float32)}
-  out.update({k: batch[k] for k in ("expression", "valence", "arousal")})
+  out.update({k: batch[k] for k in ("expression", "valence", "arousal", "mask")})
   return out, stats
 
 
@@ -174,16 +174,19 @@ def evaluate(state: State, eval_fn, config, mesh) -> dict:
     outs.append(out)
     stats.append(batch_stats)
   outs, stats = jax.device_get((outs, stats))
-  # Global batches arrive in split order; padding rows sit at the very end.
-  cat = {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+  acc = metrics_lib.EvalAccumulator(config.num_classes)
+  for o in outs:  # Padding rows (mask == 0) are dropped here.
+    acc.update(expression=o["expression"], logits_or_pred=o["pred"],
+               valence=o["valence"], arousal=o["arousal"], va_pred=o["va"],
+               example_mask=o["mask"])
   result = {"loss": float(losses.loss_from_stats(
       losses.sum_stats(stats), valence_weight=config.loss.valence_weight,
       arousal_weight=config.loss.arousal_weight))}
-  result.update(metrics_lib.evaluate(
-      expression=cat["expression"], logits_or_pred=cat["pred"],
-      valence=cat["valence"], arousal=cat["arousal"], va_pred=cat["va"],
-      num_classes=config.num_classes))
-  result["num_examples"] = n
+  result.update(acc.result())
+  if result["num_examples"] != n:  # The padding/masking invariant.
+    raise RuntimeError(f"Evaluated {result['num_examples']} of the {n} "
+                       f"examples in {config.data.dir}; this is a bug in "
+                       "affectjax.input_pipeline.eval_dataset.")
   return result
 
 
