@@ -14,7 +14,7 @@ set -euo pipefail
 # User paths (--workdir, --input_dir, ...) stay relative to the caller's
 # directory; only demo and test run from the repository root.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# configs/*.py import `configs.base`, so the repository root must be importable.
+# configs/*.py import `affectjax.config_base`, so the repository root must be importable.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 die() { echo "launch.sh: $*" >&2; exit 2; }

@@ -9,7 +9,7 @@ Real run (prepare AffectNet first, see README):
 `./launch.sh demo` (synthetic data, 48 px, a few minutes on 2 cores);
 `:tiny` is what the tests use.
 """
-from configs import base
+from affectjax import config_base as base
 
 
 def get_config(arg: str | None = None):

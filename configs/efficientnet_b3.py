@@ -16,7 +16,7 @@ Keras project did) or `=full`. Mixed precision: `--config.model.dtype=bfloat16`.
 depth 0.25), 32 px, from-scratch, few-step variant the tests use; `:demo`
 (width 0.25, depth 0.4) a CPU-sized run on synthetic data.
 """
-from configs import base
+from affectjax import config_base as base
 
 
 def get_config(arg: str | None = None):

@@ -16,7 +16,7 @@ project did) or `=full`. Mixed precision: `--config.model.dtype=bfloat16`.
 few-step variant the tests use; `:demo` a CPU-sized (1/4-width) run on
 synthetic data.
 """
-from configs import base
+from affectjax import config_base as base
 
 
 def get_config(arg: str | None = None):

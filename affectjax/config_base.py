@@ -1,9 +1,11 @@
-"""Defaults shared by every affectjax config.
+"""The config schema and the defaults shared by every affectjax config.
 
 Model configs (`configs/custom_cnn.py`, `configs/vgg16.py`,
-`configs/efficientnet_b3.py`) start from `get_base_config()` and override a few
-fields. Every field can be overridden from the command line as
-`--config.<field>=<value>`.
+`configs/efficientnet_b3.py`, `configs/recipes/*.py`) start from
+`get_base_config()` and override a few fields. Every field can be overridden
+from the command line as `--config.<field>=<value>`. The schema lives in the
+package (not in `configs/`) so that config files load from any directory
+without the repository on `PYTHONPATH`.
 """
 import ml_collections
 
@@ -28,11 +30,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 2  # Grain worker processes (0 = in-process).
   c.data.eval_num_workers = 2  # Same, for evaluation passes.
   c.data.prefetch_buffer_size = 4  # Batches buffered per worker.
+  # 'shuffle' (uniform over the split) | 'balanced' (classes drawn by
+  # frequency**temperature: 0 = even, 1 = as in the data).
+  c.data.sampler = "shuffle"
+  c.data.sampler_temperature = 0.0
+  # Split that picks the best checkpoint and drives early stopping: 'auto' =
+  # 'holdout' when the prepared dir has one, else 'val'.
+  c.data.selection_split = "auto"
 
   c.augment = ml_collections.ConfigDict()
   c.augment.flip = True
   c.augment.crop_scale = (0.8, 1.0)  # Area fraction of the random crop.
   c.augment.aspect_ratio = (0.9, 1.1)
+  # Off by default (the recipes turn them on); all run on the device.
+  c.augment.color_jitter = 0.0  # Max relative brightness/contrast/saturation change.
+  c.augment.erasing_prob = 0.0  # Random erasing probability per image.
+  c.augment.rotate_degrees = 0.0  # Max |rotation| of the small affine.
+  c.augment.translate = 0.0  # Max shift, as a fraction of the side.
 
   c.batch_size = 256  # Global, over all devices of all hosts.
   c.eval_batch_size = 256
@@ -41,6 +55,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 2_000
   c.checkpoint_every_steps = 2_000
   c.keep_checkpoints = 3
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.best_metric = "macro_f1"  # Also kept besides the latest N.
+  c.checkpoint.best_mode = "max"  # 'max' | 'min'
+  c.early_stopping_patience = 0  # Evaluations without improvement; 0 = off.
+  c.ema_decay = 0.0  # EMA of the weights for evaluation; 0 = off.
+  # JAX's persistent compilation cache ('' = off).
+  c.compilation_cache_dir = "~/.cache/affectjax/jax_cache"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # 'adamw' | 'sgd'
@@ -50,6 +71,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer.schedule = "cosine"  # 'cosine' | 'constant'
   c.optimizer.warmup_steps = 500
   c.optimizer.grad_clip_norm = 1.0  # <= 0 disables clipping.
+  c.optimizer.sam_rho = 0.0  # SAM neighbourhood radius; 0 = plain optimizer.
 
   c.transfer = ml_collections.ConfigDict()
   c.transfer.mode = "full"  # 'full' | 'frozen' | 'two_phase'
@@ -61,6 +83,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.arousal_weight = 1.0
   c.loss.label_smoothing = 0.0
   c.loss.class_weighting = "none"  # 'none' | 'inverse_frequency'
+  # Valence/arousal: va_mse_weight * MSE + va_ccc_weight * (1 - CCC), each
+  # then scaled by valence_weight / arousal_weight.
+  c.loss.va_mse_weight = 1.0
+  c.loss.va_ccc_weight = 0.0
   return c
 
 
