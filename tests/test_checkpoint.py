@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from affectjax import checkpoint as ckpt_lib
 
@@ -60,4 +61,51 @@ def test_keeps_latest_n_and_resumes_data_iterator(tmp_path):
 def test_should_save_schedule(tmp_path):
   c = ckpt_lib.Checkpointer(str(tmp_path), every_steps=5, keep=1)
   assert [s for s in range(1, 13) if c.should_save(s, 12)] == [5, 10, 12]
+  c.close()
+
+
+def test_keeps_best_besides_latest_and_records_it(tmp_path):
+  """Orbax's BestN + LatestN: the best step survives after falling out of the latest N."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  directory = epath.Path(tmp_path) / "ckpt"  # A Path object, not a str.
+  c = ckpt_lib.Checkpointer(directory, every_steps=1, keep=2,
+                            best_metric="macro_f1", best_mode="max")
+  f1 = {1: 0.2, 2: 0.9, 3: 0.5, 4: float("nan"), 5: 0.4, 6: 0.1}
+  for step, value in f1.items():
+    metrics = {"macro_f1": value, "accuracy": 0.5,
+               "confusion_matrix": [[1]]} if step != 5 else None
+    c.save(step, _state(step), metrics=metrics, wait=(step == 3))
+  c.wait()
+  assert c.all_steps() == [2, 5, 6]
+  assert c.best_step() == 2
+  assert ckpt_lib.read_best_record(directory) == {
+      "step": 2, "metric": "macro_f1", "mode": "max", "value": 0.9}
+  c.close()
+  # A fresh manager (another process: evaluate) finds the same best step.
+  c2 = ckpt_lib.Checkpointer(str(directory), every_steps=1, keep=2,
+                             best_metric="macro_f1", best_mode="max")
+  assert c2.best_step() == 2
+  assert c2.metrics(2)["accuracy"] == 0.5
+  c2.close()
+
+
+def test_best_mode_min_and_bad_metric_name(tmp_path):
+  c = ckpt_lib.Checkpointer(str(tmp_path), every_steps=1, keep=1,
+                            best_metric="loss", best_mode="min")
+  for step, loss in ((1, 3.0), (2, 1.0), (3, 2.0)):
+    c.save(step, _state(step), metrics={"loss": loss})
+  c.wait()
+  assert c.all_steps() == [2, 3] and c.best_step() == 2
+  with pytest.raises(KeyError, match="best_metric='loss'"):
+    c.save(4, _state(4), metrics={"accuracy": 1.0})
+  c.close()
+  with pytest.raises(ValueError, match="best_mode"):
+    ckpt_lib.Checkpointer(str(tmp_path), every_steps=1, keep=1,
+                          best_metric="loss", best_mode="lowest")
+
+
+def test_no_best_metric_means_no_best_step(tmp_path):
+  c = ckpt_lib.Checkpointer(str(tmp_path), every_steps=1, keep=1)
+  c.save(1, _state(1), metrics={"macro_f1": 0.3}, wait=True)
+  assert c.best_step() is None and c.latest_step() == 1
   c.close()
