@@ -1,10 +1,13 @@
 r"""AffectNet (any layout) -> sharded ArrayRecord files + manifest.json.
 
     python -m data_prep.affectnet --input_dir=DIR --output_dir=OUT \
-        [--layout=auto|official|npy|folders] [--image_size=112] \
+        [--layout=auto|official|npy|folders] [--image_size=320] \
         [--encoding=jpeg|raw] [--jpeg_quality=90] [--margin=0.1] \
         [--classes=8|7] [--num_shards=0 | --examples_per_shard=2048] \
-        [--num_workers=N]
+        [--holdout_fraction=0.05 --holdout_seed=0] [--follow_symlinks] \
+        [--num_workers=N] [--overwrite] [--no_progress]
+
+`--help` lists these flags, `--helpfull` every flag (absl).
 
 Output (OUT):
   affectnet-<split>.array_record-<i>-of-<n>   one tf.train.Example per face
@@ -14,15 +17,26 @@ Output (OUT):
                                               tool version, shard checksums
   .prep_state/                                per-shard completion markers
 
-Every bad row or file is skipped and counted by reason, never fatal. A run
-killed at any point and rerun with the same flags converts only the shards
-that are missing, and the result equals an uninterrupted run record for
-record. manifest.json is written last: its presence means the dataset is
-complete. See docs/DATA.md for the layouts and docs/BENCHMARKS.md for rates.
+Every bad row or file is skipped and counted by reason, never fatal for the
+run; but a split that ends with zero examples is (exit status 3, naming the
+most common skip reason and what to do). A run killed at any point and rerun
+with the same flags converts only the shards that are missing, and the
+result equals an uninterrupted run record for record. manifest.json is
+written last: its presence means the dataset is complete.
+
+Why 320 px by default: one prepared copy then serves every shipped config
+(custom CNN 112 px, VGG16 224, EfficientNet-B3 300) with room for the
+random-crop augmentation; the trainer crops and resizes on the device and
+refuses a prepared size smaller than its `config.image_size`.
+
+Exit status: 0 done; 1 bad flags or input (the message names the flag, file
+or row); 3 a split has zero examples. See docs/DATA.md for the layouts and
+docs/BENCHMARKS.md for rates.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import multiprocessing
 import os
@@ -32,13 +46,48 @@ import sys
 import time
 from typing import Any, Sequence
 
+from absl import app
+from absl import flags
+
 from affectjax import data as affect_data
+from data_prep import labels
 from data_prep import layouts
 from data_prep import shards
 from data_prep import tfds_metadata
 
-TOOL_VERSION = "1.0.0"
+TOOL_VERSION = "1.1.0"
 ENCODINGS = ("jpeg", "raw")
+# Large enough for every shipped config (custom CNN 112, VGG16 224,
+# EfficientNet-B3 300) plus the trainer's random crop; see the module doc.
+DEFAULT_IMAGE_SIZE = 320
+EXIT_EMPTY_SPLIT = 3
+
+
+class EmptySplitError(RuntimeError):
+  """A split ended with zero examples; the message says why and what to do."""
+
+
+# What to do when (most of) a split's rows are skipped for a reason.
+_ADVICE = {
+    labels.SYMLINK_OUTSIDE_ROOT:
+        "the images are symlinks that point outside the input tree; if you "
+        "placed them there, rerun with --follow_symlinks",
+    labels.PATH_ESCAPES_ROOT:
+        "the rows name absolute paths or paths with '..' that leave the image "
+        "folder; they are never read: make them relative to the image folder",
+    labels.MISSING_FILE:
+        "the images the rows name do not exist: check that --input_dir is the "
+        "folder that holds them (and --layout)",
+    labels.EXCLUDED_CLASS:
+        "every row is a class the --classes protocol leaves out; use "
+        "--classes=8",
+    labels.MISSING_ANNOTATION:
+        "the images have no annotations/<N>_exp.npy, _val.npy, _aro.npy; "
+        "check the npy tree",
+    labels.NOT_AN_IMAGE:
+        "no file has an image extension "
+        f"({', '.join(layouts.IMAGE_EXTENSIONS)})",
+}
 
 
 def _num_shards(num_rows: int, num_shards: int,
@@ -48,16 +97,29 @@ def _num_shards(num_rows: int, num_shards: int,
   return max(1, math.ceil(num_rows / examples_per_shard))
 
 
+def _completed_shards(output_dir: str) -> list[str]:
+  state_dir = os.path.join(output_dir, shards.STATE_DIR)
+  if not os.path.isdir(state_dir):
+    return []
+  return sorted(n for n in os.listdir(state_dir)
+                if n.endswith(".json") and n != "options.json"
+                and shards.TMP_TAG not in n)
+
+
 def _check_or_write_options(output_dir: str, fingerprint: dict,
                             overwrite: bool) -> None:
-  """Refuses to mix runs with different flags in one output directory."""
+  """Refuses to mix runs with different flags in one output directory.
+
+  A previous run that left no finished shard (e.g. one that stopped on an
+  empty split) holds nothing to mix, so new flags simply replace it.
+  """
   state_dir = os.path.join(output_dir, shards.STATE_DIR)
   path = os.path.join(state_dir, "options.json")
   if os.path.exists(path):
-    import json  # pylint: disable=g-import-not-at-top
     with open(path) as fp:
       previous = json.load(fp)
-    if previous != fingerprint and not overwrite:
+    if (previous != fingerprint and not overwrite and
+        _completed_shards(output_dir)):
       diff = sorted(k for k in set(previous) | set(fingerprint)
                     if previous.get(k) != fingerprint.get(k))
       raise ValueError(
@@ -152,18 +214,20 @@ def _run_tasks(tasks: Sequence[shards.ShardTask], total_rows: int,
 
 
 def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
-            image_size: int = 112, encoding: str = "jpeg",
+            image_size: int = DEFAULT_IMAGE_SIZE, encoding: str = "jpeg",
             jpeg_quality: int = 90, margin: float = 0.1, classes: int = 8,
             num_shards: int = 0, examples_per_shard: int = 2048,
-            num_workers: int = 1, overwrite: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            holdout_fraction: float = 0.0, holdout_seed: int = 0,
+            follow_symlinks: bool = False, num_workers: int = 1,
+            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
   """Converts an AffectNet tree; returns the manifest dict (see module doc).
 
   Args:
     input_dir: the AffectNet root (any supported layout).
     output_dir: destination; created if needed.
     layout: 'auto' (detect), 'official', 'npy' or 'folders'.
-    image_size: output side in px (square face crops).
+    image_size: output side in px (square face crops). Smaller sources are
+      upscaled, and counted (`splits.<split>.upscaled` in the manifest).
     encoding: 'jpeg' or 'raw' (uint8 pixels).
     jpeg_quality: 1-100, for encoding='jpeg'.
     margin: official layout: extra context around the face box, as a
@@ -171,9 +235,21 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
     classes: 8, or 7 for the protocol without Contempt.
     num_shards: shards per split; 0 = size them by `examples_per_shard`.
     examples_per_shard: target rows per shard when num_shards is 0.
+    holdout_fraction: in [0, 1): the class-stratified fraction of the train
+      rows written as a separate `holdout` split (for model selection), never
+      in train; 0 = no holdout. See `layouts.split_holdout`.
+    holdout_seed: which rows the holdout draws (fixed for a given seed).
+    follow_symlinks: read symlinks in the input tree that point outside it
+      (without it they are skipped as `symlink_outside_root`). Rows whose own
+      path leaves the root are refused either way.
     num_workers: parallel processes (<= 1: in this process).
     overwrite: replace a previous run with different options.
     progress: show a tqdm bar (rate and ETA).
+
+  Raises:
+    ValueError: a bad option or input layout (the message names it).
+    EmptySplitError: a split has zero examples (no rows, or all skipped);
+      manifest.json is not written.
   """
   input_dir = os.path.abspath(input_dir)
   output_dir = os.path.abspath(output_dir)
@@ -191,19 +267,41 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   if num_shards < 0 or examples_per_shard < 1:
     raise ValueError("--num_shards must be >= 0 and --examples_per_shard "
                      ">= 1.")
+  if not 0.0 <= holdout_fraction < 1.0:
+    raise ValueError(f"--holdout_fraction must be in [0, 1), got "
+                     f"{holdout_fraction}.")
   resolved = layouts.detect(input_dir) if layout == "auto" else layout
   indexes = {}
-  for split in affect_data.SPLITS:
-    idx = layouts.index_split(resolved, input_dir, split)
+  for split in layouts.SOURCE_SPLITS:
+    idx = layouts.index_split(resolved, input_dir, split,
+                              follow_symlinks=follow_symlinks)
     if idx is not None:
       indexes[split] = idx
   if "train" not in indexes and "val" not in indexes:
     raise layouts.LayoutError(f"{input_dir} has no train or val split in the "
                               f"{resolved!r} layout.")
-  missing_splits = [s for s in affect_data.SPLITS if s not in indexes]
+  missing_splits = [s for s in layouts.SOURCE_SPLITS if s not in indexes]
   for s in missing_splits:
     print(f"note: {input_dir} has no {s!r} split ({resolved} layout); it is "
           "left out of the output.", file=sys.stderr)
+  for split, idx in indexes.items():
+    if not len(idx):
+      raise EmptySplitError(
+          f"split {split!r} has no rows: {idx.inputs()[0]} is empty. Add its "
+          "rows or images, or remove it, then rerun.")
+  if holdout_fraction > 0:
+    if "train" not in indexes:
+      raise ValueError(f"--holdout_fraction={holdout_fraction} needs a train "
+                       f"split, and {input_dir} has none.")
+    n_train = len(indexes["train"])
+    indexes["train"], indexes[layouts.HOLDOUT] = layouts.split_holdout(
+        indexes["train"], holdout_fraction, holdout_seed)
+    if not len(indexes[layouts.HOLDOUT]):
+      raise ValueError(
+          f"--holdout_fraction={holdout_fraction} selects no row of the "
+          f"{n_train} train rows (per class, round(fraction * rows) is 0, or "
+          "no row has a readable expression code); raise it.")
+  unused = layouts.unused_inputs(input_dir, indexes, ignore=[output_dir])
   shard_counts = {s: _num_shards(len(idx), num_shards, examples_per_shard)
                   for s, idx in indexes.items()}
   opts = shards.ConvertOptions(image_size=image_size, encoding=encoding,
@@ -214,6 +312,8 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   fingerprint = {
       "tool_version": TOOL_VERSION, "input_dir": input_dir,
       "layout": resolved, **dataclasses.asdict(opts),
+      "follow_symlinks": follow_symlinks,
+      "holdout_fraction": holdout_fraction, "holdout_seed": holdout_seed,
       "num_shards": shard_counts,
       "rows": {s: len(idx) for s, idx in indexes.items()},
   }
@@ -243,8 +343,11 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
     _run_tasks(tasks, todo_rows, num_workers, progress)
   elapsed = time.time() - start
 
-  manifest = _manifest(output_dir, input_dir, resolved, opts, indexes, shard_counts,
-                       num_shards, examples_per_shard, missing_splits)
+  manifest = _manifest(output_dir, input_dir, resolved, opts, indexes,
+                       shard_counts, num_shards, examples_per_shard,
+                       missing_splits, unused, follow_symlinks,
+                       holdout_fraction, holdout_seed)
+  _fail_on_empty_splits(output_dir, manifest, indexes)
   tfds_metadata.write(
       output_dir, image_size=image_size, encoding=encoding,
       num_classes=classes,
@@ -255,17 +358,74 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
                   f"{TOOL_VERSION} from the {resolved!r} layout.")
   shards.write_json_atomic(
       os.path.join(output_dir, affect_data.MANIFEST_NAME), manifest)
-  if progress:
-    written = sum(s["written"] for s in manifest["splits"].values())
-    skipped = sum(sum(s["skipped"].values())
-                  for s in manifest["splits"].values())
-    print(f"{output_dir}: {written} examples written, {skipped} skipped "
-          f"(this run: {todo_rows} rows in {elapsed:.1f}s)", file=sys.stderr)
+  print(_summary(output_dir, manifest, todo_rows, elapsed), file=sys.stderr)
   return manifest
 
 
+def _summary(output_dir: str, manifest: dict, todo_rows: int,
+             elapsed: float) -> str:
+  """The one line a run ends with: what was written, skipped, upscaled and
+  left unused (details in manifest.json)."""
+  splits = manifest["splits"]
+  written = ", ".join(f"{s} {info['written']}" for s, info in splits.items())
+  skipped: dict[str, int] = {}
+  for info in splits.values():
+    for reason, n in info["skipped"].items():
+      skipped[reason] = skipped.get(reason, 0) + n
+  line = f"{output_dir}: examples written: {written}; "
+  line += f"{sum(skipped.values())} skipped"
+  if skipped:
+    top = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    line += " (" + ", ".join(f"{r} {n}" for r, n in top) + ")"
+  upscaled = sum(info["upscaled"] for info in splits.values())
+  if upscaled:
+    smallest = min(info["min_source_side"] for info in splits.values()
+                   if info["min_source_side"] is not None)
+    line += (f"; {upscaled} upscaled to {manifest['image_size']} px from "
+             f"smaller sources (smallest {smallest} px)")
+  if manifest["unused_inputs"]:
+    line += f"; not used: {', '.join(manifest['unused_inputs'])}"
+  return line + f" (this run: {todo_rows} rows in {elapsed:.1f}s)"
+
+
+def _fail_on_empty_splits(output_dir: str, manifest: dict,
+                          indexes: dict) -> None:
+  """Raises EmptySplitError for a split with zero examples.
+
+  Its (empty) shards and markers are removed, so that a rerun converts it
+  again; the other splits' finished shards are kept for the rerun.
+  """
+  empty = [s for s, info in manifest["splits"].items() if not info["written"]]
+  if not empty:
+    return
+  messages = []
+  for split in empty:
+    info = manifest["splits"][split]
+    for sh in info["shards"]:
+      for p in (os.path.join(output_dir, sh["file"]),
+                shards.state_path(output_dir, sh["file"])):
+        if os.path.exists(p):
+          os.remove(p)
+    top = sorted(info["skipped"].items(), key=lambda kv: (-kv[1], kv[0]))
+    reason, count = top[0] if top else ("none", 0)
+    ex = info["skip_examples"].get(reason, [{}])[0]
+    others = ", ".join(f"{r} {n}" for r, n in top[1:4])
+    messages.append(
+        f"split {split!r} ({indexes[split].inputs()[0]}): 0 of {info['rows']} "
+        f"rows written; {count} skipped as {reason}"
+        + (f" (also {others})" if others else "")
+        + f", e.g. row {ex.get('row')} {ex.get('path')!r}: {ex.get('detail')}."
+        + f" What to do: {_ADVICE.get(reason, 'see the reasons in docs/DATA.md and fix the input')}.")
+  kept = _completed_shards(output_dir)
+  raise EmptySplitError(
+      "\n".join(messages) + "\nmanifest.json was not written."
+      + (" Finished shards of the other splits are kept: a rerun with the same"
+         " flags resumes; with other flags, add --overwrite." if kept else ""))
+
+
 def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
-              num_shards, examples_per_shard, missing_splits
+              num_shards, examples_per_shard, missing_splits, unused,
+              follow_symlinks, holdout_fraction, holdout_seed
               ) -> dict[str, Any]:
   """Aggregates the per-shard stats into manifest.json's content."""
   splits = {}
@@ -288,7 +448,10 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
       "layout": layout,
       "options": {**dataclasses.asdict(opts), "layout": layout,
                   "num_shards": num_shards,
-                  "examples_per_shard": examples_per_shard},
+                  "examples_per_shard": examples_per_shard,
+                  "follow_symlinks": follow_symlinks,
+                  "holdout_fraction": holdout_fraction,
+                  "holdout_seed": holdout_seed},
       "num_classes": opts.num_classes,
       "label_names": list(names),
       # Source expression code -> class id (identity on the kept codes).
@@ -307,6 +470,12 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
                         f"{shards.WRITER_OPTIONS[opts.encoding]!r}"),
       "landmarks": "68 (x, y) points in output-image pixels; NaN if unknown",
       "missing_splits": missing_splits,
+      # Top-level entries of input_dir that no split reads (e.g. test/).
+      "unused_inputs": unused,
+      # `holdout` (if any) is drawn from the train rows: never in train.
+      "holdout": ({"from": "train", "fraction": holdout_fraction,
+                   "seed": holdout_seed, "stratified_by": "expression"}
+                  if layouts.HOLDOUT in indexes else None),
       "splits": splits,
   }
 
@@ -324,12 +493,18 @@ def _aggregate(stats: list, num_classes: int,
       examples[reason].extend(ex[:room])
     class_counts = [a + b for a, b in zip(class_counts, s["class_counts"])]
   written = sum(s["num_examples"] for s in stats)
+  sides = [s["min_source_side"] for s in stats
+           if s["min_source_side"] is not None]
   return {
       "rows": num_rows,
       "written": written,
       "skipped": dict(sorted(skipped.items())),
       "skip_examples": dict(sorted(examples.items())),
       "class_counts": class_counts,
+      # Written faces whose source crop was smaller than image_size (so
+      # upscaled), and the smallest source crop side in px (None if none).
+      "upscaled": sum(s["upscaled"] for s in stats),
+      "min_source_side": min(sides) if sides else None,
       "num_shards": len(stats),
       "shards": [{"file": s["file"], "num_examples": s["num_examples"],
                   "num_bytes": s["num_bytes"], "sha256": s["sha256"]}
@@ -337,47 +512,78 @@ def _aggregate(stats: list, num_classes: int,
   }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  import argparse  # pylint: disable=g-import-not-at-top
-  ap = argparse.ArgumentParser(
-      prog="python -m data_prep.affectnet",
-      description="Convert AffectNet (official, npy or folders layout) to "
-                  "sharded ArrayRecord files + manifest.json. See "
-                  "docs/DATA.md.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  ap.add_argument("--input_dir", required=True,
-                  help="AffectNet root, in any supported layout.")
-  ap.add_argument("--output_dir", required=True)
-  ap.add_argument("--layout", default="auto",
-                  choices=("auto",) + layouts.LAYOUTS)
-  ap.add_argument("--image_size", type=int, default=112,
-                  help="Output side of the square face crops, px.")
-  ap.add_argument("--encoding", default="jpeg", choices=ENCODINGS)
-  ap.add_argument("--jpeg_quality", type=int, default=90)
-  ap.add_argument("--margin", type=float, default=0.1,
-                  help="Context around the face box (official layout), as a "
-                       "fraction of the box side on each side.")
-  ap.add_argument("--classes", type=int, default=8, choices=(8, 7),
-                  help="8, or 7 = the protocol without Contempt.")
-  ap.add_argument("--num_shards", type=int, default=0,
-                  help="Shards per split; 0 = use --examples_per_shard.")
-  ap.add_argument("--examples_per_shard", type=int, default=2048,
-                  help="Target rows per shard when --num_shards=0.")
-  ap.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
-  ap.add_argument("--overwrite", action="store_true",
-                  help="Replace a previous run made with different flags.")
-  ap.add_argument("--no_progress", action="store_true")
-  a = ap.parse_args(argv)
+def define_flags() -> None:
+  """Defines the command-line flags (absl), as the trainer does.
+
+  Called only when the module runs as a program: `data_prep.synthetic`
+  shares flag names (`--output_dir`, `--image_size`, ...), and both modules
+  are imported together by tests and notebooks.
+  """
+  flags.DEFINE_string("input_dir", None,
+                      "AffectNet root, in any supported layout.")
+  flags.DEFINE_string("output_dir", None, "Destination directory.")
+  flags.DEFINE_enum("layout", "auto", ("auto",) + layouts.LAYOUTS,
+                    "Input layout; 'auto' detects it.")
+  flags.DEFINE_integer(
+      "image_size", DEFAULT_IMAGE_SIZE,
+      "Output side of the square face crops, px. The default fits every "
+      "shipped config (112, 224, 300) plus the trainer's random crop.",
+      lower_bound=8)
+  flags.DEFINE_enum("encoding", "jpeg", ENCODINGS,
+                    "Stored image bytes: JPEG or raw uint8 pixels.")
+  flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality, 1-100.",
+                       lower_bound=1, upper_bound=100)
+  flags.DEFINE_float("margin", 0.1,
+                     "Context around the face box (official layout), as a "
+                     "fraction of the box side on each side.", lower_bound=0)
+  flags.DEFINE_integer("classes", 8, "8, or 7 = the protocol without "
+                       "Contempt.", lower_bound=7, upper_bound=8)
+  flags.DEFINE_integer("num_shards", 0,
+                       "Shards per split; 0 = use --examples_per_shard.",
+                       lower_bound=0)
+  flags.DEFINE_integer("examples_per_shard", 2048,
+                       "Target rows per shard when --num_shards=0.",
+                       lower_bound=1)
+  flags.DEFINE_float(
+      "holdout_fraction", 0.0,
+      "Class-stratified fraction of the train rows written as a separate "
+      "'holdout' split for model selection (never in train); 0 = none.")
+  flags.DEFINE_integer("holdout_seed", 0,
+                       "Seed that picks the holdout rows (stable per seed).")
+  flags.DEFINE_bool(
+      "follow_symlinks", False,
+      "Read symlinks in the input tree that point outside it (a dataset "
+      "assembled from links). Rows whose own path leaves the root are "
+      "refused either way.")
+  flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
+                       "Parallel conversion processes.")
+  flags.DEFINE_bool("overwrite", False,
+                    "Replace a previous run made with different flags.")
+  flags.DEFINE_bool("no_progress", False, "Hide the progress bar.")
+  flags.mark_flags_as_required(["input_dir", "output_dir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
   try:
-    prepare(a.input_dir, a.output_dir, layout=a.layout,
-            image_size=a.image_size, encoding=a.encoding,
-            jpeg_quality=a.jpeg_quality, margin=a.margin, classes=a.classes,
-            num_shards=a.num_shards, examples_per_shard=a.examples_per_shard,
-            num_workers=a.num_workers, overwrite=a.overwrite,
-            progress=not a.no_progress)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    prepare(f.input_dir, f.output_dir, layout=f.layout,
+            image_size=f.image_size, encoding=f.encoding,
+            jpeg_quality=f.jpeg_quality, margin=f.margin, classes=f.classes,
+            num_shards=f.num_shards, examples_per_shard=f.examples_per_shard,
+            holdout_fraction=f.holdout_fraction,
+            holdout_seed=f.holdout_seed, follow_symlinks=f.follow_symlinks,
+            num_workers=f.num_workers, overwrite=f.overwrite,
+            progress=not f.no_progress)
+  except EmptySplitError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_EMPTY_SPLIT)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -20,7 +20,9 @@ EMPTY_FILE = "empty_file"
 CORRUPT_IMAGE = "corrupt_image"
 MALFORMED_ROW = "malformed_row"
 LABEL_OUT_OF_RANGE = "label_out_of_range"
-PATH_ESCAPES_ROOT = "path_escapes_root"
+PATH_ESCAPES_ROOT = "path_escapes_root"  # The row's own path leaves the root.
+# A symlink in the user's tree points outside the root (--follow_symlinks).
+SYMLINK_OUTSIDE_ROOT = "symlink_outside_root"
 MISSING_ANNOTATION = "missing_annotation"
 NOT_AN_IMAGE = "not_an_image"
 BAD_FACE_BOX = "bad_face_box"

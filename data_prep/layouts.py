@@ -10,6 +10,12 @@ npy       `train_set|val_set/images/N.jpg` + `annotations/N_exp.npy`,
 folders   `train|val/<class>/*.jpg`, class = 0-7 or a name (any case). No
           valence/arousal: written as -2 ("no value").
 
+Paths. A path that a CSV row (or a file name) makes leave its root (`..`,
+absolute) is never opened (`path_escapes_root`). A symlink placed in the
+tree that points outside the root is refused too (`symlink_outside_root`)
+unless `follow_symlinks` is set: datasets assembled from symlinks are common,
+but following them is the user's explicit choice (`--follow_symlinks`).
+
 Each split is first *indexed* cheaply (CSV line offsets or a sorted file
 list; no image is opened), so that shard i is always the same contiguous
 block of rows whatever the worker count, which is what makes a resumed run
@@ -30,6 +36,10 @@ from affectjax import data as affect_data
 from data_prep import labels
 
 LAYOUTS = ("official", "npy", "folders")
+# Splits a source tree can hold; `holdout` is carved out of `train` (see
+# `split_holdout`), never read from the input.
+SOURCE_SPLITS = ("train", "val")
+HOLDOUT = "holdout"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff",
                     ".webp")
 OFFICIAL_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width",
@@ -48,7 +58,7 @@ class Row:
   """One face to convert. Coordinates are source-image pixels."""
   number: int  # 1-based CSV line, or 1-based position in the file listing.
   path: str  # As the source names it (relative to the image root).
-  file: str  # Absolute file path, already checked to stay inside the root.
+  file: str  # Absolute file path, already checked by `resolve`.
   expression: int
   valence: float
   arousal: float
@@ -72,23 +82,52 @@ class LayoutError(ValueError):
   """The input directory does not look like the requested layout."""
 
 
+class PathRefused(ValueError):
+  """A row's path is not read; `reason` is the skip-reason key."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(detail)
+    self.reason = reason
+
+
 def is_image_name(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def resolve(root: str, rel: str) -> str | None:
-  """`root/rel` as an absolute path, or None if it would escape `root`.
+def _inside(root: str, path: str) -> bool:
+  return os.path.commonpath([root, path]) == root
 
-  Works on the path strings and symlink targets only; the file itself is
-  never opened here, so a hostile `../../etc/passwd` row is never read.
+
+def resolve(root: str, rel: str, *, follow_symlinks: bool = False) -> str:
+  """The file to read for `root/rel`; raises PathRefused if it is not read.
+
+  `rel` itself must stay inside `root` (no absolute path, no `..` that climbs
+  out): otherwise `path_escapes_root`, whatever `follow_symlinks` says, since
+  a CSV row must never point the reader elsewhere. `..` is resolved on the
+  string, and the returned path is the one checked. Without
+  `follow_symlinks`, the file's real path (after symlinks) must stay inside
+  the real root too, else `symlink_outside_root`. A file whose name differs
+  only in extension case is found (see `find_case_variant`). Only paths are
+  examined here (stat, never open), so a refused file is never read.
   """
   if not rel or os.path.isabs(rel) or "\x00" in rel:
-    return None
-  root_real = os.path.realpath(root)
-  full = os.path.realpath(os.path.join(root_real, rel))
-  if os.path.commonpath([root_real, full]) != root_real:
-    return None
-  return full
+    raise PathRefused(labels.PATH_ESCAPES_ROOT,
+                      f"path {rel!r} is empty or absolute; paths are read "
+                      f"relative to {root}")
+  root_abs = os.path.abspath(root)
+  lexical = os.path.normpath(os.path.join(root_abs, rel))
+  if not _inside(root_abs, lexical):
+    raise PathRefused(labels.PATH_ESCAPES_ROOT,
+                      f"path {rel!r} leaves {root}")
+  path = find_case_variant(lexical) or lexical
+  if follow_symlinks:
+    return path
+  real = os.path.realpath(path)
+  if not _inside(os.path.realpath(root_abs), real):
+    raise PathRefused(labels.SYMLINK_OUTSIDE_ROOT,
+                      f"{rel} is a symlink to {real}, outside {root}; pass "
+                      "--follow_symlinks to follow symlinks in your tree")
+  return real
 
 
 def find_case_variant(path: str) -> str | None:
@@ -142,22 +181,32 @@ class OfficialPart:
   starts: np.ndarray  # Byte offset where each row's line starts.
   ends: np.ndarray  # Byte offset just past each row's line.
   numbers: np.ndarray  # 1-based line numbers (for error reports).
+  follow_symlinks: bool = False
 
   def __iter__(self) -> Iterator[Item]:
     if not len(self.starts):
       return
+    # One read for the whole block (rows are in file order; lines of rows
+    # that belong to another split, e.g. the holdout, are read and ignored).
     with open(self.csv_path, "rb") as fp:
       fp.seek(int(self.starts[0]))
       block = fp.read(int(self.ends[-1] - self.starts[0]))
     base = int(self.starts[0])
     for s, e, n in zip(self.starts, self.ends, self.numbers):
-      yield _official_row(block[s - base:e - base], int(n), self.image_root)
+      yield _official_row(block[s - base:e - base], int(n), self.image_root,
+                          self.follow_symlinks)
 
 
-def _official_row(raw: bytes, number: int, image_root: str) -> Item:
+def _official_fields(raw: bytes) -> list[str]:
+  line = raw.decode("utf-8").strip("\r\n\ufeff")
+  (fields,) = list(csv.reader([line]))
+  return fields
+
+
+def _official_row(raw: bytes, number: int, image_root: str,
+                  follow_symlinks: bool = False) -> Item:
   try:
-    line = raw.decode("utf-8").strip("\r\n\ufeff")
-    (fields,) = list(csv.reader([line]))
+    fields = _official_fields(raw)
   except (UnicodeDecodeError, csv.Error, ValueError) as e:
     return Skip(labels.MALFORMED_ROW, number, "", f"unreadable line: {e}")
   rel = fields[0].strip() if fields else ""
@@ -183,10 +232,10 @@ def _official_row(raw: bytes, number: int, image_root: str) -> Item:
   if reason is not None:
     return Skip(reason, number, rel,
                 f"expression={expression} valence={valence} arousal={arousal}")
-  full = resolve(image_root, rel)
-  if full is None:
-    return Skip(labels.PATH_ESCAPES_ROOT, number, rel,
-                f"path leaves {image_root}")
+  try:
+    full = resolve(image_root, rel, follow_symlinks=follow_symlinks)
+  except PathRefused as e:
+    return Skip(e.reason, number, rel, str(e))
   return Row(number, rel, full, expression, valence, arousal, box, landmarks)
 
 
@@ -197,16 +246,42 @@ class OfficialIndex:
   starts: np.ndarray
   ends: np.ndarray
   numbers: np.ndarray
+  follow_symlinks: bool = False
 
   def __len__(self) -> int:
     return len(self.starts)
 
   def part(self, start: int, stop: int) -> OfficialPart:
     return OfficialPart(self.csv_path, self.image_root, self.starts[start:stop],
-                        self.ends[start:stop], self.numbers[start:stop])
+                        self.ends[start:stop], self.numbers[start:stop],
+                        self.follow_symlinks)
+
+  def subset(self, positions: np.ndarray) -> "OfficialIndex":
+    """The rows at `positions` (increasing), keeping their line numbers."""
+    return dataclasses.replace(self, starts=self.starts[positions],
+                               ends=self.ends[positions],
+                               numbers=self.numbers[positions])
+
+  def expression_codes(self) -> np.ndarray:
+    """Each row's expression column (-1 if unreadable); reads the CSV once."""
+    codes = np.full(len(self), -1, np.int64)
+    with open(self.csv_path, "rb") as fp:
+      for i, (s, e) in enumerate(zip(self.starts, self.ends)):
+        fp.seek(int(s))
+        try:
+          fields = _official_fields(fp.read(int(e - s)))
+          if len(fields) == len(OFFICIAL_COLUMNS):
+            codes[i] = labels.parse_int(fields[6])
+        except (UnicodeDecodeError, csv.Error, ValueError):
+          pass
+    return codes
+
+  def inputs(self) -> list[str]:
+    return [self.csv_path, self.image_root]
 
 
-def _index_official(input_dir: str, split: str) -> OfficialIndex | None:
+def _index_official(input_dir: str, split: str,
+                    follow_symlinks: bool = False) -> OfficialIndex | None:
   csv_path = _find(input_dir, [os.path.join(d, _OFFICIAL_CSV[split])
                                for d in _OFFICIAL_CSV_DIRS])
   if csv_path is None:
@@ -230,7 +305,7 @@ def _index_official(input_dir: str, split: str) -> OfficialIndex | None:
       offset += len(line)
   return OfficialIndex(csv_path, image_root, np.asarray(starts, np.int64),
                        np.asarray(ends, np.int64),
-                       np.asarray(numbers, np.int64))
+                       np.asarray(numbers, np.int64), follow_symlinks)
 
 
 # ---------------------------------------------------------------------- npy
@@ -252,23 +327,31 @@ def _npy_landmarks(arr: np.ndarray) -> np.ndarray:
   return a.reshape(affect_data.NUM_LANDMARKS, 2)
 
 
+def _npy_code(path: str) -> int:
+  return labels.parse_int(
+      np.asarray(np.load(path, allow_pickle=False)).reshape(-1)[0])
+
+
 @dataclasses.dataclass
 class NpyPart:
   split_dir: str
   names: Sequence[str]  # File names inside images/.
   numbers: Sequence[int]
+  follow_symlinks: bool = False
 
   def __iter__(self) -> Iterator[Item]:
     image_root = os.path.join(self.split_dir, "images")
     ann = os.path.join(self.split_dir, "annotations")
     for name, number in zip(self.names, self.numbers):
+      number = int(number)
       rel = f"images/{name}"
       if not is_image_name(name):
         yield Skip(labels.NOT_AN_IMAGE, number, rel, "not an image file name")
         continue
-      full = resolve(image_root, name)
-      if full is None:
-        yield Skip(labels.PATH_ESCAPES_ROOT, number, rel, "symlink leaves root")
+      try:
+        full = resolve(image_root, name, follow_symlinks=self.follow_symlinks)
+      except PathRefused as e:
+        yield Skip(e.reason, number, rel, str(e))
         continue
       stem = os.path.splitext(name)[0]
       paths = {k: os.path.join(ann, f"{stem}_{k}.npy")
@@ -280,9 +363,7 @@ class NpyPart:
                    f"no annotations/{stem}_{{{','.join(missing)}}}.npy")
         continue
       try:
-        expression = labels.parse_int(
-            np.asarray(np.load(paths["exp"], allow_pickle=False)
-                       ).reshape(-1)[0])
+        expression = _npy_code(paths["exp"])
         valence = _npy_value(np.load(paths["val"], allow_pickle=False))
         arousal = _npy_value(np.load(paths["aro"], allow_pickle=False))
         landmarks = None
@@ -305,13 +386,34 @@ class NpyPart:
 class NpyIndex:
   split_dir: str
   names: list[str]
+  numbers: np.ndarray  # 1-based position in the sorted file listing.
+  follow_symlinks: bool = False
 
   def __len__(self) -> int:
     return len(self.names)
 
   def part(self, start: int, stop: int) -> NpyPart:
     return NpyPart(self.split_dir, self.names[start:stop],
-                   list(range(start + 1, min(stop, len(self.names)) + 1)))
+                   self.numbers[start:stop].tolist(), self.follow_symlinks)
+
+  def subset(self, positions: np.ndarray) -> "NpyIndex":
+    return dataclasses.replace(self, names=[self.names[i] for i in positions],
+                               numbers=self.numbers[positions])
+
+  def expression_codes(self) -> np.ndarray:
+    """Each image's `_exp.npy` value (-1 if absent or unreadable)."""
+    ann = os.path.join(self.split_dir, "annotations")
+    codes = np.full(len(self), -1, np.int64)
+    for i, name in enumerate(self.names):
+      try:
+        codes[i] = _npy_code(os.path.join(
+            ann, f"{os.path.splitext(name)[0]}_exp.npy"))
+      except (ValueError, OSError, IndexError, EOFError):
+        pass
+    return codes
+
+  def inputs(self) -> list[str]:
+    return [self.split_dir]
 
 
 def _numeric_first(name: str):
@@ -319,14 +421,16 @@ def _numeric_first(name: str):
   return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
 
 
-def _index_npy(input_dir: str, split: str) -> NpyIndex | None:
+def _index_npy(input_dir: str, split: str,
+               follow_symlinks: bool = False) -> NpyIndex | None:
   split_dir = os.path.join(input_dir, _NPY_SPLIT[split])
   images = os.path.join(split_dir, "images")
   if not os.path.isdir(images):
     return None
   names = sorted((e.name for e in os.scandir(images) if not e.is_dir()),
                  key=_numeric_first)
-  return NpyIndex(split_dir, names)
+  return NpyIndex(split_dir, names, np.arange(1, len(names) + 1),
+                  follow_symlinks)
 
 
 # ------------------------------------------------------------------ folders
@@ -337,9 +441,11 @@ class FolderPart:
   split_dir: str
   entries: Sequence[tuple[str, int | None]]  # (relative path, class code).
   numbers: Sequence[int]
+  follow_symlinks: bool = False
 
   def __iter__(self) -> Iterator[Item]:
     for (rel, code), number in zip(self.entries, self.numbers):
+      number = int(number)
       if not is_image_name(rel):
         yield Skip(labels.NOT_AN_IMAGE, number, rel, "not an image file name")
         continue
@@ -352,9 +458,11 @@ class FolderPart:
       if reason is not None:
         yield Skip(reason, number, rel, f"class folder code {code}")
         continue
-      full = resolve(self.split_dir, rel)
-      if full is None:
-        yield Skip(labels.PATH_ESCAPES_ROOT, number, rel, "symlink leaves root")
+      try:
+        full = resolve(self.split_dir, rel,
+                       follow_symlinks=self.follow_symlinks)
+      except PathRefused as e:
+        yield Skip(e.reason, number, rel, str(e))
         continue
       yield Row(number, rel, full, code, affect_data.NO_VALUE,
                 affect_data.NO_VALUE, None, None)
@@ -365,16 +473,50 @@ class FolderIndex:
   split_dir: str
   entries: list[tuple[str, int | None]]
   class_folders: dict[str, int]  # Folder name -> expression code.
+  numbers: np.ndarray  # 1-based position in the file listing.
+  follow_symlinks: bool = False
 
   def __len__(self) -> int:
     return len(self.entries)
 
   def part(self, start: int, stop: int) -> FolderPart:
     return FolderPart(self.split_dir, self.entries[start:stop],
-                      list(range(start + 1, min(stop, len(self.entries)) + 1)))
+                      self.numbers[start:stop].tolist(), self.follow_symlinks)
+
+  def subset(self, positions: np.ndarray) -> "FolderIndex":
+    return dataclasses.replace(
+        self, entries=[self.entries[i] for i in positions],
+        numbers=self.numbers[positions])
+
+  def expression_codes(self) -> np.ndarray:
+    return np.asarray([-1 if c is None else c for _, c in self.entries],
+                      np.int64)
+
+  def inputs(self) -> list[str]:
+    return [self.split_dir]
 
 
-def _index_folders(input_dir: str, split: str) -> FolderIndex | None:
+def _files_below(top: str) -> Iterator[str]:
+  """Files below `top` in sorted order, through symlinked folders too.
+
+  Symlinked folders are listed (never opened as images here) so that their
+  files are counted: `resolve` then refuses or follows each one. Each real
+  folder is listed once, which also stops symlink cycles.
+  """
+  seen = set()
+  for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:
+      dirnames[:] = []
+      continue
+    seen.add(real)
+    dirnames.sort()
+    for f in sorted(filenames):
+      yield os.path.join(dirpath, f)
+
+
+def _index_folders(input_dir: str, split: str,
+                   follow_symlinks: bool = False) -> FolderIndex | None:
   split_dir = _find(input_dir, _FOLDER_SPLIT[split])
   if split_dir is None or not os.path.isdir(split_dir):
     return None
@@ -392,21 +534,74 @@ def _index_folders(input_dir: str, split: str) -> FolderIndex | None:
     class_folders[top.name] = code
     # Files anywhere below a class folder belong to it; sorted for a stable
     # order independent of the file system.
-    for dirpath, dirnames, filenames in os.walk(top.path):
-      dirnames.sort()
-      for f in sorted(filenames):
-        entries.append((os.path.relpath(os.path.join(dirpath, f), split_dir),
-                        code))
-  return FolderIndex(split_dir, entries, class_folders)
+    for path in _files_below(top.path):
+      entries.append((os.path.relpath(path, split_dir), code))
+  return FolderIndex(split_dir, entries, class_folders,
+                     np.arange(1, len(entries) + 1), follow_symlinks)
 
 
 _INDEXERS = {"official": _index_official, "npy": _index_npy,
              "folders": _index_folders}
 
 
-def index_split(layout: str, input_dir: str, split: str):
-  """The split's row index (`len()`, `.part(start, stop)`), or None if absent."""
+def index_split(layout: str, input_dir: str, split: str, *,
+                follow_symlinks: bool = False):
+  """The split's row index, or None if the tree has no such split.
+
+  An index has `len()`, `.part(start, stop)` (a picklable block of rows to
+  iterate), `.subset(positions)`, `.expression_codes()` and `.inputs()` (the
+  files and folders it reads).
+  """
   if layout not in _INDEXERS:
     raise LayoutError(f"--layout must be one of auto, {', '.join(LAYOUTS)}; "
                       f"got {layout!r}.")
-  return _INDEXERS[layout](input_dir, split)
+  return _INDEXERS[layout](input_dir, split, follow_symlinks)
+
+
+def split_holdout(index, fraction: float, seed: int):
+  """Carves a class-stratified `holdout` out of a train index.
+
+  For each expression code c in 0-7, round(fraction * n_c) of its n_c rows
+  (at most n_c - 1, so train keeps every class it has) are drawn with
+  `np.random.default_rng([seed, c])`. Rows with another or an unreadable
+  code stay in train (where they are skipped and counted as usual). The
+  choice depends only on (seed, fraction, the rows and their codes): not on
+  the worker count, the shard count or earlier runs.
+
+  Returns:
+    (train_index, holdout_index), both in source order, disjoint, together
+    every row of `index`.
+  """
+  codes = index.expression_codes()
+  chosen = []
+  for c in range(len(affect_data.LABEL_NAMES_8)):
+    rows = np.flatnonzero(codes == c)
+    n = len(rows)
+    k = min(int(math.floor(fraction * n + 0.5)), max(n - 1, 0))
+    if k:
+      rng = np.random.default_rng([seed, c])
+      chosen.append(rows[rng.permutation(n)[:k]])
+  held = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+  keep = np.setdiff1d(np.arange(len(index)), held, assume_unique=True)
+  return index.subset(keep), index.subset(held)
+
+
+def unused_inputs(input_dir: str, indexes: dict, ignore: Sequence[str] = ()
+                  ) -> list[str]:
+  """Top-level entries of `input_dir` no split reads (`test/`, extra CSVs).
+
+  Folders end with '/'. Hidden names and the paths in `ignore` (e.g. an
+  output folder inside the input) are left out.
+  """
+  root = os.path.abspath(input_dir)
+  used = set()
+  for idx in indexes.values():
+    for p in list(idx.inputs()) + list(ignore):
+      rel = os.path.relpath(os.path.abspath(p), root)
+      if rel != "." and not rel.startswith(".."):
+        used.add(rel.split(os.sep)[0])
+  out = []
+  for e in sorted(os.scandir(root), key=lambda e: e.name):
+    if e.name not in used and not e.name.startswith("."):
+      out.append(e.name + ("/" if e.is_dir() else ""))
+  return out

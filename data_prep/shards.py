@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 from typing import Any, Callable
 
 import numpy as np
@@ -37,9 +36,6 @@ MAX_SKIP_EXAMPLES = 5  # Per reason and shard; the manifest keeps the first 5.
 # and slows preparation by ~40%; see docs/BENCHMARKS.md).
 WRITER_OPTIONS = {"jpeg": "group_size:1,uncompressed",
                   "raw": "group_size:1,uncompressed"}
-# Test hook to simulate a crash: SIGKILL this process after writing this many
-# records in total (lets tests kill a real run mid-shard, deterministically).
-CRASH_ENV = "AFFECTJAX_PREP_CRASH_AFTER_RECORDS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +86,14 @@ def write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def convert(row: layouts.Row, opts: ConvertOptions) -> bytes:
-  """One row -> serialized record. Raises BadImage / OSError for skips."""
+def convert(row: layouts.Row, opts: ConvertOptions
+            ) -> tuple[bytes, tuple[int, int]]:
+  """One row -> (serialized record, (height, width) of the source crop).
+
+  The crop size is in source pixels (before any decoder downscaling): a side
+  below `opts.image_size` means the face was upscaled. Raises BadImage /
+  OSError for rows to skip.
+  """
   file = layouts.find_case_variant(row.file)
   if file is None:
     raise FileNotFoundError(row.file)
@@ -122,17 +124,21 @@ def convert(row: layouts.Row, opts: ConvertOptions) -> bytes:
     # Source pixels -> crop pixels -> output pixels.
     lm = ((row.landmarks - np.asarray([x0, y0], np.float32)) *
           np.asarray([size / (x1 - x0), size / (y1 - y0)], np.float32))
-  return affect_data.encode_record(
+  record = affect_data.encode_record(
       image=images.encode(out, opts.encoding, opts.jpeg_quality),
       expression=row.expression, valence=row.valence, arousal=row.arousal,
       landmarks=lm, path=row.path)
+  return record, (y1 - y0, x1 - x0)
 
 
 class _Stats:
-  """Per-shard counts: written, skipped by reason, examples, histogram."""
+  """Per-shard counts: written, skipped by reason, examples, histogram, and
+  how many written faces were upscaled (source crop side < image_size)."""
 
   def __init__(self, num_classes: int):
     self.written = 0
+    self.upscaled = 0
+    self.min_source_side: int | None = None
     self.skipped: collections.Counter = collections.Counter()
     self.examples: dict[str, list] = collections.defaultdict(list)
     self.class_counts = [0] * num_classes
@@ -142,17 +148,6 @@ class _Stats:
     if len(self.examples[reason]) < MAX_SKIP_EXAMPLES:
       self.examples[reason].append(
           {"row": int(number), "path": path, "detail": detail[:300]})
-
-
-_records_this_process = 0
-
-
-def _maybe_crash() -> None:
-  global _records_this_process
-  _records_this_process += 1
-  limit = os.environ.get(CRASH_ENV)
-  if limit and _records_this_process >= int(limit):
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run(task: ShardTask,
@@ -181,7 +176,7 @@ def run(task: ShardTask,
                    f"{opts.num_classes}-class protocol")
         continue
       try:
-        record = convert(item, opts)
+        record, (h, w) = convert(item, opts)
       except images.BadImage as e:
         stats.skip(e.reason, item.number, item.path, str(e))
         continue
@@ -196,7 +191,11 @@ def run(task: ShardTask,
       writer.write(record)
       stats.written += 1
       stats.class_counts[item.expression] += 1
-      _maybe_crash()
+      side = min(h, w)
+      if side < opts.image_size:
+        stats.upscaled += 1
+      if stats.min_source_side is None or side < stats.min_source_side:
+        stats.min_source_side = side
   finally:
     writer.close()
   if progress is not None and pending:
@@ -214,6 +213,7 @@ def run(task: ShardTask,
           stats.skipped.items())),
       "skip_examples": dict(sorted(stats.examples.items())),
       "class_counts": stats.class_counts,
+      "upscaled": stats.upscaled, "min_source_side": stats.min_source_side,
   }
   write_json_atomic(state_path(task.output_dir, task.filename), result)
   return result

@@ -1,7 +1,9 @@
 r"""Synthetic AffectNet: procedurally drawn faces in AffectNet's official layout.
 
     python -m data_prep.synthetic --output_dir=/tmp/affectnet_synth \
-        --num_train=4000 --num_val=800 --seed=0
+        --num_train=4000 --num_val=800 --seed=0 [--class_balance=floored]
+
+(absl flags: `--help` lists them)
 
 writes
 
@@ -60,13 +62,16 @@ the face under the occluders, as in AffectNet.
 
 Labels. Valence/arousal are drawn from AffectNet-like class-conditional
 Gaussians (`VA_MEAN_STD`, scaled by intensity as above) and clipped to
-[-1, 1]. The train split follows
-AffectNet's class imbalance (`AFFECTNET_TRAIN_COUNTS`) with a floor: every
-class gets at least `MIN_CLASS_FRACTION` (5%) of the rows, because at demo
-sizes (a few thousand images) AffectNet's 1.3% Contempt would leave a couple
-of dozen examples, too few for a small CNN to learn in minutes. Counts are
-allocated exactly (largest remainder), then shuffled. The val split is
-balanced, like AffectNet's (500 per class).
+[-1, 1]. The train split follows AffectNet's class imbalance
+(`AFFECTNET_TRAIN_COUNTS`), in one of two `class_balance` modes:
+  * 'floored' (default): every class gets at least `MIN_CLASS_FRACTION` (5%)
+    of the rows, because at demo sizes (a few thousand images) AffectNet's
+    1.3% Contempt would leave a couple of dozen examples, too few for a small
+    CNN to learn in minutes;
+  * 'affectnet': AffectNet's own proportions (Happy 47%, Contempt 1.3%), to
+    exercise class weighting and balanced sampling as on the real data.
+Counts are allocated exactly (largest remainder), then shuffled. The val
+split is balanced in both modes, like AffectNet's (500 per class).
 
 Determinism: image i of a split uses `np.random.default_rng([seed, split, i])`,
 so the output is identical whatever the worker count.
@@ -81,6 +86,8 @@ import os
 from typing import Sequence
 
 import numpy as np
+from absl import app
+from absl import flags
 from PIL import Image, ImageDraw, ImageFilter
 
 from affectjax import data as affect_data
@@ -89,6 +96,8 @@ from affectjax import data as affect_data
 AFFECTNET_TRAIN_COUNTS = (74874, 134415, 25459, 14090, 6378, 3803, 24882,
                           3750)
 MIN_CLASS_FRACTION = 0.05
+# Train-split class proportions (see the module doc); val is always balanced.
+CLASS_BALANCES = ("floored", "affectnet")
 # (valence mean, valence std, arousal mean, arousal std) per class, shaped
 # after the per-class statistics of AffectNet's annotations.
 VA_MEAN_STD = (
@@ -160,13 +169,18 @@ P_LOWRES = 0.25   # downscaled and upscaled (small source photo)
 P_GRAY = 0.08     # black-and-white photo
 
 
-def class_counts(n: int, split: str, num_classes: int = 8) -> list[int]:
+def class_counts(n: int, split: str, num_classes: int = 8,
+                 class_balance: str = "floored") -> list[int]:
   """Exact per-class counts for a split of n rows (see module docstring)."""
+  if class_balance not in CLASS_BALANCES:
+    raise ValueError(f"--class_balance must be one of {CLASS_BALANCES}, got "
+                     f"{class_balance!r}.")
   if split == "val":
     p = np.full(num_classes, 1.0 / num_classes)
   else:
     p = np.asarray(AFFECTNET_TRAIN_COUNTS[:num_classes], np.float64)
     p /= p.sum()
+  if split != "val" and class_balance == "floored":
     # Raise rare classes to the floor and shrink the others proportionally;
     # repeat, since shrinking can push another class under the floor.
     floored = np.zeros(num_classes, bool)
@@ -185,8 +199,9 @@ def class_counts(n: int, split: str, num_classes: int = 8) -> list[int]:
   return counts.tolist()
 
 
-def _labels(n: int, split: str, seed: int) -> np.ndarray:
-  counts = class_counts(n, split)
+def _labels(n: int, split: str, seed: int,
+            class_balance: str = "floored") -> np.ndarray:
+  counts = class_counts(n, split, class_balance=class_balance)
   labels = np.repeat(np.arange(len(counts)), counts)
   np.random.default_rng([seed, _SPLIT_IDS[split], 999]).shuffle(labels)
   return labels
@@ -548,7 +563,8 @@ def _make_rows(task) -> list[str]:
 
 def generate(output_dir: str, num_train: int, num_val: int, seed: int = 0, *,
              image_size: int = 144, num_workers: int = 1,
-             chunk_size: int = 256) -> dict[str, int]:
+             chunk_size: int = 256,
+             class_balance: str = "floored") -> dict[str, int]:
   """Writes a synthetic AffectNet tree; returns {'train': n, 'val': m}.
 
   Args:
@@ -558,7 +574,10 @@ def generate(output_dir: str, num_train: int, num_val: int, seed: int = 0, *,
     image_size: side of the raw images (the face box sits inside).
     num_workers: processes drawing images (1 = in-process).
     chunk_size: images per work item.
+    class_balance: train-split class proportions, 'floored' (AffectNet's
+      with a 5% floor per class) or 'affectnet' (AffectNet's own).
   """
+  class_counts(0, "train", class_balance=class_balance)  # Validates it.
   if image_size < 32:
     raise ValueError(f"image_size must be >= 32 px, got {image_size}.")
   os.makedirs(os.path.join(output_dir, IMAGES_DIR), exist_ok=True)
@@ -567,7 +586,7 @@ def generate(output_dir: str, num_train: int, num_val: int, seed: int = 0, *,
     pool = multiprocessing.get_context("spawn").Pool(num_workers)
   try:
     for split, n in (("train", num_train), ("val", num_val)):
-      labels = _labels(n, split, seed)
+      labels = _labels(n, split, seed, class_balance)
       tasks = [(output_dir, split, seed, s, labels[s:s + chunk_size].tolist(),
                 image_size) for s in range(0, n, chunk_size)]
       results = pool.imap(_make_rows, tasks) if pool else map(_make_rows,
@@ -613,29 +632,47 @@ def contact_sheet(output_dir: str, path: str, per_class: int = 6,
   sheet.save(path)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  import argparse  # pylint: disable=g-import-not-at-top
-  ap = argparse.ArgumentParser(
-      prog="python -m data_prep.synthetic",
-      description="Write a synthetic AffectNet tree (official layout).")
-  ap.add_argument("--output_dir", required=True)
-  ap.add_argument("--num_train", type=int, default=4000)
-  ap.add_argument("--num_val", type=int, default=800)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--image_size", type=int, default=144,
-                  help="Side of the raw images in px (face box inside).")
-  ap.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
-  ap.add_argument("--contact_sheet", default="",
-                  help="Optional PNG path: a grid of examples per class.")
-  args = ap.parse_args(argv)
-  generate(args.output_dir, args.num_train, args.num_val, args.seed,
-           image_size=args.image_size, num_workers=args.num_workers)
-  print(f"Wrote {args.num_train} train + {args.num_val} val synthetic faces "
-        f"to {args.output_dir}")
-  if args.contact_sheet:
-    contact_sheet(args.output_dir, args.contact_sheet)
-    print(f"Contact sheet: {args.contact_sheet}")
+def define_flags() -> None:
+  """Defines the command-line flags (absl), as the trainer does.
+
+  Called only when the module runs as a program: `data_prep.affectnet`
+  shares flag names, and both modules are imported together.
+  """
+  flags.DEFINE_string("output_dir", None, "Destination directory.")
+  flags.DEFINE_integer("num_train", 4000, "Rows in training.csv.",
+                       lower_bound=0)
+  flags.DEFINE_integer("num_val", 800, "Rows in validation.csv.",
+                       lower_bound=0)
+  flags.DEFINE_integer("seed", 0, "Everything is a function of the seed.")
+  flags.DEFINE_integer("image_size", 144,
+                       "Side of the raw images in px (face box inside).",
+                       lower_bound=32)
+  flags.DEFINE_enum(
+      "class_balance", "floored", CLASS_BALANCES,
+      "Train-split classes: 'floored' = AffectNet's imbalance with a 5% "
+      "floor per class (learnable at demo sizes); 'affectnet' = AffectNet's "
+      "own (Happy 47%, Contempt 1.3%). Validation is balanced in both.")
+  flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
+                       "Processes drawing images.", lower_bound=1)
+  flags.DEFINE_string("contact_sheet", "",
+                      "Optional PNG path: a grid of examples per class.")
+  flags.mark_flags_as_required(["output_dir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  generate(f.output_dir, f.num_train, f.num_val, f.seed,
+           image_size=f.image_size, num_workers=f.num_workers,
+           class_balance=f.class_balance)
+  print(f"Wrote {f.num_train} train + {f.num_val} val synthetic faces "
+        f"({f.class_balance} class balance) to {f.output_dir}")
+  if f.contact_sheet:
+    contact_sheet(f.output_dir, f.contact_sheet)
+    print(f"Contact sheet: {f.contact_sheet}")
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

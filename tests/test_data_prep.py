@@ -111,7 +111,7 @@ def bad_tree(tmp_path_factory):
       "missing_file": 1, "empty_file": 1, "corrupt_image": 2,
       "malformed_row": 5, "label_out_of_range": 3, "label_none": 1,
       "label_uncertain": 1, "label_no_face": 1, "path_escapes_root": 3,
-      "bad_face_box": 2,
+      "symlink_outside_root": 1, "bad_face_box": 2,
   }
   _add_row(lines, "odd/does_not_exist.jpg")
   _add_row(lines, "odd/empty.jpg")
@@ -130,7 +130,8 @@ def bad_tree(tmp_path_factory):
   _add_row(lines, "odd/upper.JPG", expr=10)
   _add_row(lines, "../secret.jpg")  # Escapes ...
   _add_row(lines, "/etc/passwd")
-  _add_row(lines, "odd/link_out.jpg")
+  _add_row(lines, "odd/../../secret.jpg")
+  _add_row(lines, "odd/link_out.jpg")  # A symlink in the tree, to outside.
   _add_row(lines, "odd/upper.JPG", box=(0, 0, 0, 48))  # Bad boxes ...
   _add_row(lines, "odd/upper.JPG", box=(500, 500, 20, 20))
   # -2 ("no value") is valid and kept as -2.
@@ -189,6 +190,27 @@ def test_escaping_paths_are_never_opened(bad_tree, prepared):
   opened = prepared[2]
   assert opened, "the spy saw no file opens at all"
   assert not never_open & set(opened)
+  train = prepared[1]["splits"]["train"]
+  (link,) = train["skip_examples"]["symlink_outside_root"]
+  assert link["path"] == "odd/link_out.jpg"
+  assert "--follow_symlinks" in link["detail"]
+
+
+def test_follow_symlinks_reads_links_but_not_escaping_rows(bad_tree, tmp_path):
+  """--follow_symlinks reads the user's symlink; rows with '..' or an
+  absolute path are still refused."""
+  root, expected, _, _ = bad_tree
+  m = affectnet.prepare(root, str(tmp_path), image_size=S, num_shards=1,
+                        follow_symlinks=True, progress=False)
+  train = m["splits"]["train"]
+  assert train["skipped"]["path_escapes_root"] == 3
+  assert "symlink_outside_root" not in train["skipped"]
+  assert m["options"]["follow_symlinks"] is True
+  src = affect_data.source(str(tmp_path), "train")
+  paths = [src[i]["path"] for i in range(len(src))]
+  assert "odd/link_out.jpg" in paths
+  assert not {"../secret.jpg", "/etc/passwd", "odd/../../secret.jpg"} & set(
+      paths)
 
 
 def test_odd_formats_come_out_as_upright_rgb(bad_tree, prepared):
@@ -257,6 +279,14 @@ def test_landmarks_move_into_crop_coordinates(tmp_path):
   m = affectnet.prepare(str(root), str(out), image_size=S, margin=0.0,
                         progress=False)
   assert m["splits"]["val"]["written"] == 1
+  # The face crop (40 px of a 100 px photo), not the photo, is what is
+  # upscaled: 40 >= 32 is not; at 48 px both faces are, and counted.
+  assert (m["splits"]["train"]["upscaled"],
+          m["splits"]["train"]["min_source_side"]) == (0, 40)
+  big = affectnet.prepare(str(root), str(tmp_path / "big"), image_size=48,
+                          margin=0.0, progress=False)
+  assert [(big["splits"][s]["upscaled"], big["splits"][s]["min_source_side"])
+          for s in ("train", "val")] == [(1, 40), (1, 40)]
   ex = affect_data.source(str(out), "train")[0]
   np.testing.assert_allclose(ex["landmarks"][1:], np.full((67, 2), S / 2))
   np.testing.assert_allclose(ex["landmarks"][0], [0, S])

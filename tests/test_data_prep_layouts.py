@@ -1,6 +1,10 @@
-"""data_prep.affectnet on the npy and folders layouts, and layout detection."""
+"""data_prep.affectnet on the npy and folders layouts, layout detection,
+symlinked trees, empty splits and unused folders (through the real CLI)."""
 import io
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from data_prep import affectnet
 from data_prep import layouts
 
 S = 24
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _face(seed: int, size=40) -> bytes:
@@ -76,7 +81,7 @@ def npy_tree(tmp_path_factory):
     _npy(f"{t}/annotations/107_{k}.npy", np.array("1"))
   skips = {"missing_annotation": 1, "not_an_image": 1, "empty_file": 1,
            "corrupt_image": 1, "label_uncertain": 1, "label_out_of_range": 1,
-           "malformed_row": 1, "path_escapes_root": 1}
+           "malformed_row": 1, "symlink_outside_root": 1}
   return root, expected, skips
 
 
@@ -129,7 +134,7 @@ def folders_tree(tmp_path_factory):
   _write(f"{root}/elsewhere.jpg", _face(3))
   os.symlink(f"{root}/elsewhere.jpg", f"{root}/train/sad/link.jpg")
   skips = {"not_an_image": 2, "corrupt_image": 1, "malformed_row": 1,
-           "empty_file": 1, "path_escapes_root": 1}
+           "empty_file": 1, "symlink_outside_root": 1}
   return root, expected, skips
 
 
@@ -151,6 +156,7 @@ def test_folders_layout(folders_tree, tmp_path):
   assert train["class_counts"] == [2, 3, 2, 2, 2, 2, 2, 2]
   assert m["class_folders"]["train"]["HAPPY"] == 1
   assert m["class_folders"]["val"]["7"] == 7
+  assert m["unused_inputs"] == ["elsewhere.jpg"]
 
 
 def test_folders_seven_classes_and_forced_layout(folders_tree, tmp_path):
@@ -178,8 +184,100 @@ def test_detect_and_forced_layout_mismatch(npy_tree, folders_tree, tmp_path):
 
 
 def test_resolve_rejects_escapes(tmp_path):
-  root = str(tmp_path)
+  root = str(tmp_path / "root")
+  os.makedirs(f"{root}/a")
+  _write(f"{tmp_path}/outside/x.jpg", b"x")
+  os.symlink(f"{tmp_path}/outside", f"{root}/a/link")
   assert layouts.resolve(root, "a/b.jpg") == os.path.join(
       os.path.realpath(root), "a", "b.jpg")
-  for bad in ("../x.jpg", "a/../../x.jpg", "/etc/passwd", ""):
-    assert layouts.resolve(root, bad) is None
+  for follow in (False, True):
+    for bad in ("../x.jpg", "a/../../x.jpg", "/etc/passwd", "",
+                "a/link/../../../outside/x.jpg"):
+      with pytest.raises(layouts.PathRefused) as e:
+        layouts.resolve(root, bad, follow_symlinks=follow)
+      assert e.value.reason == "path_escapes_root", bad
+  with pytest.raises(layouts.PathRefused, match="--follow_symlinks") as e:
+    layouts.resolve(root, "a/link/x.jpg")
+  assert e.value.reason == "symlink_outside_root"
+  assert layouts.resolve(root, "a/link/x.jpg", follow_symlinks=True) == (
+      os.path.join(os.path.abspath(root), "a", "link", "x.jpg"))
+
+
+def _cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "data_prep.affectnet", "--num_workers=1",
+       "--no_progress", f"--image_size={S}", *args], cwd=REPO,
+      capture_output=True, text=True, timeout=120)
+
+
+def test_symlinked_class_tree_needs_follow_symlinks(tmp_path):
+  """A folders tree assembled from symlinks (linked files and a linked class
+  folder) beside an unused test/ split: without --follow_symlinks nothing can
+  be written, so the run fails naming the reason and the flag; with it,
+  every image is written and the unused folder is reported."""
+  store, root = tmp_path / "store", tmp_path / "tree"
+  for split in ("train", "val"):
+    for code in (0, 1):
+      for k in range(2):
+        f = store / f"{split}{code}{k}.jpg"
+        _write(str(f), _face(100 * code + k, size=20 if k else 40))
+        os.makedirs(root / split / str(code), exist_ok=True)
+        os.symlink(f, root / split / str(code) / f.name)
+  _write(str(store / "sad" / "s.jpg"), _face(7))
+  os.symlink(store / "sad", root / "train" / "sad")  # A linked class folder.
+  _write(str(root / "test" / "0" / "t.jpg"), _face(8))
+  out = tmp_path / "out"
+  res = _cli(f"--input_dir={root}", f"--output_dir={out}")
+  assert res.returncode == 3, res.stderr
+  assert "symlink_outside_root" in res.stderr, res.stderr
+  assert "--follow_symlinks" in res.stderr
+  assert "'train'" in res.stderr and "0 of 5 rows" in res.stderr
+  assert not (out / "manifest.json").exists()
+  res = _cli(f"--input_dir={root}", f"--output_dir={out}",
+             "--follow_symlinks")
+  assert res.returncode == 0, res.stderr
+  m = json.loads((out / "manifest.json").read_text())
+  assert m["splits"]["train"]["class_counts"] == [2, 2, 1, 0, 0, 0, 0, 0]
+  assert m["splits"]["val"]["written"] == 4
+  assert m["splits"]["train"]["skipped"] == {}
+  assert m["unused_inputs"] == ["test/"]
+  summary = res.stderr.strip().splitlines()[-1]
+  assert "not used: test/" in summary, summary
+  # The 20 px sources were upscaled to 24 px, and that is reported.
+  assert (m["splits"]["train"]["upscaled"],
+          m["splits"]["train"]["min_source_side"]) == (2, 20)
+  assert "2 upscaled" in summary or "4 upscaled" in summary, summary
+
+
+def test_empty_split_exits_nonzero_naming_the_reason(tmp_path):
+  root = tmp_path / "in"
+  _write(str(root / "train" / "happy" / "a.jpg"), _face(1))
+  _write(str(root / "val" / "happy" / "broken.jpg"), b"\xff\xd8 not a jpeg")
+  res = _cli(f"--input_dir={root}", f"--output_dir={tmp_path / 'out'}")
+  assert res.returncode == 3, res.stderr
+  assert "split 'val'" in res.stderr and "corrupt_image" in res.stderr
+  assert "broken.jpg" in res.stderr
+  assert not (tmp_path / "out" / "manifest.json").exists()
+  # A split with no rows at all fails before any conversion.
+  os.remove(root / "val" / "happy" / "broken.jpg")
+  res = _cli(f"--input_dir={root}", f"--output_dir={tmp_path / 'out'}")
+  assert res.returncode == 3 and "no rows" in res.stderr, res.stderr
+
+
+def test_cli_flags_are_absl(tmp_path):
+  res = subprocess.run([sys.executable, "-m", "data_prep.affectnet",
+                        "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+  assert res.returncode in (0, 1), res.stderr  # absl's --help exits 1.
+  for flag in ("--input_dir", "--image_size", "--holdout_fraction",
+               "--holdout_seed", "--[no]follow_symlinks", "--classes",
+               "(default: '320')"):
+    assert flag in res.stdout, flag
+  res = subprocess.run([sys.executable, "-m", "data_prep.affectnet",
+                        "--helpfull"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+  assert res.returncode in (0, 1) and "--verbosity" in res.stdout
+  res = _cli("--input_dir=x", f"--output_dir={tmp_path}", "--classes=6")
+  assert res.returncode == 1 and "--classes" in res.stderr, res.stderr
+  res = _cli(f"--output_dir={tmp_path}")
+  assert res.returncode == 1 and "--input_dir" in res.stderr, res.stderr

@@ -1,7 +1,10 @@
 """data_prep.synthetic: official layout, labels, determinism, learnable cues."""
+import collections
 import csv
 import hashlib
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -58,6 +61,31 @@ def test_class_balance_train_imbalanced_val_balanced():
   assert min(counts) >= int(synthetic.MIN_CLASS_FRACTION * 1000) - 1
   assert synthetic.class_counts(80, "val") == [10] * 8
   assert sum(synthetic.class_counts(83, "val")) == 83
+
+
+def test_affectnet_class_balance(tmp_path):
+  """--class_balance=affectnet: AffectNet's own train proportions (no floor),
+  exact to one row; validation stays balanced."""
+  p = np.asarray(synthetic.AFFECTNET_TRAIN_COUNTS) / sum(
+      synthetic.AFFECTNET_TRAIN_COUNTS)
+  counts = synthetic.class_counts(10_000, "train", class_balance="affectnet")
+  assert sum(counts) == 10_000
+  np.testing.assert_allclose(counts, p * 10_000, atol=1)
+  assert 0.45 < counts[1] / 10_000 < 0.5 and counts[7] / 10_000 < 0.02
+  assert synthetic.class_counts(10_000, "train") != counts  # Default: floor.
+  assert synthetic.class_counts(80, "val", class_balance="affectnet") == (
+      [10] * 8)
+  with pytest.raises(ValueError, match="--class_balance"):
+    synthetic.class_counts(10, "train", class_balance="uniform")
+  # The generated CSVs follow those counts.
+  synthetic.generate(str(tmp_path), num_train=150, num_val=16, seed=0,
+                     image_size=32, class_balance="affectnet")
+  for name, split, n in (("training.csv", "train", 150),
+                         ("validation.csv", "val", 16)):
+    hist = collections.Counter(int(r["expression"]) for r in _read_csv(
+        tmp_path / name))
+    assert [hist[c] for c in range(8)] == synthetic.class_counts(
+        n, split, class_balance="affectnet")
 
 
 def test_valence_arousal_follow_class(tree):
@@ -200,10 +228,25 @@ def test_csv_labels_carry_annotator_noise(tree):
 
 
 def test_cli(tmp_path):
-  synthetic.main([f"--output_dir={tmp_path}", "--num_train=5", "--num_val=3",
-                  "--num_workers=1", "--image_size=64",
-                  f"--contact_sheet={tmp_path / 'sheet.png'}"])
+  """The absl command line, in a real subprocess."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  res = subprocess.run(
+      [sys.executable, "-m", "data_prep.synthetic", f"--output_dir={tmp_path}",
+       "--num_train=5", "--num_val=3", "--num_workers=1", "--image_size=64",
+       "--class_balance=affectnet",
+       f"--contact_sheet={tmp_path / 'sheet.png'}"],
+      cwd=repo, capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0, res.stderr
+  assert "affectnet class balance" in res.stdout
   assert len(_read_csv(tmp_path / "training.csv")) == 5
   assert len(_read_csv(tmp_path / "validation.csv")) == 3
   assert Image.open(tmp_path / "sheet.png").size[0] > 0
   assert affect_data.LABEL_NAMES_8[0] == "neutral"
+  res = subprocess.run([sys.executable, "-m", "data_prep.synthetic",
+                        "--help"], cwd=repo, capture_output=True, text=True,
+                       timeout=60)
+  assert "--class_balance: <floored|affectnet>" in res.stdout, res.stdout
+  res = subprocess.run([sys.executable, "-m", "data_prep.synthetic",
+                        f"--output_dir={tmp_path}", "--class_balance=even"],
+                       cwd=repo, capture_output=True, text=True, timeout=60)
+  assert res.returncode == 1 and "class_balance" in res.stderr
