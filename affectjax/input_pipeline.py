@@ -1,31 +1,57 @@
-"""Grain input pipelines: shuffled, augmented training batches; exact eval.
+"""Host input path: ArrayRecord bytes -> uint8 batches, in threads; device prefetch.
 
-Images stay uint8 all the way to the device: the backbone's normalization is
-the first op of the compiled step (``model.preprocess``), so hosts move 4x
-fewer bytes and the workers do no float math.
+Host reads, device computes: the host reads records, parses the four fields
+a step needs and decodes the image into a preallocated batch buffer; crops,
+resizes, flips and every other pixel op run on the device
+(`affectjax.augment`). Batches are
 
-Training: ``source -> shuffle(seed) -> repeat -> [process::process_count] ->
-random_map(augment) -> batch(drop_remainder) -> mp_prefetch``. Shuffle and the
-per-example augmentation RNG derive from the seed and the element index, so
-the stream is the same whatever the number of workers, and it resumes exactly
-from a checkpointed iterator state.
+  train: {"image": uint8 (b, S, S, 3), "expression": int32 (b,),
+          "valence": float32 (b,), "arousal": float32 (b,)}
+  eval:  the same plus "mask" (float32, 0 on padding rows) and "index"
+         (int32 source index, -1 on padding)
 
-Evaluation: every validation example exactly once. The split is padded up to
-a whole number of global batches; padding rows copy example 0 and carry
-``mask == 0`` so metrics ignore them.
+where b is the per-process batch and S = `host_image_size(config, manifest)`:
+the stored size, or a libjpeg DCT-scaled size (1/2, 1/4 or 1/8, still
+>= `config.image_size`) when the stored JPEGs are at least twice as large.
+
+Global batch contract. Training reads ONE seeded global order of source
+indices (`ShuffleOrder`: a new permutation of the split per epoch, or
+`BalancedOrder`: classes drawn by frequency**temperature); step k's global
+batch is positions [k*B, (k+1)*B) of it, and process p of P delivers rows
+[p*B/P, (p+1)*B/P). The global batch is therefore the same whatever the
+number of processes or threads. Evaluation does the same over the split in
+order, padded to whole global batches.
+
+Threads, not processes. Each batch is one element of a `grain.MapDataset`
+(`__getitem__(k)` builds batch k); `to_iter_dataset` runs them on a pool of
+threads. ArrayRecord reads and libjpeg-turbo decodes release the GIL, so
+threads scale over the cores without worker processes, pickling, shared
+memory or per-evaluation start-up, and nothing can outlive a killed trainer.
+The iterator is Grain's, so its state (`{"next_index": k}`) goes into the
+Orbax checkpoint via `grain.checkpoint.CheckpointSave`, and a resumed run
+sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
-from typing import Iterator
+import os
+import sys
+import threading
+import time
+from typing import Any, Iterator
 
 import grain
 import numpy as np
+import simplejpeg
 from absl import flags
-from PIL import Image
 
 from affectjax import data
+
+# The stored JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's fast DCT
+# scaling, SIMD in libjpeg-turbo) when that still covers config.image_size.
+_DCT_SCALES = (8, 4, 2)
 
 
 def _ensure_flags_parsed() -> None:
@@ -34,131 +60,356 @@ def _ensure_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
-  """Grain workers re-import ``__main__``; absl flags there must count as parsed."""
-  del worker_index, worker_count
-  _ensure_flags_parsed()
+def host_threads(config) -> int:
+  """Decode threads: `config.data.num_workers` if > 0, else the usable cores.
 
-
-@dataclasses.dataclass(frozen=True)
-class Augment(grain.transforms.RandomMap):
-  """Random resized crop + horizontal flip, to ``size`` x ``size`` uint8.
-
-  The crop covers ``scale`` of the image area with an aspect ratio in
-  ``ratio`` (log-uniform), like Inception/ImageNet training but with a mild
-  default range: faces are already tightly cropped, and cutting away the mouth
-  or eyes would destroy the label. Landmarks, if a user needs them, are not
-  transformed here and so are dropped from the batch.
+  The cores are those this process may run on (`os.sched_getaffinity`), not
+  the machine's, so a trainer pinned by a scheduler or `taskset` does not
+  oversubscribe.
   """
-  size: int
-  scale: tuple[float, float] = (0.8, 1.0)
-  ratio: tuple[float, float] = (0.9, 1.1)
-  flip: bool = True
-
-  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    image = element["image"]
-    h, w = image.shape[:2]
-    area = h * w * rng.uniform(*self.scale)
-    log_r = rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1]))
-    aspect = math.exp(log_r)
-    cw = min(w, max(1, int(round(math.sqrt(area * aspect)))))
-    ch = min(h, max(1, int(round(math.sqrt(area / aspect)))))
-    x0 = int(rng.integers(0, w - cw + 1))
-    y0 = int(rng.integers(0, h - ch + 1))
-    full = (cw, ch) == (w, h)
-    out = _resize(image, self.size, box=None if full else
-                  (x0, y0, x0 + cw, y0 + ch))
-    if self.flip and rng.random() < 0.5:
-      out = out[:, ::-1]
-    return _example(element, out)
+  n = int(config.data.num_workers)
+  if n > 0:
+    return n
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # Not Linux.
+    return max(1, os.cpu_count() or 1)
 
 
+def host_image_size(config, manifest: dict[str, Any]) -> int:
+  """Side S of the host's uint8 batches for a prepared dir's manifest.
+
+  The stored size, unless the images are JPEGs at least twice
+  `config.image_size`: then the largest DCT scale 1/2, 1/4 or 1/8 whose
+  output still is >= `config.image_size` (libjpeg rounds the scaled side
+  up). The device resizes S to `config.image_size`.
+  """
+  stored = int(manifest["image_size"])
+  if manifest.get("encoding") != "jpeg":
+    return stored
+  for d in _DCT_SCALES:
+    scaled = -(-stored // d)
+    if scaled >= int(config.image_size):
+      return scaled
+  return stored
+
+
+# --------------------------------------------------------------------------
+# Global orders: position in the stream -> source index, from the seed alone.
+# --------------------------------------------------------------------------
+class _LRU:
+  """A tiny thread-safe memo for per-epoch/per-block arrays."""
+
+  def __init__(self, size: int):
+    self._size = size
+    self._items = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def get(self, key, make):
+    with self._lock:
+      if key in self._items:
+        self._items.move_to_end(key)
+        return self._items[key]
+    value = make()  # Outside the lock: two threads may both compute it.
+    with self._lock:
+      self._items[key] = value
+      while len(self._items) > self._size:
+        self._items.popitem(last=False)
+    return value
+
+
+class ShuffleOrder:
+  """Epoch e is a fresh permutation of the split, seeded by (seed, e)."""
+
+  def __init__(self, num_examples: int, seed: int):
+    if num_examples <= 0:
+      raise ValueError("ShuffleOrder needs at least one example.")
+    self.num_examples = int(num_examples)
+    self.seed = int(seed)
+    self._perms = _LRU(4)
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    return self._perms.get(epoch, lambda: np.random.default_rng(
+        [self.seed, 0, epoch]).permutation(self.num_examples))
+
+  def indices(self, start: int, stop: int) -> np.ndarray:
+    """Source indices at global positions [start, stop)."""
+    pos = np.arange(start, stop, dtype=np.int64)
+    epoch, offset = np.divmod(pos, self.num_examples)
+    out = np.empty_like(pos)
+    for e in np.unique(epoch):
+      sel = epoch == e
+      out[sel] = self._perm(int(e))[offset[sel]]
+    return out
+
+
+class BalancedOrder:
+  """Class-balanced order: each position draws a class, then an example of it.
+
+  Classes are drawn i.i.d. with probability proportional to
+  count**temperature (0 = every present class equally often, 1 = as in the
+  data); within a class, examples come in a fresh permutation per pass over
+  that class, so every example of a class is seen before any repeats.
+
+  Random access from the seed: positions are grouped in blocks of
+  `block_size`; block b's class draws are seeded by (seed, b), and an
+  example's rank within its class comes from per-block class counts, which
+  are accumulated once (about 1 ms per block) and kept.
+  """
+
+  def __init__(self, labels: np.ndarray, seed: int, temperature: float,
+               num_classes: int, block_size: int = 1 << 16):
+    labels = np.asarray(labels, np.int64)
+    if labels.size == 0:
+      raise ValueError("BalancedOrder needs at least one example.")
+    if labels.min() < 0 or labels.max() >= num_classes:
+      raise ValueError(f"Expression labels must lie in [0, {num_classes}); "
+                       f"found {labels.min()}..{labels.max()}. Check "
+                       "--config.num_classes against the prepared data.")
+    if temperature < 0:
+      raise ValueError(f"--config.data.sampler_temperature={temperature} "
+                       "must be >= 0 (0 = even classes, 1 = data frequency).")
+    self.seed = int(seed)
+    self.block_size = int(block_size)
+    counts = np.bincount(labels, minlength=num_classes)
+    self.classes = np.nonzero(counts)[0]
+    weights = counts[self.classes].astype(np.float64) ** float(temperature)
+    self.probs = weights / weights.sum()
+    # Members of each present class, in source order.
+    self._members = [np.nonzero(labels == c)[0] for c in self.classes]
+    self._blocks = _LRU(4)
+    self._perms = _LRU(64)
+    self._prefix = [np.zeros(len(self.classes), np.int64)]  # Before block b.
+    self._prefix_lock = threading.Lock()
+
+  def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(class slot of each position in block b, its rank within the block)."""
+    def make():
+      rng = np.random.default_rng([self.seed, 1, b])
+      slots = rng.choice(len(self.classes), size=self.block_size, p=self.probs)
+      order = np.argsort(slots, kind="stable")
+      counts = np.bincount(slots, minlength=len(self.classes))
+      first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+      rank = np.empty(self.block_size, np.int64)
+      rank[order] = np.arange(self.block_size) - np.repeat(first, counts)
+      return slots, rank
+    return self._blocks.get(b, make)
+
+  def _prefix_counts(self, b: int) -> np.ndarray:
+    with self._prefix_lock:
+      while len(self._prefix) <= b:
+        k = len(self._prefix) - 1
+        slots = np.random.default_rng([self.seed, 1, k]).choice(
+            len(self.classes), size=self.block_size, p=self.probs)
+        self._prefix.append(self._prefix[-1] + np.bincount(
+            slots, minlength=len(self.classes)))
+      return self._prefix[b]
+
+  def _member(self, slot: int, occurrence: np.ndarray) -> np.ndarray:
+    members = self._members[slot]
+    n = len(members)
+    rounds, pos = np.divmod(occurrence, n)
+    out = np.empty_like(occurrence)
+    for r in np.unique(rounds):
+      perm = self._perms.get((slot, int(r)), lambda: np.random.default_rng(
+          [self.seed, 2, int(self.classes[slot]), int(r)]).permutation(n))
+      sel = rounds == r
+      out[sel] = members[perm[pos[sel]]]
+    return out
+
+  def indices(self, start: int, stop: int) -> np.ndarray:
+    """Source indices at global positions [start, stop)."""
+    pos = np.arange(start, stop, dtype=np.int64)
+    block, offset = np.divmod(pos, self.block_size)
+    out = np.empty_like(pos)
+    for b in np.unique(block):
+      sel = np.nonzero(block == b)[0]
+      slots, rank = self._block(int(b))
+      s, r = slots[offset[sel]], rank[offset[sel]]
+      occurrence = self._prefix_counts(int(b))[s] + r
+      for slot in np.unique(s):
+        m = s == slot
+        out[sel[m]] = self._member(int(slot), occurrence[m])
+    return out
+
+
+def train_order(config, src: data.AffectNetSource):
+  """The global training order `config.data.sampler` asks for."""
+  sampler = config.data.sampler
+  if sampler == "shuffle":
+    return ShuffleOrder(len(src), config.seed)
+  if sampler == "balanced":
+    return BalancedOrder(src.labels(), config.seed,
+                         float(config.data.sampler_temperature),
+                         int(config.num_classes))
+  raise ValueError(f"--config.data.sampler={sampler!r}; use 'shuffle' or "
+                   "'balanced'.")
+
+
+# --------------------------------------------------------------------------
+# Batches.
+# --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Resize(grain.transforms.Map):
-  """Deterministic full-image resize for evaluation."""
-  size: int
+class _Decoder:
+  """Decodes stored image bytes straight into rows of a batch buffer."""
+  encoding: str
+  stored_size: int
+  size: int  # Side of the output rows (host_image_size).
+  split: str
 
-  def map(self, element: dict) -> dict:
-    return _example(element, _resize(element["image"], self.size))
+  def into(self, image, out: np.ndarray, index: int) -> None:
+    if self.encoding == "raw":
+      row = np.frombuffer(image, np.uint8)
+      if row.size != out.size:
+        raise ValueError(self._bad(index, f"{row.size} raw bytes, expected "
+                                   f"{out.size}"))
+      out.reshape(-1)[:] = row
+      return
+    scale = {} if self.size == self.stored_size else {
+        "min_height": self.size, "min_width": self.size}
+    try:
+      img = simplejpeg.decode_jpeg(image, colorspace="RGB", buffer=out,
+                                   **scale)
+    except ValueError as e:  # Corrupt, or larger than the batch row.
+      raise ValueError(self._bad(index, f"an image that does not decode to "
+                                 f"{out.shape} ({e})")) from e
+    if img.shape != out.shape:
+      raise ValueError(self._bad(index, f"a {img.shape[1]}x{img.shape[0]} "
+                                 f"JPEG decoding to {img.shape}, expected "
+                                 f"{out.shape}"))
+
+  def _bad(self, index: int, what: str) -> str:
+    return (f"Record {index} of the {self.split!r} split holds {what}: every "
+            f"image of a prepared dir must be {self.stored_size}x"
+            f"{self.stored_size} (manifest image_size). Re-prepare the data "
+            "with `python -m data_prep.affectnet`.")
 
 
-def _resize(image: np.ndarray, size: int, box=None) -> np.ndarray:
-  h, w = image.shape[:2]
-  if box is None and h == size and w == size:
-    return image
-  pil = Image.fromarray(image)
-  return np.asarray(pil.resize((size, size), Image.BILINEAR, box=box))
+def _load_rows(src: data.AffectNetSource, decoder: _Decoder,
+               indices: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+  """Reads and decodes `indices` into the first rows of a fresh batch."""
+  s = decoder.size
+  out = {"image": np.empty((batch, s, s, 3), np.uint8),
+         "expression": np.zeros((batch,), np.int32),
+         "valence": np.zeros((batch,), np.float32),
+         "arousal": np.zeros((batch,), np.float32)}
+  records = src.read_records(indices)
+  image, expr = out["image"], out["expression"]
+  val, aro = out["valence"], out["arousal"]
+  for row, (index, rec) in enumerate(zip(indices.tolist(), records)):
+    try:
+      img, expr[row], val[row], aro[row] = data.parse_training_fields(rec)
+    except data.RecordError as e:
+      raise data.RecordError(
+          f"Record {index} of the {src.split!r} split ({src.paths}): {e}. "
+          "Re-prepare the data with `python -m data_prep.affectnet`.") from e
+    decoder.into(img, image[row], index)
+  if len(indices) < batch:
+    image[len(indices):] = 0
+  return out
 
 
-def _example(element: dict, image: np.ndarray) -> dict:
-  """The fields that go to the device; strings and landmarks stay behind."""
-  return {
-      "image": np.ascontiguousarray(image, dtype=np.uint8),
-      "expression": np.int32(element["expression"]),
-      "valence": np.float32(element["valence"]),
-      "arousal": np.float32(element["arousal"]),
-  }
+class _TrainBatches(grain.MapDataset):
+  """Element k = this process's rows of global batch k (infinite)."""
+
+  def __init__(self, src, order, decoder, global_batch: int,
+               process_index: int, process_count: int):
+    super().__init__()
+    self._src, self._order, self._decoder = src, order, decoder
+    self._global = global_batch
+    self._local = global_batch // process_count
+    self._offset = process_index * self._local
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __getitem__(self, k):
+    if not isinstance(k, int):
+      return self.slice(k)
+    start = k * self._global + self._offset
+    idx = self._order.indices(start, start + self._local)
+    return _load_rows(self._src, self._decoder, idx, self._local)
+
+  def __str__(self) -> str:
+    return f"_TrainBatches(local={self._local}, global={self._global})"
 
 
-def _mp_options(num_workers: int, buffer_size: int):
-  _ensure_flags_parsed()
-  return grain.MultiprocessingOptions(
-      num_workers=num_workers, per_worker_buffer_size=max(1, buffer_size))
+class _EvalBatches(grain.MapDataset):
+  """Element k = this process's rows of padded global batch k of the split."""
+
+  def __init__(self, src, decoder, global_batch: int, process_index: int,
+               process_count: int):
+    super().__init__()
+    self._src, self._decoder = src, decoder
+    self._n = len(src)
+    self._global = global_batch
+    self._local = global_batch // process_count
+    self._offset = process_index * self._local
+    self._num_batches = eval_num_batches(self._n, global_batch)
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __getitem__(self, k):
+    if not isinstance(k, int):
+      return self.slice(k)
+    g = k * self._global + self._offset + np.arange(self._local)
+    real = g < self._n
+    out = _load_rows(self._src, self._decoder, g[real], self._local)
+    out["mask"] = real.astype(np.float32)
+    out["index"] = np.where(real, g, -1).astype(np.int32)
+    return out
+
+  def __str__(self) -> str:
+    return f"_EvalBatches(local={self._local}, batches={self._num_batches})"
+
+
+def _decoder(config, src: data.AffectNetSource) -> _Decoder:
+  manifest = data.read_manifest(config.data.dir)
+  return _Decoder(encoding=src.encoding, stored_size=src.image_size,
+                  size=host_image_size(config, manifest), split=src.split)
+
+
+def _threaded(ds: grain.MapDataset, config) -> grain.IterDataset:
+  threads = host_threads(config)
+  buffer = max(int(config.data.prefetch_buffer_size), threads)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=buffer))
+
+
+def _check_split(process_index: int, process_count: int, local: int) -> None:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside "
+                     f"[0, process_count={process_count}).")
+  if local <= 0:
+    raise ValueError(f"local_batch_size={local} must be positive.")
 
 
 def train_dataset(config, *, local_batch_size: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """The infinite, per-process training stream of uint8 batches."""
+                  process_count: int = 1, order=None) -> grain.IterDataset:
+  """The infinite training stream of this process's uint8 batches.
+
+  Args:
+    config: the run config (data.dir, data.sampler, seed, image_size, ...).
+    local_batch_size: rows per process; the global batch is
+      local_batch_size * process_count.
+    process_index, process_count: this process's slice of every global batch.
+    order: optional prebuilt `ShuffleOrder`/`BalancedOrder` (else built
+      from the config; the balanced one reads every label once).
+  """
+  _ensure_flags_parsed()
+  _check_split(process_index, process_count, local_batch_size)
   src = data.source(config.data.dir, "train")
-  if len(src) < local_batch_size * process_count:
+  global_batch = local_batch_size * process_count
+  if len(src) < global_batch:
     raise ValueError(
         f"The training split of {config.data.dir} has {len(src)} examples, "
-        f"fewer than one global batch (--config.batch_size="
-        f"{local_batch_size * process_count}); lower the batch size or "
-        "prepare more data.")
-  ds = grain.MapDataset.source(src).shuffle(seed=config.seed).repeat()
-  ds = ds[process_index::process_count]
-  aug = Augment(size=config.image_size,
-                scale=tuple(config.augment.crop_scale),
-                ratio=tuple(config.augment.aspect_ratio),
-                flip=bool(config.augment.flip))
-  ds = ds.random_map(aug, seed=config.seed + 1)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  ds = ds.to_iter_dataset()
-  if config.data.num_workers > 0:
-    ds = ds.mp_prefetch(
-        _mp_options(config.data.num_workers, config.data.prefetch_buffer_size),
-        worker_init_fn=_worker_init)
-  return ds
-
-
-@dataclasses.dataclass(frozen=True)
-class _PaddedEvalIndex(grain.transforms.Map):
-  """Maps this process's position in the padded order to (source index, mask)."""
-  num_examples: int
-  global_batch: int
-  process_index: int
-  process_count: int
-
-  def map(self, i: int) -> tuple[int, bool]:
-    local = self.global_batch // self.process_count
-    batch, offset = divmod(int(i), local)
-    g = batch * self.global_batch + self.process_index * local + offset
-    return (g, True) if g < self.num_examples else (0, False)
-
-
-@dataclasses.dataclass(frozen=True)
-class _LoadMasked(grain.transforms.Map):
-  src: object
-  size: int
-
-  def map(self, index_and_mask) -> dict:
-    index, real = index_and_mask
-    element = self.src[index]
-    ex = _example(element, _resize(element["image"], self.size))
-    ex["mask"] = np.float32(real)
-    ex["index"] = np.int32(index if real else -1)
-    return ex
+        f"fewer than one global batch (--config.batch_size={global_batch}); "
+        "lower the batch size or prepare more data.")
+  order = train_order(config, src) if order is None else order
+  ds = _TrainBatches(src, order, _decoder(config, src), global_batch,
+                     process_index, process_count)
+  return _threaded(ds, config)
 
 
 def eval_num_batches(num_examples: int, global_batch: int) -> int:
@@ -172,31 +423,86 @@ def eval_dataset(config, *, split: str = "val", local_batch_size: int,
 
   Each global batch ``b`` holds examples ``[b*B, (b+1)*B)``; process ``p``
   feeds rows ``[p*B/P, (p+1)*B/P)`` of it, so concatenating the gathered
-  global batches recovers the split in order.
+  global batches recovers the split in order. Padding rows have ``mask`` 0,
+  ``index`` -1 and zeros elsewhere.
   """
+  _ensure_flags_parsed()
+  _check_split(process_index, process_count, local_batch_size)
   src = data.source(config.data.dir, split)
-  n = len(src)
-  global_batch = local_batch_size * process_count
-  num_batches = eval_num_batches(n, global_batch)
-  ds = grain.MapDataset.range(num_batches * local_batch_size)
-  ds = ds.map(_PaddedEvalIndex(n, global_batch, process_index, process_count))
-  ds = ds.map(_LoadMasked(src, config.image_size))
-  ds = ds.batch(local_batch_size, drop_remainder=False)
-  ds = ds.to_iter_dataset()
-  if config.data.eval_num_workers > 0:
-    ds = ds.mp_prefetch(
-        _mp_options(config.data.eval_num_workers,
-                    config.data.prefetch_buffer_size),
-        worker_init_fn=_worker_init)
-  return ds, n
+  ds = _EvalBatches(src, _decoder(config, src),
+                    local_batch_size * process_count, process_index,
+                    process_count)
+  return _threaded(ds, config), len(src)
 
 
 def iterate(ds: grain.IterDataset) -> Iterator[dict]:
-  """Iterates ``ds`` and closes worker processes afterwards."""
+  """Iterates ``ds`` and closes its iterator (and decode threads) afterwards."""
   it = iter(ds)
   try:
     yield from it
   finally:
-    close = getattr(it, "close", None)
-    if close is not None:
-      close()
+    it.close()
+
+
+# --------------------------------------------------------------------------
+# Device prefetch.
+# --------------------------------------------------------------------------
+class DevicePrefetch(grain.DatasetIterator):
+  """Keeps the next `depth` global batches on the devices ahead of the step.
+
+  Wraps a host iterator of per-process batches; `next()` returns global
+  `jax.Array`s sharded over the mesh (`sharding.shard_batch`). The transfer
+  of batch k+1 is started (asynchronously) before batch k is returned, so it
+  overlaps step k; nothing here waits on the device.
+
+  Checkpointing: pass this iterator to `CheckpointSave`/`CheckpointRestore`
+  like any Grain iterator. `get_state()` is the host iterator's state
+  *before* the oldest batch still buffered here, i.e. the position of the
+  next batch the trainer will get, so batches in flight are not skipped on
+  resume; `set_state()` drops the buffer.
+
+  `wait_seconds` accumulates the time `next()` spent blocked on the host
+  pipeline (the trainer's input-wait time): log its delta per interval.
+  """
+
+  def __init__(self, host_iterator: grain.DatasetIterator, mesh, *,
+               depth: int = 1):
+    super().__init__(host_iterator)
+    from affectjax import sharding  # pylint: disable=g-import-not-at-top
+    self._host = host_iterator
+    self._shard = lambda b: sharding.shard_batch(b, mesh)
+    self._depth = max(1, int(depth))
+    self._buffer = collections.deque()  # (host state before it, device batch)
+    self.wait_seconds = 0.0
+
+  def _fill(self) -> None:
+    while len(self._buffer) < self._depth:
+      state = self._host.get_state()
+      t = time.perf_counter()
+      host_batch = next(self._host)
+      self.wait_seconds += time.perf_counter() - t
+      self._buffer.append((state, self._shard(host_batch)))
+
+  def __next__(self):
+    self._assert_not_closed()
+    self._fill()
+    _, batch = self._buffer.popleft()
+    self._fill()  # Start the next transfer before the step runs.
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    if self._buffer:
+      return self._buffer[0][0]
+    return self._host.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._buffer.clear()
+    self._host.set_state(state)
+
+  def close(self) -> None:
+    self._buffer.clear()
+    self._host.close()
+    super().close()
+
+  def __str__(self) -> str:
+    return f"DevicePrefetch(depth={self._depth})"
