@@ -7,7 +7,11 @@ r"""Entry point: flags, optional ``jax.distributed``, then the training run.
 Every config field can be overridden with ``--config.<field>=<value>``.
 Multi-host: pass ``--distributed`` where JAX can discover the cluster (TPU
 pods, SLURM, ...), or give ``--coordinator_address``, ``--num_processes`` and
-``--process_id`` explicitly (one process per host, or several on one host).
+``--process_id`` explicitly (one process per host, or several on one host);
+``--local_device_ids`` picks this process's GPUs (see affectjax.distributed).
+
+SIGTERM or SIGINT finishes the current step, saves a checkpoint and exits 0
+with a line saying how to resume; a second one aborts at once (non-zero).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from affectjax import distributed
 from affectjax import summary
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,6 +41,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Total processes (explicit setup).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index (explicit setup).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_string(
+    "local_device_ids", None, "Comma-separated accelerator ids this process "
+    "drives, among those it sees (default: JAX_LOCAL_DEVICE_IDS, else an even "
+    "share of CUDA_VISIBLE_DEVICES by local rank, else all).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -48,39 +57,35 @@ class _QuietLibraries(std_logging.Filter):
         part in record.pathname for part in ("/orbax/", "/grain/"))
 
 
-def _init_distributed() -> None:
-  if _COORDINATOR.value:
-    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-      raise app.UsageError("--coordinator_address needs --num_processes and "
-                           "--process_id too.")
-    if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator():
-      # CPU processes need a collectives backend to talk to each other.
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                               _PROCESS_ID.value)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
-
-
-def _has_accelerator() -> bool:
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  return any(importlib.util.find_spec(m) is not None
-             for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
-
-
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  _init_distributed()
-  logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)",
-               jax.__version__, jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  config = _CONFIG.value
+  try:
+    distributed.initialize(
+        auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        local_device_ids=_LOCAL_DEVICE_IDS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  distributed.enable_compilation_cache(config.compilation_cache_dir)
+  distributed.check_devices()
   from affectjax import train  # pylint: disable=g-import-not-at-top
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  if jax.process_index() == 0:
+  result = train.train_and_evaluate(config, _WORKDIR.value)
+  if jax.process_index() != 0:
+    return
+  if result.get("preempted"):
+    print(resume_message(result), flush=True)
+  else:
     print(summary.table(result, workdir=_WORKDIR.value), flush=True)
+
+
+def resume_message(result: dict) -> str:
+  """The one line printed when a signal stopped the run after a checkpoint."""
+  by = result.get("signal") or "a stop request"
+  return (f"Stopped by {by} at step {result['step']} after saving a "
+          "checkpoint; rerun the same command to resume.")
 
 
 def run() -> None:

@@ -1,0 +1,201 @@
+"""Process setup shared by every entry point: jax.distributed, devices, compile cache.
+
+``main`` (training) and the evaluate/predict tools call, in this order, before
+any other JAX call::
+
+  distributed.initialize(auto=..., coordinator_address=..., num_processes=...,
+                         process_id=..., local_device_ids=...)
+  distributed.enable_compilation_cache(config.compilation_cache_dir)
+  distributed.check_devices()
+
+GPU selection. JAX's cluster auto-detection (SLURM, Open MPI) assumes that
+every process on a node sees all of the node's GPUs and drives GPU number
+``local rank``. That breaks both common SLURM setups: with ``--gpus-per-task=1``
+each process sees one GPU (``CUDA_VISIBLE_DEVICES`` holds one id) and JAX picks
+device ``SLURM_LOCALID`` of one, an invalid ordinal; with one process per node
+it drives only GPU 0 (jax-ml/jax#16788). ``resolve_local_device_ids`` picks
+the devices from what the process can actually see instead;
+``--local_device_ids`` or ``JAX_LOCAL_DEVICE_IDS`` override it.
+"""
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+from absl import logging
+
+from affectjax import preemption
+
+
+def parse_device_ids(value: str | Sequence[int] | None, *,
+                     flag: str = "--local_device_ids") -> list[int] | None:
+  """'0,1,3' -> [0, 1, 3]; '' or None -> None; a clear error otherwise."""
+  if value is None:
+    return None
+  if not isinstance(value, str):
+    return [int(v) for v in value]
+  value = value.strip()
+  if not value:
+    return None
+  try:
+    ids = [int(v) for v in value.split(",")]
+  except ValueError:
+    raise ValueError(f"{flag}={value!r}: give comma-separated device "
+                     "numbers, e.g. 0,1.") from None
+  if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+    raise ValueError(f"{flag}={value!r}: device numbers must be distinct "
+                     "and >= 0.")
+  return ids
+
+
+def _tasks_on_this_node(environ: Mapping[str, str]) -> tuple[int, int] | None:
+  """(processes on this node, this process's rank among them), if a launcher says."""
+  if "SLURM_LOCALID" in environ:
+    per_node = environ.get("SLURM_NTASKS_PER_NODE") or environ.get(
+        "SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    # '8', '8(x2)' (uniform) count; '2(x3),1' (uneven) does not.
+    m = re.fullmatch(r"(\d+)(\(x\d+\))?", per_node or "")
+    if m is None:
+      return None
+    return int(m.group(1)), int(environ["SLURM_LOCALID"])
+  if "OMPI_COMM_WORLD_LOCAL_SIZE" in environ:
+    return (int(environ["OMPI_COMM_WORLD_LOCAL_SIZE"]),
+            int(environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+  return None
+
+
+def resolve_local_device_ids(flag_value: str | Sequence[int] | None = None,
+                             environ: Mapping[str, str] | None = None
+                             ) -> list[int] | None:
+  """The accelerator ids this process drives; None = JAX's default (all it sees).
+
+  In order: ``--local_device_ids``; ``JAX_LOCAL_DEVICE_IDS``; else, where a
+  launcher restricted the process with ``CUDA_VISIBLE_DEVICES`` (or ROCm's
+  ``ROCR_VISIBLE_DEVICES``), an even share of the devices it sees: one
+  visible device -> [0] (SLURM ``--gpus-per-task=1``); one process on the node
+  -> all of them; k processes sharing n visible devices -> n/k each, by local
+  rank. The ids index the devices visible to the process, not the node's.
+  """
+  environ = os.environ if environ is None else environ
+  if (ids := parse_device_ids(flag_value)) is not None:
+    return ids
+  if (ids := parse_device_ids(environ.get("JAX_LOCAL_DEVICE_IDS"),
+                              flag="JAX_LOCAL_DEVICE_IDS")) is not None:
+    return ids
+  visible = (environ.get("CUDA_VISIBLE_DEVICES")
+             or environ.get("ROCR_VISIBLE_DEVICES") or "").strip()
+  if not visible or visible in ("-1", "NoDevFiles"):
+    return None
+  n = len(visible.split(","))
+  if n == 1:
+    return [0]
+  tasks = _tasks_on_this_node(environ)
+  if tasks is None:
+    return None  # No launcher: JAX uses every visible device.
+  k, rank = tasks
+  if k <= 1:
+    return list(range(n))
+  if n % k:
+    raise ValueError(
+        f"{k} processes on this node share {n} visible devices "
+        f"(CUDA_VISIBLE_DEVICES={visible}), which does not split evenly. Give "
+        "each process its devices with --local_device_ids (or "
+        "JAX_LOCAL_DEVICE_IDS), or launch one process per GPU (SLURM: "
+        "--ntasks-per-node=<gpus> --gpus-per-task=1).")
+  per = n // k
+  return list(range(rank * per, (rank + 1) * per))
+
+
+def _has_accelerator_plugin() -> bool:
+  return any(importlib.util.find_spec(m) is not None
+             for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
+
+
+def initialize(*, auto: bool = False, coordinator_address: str | None = None,
+               num_processes: int | None = None, process_id: int | None = None,
+               local_device_ids: str | Sequence[int] | None = None) -> None:
+  """Sets up this process; call before any other JAX call.
+
+  ``coordinator_address`` (with ``num_processes`` and ``process_id``): an
+  explicit multi-process run. ``auto``: ``jax.distributed.initialize()`` with
+  cluster auto-detection (TPU pods, SLURM, Open MPI). Neither: one process.
+  In every case SIGTERM ends the process until training installs its
+  ``preemption.StopRequest``.
+  """
+  ids = resolve_local_device_ids(local_device_ids)
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError("--coordinator_address needs --num_processes and "
+                       "--process_id too.")
+    if (jax.config.jax_platforms in (None, "", "cpu")
+        and not _has_accelerator_plugin()):
+      # CPU processes need a collectives backend to talk to each other.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               local_device_ids=ids)
+  elif auto:
+    jax.distributed.initialize(local_device_ids=ids)
+  elif ids is not None:
+    # One process: select its GPUs the way jax.distributed would.
+    visible = ",".join(map(str, ids))
+    jax.config.update("jax_cuda_visible_devices", visible)
+    jax.config.update("jax_rocm_visible_devices", visible)
+  if jax.distributed.is_initialized():
+    # jax.distributed's preemption notifier swallows SIGTERM (see
+    # affectjax.preemption); until StopRequest takes over, let it kill.
+    preemption.restore_default_sigterm()
+  _selected_ids.clear()
+  _selected_ids.extend(ids or [])
+
+
+_selected_ids: list[int] = []
+
+
+def check_devices() -> dict:
+  """Logs the process/device layout; fails if processes differ in devices.
+
+  Every process sees the same global device list, so all of them fail
+  together with the same message. Returns the numbers it logged.
+  """
+  devices = jax.devices()
+  per_process = collections.Counter(d.process_index for d in devices)
+  platforms = sorted({d.platform for d in devices})
+  info = {"process_index": jax.process_index(),
+          "process_count": jax.process_count(),
+          "local_devices": jax.local_device_count(),
+          "global_devices": len(devices), "platform": ",".join(platforms)}
+  logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)%s",
+               jax.__version__, info["process_index"], info["process_count"],
+               info["local_devices"], info["global_devices"], info["platform"],
+               f", local device ids {_selected_ids}" if _selected_ids else "")
+  if len(set(per_process.values())) > 1 or len(platforms) > 1:
+    layout = ", ".join(f"process {p}: {n}" for p, n in sorted(per_process.items()))
+    raise RuntimeError(
+        f"Processes see different numbers of devices ({layout}; platforms "
+        f"{platforms}). Every process must drive the same number: one process "
+        "per GPU (SLURM --ntasks-per-node=<gpus> --gpus-per-task=1) or one "
+        "per host, or pick devices with --local_device_ids / "
+        "JAX_LOCAL_DEVICE_IDS. A process on 'cpu' among GPU peers has a "
+        "CPU-only jax: reinstall with ./launch.sh (it installs the CUDA build).")
+  return info
+
+
+def enable_compilation_cache(path: str) -> str | None:
+  """Turns on JAX's persistent compilation cache in ``path`` ('' = off).
+
+  Reruns and resumes then skip XLA compilation of unchanged steps. ``~`` is
+  expanded; a URL (gs://...) is passed to JAX as is. Returns the directory
+  used, or None when off. Call before the first compilation.
+  """
+  if not path:
+    return None
+  if "://" not in path:
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  logging.info("JAX compilation cache: %s", path)
+  return path

@@ -1,0 +1,192 @@
+"""StopRequest with real signals; process setup (device ids, SIGTERM, compile cache)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from affectjax import distributed, preemption
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _wait_for(predicate, timeout=10.0):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    time.sleep(0.01)
+  return predicate()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_requests_a_stop_and_handlers_come_back(sig):
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  with preemption.StopRequest(abort_after_s=None) as stop:
+    assert not stop.should_stop(1) and stop.signal_name is None
+    os.kill(os.getpid(), sig)  # A real signal to this process.
+    step = 1
+    while not stop.should_stop(step):
+      step += 1
+      assert step < 10_000, "the signal never reached should_stop"
+      time.sleep(0.001)
+    assert stop.signal_name == sig.name and stop.stop_step == step
+    assert stop.should_stop(step + 1)  # Stays stopped.
+  assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _script(body: str, tmp_path) -> str:
+  path = tmp_path / "child.py"
+  path.write_text(textwrap.dedent(body))
+  return str(path)
+
+
+# The main thread hangs inside C (relocking a plain pthread mutex: GIL
+# released, never interrupted by signals), as it does in a collective waiting
+# for a dead peer: Python-level signal handlers never run there.
+_HUNG_MAIN = """
+import ctypes, sys
+from affectjax import preemption
+libc = ctypes.CDLL(None)
+mutex = ctypes.create_string_buffer(64)  # All zeros: PTHREAD_MUTEX_INITIALIZER.
+with preemption.StopRequest(abort_after_s=float(sys.argv[1])):
+  libc.pthread_mutex_lock(mutex)
+  print("ready", flush=True)
+  libc.pthread_mutex_lock(mutex)  # Deadlocks here, inside C.
+"""
+
+
+@pytest.fixture
+def reap():
+  """Kills, at teardown, the subprocesses a failing test left running."""
+  procs = []
+  yield procs.append
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def _start_hung(tmp_path, abort_after_s, reap):
+  proc = subprocess.Popen(
+      [sys.executable, _script(_HUNG_MAIN, tmp_path), str(abort_after_s)],
+      cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  reap(proc)
+  assert proc.stdout.readline() == "ready\n", proc.communicate()[1][-2000:]
+  return proc
+
+
+def test_second_signal_aborts_a_hung_process_at_once(tmp_path, reap):
+  proc = _start_hung(tmp_path, abort_after_s=600, reap=reap)
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(0.5)
+  assert proc.poll() is None  # The first one only asks for a stop.
+  t0 = time.monotonic()
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=30)
+  assert time.monotonic() - t0 < 10
+  assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+  assert "second signal (SIGINT) while stopping" in err
+
+
+def test_one_signal_aborts_a_hung_process_after_the_grace_period(tmp_path,
+                                                                  reap):
+  proc = _start_hung(tmp_path, abort_after_s=1, reap=reap)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "no step finished within 1 s of SIGTERM" in err
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_sigterm_ends_a_process_after_jax_distributed_initialize(tmp_path,
+                                                                 reap):
+  """jax.distributed installs a C++ SIGTERM handler that swallows the signal."""
+  script = _script("""
+      import sys, time
+      from affectjax import distributed
+      distributed.initialize(coordinator_address=sys.argv[1], num_processes=1,
+                             process_id=0)
+      print("ready", flush=True)
+      time.sleep(60)
+      """, tmp_path)
+  proc = subprocess.Popen(
+      [sys.executable, script, f"127.0.0.1:{_free_port()}"], cwd=REPO,
+      env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  reap(proc)
+  assert proc.stdout.readline() == "ready\n", proc.communicate()[1][-2000:]
+  proc.send_signal(signal.SIGTERM)
+  try:
+    proc.wait(timeout=20)
+  except subprocess.TimeoutExpired:
+    pytest.fail("SIGTERM was swallowed after jax.distributed.initialize")
+  assert proc.returncode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("environ, flag, expected", [
+    ({}, None, None),
+    ({}, "2,3", [2, 3]),
+    ({"JAX_LOCAL_DEVICE_IDS": "1"}, None, [1]),
+    ({"JAX_LOCAL_DEVICE_IDS": "1"}, "0", [0]),  # The flag wins.
+    # SLURM --ntasks-per-node=8 --gpus-per-task=1: each task sees one GPU,
+    # which is device 0 of that process whatever its SLURM_LOCALID.
+    ({"CUDA_VISIBLE_DEVICES": "5", "SLURM_LOCALID": "5",
+      "SLURM_NTASKS_PER_NODE": "8"}, None, [0]),
+    # SLURM, one task per node seeing all 8 GPUs: all of them (JAX alone
+    # would take only GPU 0).
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "SLURM_LOCALID": "0",
+      "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}, None, list(range(8))),
+    # SLURM, 8 tasks sharing 8 visible GPUs (--gpus-per-node=8): one each.
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "SLURM_LOCALID": "3",
+      "SLURM_NTASKS_PER_NODE": "8"}, None, [3]),
+    # Open MPI, 2 ranks on a node sharing 4 GPUs: two each.
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, None, [2, 3]),
+    # No launcher: JAX's default (every visible device).
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, None, None),
+])
+def test_local_device_ids(environ, flag, expected):
+  assert distributed.resolve_local_device_ids(flag, environ) == expected
+
+
+def test_local_device_ids_errors_name_the_flag():
+  with pytest.raises(ValueError, match="--local_device_ids='0,x'"):
+    distributed.resolve_local_device_ids("0,x", {})
+  with pytest.raises(ValueError, match="JAX_LOCAL_DEVICE_IDS='1,1'"):
+    distributed.resolve_local_device_ids(None, {"JAX_LOCAL_DEVICE_IDS": "1,1"})
+  with pytest.raises(ValueError, match="3 processes on this node share 4"):
+    distributed.resolve_local_device_ids(None, {
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_LOCALID": "0",
+        "SLURM_NTASKS_PER_NODE": "3"})
+
+
+def test_compilation_cache_is_written_where_asked(tmp_path):
+  """A real compile in a fresh process lands in the configured directory."""
+  cache = tmp_path / "cache"
+  script = _script("""
+      import sys
+      import jax
+      from affectjax import distributed
+      assert distributed.enable_compilation_cache("") is None
+      used = distributed.enable_compilation_cache(sys.argv[1])
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+      print(used, float(jax.jit(lambda x: (x * 2).sum())(jax.numpy.ones(3))))
+      """, tmp_path)
+  out = subprocess.run(
+      [sys.executable, script, str(cache)], cwd=REPO, capture_output=True,
+      text=True, timeout=120,
+      env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == [str(cache), "6.0"]
+  assert os.listdir(cache), "nothing was cached"
