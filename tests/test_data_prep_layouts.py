@@ -112,6 +112,23 @@ def test_npy_layout(npy_tree, tmp_path):
   assert np.isnan(got["images/105.jpg"]["landmarks"]).all()
 
 
+def test_npy_holdout_reads_codes_and_keeps_row_numbers(npy_tree):
+  idx = layouts.index_split("npy", npy_tree[0], "train")
+  codes = dict(zip(idx.names, idx.expression_codes().tolist()))
+  # Unreadable or absent _exp.npy: -1, so the row stays in train.
+  assert codes["106.jpg"] == codes["100.jpg"] == codes["Thumbs.db"] == -1
+  assert codes["3.jpg"] == 3 and codes["103.jpg"] == 9
+  train, held = layouts.split_holdout(idx, 0.5, seed=0)
+  assert not set(train.names) & set(held.names)
+  assert sorted(train.names + held.names) == sorted(idx.names)
+  # Class 1 has 5 rows (1, 101, 102, 104, 107): round(2.5) = 3 held out.
+  assert sorted(codes[n] for n in held.names) == [1, 1, 1, 3]
+  number = dict(zip(idx.names, idx.numbers.tolist()))
+  for sub in (train, held):  # Skip reports keep the listing positions.
+    assert [number[n] for n in sub.names] == sub.numbers.tolist()
+    assert sub.numbers.tolist() == sorted(sub.numbers.tolist())
+
+
 @pytest.fixture(scope="module")
 def folders_tree(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("folders"))
