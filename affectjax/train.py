@@ -1,15 +1,22 @@
-"""Training and evaluation loop: ``train_and_evaluate(config, workdir)``.
+"""Training loop: ``train_and_evaluate(config, workdir)``.
 
 The run, in order (the sections below follow it):
-  1. mesh over all devices; per-process batch sizes;
-  2. model built by name, optionally ImageNet-initialized, split into
-     (graphdef, params, rest) and placed replicated on the mesh;
-  3. optimizer from the config; train state = params + rest + opt_state + step;
-  4. resume from the latest checkpoint in ``workdir`` (state and data order);
-  5. loop: a jitted, donated, pure train step; metrics stay on the device
-     until a log step, where the host checks them for NaN;
-  6. periodic and final evaluation over every validation example once;
-  7. checkpoints every ``checkpoint_every_steps`` and at the end.
+  1. the prepared data is checked against the config (classes, image size);
+  2. mesh over all devices; per-process batch sizes;
+  3. model built abstractly (``nnx.eval_shape``), then materialized replicated
+     on the mesh by one jitted init; ImageNet arrays, if any, placed once;
+  4. optimizer from the config; train state = params + rest + opt_state + step
+     (+ an EMA of the weights when ``config.ema_decay > 0``);
+  5. resume from the latest checkpoint in ``workdir`` (state and data order);
+     every process restores the same step;
+  6. loop: a jitted, donated, pure train step (augmentation runs inside it, on
+     the device); metrics stay on the device until a log step, where the host
+     checks them for NaN and logs the input-wait share;
+  7. periodic and final evaluation over every example of the selection split
+     (``holdout`` when it exists) and of ``val``; the best checkpoint by
+     ``config.checkpoint.best_metric`` is kept besides the latest N;
+  8. SIGTERM/SIGINT (preemption) finishes the step, saves synchronously and
+     returns; an exception never leaves an async save or workers behind.
 
 The hot step is a pure function of the ``nnx.split`` state (plain ``jax.jit``,
 not ``nnx.jit``), which keeps per-step host work to a dispatch.
@@ -18,8 +25,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
-import os
 import time
 from typing import Any
 
@@ -29,9 +34,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from affectjax import augment
 from affectjax import checkpoint as ckpt_lib
+from affectjax import data
 from affectjax import input_pipeline
 from affectjax import losses
 from affectjax import metric_log
@@ -46,47 +55,154 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # --------------------------------------------------------------------------
+# Data checks.
+# --------------------------------------------------------------------------
+def check_prepared_data(config: ml_collections.ConfigDict,
+                        manifest: dict) -> None:
+  """Refuses a prepared dir that does not fit the config, instead of coping silently.
+
+  A different class count would mislabel every example; a prepared image
+  smaller than ``config.image_size`` would be silently upsampled.
+  """
+  data_dir = config.data.dir
+  prepared_classes = int(manifest.get("num_classes", config.num_classes))
+  if prepared_classes != config.num_classes:
+    raise ValueError(
+        f"{data_dir} was prepared with {prepared_classes} classes but "
+        f"--config.num_classes={config.num_classes}. Set "
+        f"--config.num_classes={prepared_classes}, or prepare the data again "
+        f"with `./launch.sh prep ... --classes={config.num_classes}`.")
+  prepared_size = int(manifest["image_size"])
+  if prepared_size < config.image_size:
+    raise ValueError(
+        f"{data_dir} holds {prepared_size} px images but "
+        f"--config.image_size={config.image_size}: training would upsample "
+        f"every face. Prepare the data again with `./launch.sh prep ... "
+        f"--image_size={config.image_size}` (or larger; the default 320 fits "
+        f"every shipped config), or lower --config.image_size to "
+        f"{prepared_size}.")
+
+
+def selection_split(config: ml_collections.ConfigDict, manifest: dict) -> str:
+  """The split that picks the best checkpoint and drives early stopping."""
+  choice = config.data.selection_split
+  if choice == "auto":
+    return "holdout" if "holdout" in manifest["splits"] else "val"
+  if choice not in manifest["splits"]:
+    raise ValueError(
+        f"--config.data.selection_split={choice!r}, but {config.data.dir} has "
+        f"the splits {sorted(manifest['splits'])}; prepare a holdout split "
+        "with `./launch.sh prep ... --holdout_fraction=0.05` or use 'auto'.")
+  return choice
+
+
+# --------------------------------------------------------------------------
 # Model and state.
 # --------------------------------------------------------------------------
-def create_model(config: ml_collections.ConfigDict) -> nnx.Module:
-  """Builds ``config.model.name`` and applies ``config.model.init``."""
+def _check_dtype(config) -> None:
   if config.model.dtype not in _DTYPES:
     raise ValueError(f"--config.model.dtype={config.model.dtype!r}: use one of "
                      f"{sorted(_DTYPES)}.")
-  model = models.create(
+  if config.model.init not in ("scratch", "imagenet"):
+    raise ValueError(f"--config.model.init={config.model.init!r}: use "
+                     "'scratch' or 'imagenet'.")
+
+
+def _build_model(config: ml_collections.ConfigDict) -> nnx.Module:
+  """``config.model.name`` with its random initialization (no weight file)."""
+  return models.create(
       config.model.name, rngs=nnx.Rngs(config.seed),
       num_classes=config.num_classes, dtype=_DTYPES[config.model.dtype],
       **dict(config.model.kwargs))
+
+
+def create_model(config: ml_collections.ConfigDict) -> nnx.Module:
+  """Builds ``config.model.name`` eagerly and applies ``config.model.init``."""
+  _check_dtype(config)
+  model = _build_model(config)
   if config.model.init == "imagenet":
-    path = models.imagenet_weights_path(config.model.name,
-                                        config.model.weights_dir)
-    models.load_imagenet_weights(model, path)
-    logging.info("Loaded ImageNet weights from %s", path)
-  elif config.model.init != "scratch":
-    raise ValueError(f"--config.model.init={config.model.init!r}: use "
-                     "'scratch' or 'imagenet'.")
+    _load_imagenet(model, config)
   return model
 
 
-def init_state(config, mesh) -> tuple[nnx.GraphDef, State, optax.GradientTransformation]:
-  """Creates the replicated train state on ``mesh``."""
-  model = create_model(config)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def _load_imagenet(model: nnx.Module, config) -> None:
+  path = models.imagenet_weights_path(config.model.name,
+                                      config.model.weights_dir)
+  models.load_imagenet_weights(model, path)
+  logging.info("Loaded ImageNet weights from %s", path)
+
+
+def _ema_init(params, rest) -> dict:
+  return {"params": params, "rest": rest}
+
+
+def abstract_state(config: ml_collections.ConfigDict, mesh
+                   ) -> tuple[nnx.GraphDef, State, optax.GradientTransformation]:
+  """(graphdef, abstract train state with replicated shardings, optimizer).
+
+  Nothing is allocated: this is what checkpoints are restored onto, and what
+  ``init_state`` materializes.
+  """
+  _check_dtype(config)
+  graphdef, params, rest = nnx.split(
+      nnx.eval_shape(lambda: _build_model(config)), nnx.Param, ...)
   tx = optim.create(config, params)
   repl = sharding.replicated(mesh)
-  params, rest = jax.device_put((params, rest), repl)
-  opt_state = jax.jit(tx.init, out_shardings=repl)(params)
-  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), repl),
-           "params": params, "rest": rest, "opt_state": opt_state}
+
+  def init(params, rest):
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+             "opt_state": tx.init(params)}
+    if config.ema_decay > 0:
+      state["ema"] = _ema_init(params, rest)
+    return state
+
+  shapes = jax.eval_shape(init, params, rest)
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+  return graphdef, abstract, tx
+
+
+def init_state(config: ml_collections.ConfigDict, mesh
+               ) -> tuple[nnx.GraphDef, State, optax.GradientTransformation]:
+  """Creates the replicated train state on ``mesh`` with one jitted init.
+
+  The random initialization runs once, compiled, with ``out_shardings``
+  replicated (not hundreds of eager ops and per-array transfers). With
+  ``config.model.init='imagenet'`` the converted arrays replace the backbone's
+  and the whole state is placed once.
+  """
+  graphdef, abstract, tx = abstract_state(config, mesh)
+  repl = sharding.replicated(mesh)
+
+  @functools.partial(jax.jit, out_shardings=repl)
+  def init_params():
+    _, params, rest = nnx.split(_build_model(config), nnx.Param, ...)
+    return params, rest
+
+  params, rest = init_params()
+  if config.model.init == "imagenet":
+    model = nnx.merge(graphdef, jax.device_get(params), jax.device_get(rest))
+    _load_imagenet(model, config)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = jax.device_put((params, rest), repl)
+
+  @functools.partial(jax.jit, out_shardings=repl)
+  def init_rest(params, rest):
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+             "opt_state": tx.init(params)}
+    if config.ema_decay > 0:
+      state["ema"] = _ema_init(params, rest)
+    return state
+
+  state = init_rest(params, rest)
+  del abstract
   return graphdef, state, tx
 
 
-def _class_weights(config) -> np.ndarray | None:
+def _class_weights(config, manifest) -> np.ndarray | None:
   if config.loss.class_weighting == "none":
     return None
-  path = os.path.join(config.data.dir, "manifest.json")
-  with open(path) as f:
-    counts = json.load(f)["splits"]["train"]["class_counts"]
+  counts = manifest["splits"]["train"]["class_counts"]
   return np.asarray(losses.class_weights_from_counts(
       counts, mode=config.loss.class_weighting), np.float32)
 
@@ -103,14 +219,22 @@ def _loss_kwargs(config, batch, class_weights):
 # --------------------------------------------------------------------------
 # Steps. Pure functions of the state; jitted in `make_steps`.
 # --------------------------------------------------------------------------
+def _augment_key(config) -> jax.Array:
+  # Its own stream, separate from dropout's fold_in(key(seed), step).
+  return jax.random.fold_in(jax.random.key(config.seed), 0x6175)
+
+
 def train_step(state: State, batch: dict, *, graphdef, tx, config,
                class_weights, train_backbone: bool) -> tuple[State, dict]:
-  """One optimizer step on a global batch of uint8 images."""
+  """One optimizer step on a global batch of uint8 images (any stored size)."""
   rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+  images = augment.train_images(batch["image"], key=_augment_key(config),
+                                step=state["step"], augment=config.augment,
+                                size=config.image_size)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state["rest"], copy=True)
-    x = model.preprocess(batch["image"])
+    x = model.preprocess(images)
     logits, va = model(x, train=True, train_backbone=train_backbone,
                        rngs=nnx.Rngs(dropout=rng))
     loss, stats = losses.multitask_loss(
@@ -124,14 +248,20 @@ def train_step(state: State, batch: dict, *, graphdef, tx, config,
   params = optax.apply_updates(state["params"], updates)
   new_state = {"step": state["step"] + 1, "params": params, "rest": rest,
                "opt_state": opt_state}
+  if "ema" in state:
+    decay = jnp.float32(config.ema_decay)
+    new_state["ema"] = jax.tree.map(
+        lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype),
+        state["ema"], {"params": params, "rest": rest})
   return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                     **stats}
+                     "correct": stats["correct_sum"],
+                     "labelled": stats["expression_count"]}
 
 
 def eval_step(state: State, batch: dict, *, graphdef, config, class_weights):
   """Predictions and loss sums for a padded eval batch (``mask`` marks rows)."""
   model = nnx.merge(graphdef, state["params"], state["rest"])
-  x = model.preprocess(batch["image"])
+  x = model.preprocess(augment.resize_images(batch["image"], config.image_size))
   logits, va = model(x, train=False)
   _, stats = losses.multitask_loss(
       logits, va, example_mask=batch["mask"],
@@ -161,13 +291,13 @@ def make_steps(graphdef, tx, config, mesh, class_weights=None):
 # --------------------------------------------------------------------------
 # Evaluation.
 # --------------------------------------------------------------------------
-def evaluate(state: State, eval_fn, config, mesh) -> dict:
-  """Metrics over every example of the validation split exactly once."""
+def evaluate(state: State, eval_fn, config, mesh, *, split: str = "val") -> dict:
+  """Metrics over every example of ``split`` exactly once."""
   local_bs = sharding.local_batch_size(config.eval_batch_size, mesh,
                                        flag="config.eval_batch_size")
   ds, n = input_pipeline.eval_dataset(
-      config, local_batch_size=local_bs, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      config, split=split, local_batch_size=local_bs,
+      process_index=jax.process_index(), process_count=jax.process_count())
   outs, stats = [], []
   for batch in input_pipeline.iterate(ds):
     out, batch_stats = eval_fn(state, sharding.shard_batch(batch, mesh))
@@ -194,7 +324,7 @@ def evaluate(state: State, eval_fn, config, mesh) -> dict:
 # The run.
 # --------------------------------------------------------------------------
 def _summarize_train(history: list[dict], step: int, seconds: float,
-                     examples: int) -> dict:
+                     examples: int, wait_seconds: float) -> dict:
   host = jax.device_get(history)
   loss = float(np.mean([h["loss"] for h in host]))
   if not np.isfinite(loss):
@@ -203,26 +333,56 @@ def _summarize_train(history: list[dict], step: int, seconds: float,
         "--config.optimizer.learning_rate or enable "
         "--config.optimizer.grad_clip_norm; the last good checkpoint is in "
         "the workdir.")
+  labelled = sum(float(h["labelled"]) for h in host)
   return {"loss": loss,
+          "accuracy": sum(float(h["correct"]) for h in host) / max(labelled, 1),
           "grad_norm": float(np.mean([h["grad_norm"] for h in host])),
           "steps_per_sec": len(history) / max(seconds, 1e-9),
-          "examples_per_sec": examples / max(seconds, 1e-9)}
+          "examples_per_sec": examples / max(seconds, 1e-9),
+          # Share of the wall time the loop spent waiting for input: near 0
+          # when the device is the bottleneck, near 1 when the host is.
+          "input_wait_share": min(1.0, wait_seconds / max(seconds, 1e-9))}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains to ``config.total_steps`` (resuming if possible); returns final eval."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  manifest = os.path.join(config.data.dir, "manifest.json")
-  if not os.path.exists(manifest):
-    raise FileNotFoundError(
-        f"--config.data.dir={config.data.dir!r} holds no manifest.json. Point "
-        "it at the --output_dir of `python -m data_prep.affectnet` (or "
-        "`./launch.sh prep`); `./launch.sh demo` prepares a synthetic one in "
-        "runs/demo/data/arrayrecord.")
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+def _agreed_step(step: int | None) -> int | None:
+  """The step process 0 sees, on every process (restores must agree)."""
+  if jax.process_count() == 1:
+    return step
+  mine = np.int64(-1 if step is None else step)
+  agreed = int(multihost_utils.broadcast_one_to_all(mine))
+  if agreed != int(mine):
+    raise RuntimeError(
+        f"Process {jax.process_index()} sees latest checkpoint step "
+        f"{None if step is None else step} but process 0 sees "
+        f"{None if agreed < 0 else agreed}: the workdir must be storage every "
+        "host sees (a shared filesystem or gs://...), not a local disk.")
+  return None if agreed < 0 else agreed
+
+
+def _write_config(config, workdir: epath.Path) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = workdir / "config.json.tmp"
+  tmp.write_text(config.to_json_best_effort(indent=2))
+  tmp.rename(workdir / "config.json")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Trains to ``config.total_steps`` (resuming if possible); returns final eval.
+
+  ``workdir`` is any ``etils.epath`` path that every host sees (a local
+  directory, a shared filesystem, ``gs://bucket/run``).
+  """
+  workdir = epath.Path(workdir).expanduser()
+  if not config.data.dir:
+    raise ValueError("--config.data.dir is empty: point it at the --output_dir "
+                     "of `./launch.sh prep` (`./launch.sh demo` prepares a "
+                     "synthetic one in runs/demo/data/arrayrecord).")
+  manifest = data.read_manifest(config.data.dir)
+  check_prepared_data(config, manifest)
+  select_split = selection_split(config, manifest)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _write_config(config, workdir)
 
   # Mesh and batch sizes.
   mesh = sharding.make_mesh()
@@ -231,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Model, optimizer, steps.
   graphdef, state, tx = init_state(config, mesh)
-  class_weights = _class_weights(config)
+  class_weights = _class_weights(config, manifest)
   train_fn, eval_fn = make_steps(graphdef, tx, config, mesh, class_weights)
 
   # Input.
@@ -240,54 +400,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       process_count=jax.process_count())
   train_iter = iter(train_ds)
 
-  # Resume.
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                every_steps=config.checkpoint_every_steps,
                                keep=config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(latest, ckpt_lib.abstract_like(state), train_iter)
-    logging.info("Resumed from %s at step %d", ckpt.directory, latest)
-  step = int(jax.device_get(state["step"]))
+  log = None
+  try:
+    # Resume.
+    latest = _agreed_step(ckpt.latest_step())
+    if latest is not None:
+      state = ckpt.restore(latest, ckpt_lib.abstract_like(state), train_iter)
+      logging.info("Resumed from %s at step %d", ckpt.directory, latest)
+    step = int(jax.device_get(state["step"]))
+    # Lines of steps after the restored one were written by a run that died
+    # before its next checkpoint; they are replayed now, so they go.
+    log = metric_log.MetricLog(workdir, resume_step=step)
 
-  log = metric_log.MetricLog(workdir)
-  history, last_eval = [], None
-  t0 = time.perf_counter()
-  while step < config.total_steps:
-    batch = sharding.shard_batch(next(train_iter), mesh)
-    state, m = train_fn(state, batch,
-                        train_backbone=optim.backbone_trainable(config, step))
-    step += 1
-    history.append(m)
-    if step % config.log_every_steps == 0 or step == config.total_steps:
-      dt = time.perf_counter() - t0
-      summary = _summarize_train(history, step, dt,
-                                 len(history) * config.batch_size)
-      log.write("train", step, **summary)
-      logging.info("step %d: loss %.4f, %.1f examples/s", step,
-                   summary["loss"], summary["examples_per_sec"])
-      history, t0 = [], time.perf_counter()
-    if ckpt.should_save(step, config.total_steps):
-      ckpt.save(step, state, train_iter)
-    if step % config.eval_every_steps == 0 or step == config.total_steps:
-      last_eval = log.write("val", step, **evaluate(state, eval_fn, config, mesh))
-      logging.info("eval at step %d: %s", step, _short(last_eval))
+    def run_evals(step: int) -> dict:
+      """Evaluates the selection split (and val); returns the val record."""
+      records = {}
+      for split in dict.fromkeys((select_split, "val")):
+        records[split] = log.write(
+            split, step, **evaluate(state, eval_fn, config, mesh, split=split))
+        logging.info("eval %s at step %d: %s", split, step,
+                     _short(records[split]))
+      return records["val"]
 
-  if last_eval is None:  # Already finished before this run: evaluate only.
-    last_eval = evaluate(state, eval_fn, config, mesh)
-    last_eval = {"split": "val", "step": step, **last_eval}
-    if not log.has("val", step):
-      log.write("val", step, **{k: v for k, v in last_eval.items()
-                                if k not in ("split", "step")})
-  ckpt.close()
-  log.close()
-  close = getattr(train_iter, "close", None)
-  if close is not None:
-    close()
-  # jax on CPU may alias the last batch's host buffers, which Grain keeps in
-  # shared memory; drop them now, while Grain's deleter still runs.
-  batch = None
-  gc.collect()
+    history, last_eval, wait = [], None, 0.0
+    t0 = time.perf_counter()
+    while step < config.total_steps:
+      t_wait = time.perf_counter()
+      batch = sharding.shard_batch(next(train_iter), mesh)
+      wait += time.perf_counter() - t_wait
+      state, m = train_fn(state, batch,
+                          train_backbone=optim.backbone_trainable(config, step))
+      step += 1
+      history.append(m)
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        dt = time.perf_counter() - t0
+        summary = _summarize_train(history, step, dt,
+                                   len(history) * config.batch_size, wait)
+        summary["learning_rate"] = float(optim.schedule(config)(step - 1))
+        log.write("train", step, **summary)
+        logging.info("step %d: loss %.4f, accuracy %.3f, lr %.2e, %.1f "
+                     "examples/s, input wait %.0f%%", step, summary["loss"],
+                     summary["accuracy"], summary["learning_rate"],
+                     summary["examples_per_sec"],
+                     100 * summary["input_wait_share"])
+        history, wait, t0 = [], 0.0, time.perf_counter()
+      if ckpt.should_save(step, config.total_steps):
+        ckpt.save(step, state, train_iter)
+      if step % config.eval_every_steps == 0 or step == config.total_steps:
+        last_eval = run_evals(step)
+
+    if last_eval is None:  # Already finished before this run: evaluate only.
+      last_eval = evaluate(state, eval_fn, config, mesh)
+      last_eval = {"split": "val", "step": step, **last_eval}
+      if not log.has("val", step):
+        log.write("val", step, **{k: v for k, v in last_eval.items()
+                                  if k not in ("split", "step")})
+  finally:
+    # Whatever happened, no half-written async save and no workers are left.
+    ckpt.close()
+    if log is not None:
+      log.close()
+    close = getattr(train_iter, "close", None)
+    if close is not None:
+      close()
+    # jax on CPU may alias the last batch's host buffers, which Grain keeps in
+    # shared memory; drop them now, while Grain's deleter still runs.
+    batch = None
+    gc.collect()
   return last_eval
 
 
