@@ -91,3 +91,62 @@ def test_source_errors_are_actionable(prepared, tmp_path):
   (broken / "manifest.json").write_text(json.dumps(m))
   with pytest.raises(FileNotFoundError, match="Rerun"):
     affect_data.source(str(broken), "train")
+
+
+def test_records_are_byte_identical_to_tfds_protobuf():
+  """Our descriptor-built tf.train.Example writes what tfds' own class writes
+  (deterministic map order), and each reads the other's records."""
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for t in range(20):
+    lm = None if t % 3 == 0 else rng.normal(size=(68, 2)) * 100
+    kw = dict(image=rng.integers(0, 256, int(rng.integers(0, 500)),
+                                 dtype=np.uint8).tobytes(),
+              expression=int(rng.integers(0, 8)), valence=float(rng.normal()),
+              arousal=-2.0, landmarks=lm, path=f"{t}/é.jpg")
+    ref = tf_example_pb2.Example()
+    f = ref.features.feature
+    f["image"].bytes_list.value.append(kw["image"])
+    f["expression"].int64_list.value.append(kw["expression"])
+    f["valence"].float_list.value.append(kw["valence"])
+    f["arousal"].float_list.value.append(kw["arousal"])
+    f["landmarks"].float_list.value.extend(
+        (np.full(136, np.nan) if lm is None else lm.ravel()).astype(
+            np.float32).tolist())
+    f["path"].bytes_list.value.append(kw["path"].encode())
+    ref_bytes = ref.SerializeToString(deterministic=True)
+    assert affect_data.encode_record(**kw) == ref_bytes
+    ex = affect_data.decode_record(ref_bytes, decode_image=False)
+    assert ex["image"] == kw["image"] and ex["path"] == kw["path"]
+    assert ex["expression"] == kw["expression"]
+    assert ex["valence"] == np.float32(kw["valence"])
+    image, expression, valence, arousal = affect_data.parse_training_fields(
+        ref_bytes)
+    assert (bytes(image), expression, arousal) == (kw["image"],
+                                                  kw["expression"], -2.0)
+  with pytest.raises(affect_data.RecordError):
+    affect_data.parse_training_fields(b"\xff\xff not a record")
+
+
+def test_batch_reads_labels_and_any_manifest_split(prepared, tmp_path):
+  _, out, _ = prepared
+  src = affect_data.source(out, "train")
+  idx = [5, 47, 0, 5, 20]  # Across shards, out of order, repeated.
+  records = src.read_records(idx)
+  for i, rec in zip(idx, records):
+    assert affect_data.decode_record(rec)["path"] == src[i]["path"]
+  np.testing.assert_array_equal(
+      src.labels(), [src[i]["expression"] for i in range(len(src))])
+  with pytest.raises(IndexError, match="48 examples"):
+    src.read_records([48])
+  # A split data_prep adds (e.g. 'holdout') is readable once in the manifest.
+  with open(os.path.join(out, "manifest.json")) as fp:
+    m = json.load(fp)
+  m["splits"]["holdout"] = m["splits"]["val"]
+  for name in os.listdir(out):
+    if name != "manifest.json" and not os.path.isdir(os.path.join(out, name)):
+      os.symlink(os.path.join(out, name), tmp_path / name)
+  (tmp_path / "manifest.json").write_text(json.dumps(m))
+  assert len(affect_data.source(str(tmp_path), "holdout")) == 16
+  with pytest.raises(ValueError, match="'holdout', 'train', 'val'"):
+    affect_data.source(str(tmp_path), "test")
