@@ -179,8 +179,10 @@ def check_devices() -> dict:
         f"{platforms}). Every process must drive the same number: one process "
         "per GPU (SLURM --ntasks-per-node=<gpus> --gpus-per-task=1) or one "
         "per host, or pick devices with --local_device_ids / "
-        "JAX_LOCAL_DEVICE_IDS. A process on 'cpu' among GPU peers has a "
-        "CPU-only jax: reinstall with ./launch.sh (it installs the CUDA build).")
+        "JAX_LOCAL_DEVICE_IDS."
+        + (" A process on 'cpu' among GPU peers has a CPU-only jax: reinstall "
+           "with ./launch.sh (it installs the CUDA build)."
+           if len(platforms) > 1 else ""))
   return info
 
 
