@@ -47,6 +47,7 @@ from affectjax import metric_log
 from affectjax import metrics as metrics_lib
 from affectjax import models
 from affectjax import optim
+from affectjax import preemption
 from affectjax import sharding
 
 State = dict[str, Any]
@@ -402,9 +403,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                every_steps=config.checkpoint_every_steps,
-                               keep=config.keep_checkpoints)
+                               keep=config.keep_checkpoints,
+                               best_metric=config.checkpoint.best_metric,
+                               best_mode=config.checkpoint.best_mode)
   log = None
+  stop = preemption.StopRequest()
   try:
+    stop.__enter__()
     # Resume.
     latest = _agreed_step(ckpt.latest_step())
     if latest is not None:
@@ -416,18 +421,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     log = metric_log.MetricLog(workdir, resume_step=step)
 
     def run_evals(step: int) -> dict:
-      """Evaluates the selection split (and val); returns the val record."""
+      """Evaluates the selection split (and val, if different): {split: record}."""
       records = {}
       for split in dict.fromkeys((select_split, "val")):
         records[split] = log.write(
             split, step, **evaluate(state, eval_fn, config, mesh, split=split))
         logging.info("eval %s at step %d: %s", split, step,
                      _short(records[split]))
-      return records["val"]
+      return records
 
-    history, last_eval, wait = [], None, 0.0
+    stopper = EarlyStopping(
+        config, [r for r in log.read() if r["step"] <= step], select_split)
+    history, last_eval, wait, saved_step = [], None, 0.0, latest
     t0 = time.perf_counter()
-    while step < config.total_steps:
+    while step < config.total_steps and not stopper.stopped:
       t_wait = time.perf_counter()
       batch = sharding.shard_batch(next(train_iter), mesh)
       wait += time.perf_counter() - t_wait
@@ -447,10 +454,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                      summary["examples_per_sec"],
                      100 * summary["input_wait_share"])
         history, wait, t0 = [], 0.0, time.perf_counter()
-      if ckpt.should_save(step, config.total_steps):
-        ckpt.save(step, state, train_iter)
+      records = None
       if step % config.eval_every_steps == 0 or step == config.total_steps:
-        last_eval = run_evals(step)
+        records = run_evals(step)
+        last_eval = records["val"]
+      # Every evaluated step is saved with its selection metrics, so the
+      # best checkpoint is always one that exists.
+      if ckpt.should_save(step, config.total_steps) or records:
+        ckpt.save(step, state, train_iter,
+                  metrics=records[select_split] if records else None)
+        saved_step = step
+      if records and stopper.update(step, records[select_split]):
+        logging.warning(
+            "Early stopping at step %d: %s on %s has not improved for %d "
+            "evaluations (best %.4f at step %d).", step, stopper.metric,
+            select_split, stopper.patience, stopper.best, stopper.best_step)
+        last_eval = {**last_eval, "early_stopped": True}
+        break
+      if stop.should_stop(step) and step < config.total_steps:
+        if saved_step != step:
+          ckpt.save(step, state, train_iter)
+        ckpt.wait()  # Synchronous: the process may be killed right after.
+        logging.warning("Stopped by %s at step %d; checkpoint saved in %s.",
+                        stop.signal_name, step, ckpt.directory)
+        return {"preempted": True, "step": step, "signal": stop.signal_name}
 
     if last_eval is None:  # Already finished before this run: evaluate only.
       last_eval = evaluate(state, eval_fn, config, mesh)
@@ -460,6 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                                   if k not in ("split", "step")})
   finally:
     # Whatever happened, no half-written async save and no workers are left.
+    stop.__exit__(None, None, None)
     ckpt.close()
     if log is not None:
       log.close()
@@ -471,6 +499,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     batch = None
     gc.collect()
   return last_eval
+
+
+class EarlyStopping:
+  """Stops after ``config.early_stopping_patience`` evaluations without improvement.
+
+  Tracks ``config.checkpoint.best_metric`` on the selection split. Its history
+  is rebuilt from ``metrics.jsonl`` on resume, so a preempted run stops where
+  an uninterrupted one would.
+  """
+
+  def __init__(self, config, records: list[dict], split: str):
+    self.metric = config.checkpoint.best_metric
+    self.sign = 1.0 if config.checkpoint.best_mode == "max" else -1.0
+    self.patience = int(config.early_stopping_patience)
+    self.split = split
+    self.best, self.best_step, self.bad = None, None, 0
+    for r in records:
+      if r["split"] == split:
+        self.update(int(r["step"]), r)
+
+  def update(self, step: int, record: dict) -> bool:
+    """Feeds one evaluation; True when training should stop."""
+    value = record.get(self.metric)
+    if value is not None and np.isfinite(value) and (
+        self.best is None or self.sign * (value - self.best) > 0):
+      self.best, self.best_step, self.bad = float(value), step, 0
+    else:
+      self.bad += 1
+    return self.stopped
+
+  @property
+  def stopped(self) -> bool:
+    return self.patience > 0 and self.bad >= self.patience
 
 
 def _short(record: dict) -> str:
