@@ -1,0 +1,384 @@
+"""Plots of an evaluation and the run report ``W/report.html``.
+
+Figures (matplotlib, Agg backend: no display needed), each also saved as PNG:
+  * confusion matrix, counts or row-normalized (rows = true class);
+  * valence/arousal on the circumplex: predictions in the (valence, arousal)
+    plane beside predicted-vs-true scatters of each;
+  * per-class F1 bars (with the support under each class name);
+  * learning curves from ``W/metrics.jsonl``.
+
+``refresh(workdir, config)`` rewrites ``W/report.html`` (+ PNGs in
+``W/report/``) at each evaluation: learning curves (loss, accuracy, macro-F1,
+CCC against step), the latest confusion matrix and circumplex, the config,
+the dataset manifest summary, the best checkpoint and the software versions.
+It never raises into the training loop: a plotting or I/O problem is logged
+as a warning and the previous report stays.
+
+``confusion_matrix_image(cm, names)`` renders the matrix to a uint8 (H, W, 3)
+array for TensorBoard (``SummaryWriter.add_image(..., dataformats="HWC")``).
+"""
+from __future__ import annotations
+
+import datetime
+import html
+import io
+import json
+import math
+import platform
+import time
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
+from etils import epath  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+DPI = 80
+_MAX_SCATTER = 3000  # Points drawn in a scatter (a deterministic subsample).
+
+
+# --------------------------------------------------------------------------
+# Files.
+# --------------------------------------------------------------------------
+def write_bytes(path, data: bytes) -> None:
+  """Writes under a temporary name, then renames (readers never see half a file)."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_bytes(data)
+  tmp.replace(path)
+
+
+def write_text(path, text: str) -> None:
+  write_bytes(path, text.encode("utf-8"))
+
+
+def save_png(fig: Figure, path) -> None:
+  """Saves ``fig`` as a PNG at ``path`` (any epath) and closes it."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=DPI)
+  plt.close(fig)
+  write_bytes(path, buf.getvalue())
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+  """Renders ``fig`` to uint8 (H, W, 3) RGB and closes it."""
+  fig.canvas.draw()
+  rgba = np.asarray(fig.canvas.buffer_rgba())
+  plt.close(fig)
+  return np.ascontiguousarray(rgba[..., :3])
+
+
+# --------------------------------------------------------------------------
+# Figures.
+# --------------------------------------------------------------------------
+def confusion_matrix_figure(cm, names: Sequence[str], *,
+                            normalize: bool = False,
+                            title: str | None = None) -> Figure:
+  """Confusion matrix heat map; rows = true class, columns = predicted."""
+  cm = np.asarray(cm, np.float64)
+  if normalize:
+    rows = cm.sum(axis=1, keepdims=True)
+    values = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+  else:
+    values = cm
+  n = len(names)
+  fig, ax = plt.subplots(figsize=(1.0 + 0.62 * n, 0.8 + 0.55 * n))
+  im = ax.imshow(values, cmap="Blues", vmin=0,
+                 vmax=1 if normalize else max(1.0, values.max()))
+  ax.set_xticks(range(n), names, rotation=45, ha="right")
+  ax.set_yticks(range(n), names)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  hi = (1 if normalize else max(1.0, values.max())) / 2
+  for i in range(n):
+    for j in range(n):
+      text = f"{values[i, j]:.2f}" if normalize else f"{int(values[i, j])}"
+      ax.text(j, i, text, ha="center", va="center", fontsize=7,
+              color="white" if values[i, j] > hi else "black")
+  ax.set_title(title or ("Confusion matrix (row-normalized)" if normalize
+                         else "Confusion matrix (counts)"), fontsize=9)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+  fig.tight_layout()
+  return fig
+
+
+def _subsample(n: int) -> np.ndarray:
+  if n <= _MAX_SCATTER:
+    return np.arange(n)
+  return np.random.default_rng(0).choice(n, _MAX_SCATTER, replace=False)
+
+
+def circumplex_figure(valence, arousal, pred_valence, pred_arousal,
+                      expression=None, names: Sequence[str] = ()) -> Figure:
+  """Predicted (valence, arousal) on the circumplex, and predicted vs true.
+
+  Rows whose target lies outside [-1, 1] (AffectNet's -2 "no value") are
+  left out of the predicted-vs-true panels.
+  """
+  v, a = np.asarray(valence, float), np.asarray(arousal, float)
+  pv, pa = np.asarray(pred_valence, float), np.asarray(pred_arousal, float)
+  pick = _subsample(len(v))
+  fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+  ax = axes[0]
+  ax.add_patch(plt.Circle((0, 0), 1, fill=False, color="0.6", lw=0.8))
+  ax.axhline(0, color="0.8", lw=0.6)
+  ax.axvline(0, color="0.8", lw=0.6)
+  if expression is not None and len(names):
+    e = np.asarray(expression)[pick]
+    cmap = plt.get_cmap("tab10")
+    for c, name in enumerate(names):
+      sel = e == c
+      if sel.any():
+        ax.scatter(pv[pick][sel], pa[pick][sel], s=6, alpha=0.6,
+                   color=cmap(c), label=name)
+    ax.legend(fontsize=6, markerscale=2, loc="lower left", ncol=2)
+  else:
+    ax.scatter(pv[pick], pa[pick], s=6, alpha=0.6)
+  ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel="predicted valence",
+         ylabel="predicted arousal", aspect="equal")
+  ax.set_title("Predictions on the circumplex (colour: true class)",
+               fontsize=9)
+  for ax, t, p, name in ((axes[1], v, pv, "valence"),
+                         (axes[2], a, pa, "arousal")):
+    ok = (t >= -1) & (t <= 1)
+    sel = pick[ok[pick]]
+    ax.scatter(t[sel], p[sel], s=5, alpha=0.5)
+    ax.plot([-1, 1], [-1, 1], color="0.5", lw=0.8)
+    ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel=f"true {name}",
+           ylabel=f"predicted {name}", aspect="equal")
+    ax.set_title(f"{name}: predicted vs true ({int(ok.sum())} rows)",
+                 fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+def per_class_f1_figure(f1, names: Sequence[str], support=None) -> Figure:
+  """Per-class F1 bars; NaN (class absent and never predicted) drawn as 0."""
+  f1 = np.asarray([np.nan if x is None else x for x in f1], float)
+  labels = list(names)
+  if support is not None:
+    labels = [f"{n}\n(n={int(s)})" for n, s in zip(names, support)]
+  fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(names), 3.2))
+  ax.bar(range(len(names)), np.nan_to_num(f1), color="tab:blue")
+  for i, x in enumerate(f1):
+    ax.text(i, (0 if np.isnan(x) else x) + 0.01,
+            "n/a" if np.isnan(x) else f"{x:.2f}", ha="center", fontsize=7)
+  ax.set_xticks(range(len(names)), labels, fontsize=7)
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel("F1")
+  ax.set_title("Per-class F1", fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+_CURVES = (("loss", "loss"), ("accuracy", "accuracy"),
+           ("macro_f1", "macro-F1"), ("valence_ccc", "valence CCC"),
+           ("arousal_ccc", "arousal CCC"))
+
+
+def learning_curves_figure(records: Sequence[dict]) -> Figure:
+  """Loss, accuracy, macro-F1 and CCC against step, one line per split."""
+  fig, axes = plt.subplots(1, len(_CURVES), figsize=(3.0 * len(_CURVES), 2.8))
+  splits = sorted({r.get("split", "?") for r in records})
+  for ax, (key, title) in zip(axes, _CURVES):
+    for split in splits:
+      pts = [(r["step"], r[key]) for r in records
+             if r.get("split") == split and isinstance(r.get(key), (int, float))]
+      if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=split)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if ax.lines:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
+def confusion_matrix_image(cm, names: Sequence[str], *,
+                           normalize: bool = True) -> np.ndarray:
+  """uint8 (H, W, 3) rendering of the confusion matrix (for TensorBoard)."""
+  return figure_to_array(confusion_matrix_figure(cm, names,
+                                                 normalize=normalize))
+
+
+def save_eval_plots(directory, result: dict, names: Sequence[str],
+                    examples: dict | None = None) -> list[str]:
+  """The evaluation PNGs of ``result`` (``evaluation.evaluate``'s dict) in
+  ``directory``; returns the file names written."""
+  directory = epath.Path(directory)
+  written = []
+  for name, normalize in (("confusion_matrix.png", False),
+                          ("confusion_matrix_normalized.png", True)):
+    save_png(confusion_matrix_figure(result["confusion_matrix"], names,
+                                     normalize=normalize), directory / name)
+    written.append(name)
+  save_png(per_class_f1_figure(result["per_class_f1"], names,
+                               result.get("per_class_support")),
+           directory / "per_class_f1.png")
+  written.append("per_class_f1.png")
+  if examples is not None:
+    save_png(circumplex_figure(examples["valence"], examples["arousal"],
+                               examples["va"][:, 0], examples["va"][:, 1],
+                               examples["expression"], names),
+             directory / "circumplex.png")
+    written.append("circumplex.png")
+  return written
+
+
+# --------------------------------------------------------------------------
+# The run report.
+# --------------------------------------------------------------------------
+def read_metrics(workdir) -> list[dict]:
+  """``W/metrics.jsonl`` records; a torn last line (being written) is skipped."""
+  p = epath.Path(workdir) / "metrics.jsonl"
+  if not p.exists():
+    return []
+  out = []
+  for line in p.read_text().splitlines():
+    if line.strip():
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out
+
+
+def software_versions() -> dict[str, str]:
+  """Versions of Python and the libraries a run depends on."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  out = {"python": platform.python_version()}
+  for dist in ("affectjax", "jax", "jaxlib", "flax", "optax",
+               "orbax-checkpoint", "grain", "array-record", "numpy",
+               "matplotlib"):
+    try:
+      out[dist] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+      out[dist] = "not installed"
+  return out
+
+
+def _manifest_summary(data_dir: str) -> dict[str, Any] | None:
+  p = epath.Path(data_dir) / "manifest.json"
+  if not data_dir or not p.exists():
+    return None
+  m = json.loads(p.read_text())
+  splits = {}
+  for name, info in (m.get("splits") or {}).items():
+    splits[name] = {k: info.get(k) for k in ("num_examples", "class_counts",
+                                             "num_skipped", "skipped")
+                    if k in info}
+  return {"dir": data_dir, "splits": splits,
+          **{k: m.get(k) for k in ("image_size", "encoding", "num_classes",
+                                   "layout", "skipped") if k in m}}
+
+
+def _table(rows: Sequence[tuple[str, Any]]) -> str:
+  cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>"
+                  f"{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
+  return f"<table>{cells}</table>"
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return "n/a" if not math.isfinite(v) else f"{v:.4f}"
+  if v is None:
+    return "n/a"
+  return str(v)
+
+
+def _class_names(config) -> tuple[str, ...]:
+  from affectjax import data  # pylint: disable=g-import-not-at-top
+  return data.label_names(int(config.num_classes))
+
+
+def build_report(workdir, config) -> str:
+  """Writes the report PNGs and returns the report's HTML."""
+  workdir = epath.Path(workdir)
+  out = workdir / "report"
+  records = read_metrics(workdir)
+  evals = [r for r in records if r.get("split") not in (None, "train")]
+  parts = [f"<h1>affectjax run report</h1><p>{html.escape(str(workdir))} "
+           f"&middot; updated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC</p>"]
+  if records:
+    save_png(learning_curves_figure(records), out / "learning_curves.png")
+    parts.append("<h2>Learning curves</h2>"
+                 "<img src='report/learning_curves.png'>")
+  if evals:
+    last = evals[-1]
+    names = _class_names(config)
+    parts.append(f"<h2>Latest evaluation: {html.escape(str(last['split']))} "
+                 f"at step {last['step']}</h2>")
+    keys = ("num_examples", "loss", "accuracy", "macro_f1", "valence_ccc",
+            "valence_rmse", "arousal_ccc", "arousal_rmse")
+    parts.append(_table([(k, last.get(k)) for k in keys if k in last]))
+    if last.get("confusion_matrix"):
+      save_png(confusion_matrix_figure(last["confusion_matrix"], names,
+                                       normalize=True),
+               out / "confusion_matrix.png")
+      parts.append("<img src='report/confusion_matrix.png'>")
+    circ = _latest_circumplex(workdir)
+    if circ:
+      parts.append(f"<p>Circumplex of the last `evaluate` run:</p>"
+                   f"<img src='{html.escape(circ)}'>")
+  best = _best_record(workdir)
+  parts.append("<h2>Best checkpoint</h2>")
+  if best:
+    split = config.data.get("selection_split", "auto")
+    parts.append(_table([("step", best.get("step")),
+                         ("metric", f"{best.get('metric')} ({best.get('mode')})"),
+                         ("value", best.get("value")),
+                         ("chosen on split", split)]))
+  else:
+    parts.append("<p>No checkpoint has been ranked yet.</p>")
+  manifest = _manifest_summary(str(config.data.dir))
+  parts.append("<h2>Dataset</h2>")
+  parts.append(f"<pre>{html.escape(json.dumps(manifest, indent=1))}</pre>"
+               if manifest else "<p>manifest.json not found.</p>")
+  parts.append("<h2>Config</h2><pre>" + html.escape(config.to_json_best_effort(
+      indent=1)) + "</pre>")
+  parts.append("<h2>Software</h2>" + _table(list(software_versions().items())))
+  style = ("<style>body{font-family:sans-serif;margin:1.5em}"
+           "table{border-collapse:collapse}th,td{border:1px solid #ccc;"
+           "padding:2px 8px;text-align:left}img{max-width:100%}</style>")
+  return (f"<!doctype html><html><head><meta charset='utf-8'>"
+          f"<title>affectjax report</title>{style}</head><body>"
+          + "\n".join(parts) + "</body></html>\n")
+
+
+def _best_record(workdir) -> dict | None:
+  from affectjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  try:
+    return ckpt_lib.read_best_record(epath.Path(workdir) / "checkpoints")
+  except (OSError, ValueError):
+    return None
+
+
+def _latest_circumplex(workdir) -> str | None:
+  d = epath.Path(workdir) / "eval"
+  if not d.exists():
+    return None
+  found = sorted(d.glob("*/circumplex.png"), key=lambda p: p.stat().mtime)
+  return f"eval/{found[-1].parent.name}/circumplex.png" if found else None
+
+
+def refresh(workdir, config) -> bool:
+  """Rewrites ``W/report.html``; True on success. Never raises (logs a warning)."""
+  t0 = time.perf_counter()
+  try:
+    write_text(epath.Path(workdir) / "report.html", build_report(workdir,
+                                                                 config))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not refresh %s/report.html: %s: %s", workdir,
+                    type(e).__name__, e)
+    plt.close("all")
+    return False
+  logging.info("Refreshed %s/report.html in %.2f s", workdir,
+               time.perf_counter() - t0)
+  return True

@@ -1,0 +1,195 @@
+"""One way to open a run: config, model and a chosen checkpoint from a workdir.
+
+Everything that starts from a workdir (evaluate, predict, export, report)
+goes through ``open_run``: it reads ``W/config.json`` (the trainer writes it),
+builds the abstract train state the trainer would build (shapes, dtypes,
+replicated shardings; no ImageNet download, no real initialization), and
+restores the chosen checkpoint onto it with the same ``Checkpointer`` the
+trainer saves with.
+
+Checkpoint choice (``--checkpoint``): ``best`` (the best step by
+``config.checkpoint.best_metric``; falls back to ``latest``, with a warning,
+when no step was saved with metrics), ``latest``, or a step number.
+
+A workdir is any ``etils.epath`` path (local or ``gs://...``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from affectjax import checkpoint as ckpt_lib
+from affectjax import config_base
+from affectjax import sharding
+
+CONFIG_NAME = "config.json"
+CHECKPOINTS = "checkpoints"
+
+
+def path(workdir) -> epath.Path:
+  """The workdir as an epath (``~`` expanded)."""
+  return epath.Path(workdir).expanduser()
+
+
+def _merge(base: dict, loaded: dict) -> dict:
+  """``loaded`` over ``base``, recursively (fields added since the run keep
+  their defaults; JSON lists stand in for tuples)."""
+  out = dict(base)
+  for key, value in loaded.items():
+    if isinstance(value, dict) and isinstance(base.get(key), dict):
+      out[key] = _merge(base[key], value)
+    else:
+      out[key] = value
+  return out
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+  """The run's ``config.json`` over today's defaults."""
+  p = path(workdir) / CONFIG_NAME
+  if not p.exists():
+    raise FileNotFoundError(
+        f"{p} not found: --workdir must be a training workdir (the trainer "
+        "writes config.json there at start). `./launch.sh demo` makes "
+        "runs/demo.")
+  try:
+    loaded = json.loads(p.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{p} is not valid JSON ({e}); restore it from the "
+                     "training command's config.") from e
+  base = config_base.get_base_config().to_dict()
+  return ml_collections.ConfigDict(_merge(base, loaded))
+
+
+def checkpointer(workdir, config) -> ckpt_lib.Checkpointer:
+  """The trainer's Checkpointer over ``W/checkpoints`` (same keep/best options)."""
+  return ckpt_lib.Checkpointer(
+      path(workdir) / CHECKPOINTS, every_steps=config.checkpoint_every_steps,
+      keep=max(1, int(config.keep_checkpoints)),
+      best_metric=config.checkpoint.best_metric or None,
+      best_mode=config.checkpoint.best_mode)
+
+
+def resolve_step(ckpt: ckpt_lib.Checkpointer, which: str | int) -> tuple[int, str]:
+  """``best`` | ``latest`` | step -> (step, label for output names)."""
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(
+        f"{ckpt.directory} holds no checkpoint yet; train first (or wait for "
+        "the first save).")
+  which = str(which)
+  if which == "best":
+    step = ckpt.best_step()
+    if step is not None:
+      return step, "best"
+    logging.warning("No checkpoint in %s was saved with evaluation metrics; "
+                    "using the latest (step %d) instead of 'best'.",
+                    ckpt.directory, steps[-1])
+    return steps[-1], "latest"
+  if which == "latest":
+    return steps[-1], "latest"
+  try:
+    step = int(which)
+  except ValueError:
+    raise ValueError(f"--checkpoint={which!r}: use best, latest or a step "
+                     f"number (available: {steps}).") from None
+  if step not in steps:
+    raise FileNotFoundError(f"--checkpoint={step}: no such step in "
+                            f"{ckpt.directory}; available: {steps}.")
+  return step, str(step)
+
+
+def abstract_state(config, mesh) -> tuple[nnx.GraphDef, dict, Any]:
+  """(graphdef, abstract train state, tx): what the trainer's state looks like.
+
+  Uses ``train.abstract_state`` when the trainer has it; otherwise builds
+  the same thing here with ``nnx.eval_shape`` (no arrays are allocated and no
+  ImageNet file is read).
+  """
+  from affectjax import train  # pylint: disable=g-import-not-at-top
+  if hasattr(train, "abstract_state"):
+    return train.abstract_state(config, mesh)
+  from affectjax import optim  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.model.init = "scratch"  # Shapes only: the weights come from the checkpoint.
+  model = nnx.eval_shape(lambda: train.create_model(cfg))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optim.create(cfg, params)
+  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+           "rest": rest, "opt_state": jax.eval_shape(tx.init, params)}
+  if float(config.get("ema_decay", 0.0) or 0.0) > 0:
+    state["ema"] = {"params": params, "rest": rest}
+  repl = sharding.replicated(mesh)
+  state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+  return graphdef, state, tx
+
+
+def class_weights(config):
+  """The training loss's class weights (so evaluation reports the trainer's loss)."""
+  if config.loss.class_weighting == "none":
+    return None
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from affectjax import losses  # pylint: disable=g-import-not-at-top
+  p = epath.Path(config.data.dir) / "manifest.json"
+  counts = json.loads(p.read_text())["splits"]["train"]["class_counts"]
+  return np.asarray(losses.class_weights_from_counts(
+      counts, mode=config.loss.class_weighting), np.float32)
+
+
+@dataclasses.dataclass
+class Run:
+  """An opened run: config, model graph, restored state and where it came from."""
+  workdir: epath.Path
+  config: ml_collections.ConfigDict
+  graphdef: nnx.GraphDef
+  state: dict
+  step: int
+  label: str  # 'best' | 'latest' | the step number, for output names.
+  mesh: jax.sharding.Mesh
+  _eval_fns: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def eval_fn(self, tta: str = "none", use_ema: bool = True):
+    """The jitted eval step for this run (compiled once per (tta, use_ema))."""
+    from affectjax import evaluation  # pylint: disable=g-import-not-at-top
+    key = (tta, use_ema)
+    if key not in self._eval_fns:
+      self._eval_fns[key] = evaluation.make_eval_step(
+          self.graphdef, self.config, self.mesh, class_weights(self.config),
+          tta=tta, use_ema=use_ema)
+    return self._eval_fns[key]
+
+  def weights(self, use_ema: bool = True) -> dict:
+    """``{"params", "rest"}``: the EMA weights by default when present."""
+    from affectjax import evaluation  # pylint: disable=g-import-not-at-top
+    return evaluation.eval_weights(self.state, use_ema)
+
+  def model(self, use_ema: bool = True) -> nnx.Module:
+    w = self.weights(use_ema)
+    return nnx.merge(self.graphdef, w["params"], w["rest"])
+
+
+def open_run(workdir, *, checkpoint: str | int = "best", data_dir: str | None = None,
+             mesh=None) -> Run:
+  """Reads the config and restores ``checkpoint`` (replicated on ``mesh``)."""
+  config = load_config(workdir)
+  if data_dir:
+    config.data.dir = str(data_dir)
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  ckpt = checkpointer(workdir, config)
+  try:
+    step, label = resolve_step(ckpt, checkpoint)
+    graphdef, abstract, _ = abstract_state(config, mesh)
+    state = ckpt.restore(step, abstract)
+  finally:
+    ckpt.close()
+  logging.info("Opened %s at step %d (%s)", workdir, step, label)
+  return Run(workdir=path(workdir), config=config, graphdef=graphdef,
+             state=state, step=step, label=label, mesh=mesh)
