@@ -399,7 +399,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   train_ds = input_pipeline.train_dataset(
       config, local_batch_size=local_bs, process_index=jax.process_index(),
       process_count=jax.process_count())
-  train_iter = iter(train_ds)
+  # The next global batch is already on the devices while a step runs.
+  train_iter = input_pipeline.DevicePrefetch(iter(train_ds), mesh)
 
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                every_steps=config.checkpoint_every_steps,
@@ -435,9 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     history, last_eval, wait, saved_step = [], None, 0.0, latest
     t0 = time.perf_counter()
     while step < config.total_steps and not stopper.stopped:
-      t_wait = time.perf_counter()
-      batch = sharding.shard_batch(next(train_iter), mesh)
-      wait += time.perf_counter() - t_wait
+      batch = next(train_iter)
       state, m = train_fn(state, batch,
                           train_backbone=optim.backbone_trainable(config, step))
       step += 1
@@ -445,7 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       if step % config.log_every_steps == 0 or step == config.total_steps:
         dt = time.perf_counter() - t0
         summary = _summarize_train(history, step, dt,
-                                   len(history) * config.batch_size, wait)
+                                   len(history) * config.batch_size,
+                                   train_iter.wait_seconds - wait)
         summary["learning_rate"] = float(optim.schedule(config)(step - 1))
         log.write("train", step, **summary)
         logging.info("step %d: loss %.4f, accuracy %.3f, lr %.2e, %.1f "
@@ -453,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                      summary["accuracy"], summary["learning_rate"],
                      summary["examples_per_sec"],
                      100 * summary["input_wait_share"])
-        history, wait, t0 = [], 0.0, time.perf_counter()
+        history, wait, t0 = [], train_iter.wait_seconds, time.perf_counter()
       records = None
       if step % config.eval_every_steps == 0 or step == config.total_steps:
         records = run_evals(step)
