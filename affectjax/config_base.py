@@ -22,7 +22,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.kwargs = ml_collections.ConfigDict()  # Passed to models.create.
   c.model.init = "scratch"  # 'scratch' | 'imagenet'
   c.model.weights_dir = "~/.cache/affectjax/weights"
-  c.model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16'.
+  # Compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' |
+  # 'bfloat16'. Parameters and BatchNorm statistics always stay float32.
+  c.model.dtype = "auto"
 
   # Output of `python -m data_prep.affectnet` (ArrayRecord shards + manifest).
   c.data = ml_collections.ConfigDict()

@@ -100,10 +100,19 @@ def selection_split(config: ml_collections.ConfigDict, manifest: dict) -> str:
 # --------------------------------------------------------------------------
 # Model and state.
 # --------------------------------------------------------------------------
+def compute_dtype(config) -> jnp.dtype:
+  """``config.model.dtype``, with 'auto' = bfloat16 on GPU/TPU, float32 on CPU."""
+  name = config.model.dtype
+  if name == "auto":
+    name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  if name not in _DTYPES:
+    raise ValueError(f"--config.model.dtype={config.model.dtype!r}: use "
+                     f"'auto' or one of {sorted(_DTYPES)}.")
+  return _DTYPES[name]
+
+
 def _check_dtype(config) -> None:
-  if config.model.dtype not in _DTYPES:
-    raise ValueError(f"--config.model.dtype={config.model.dtype!r}: use one of "
-                     f"{sorted(_DTYPES)}.")
+  compute_dtype(config)
   if config.model.init not in ("scratch", "imagenet"):
     raise ValueError(f"--config.model.init={config.model.init!r}: use "
                      "'scratch' or 'imagenet'.")
@@ -113,7 +122,7 @@ def _build_model(config: ml_collections.ConfigDict) -> nnx.Module:
   """``config.model.name`` with its random initialization (no weight file)."""
   return models.create(
       config.model.name, rngs=nnx.Rngs(config.seed),
-      num_classes=config.num_classes, dtype=_DTYPES[config.model.dtype],
+      num_classes=config.num_classes, dtype=compute_dtype(config),
       **dict(config.model.kwargs))
 
 

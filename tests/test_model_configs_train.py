@@ -82,7 +82,7 @@ def test_full_configs_build_the_keras_architecture(config_module, name, size):
   assert config.model.name in imagenet.WEIGHT_FILES
   model = nnx.eval_shape(lambda: models.create(
       config.model.name, rngs=nnx.Rngs(0), num_classes=config.num_classes,
-      dtype=config.model.dtype, **dict(config.model.kwargs)))
+      dtype=train.compute_dtype(config), **dict(config.model.kwargs)))
   n_backbone = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(
       nnx.state(model.backbone, nnx.Param)))
   # keras.applications' trainable parameter counts (include_top=False).
