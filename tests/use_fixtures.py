@@ -7,6 +7,7 @@ it is there), so the modules share one 6-step training run.
 """
 from __future__ import annotations
 
+import os
 import pathlib
 
 TINY = "configs/custom_cnn.py"
@@ -28,13 +29,29 @@ def tiny_config(data_dir: str):
 
 
 def trained_workdir(tmp_path_factory, data_dir: str) -> pathlib.Path:
-  """Trains the tiny model for 6 steps (checkpoints and evals at 3 and 6)."""
-  root = tmp_path_factory.getbasetemp() / "use_trained_run"
+  """Trains the tiny model for 6 steps (checkpoints and evals at 3 and 6).
+
+  AFFECTJAX_TEST_RUN_DIR=DIR keeps the run in DIR across pytest sessions
+  (for iterating on these tests; DIR/workdir/config.json names its data).
+  """
+  keep = os.environ.get("AFFECTJAX_TEST_RUN_DIR")
+  root = (pathlib.Path(keep) if keep else
+          tmp_path_factory.getbasetemp() / "use_trained_run")
   done = root / "DONE"
   if done.exists():
     return root / "workdir"
   from affectjax import train  # pylint: disable=g-import-not-at-top
-  root.mkdir(exist_ok=True)
+  if keep:  # The data must outlive this session too.
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.copytree(data_dir, root / "data", dirs_exist_ok=True)
+    data_dir = str(root / "data")
+  root.mkdir(parents=True, exist_ok=True)
   train.train_and_evaluate(tiny_config(data_dir), str(root / "workdir"))
   done.write_text("ok")
   return root / "workdir"
+
+
+def run_data(workdir) -> str:
+  """The prepared data dir the run was trained on."""
+  from affectjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  return str(workdir_lib.load_config(workdir).data.dir)
