@@ -1,4 +1,4 @@
-"""Multitask training loss: expression cross-entropy + valence/arousal MSE.
+"""Multitask training loss: expression cross-entropy + valence/arousal MSE and/or CCC.
 
 Everything here is a pure `jnp` function with keyword-only targets, so the
 trainer can call it inside a jitted step over a batch sharded on the 1-D
@@ -18,11 +18,25 @@ Normalization, term by term:
   * Valence (and, separately, arousal): mean squared error over the examples
     whose target lies in [-1, 1] (and are real, mask_i = 1). AffectNet writes
     -2 for "no value"; such targets, and NaNs, are masked out.
+  * Valence/arousal may also (or instead) use 1 - CCC (Lin's concordance
+    correlation), as HSEmotion trains its multitask models: each of valence and
+    arousal contributes va_mse_weight * MSE + va_ccc_weight * (1 - CCC), then
+    times valence_weight / arousal_weight. CCC uses population moments over
+    the valid rows of the (global) batch, the formula of
+    `affectjax.metrics.regression_metrics`. It is not a mean over examples,
+    but it is a function of sums (of p, t, p^2, t^2, p*t and the count), so
+    the stats stay additive: a training step's CCC is the whole global batch's
+    (XLA reduces the sums across devices), and the evaluation loss from summed
+    stats is exactly 1 - CCC over the whole split.
   * A term with nothing to normalize by (no valid target, or an all-padding
-    batch) contributes 0, never NaN, and has zero gradient.
+    batch) contributes 0, never NaN, and has zero gradient. The CCC term is
+    also 0 when its denominator var_p + var_t + (mean_p - mean_t)^2 is 0,
+    which happens only when every prediction equals every target (CCC
+    undefined, but perfect agreement).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -42,7 +56,19 @@ STATS_KEYS = (
     "valence_count",
     "arousal_se_sum",
     "arousal_count",
+    # For CCC, per target t in (valence, arousal), over the same valid rows:
+    "valence_pred_sum",  # sum p
+    "valence_target_sum",  # sum t
+    "valence_pred_sq_sum",  # sum p^2
+    "valence_target_sq_sum",  # sum t^2
+    "valence_cross_sum",  # sum p * t
+    "arousal_pred_sum",
+    "arousal_target_sum",
+    "arousal_pred_sq_sum",
+    "arousal_target_sq_sum",
+    "arousal_cross_sum",
 )
+VA_TARGETS = ("valence", "arousal")
 
 
 def _safe_mean(total, count):
@@ -51,19 +77,28 @@ def _safe_mean(total, count):
   return jnp.where(nonzero, total / jnp.where(nonzero, count, 1.0), 0.0)
 
 
-def _masked_squared_error(pred, target, mask):
-  """Returns (sum of squared errors, count) over entries with a valid target.
+def _masked_va_sums(name, pred, target, mask) -> dict:
+  """The sums over entries with a valid target, as `{name}_*` stats.
 
   Valid means: mask == 1 and target in [-1, 1] (NaN compares False, so NaN
-  targets are invalid too). Invalid targets are replaced by 0 *before* the
-  subtraction; multiplying a NaN error by a zero mask would still give NaN,
-  and `where` on the finished error would still leak NaN into the gradient.
+  targets are invalid too). Invalid targets and their predictions are
+  replaced by 0 *before* any arithmetic; multiplying a NaN error by a zero
+  mask would still give NaN, and `where` on the finished error would still
+  leak NaN into the gradient.
   """
   valid = mask * ((target >= -1.0) & (target <= 1.0)).astype(jnp.float32)
-  safe_target = jnp.where(valid > 0, target, 0.0)
-  se = jnp.square(pred - safe_target)
-  se = jnp.where(valid > 0, se, 0.0)
-  return jnp.sum(se), jnp.sum(valid)
+  keep = valid > 0
+  t = jnp.where(keep, target, 0.0)
+  p = jnp.where(keep, pred, 0.0)
+  return {
+      f"{name}_se_sum": jnp.sum(jnp.square(p - t)),
+      f"{name}_count": jnp.sum(valid),
+      f"{name}_pred_sum": jnp.sum(p),
+      f"{name}_target_sum": jnp.sum(t),
+      f"{name}_pred_sq_sum": jnp.sum(p * p),
+      f"{name}_target_sq_sum": jnp.sum(t * t),
+      f"{name}_cross_sum": jnp.sum(p * t),
+  }
 
 
 def multitask_loss(
@@ -75,11 +110,13 @@ def multitask_loss(
     arousal,
     valence_weight: float = 1.0,
     arousal_weight: float = 1.0,
+    va_mse_weight: float = 1.0,
+    va_ccc_weight: float = 0.0,
     label_smoothing: float = 0.0,
     class_weights=None,
     example_mask=None,
 ):
-  """Expression CE + weighted valence/arousal MSE for one batch.
+  """Expression CE + weighted valence/arousal MSE and/or 1 - CCC for one batch.
 
   Args:
     logits: [B, C] expression logits; any float dtype (bf16 is upcast: the
@@ -91,8 +128,12 @@ def multitask_loss(
     valence: [B] float targets; values outside [-1, 1] (AffectNet's -2 "no
       value", NaN) are excluded from the valence term.
     arousal: [B] float targets, same rule.
-    valence_weight: multiplier of the valence MSE term.
-    arousal_weight: multiplier of the arousal MSE term.
+    valence_weight: multiplier of the valence term.
+    arousal_weight: multiplier of the arousal term.
+    va_mse_weight: weight of the MSE inside each valence/arousal term
+      (`config.loss.va_mse_weight`).
+    va_ccc_weight: weight of 1 - CCC inside each valence/arousal term
+      (`config.loss.va_ccc_weight`); CCC over the valid rows of the batch.
     label_smoothing: alpha; the CE target is (1 - alpha) * one_hot + alpha / C.
     class_weights: optional [C] per-class weights (see
       `class_weights_from_counts`); an example is weighted by its TRUE class.
@@ -102,7 +143,8 @@ def multitask_loss(
   Returns:
     (loss, stats): float32 scalar loss, and a dict of float32 scalar sums and
     counts (`STATS_KEYS`). `loss == loss_from_stats(stats, valence_weight=...,
-    arousal_weight=...)`.
+    arousal_weight=..., va_mse_weight=..., va_ccc_weight=...)`.
+    `stats['correct_sum'] / stats['expression_count']` is the top-1 accuracy.
   """
   logits = jnp.asarray(logits).astype(jnp.float32)
   va_pred = jnp.asarray(va_pred).astype(jnp.float32)
@@ -150,28 +192,25 @@ def multitask_loss(
   ce_sum = jnp.sum(jnp.where(weights > 0, weights * ce, 0.0))
   correct = (jnp.argmax(logits, axis=-1) == expression).astype(jnp.float32)
 
-  # --- Valence / arousal: masked MSE. ---
-  v_se, v_count = _masked_squared_error(va_pred[:, 0], valence, mask)
-  a_se, a_count = _masked_squared_error(va_pred[:, 1], arousal, mask)
-
   stats = {
       "count": jnp.sum(mask),
       "expression_count": jnp.sum(expr_mask),
       "ce_sum": ce_sum,
       "ce_weight_sum": jnp.sum(weights),
       "correct_sum": jnp.sum(correct * expr_mask),
-      "valence_se_sum": v_se,
-      "valence_count": v_count,
-      "arousal_se_sum": a_se,
-      "arousal_count": a_count,
+      # --- Valence / arousal: masked sums for MSE and CCC. ---
+      **_masked_va_sums("valence", va_pred[:, 0], valence, mask),
+      **_masked_va_sums("arousal", va_pred[:, 1], arousal, mask),
   }
   loss = loss_from_stats(
-      stats, valence_weight=valence_weight, arousal_weight=arousal_weight)
+      stats, valence_weight=valence_weight, arousal_weight=arousal_weight,
+      va_mse_weight=va_mse_weight, va_ccc_weight=va_ccc_weight)
   return loss, stats
 
 
 def loss_from_stats(stats: Mapping, *, valence_weight: float = 1.0,
-                    arousal_weight: float = 1.0):
+                    arousal_weight: float = 1.0, va_mse_weight: float = 1.0,
+                    va_ccc_weight: float = 0.0):
   """The multitask loss recovered from (possibly summed) `stats`.
 
   Works on a single batch's stats inside jit (returns a jnp scalar) and on
@@ -191,9 +230,57 @@ def loss_from_stats(stats: Mapping, *, valence_weight: float = 1.0,
   else:
     s = stats
     mean = _safe_mean
-  return (mean(s["ce_sum"], s["ce_weight_sum"])
-          + valence_weight * mean(s["valence_se_sum"], s["valence_count"])
-          + arousal_weight * mean(s["arousal_se_sum"], s["arousal_count"]))
+  loss = mean(s["ce_sum"], s["ce_weight_sum"])
+  for name, weight in (("valence", valence_weight),
+                       ("arousal", arousal_weight)):
+    term = 0.0
+    if va_mse_weight:
+      term = term + va_mse_weight * mean(s[f"{name}_se_sum"],
+                                         s[f"{name}_count"])
+    if va_ccc_weight:
+      term = term + va_ccc_weight * _one_minus_ccc(s, name, on_host)
+    loss = loss + weight * term
+  return float(loss) if on_host else loss
+
+
+def _ccc_parts(s, name, on_host):
+  """(mse, den, defined) of `name` from the sums: den = MSE + 2 cov.
+
+  var_p + var_t + (mean_p - mean_t)^2 = MSE + 2 cov, so CCC = 1 - MSE / den,
+  and the numerator MSE comes from the directly summed squared error (no
+  cancellation); only cov uses raw moments.
+  """
+  n = s[f"{name}_count"]
+  safe_n = (n if n > 0 else 1.0) if on_host else jnp.where(n > 0, n, 1.0)
+  mse = s[f"{name}_se_sum"] / safe_n
+  cov = (s[f"{name}_cross_sum"] / safe_n
+         - (s[f"{name}_pred_sum"] / safe_n) * (s[f"{name}_target_sum"] / safe_n))
+  den = mse + 2.0 * cov
+  return mse, den, (n > 0) & (den > 0)
+
+
+def _one_minus_ccc(s, name, on_host):
+  """1 - CCC; 0 without valid rows or with a zero denominator (module doc)."""
+  mse, den, defined = _ccc_parts(s, name, on_host)
+  if on_host:
+    return float(mse / den) if defined else 0.0
+  return jnp.where(defined, mse / jnp.where(defined, den, 1.0), 0.0)
+
+
+def ccc_from_stats(stats: Mapping, name: str):
+  """Lin's CCC of `name` ('valence' or 'arousal') from (summed) stats.
+
+  NaN without valid rows or with a zero denominator, like
+  `metrics.regression_metrics`; e.g. for logging a training batch's CCC.
+  """
+  if name not in VA_TARGETS:
+    raise ValueError(f"name must be one of {VA_TARGETS}, got {name!r}.")
+  on_host = not any(isinstance(stats[k], jax.Array) for k in STATS_KEYS)
+  s = {k: np.float64(stats[k]) for k in STATS_KEYS} if on_host else stats
+  mse, den, defined = _ccc_parts(s, name, on_host)
+  if on_host:
+    return float(1.0 - mse / den) if defined else math.nan
+  return jnp.where(defined, 1.0 - mse / jnp.where(defined, den, 1.0), jnp.nan)
 
 
 def sum_stats(stats_list: Sequence[Mapping]) -> dict[str, float]:

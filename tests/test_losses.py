@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from affectjax import losses
+from affectjax import metrics
 
 C = 8
 
@@ -24,8 +25,15 @@ def _batch(seed, b=16, no_value_frac=0.3):
               valence=valence, arousal=arousal)
 
 
+def _ccc(p, t):
+  """Lin's CCC, population moments, two-pass, float64."""
+  p, t = np.asarray(p, np.float64), np.asarray(t, np.float64)
+  cov = np.mean((p - p.mean()) * (t - t.mean()))
+  return 2 * cov / (p.var() + t.var() + (p.mean() - t.mean()) ** 2)
+
+
 def _reference(d, *, vw=1.0, aw=1.0, smoothing=0.0, class_weights=None,
-               mask=None):
+               mask=None, mse_w=1.0, ccc_w=0.0):
   """The loss written out in float64 numpy, independent of optax."""
   x = d["logits"].astype(np.float64)
   b = x.shape[0]
@@ -43,13 +51,15 @@ def _reference(d, *, vw=1.0, aw=1.0, smoothing=0.0, class_weights=None,
     keep = (mask > 0) & (np.abs(t) <= 1)
     if keep.any():
       err = d["va_pred"][keep, col].astype(np.float64) - t[keep]
-      total += weight * np.mean(err**2)
+      total += weight * (mse_w * np.mean(err**2)
+                         + ccc_w * (1 - _ccc(d["va_pred"][keep, col], t[keep])))
   return total
 
 
 # Jitted once per static setting: much faster on CPU than eager op dispatch.
 _jit_loss = jax.jit(losses.multitask_loss, static_argnames=(
-    "valence_weight", "arousal_weight", "label_smoothing"))
+    "valence_weight", "arousal_weight", "label_smoothing", "va_mse_weight",
+    "va_ccc_weight"))
 
 
 def _loss(d, **kw):
@@ -259,3 +269,114 @@ def test_class_weights_from_counts():
     losses.class_weights_from_counts(counts, mode="inverse")
   with pytest.raises(ValueError, match="all zero"):
     losses.class_weights_from_counts(np.zeros(C))
+
+
+CCC_ONLY = {"va_mse_weight": 0.0, "va_ccc_weight": 1.0}
+
+
+@jax.jit
+def _ccc_value_and_grad(va_pred, logits, expression, valence, arousal):
+  """(loss, stats) and d loss / d va_pred for the CCC-only loss."""
+  def f(va_pred):
+    return losses.multitask_loss(logits, va_pred, expression=expression,
+                                 valence=valence, arousal=arousal, **CCC_ONLY)
+  return jax.value_and_grad(f, has_aux=True)(va_pred)
+
+
+def _ccc_vg(d, va_pred=None):
+  (loss, stats), grad = _ccc_value_and_grad(
+      d["va_pred"] if va_pred is None else va_pred, d["logits"],
+      d["expression"], d["valence"], d["arousal"])
+  return float(loss), stats, np.asarray(grad)
+
+
+def test_ccc_loss_alone_and_mixed_matches_numpy():
+  d = _batch(10, b=32)
+  mixed = {"va_mse_weight": 0.5, "va_ccc_weight": 2.0, "valence_weight": 0.7,
+           "arousal_weight": 1.5}
+  for kw, ref_kw in [
+      (CCC_ONLY, {"mse_w": 0.0, "ccc_w": 1.0}),
+      (mixed, {"mse_w": 0.5, "ccc_w": 2.0, "vw": 0.7, "aw": 1.5}),
+  ]:
+    loss, stats = _loss(d, **kw)
+    np.testing.assert_allclose(float(loss), _reference(d, **ref_kw),
+                               rtol=1e-5, err_msg=str(kw))
+    np.testing.assert_allclose(float(losses.loss_from_stats(stats, **kw)),
+                               float(loss), rtol=1e-6)
+  # CCC itself, against the project's evaluation metric (masking included).
+  for col, name in enumerate(("valence", "arousal")):
+    ref = metrics.regression_metrics(d[name], d["va_pred"][:, col])["ccc"]
+    np.testing.assert_allclose(float(losses.ccc_from_stats(stats, name)), ref,
+                               rtol=1e-5)
+    host = losses.ccc_from_stats(losses.sum_stats([stats]), name)
+    assert isinstance(host, float)
+    np.testing.assert_allclose(host, ref, rtol=1e-5)
+
+
+def test_ccc_masks_rows_without_a_value_and_sums_exactly_over_batches():
+  d = _batch(11, b=32, no_value_frac=0.3)
+  d["arousal"][:3] = np.nan
+  loss, stats = _loss(d, **CCC_ONLY)
+  np.testing.assert_allclose(float(loss), _reference(d, mse_w=0.0, ccc_w=1.0),
+                             rtol=1e-5)
+  d2 = dict(d, va_pred=d["va_pred"].copy())
+  d2["va_pred"][np.abs(d["valence"]) > 1, 0] = 0.99
+  d2["va_pred"][~(np.abs(d["arousal"]) <= 1), 1] = -0.99
+  assert float(_loss(d2, **CCC_ONLY)[0]) == pytest.approx(float(loss), rel=1e-6)
+  # Padding rows (mask 0) are ignored too, even with valid-looking targets.
+  pad = _batch(12, b=8, no_value_frac=0.0)
+  padded = {k: np.concatenate([d[k], pad[k]]) for k in d}
+  mask = np.r_[np.ones(32), np.zeros(8)].astype(np.float32)
+  np.testing.assert_allclose(
+      float(_loss(padded, example_mask=mask, **CCC_ONLY)[0]), float(loss),
+      rtol=1e-6)
+  # CCC is not a mean of per-batch CCCs, but the summed stats give the CCC
+  # of the whole set: four pieces (each with its own number of valid rows)
+  # recover the full-batch loss.
+  pieces = [_loss({k: v[i:i + 8] for k, v in d.items()}, **CCC_ONLY)[1]
+            for i in range(0, 32, 8)]
+  assert len({float(p["valence_count"]) for p in pieces}) > 1
+  np.testing.assert_allclose(
+      losses.loss_from_stats(losses.sum_stats(pieces), **CCC_ONLY),
+      float(loss), rtol=1e-5)
+
+
+def test_ccc_gradient_points_toward_the_targets():
+  d = _batch(13, b=32, no_value_frac=0.2)
+  valid = np.abs(np.stack([d["valence"], d["arousal"]], 1)) <= 1
+  targets = np.where(valid, np.stack([d["valence"], d["arousal"]], 1), 0.0)
+  base, _, grad = _ccc_vg(d)
+  assert np.all(np.isfinite(grad)) and np.all(grad[~valid] == 0)
+  closer = (d["va_pred"] + 0.3 * (targets - d["va_pred"]) * valid)
+  assert _ccc_vg(d, closer.astype(np.float32))[0] < base
+  assert _ccc_vg(d, d["va_pred"] - 0.05 * grad)[0] < base
+  # Perfect predictions: CCC 1, the CCC part of the loss is 0.
+  perfect = np.where(valid, targets, d["va_pred"]).astype(np.float32)
+  np.testing.assert_allclose(_ccc_vg(d, perfect)[0],
+                             _reference(d, mse_w=0.0), rtol=1e-5)
+
+
+def test_ccc_without_enough_valid_rows_is_finite():
+  d = _batch(14, b=32)
+  d["valence"][:] = -2.0  # No valid row: the term is 0.
+  d["arousal"][1:] = -2.0  # One valid row: variance 0, CCC 0, 1 - CCC = 1.
+  d["arousal"][0] = 0.5
+  loss, stats, grad = _ccc_vg(d)
+  np.testing.assert_allclose(loss, _reference(d, mse_w=0.0) + 1.0, rtol=1e-5)
+  assert np.all(np.isfinite(grad))
+  summed = losses.sum_stats([stats])
+  assert np.isnan(losses.ccc_from_stats(summed, "valence"))
+  assert losses.ccc_from_stats(summed, "arousal") == 0.0
+
+
+def test_correct_sum_counts_top1_hits_on_real_labelled_rows():
+  d = _batch(15, b=32)
+  mask = np.ones(32, np.float32)
+  mask[-4:] = 0
+  d["expression"][0] = C  # Not a class id: never counted.
+  d["logits"][1] = 0.0
+  d["logits"][1, d["expression"][1]] = 5.0  # A sure hit.
+  _, stats = _loss(d, example_mask=mask)
+  hits = (d["logits"].argmax(1) == d["expression"]) & (mask > 0)
+  assert float(stats["correct_sum"]) == hits.sum() >= 1
+  assert float(stats["expression_count"]) == 27
