@@ -1,0 +1,167 @@
+r"""Export a trained model as a serving artifact that needs neither affectjax
+nor a GPU build of jax.
+
+  python -m affectjax.export --workdir=runs/demo [--checkpoint=best|latest|STEP]
+      [--format=jax_export] [--output_dir=WORKDIR/export/<checkpoint>]
+      [--platforms=cpu,cuda,tpu]
+
+Format ``jax_export`` (the one there is; see docs/USING.md for why): the
+model as a serialized ``jax.export.Exported`` (StableHLO plus calling
+convention, weights baked in as constants), lowered for every platform in
+``--platforms``, batch size symbolic. It runs with a plain ``pip install jax
+flatbuffers`` (the CPU wheel on any machine; the same file runs on CUDA or
+TPU builds), through ``jax.export.deserialize(bytes).call(images)``. The
+output directory holds:
+
+  model.jaxexport      the serialized Exported;
+  model.stablehlo.mlir the StableHLO module as text (IREE, XLA tools, review);
+  signature.json       input/output shapes and dtypes, class names, the
+                       input size and how to make inputs, provenance;
+  run_exported.py      a standalone runner (jax, numpy, Pillow): images in,
+                       JSON lines out.
+
+Input: uint8 face crops (N, S, S, 3) RGB, S = the size data_prep stored faces
+at (crop the face box with data_prep's margin, resize to S x S bilinear);
+the model's own resize to ``config.image_size`` and its normalization are
+inside the artifact. Outputs: ``logits`` float32 (N, C) and
+``valence_arousal`` float32 (N, 2) in [-1, 1].
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+
+from affectjax import data
+from affectjax import evaluation
+from affectjax import report
+from affectjax import workdir as workdir_lib
+
+FORMATS = ("jax_export",)
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+MODEL_FILE = "model.jaxexport"
+RUNNER = "run_exported.py"
+
+
+def serving_fn(graphdef, weights: dict, *, image_size: int, tta: str = "none"):
+  """uint8 (N, S, S, 3) -> (logits, valence_arousal); weights as constants."""
+  host = jax.tree.map(np.asarray, jax.device_get(weights))
+
+  def serve(images):
+    return evaluation.predict_images(graphdef, host, images,
+                                     image_size=image_size, tta=tta)
+  return serve
+
+
+def export_model(graphdef, weights: dict, *, input_size: int, image_size: int,
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                 tta: str = "none") -> jax.export.Exported:
+  """``jax.export`` of the serving function with a symbolic batch size."""
+  fn = serving_fn(graphdef, weights, image_size=image_size, tta=tta)
+  batch, = jax.export.symbolic_shape("batch")
+  spec = jax.ShapeDtypeStruct((batch, input_size, input_size, 3), jnp.uint8)
+  return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
+
+
+def write_artifact(exported: jax.export.Exported, output_dir, *,
+                   signature: dict) -> epath.Path:
+  """Writes the artifact files (each under a temporary name, then renamed)."""
+  out = epath.Path(output_dir)
+  report.write_bytes(out / MODEL_FILE, bytes(exported.serialize()))
+  report.write_text(out / "model.stablehlo.mlir", exported.mlir_module())
+  report.write_text(out / "signature.json",
+                    json.dumps(signature, indent=2) + "\n")
+  runner = epath.Path(__file__).parent / "export_runner.py"
+  report.write_text(out / RUNNER, runner.read_text())
+  return out
+
+
+def run_export(workdir, *, checkpoint: str = "best", fmt: str = "jax_export",
+               output_dir=None, platforms: Sequence[str] = DEFAULT_PLATFORMS,
+               tta: str = "none", use_ema: bool = True) -> epath.Path:
+  """Opens the run at ``checkpoint`` and writes the artifact; returns its dir."""
+  if fmt not in FORMATS:
+    raise ValueError(f"--format={fmt!r}: supported formats are {FORMATS} (see "
+                     "docs/USING.md, 'Export').")
+  from affectjax import predict  # pylint: disable=g-import-not-at-top
+  run = workdir_lib.open_run(workdir, checkpoint=checkpoint)
+  input_size = predict._prepared_size(run.config)  # pylint: disable=protected-access
+  exported = export_model(run.graphdef, run.weights(use_ema),
+                          input_size=input_size,
+                          image_size=run.config.image_size,
+                          platforms=platforms, tta=tta)
+  names = list(data.label_names(int(run.config.num_classes)))
+  signature = {
+      "format": "jax.export (StableHLO), serialization version "
+                f"{exported.calling_convention_version}",
+      "platforms": list(exported.platforms),
+      "inputs": [{"name": "images", "dtype": "uint8",
+                  "shape": ["batch", input_size, input_size, 3],
+                  "layout": "NHWC, RGB, 0..255"}],
+      "outputs": [{"name": "logits", "dtype": "float32",
+                   "shape": ["batch", len(names)]},
+                  {"name": "valence_arousal", "dtype": "float32",
+                   "shape": ["batch", 2], "range": [-1, 1]}],
+      "class_names": names,
+      "input_size": input_size,
+      "model_image_size": int(run.config.image_size),
+      "preprocessing": (
+          "Crop the face box grown by data_prep's --margin (default 0.1 of "
+          "the longer side, squared), resize to input_size x input_size with "
+          "bilinear (antialiased) filtering, RGB uint8. The model's resize "
+          "and normalization are inside the artifact."),
+      "tta": tta,
+      "source": {"workdir": str(run.workdir), "step": run.step,
+                 "checkpoint": run.label, "model": run.config.model.name,
+                 "ema": bool(use_ema and "ema" in run.state),
+                 "jax_version": jax.__version__},
+      "usage": ("from jax import export; exp = export.deserialize(open("
+                "'model.jaxexport','rb').read()); logits, va = exp.call(images)"),
+  }
+  out = epath.Path(output_dir) if output_dir else (
+      run.workdir / "export" / run.label)
+  write_artifact(exported, out, signature=signature)
+  logging.info("Exported step %d to %s", run.step, out)
+  return out
+
+
+# --------------------------------------------------------------------------
+# Command line (flags defined in `run()`, not at import).
+# --------------------------------------------------------------------------
+def _define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
+  flags.DEFINE_string("checkpoint", "best", "best, latest, or a step.")
+  flags.DEFINE_enum("format", "jax_export", FORMATS, "Artifact format.")
+  flags.DEFINE_string("output_dir", None,
+                      "Default: WORKDIR/export/<checkpoint>.")
+  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
+                    "Platforms the artifact is lowered for.")
+  flags.DEFINE_enum("tta", "none", evaluation.TTA_MODES,
+                    "flip: bake mirror averaging into the artifact.")
+  flags.DEFINE_bool("use_ema", True, "Use the EMA weights when present.")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  out = run_export(f.workdir, checkpoint=f.checkpoint, fmt=f.format,
+                   output_dir=f.output_dir, platforms=f.platforms, tta=f.tta,
+                   use_ema=f.use_ema)
+  print(f"Wrote {out}/ ({MODEL_FILE}, model.stablehlo.mlir, signature.json, "
+        f"{RUNNER})", flush=True)
+
+
+def run() -> None:
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())
