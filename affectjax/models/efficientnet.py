@@ -193,12 +193,18 @@ class EfficientNet(nnx.Module):
     out["top_activation"] = x
     return out
 
-  def keras_weight_plan(self) -> dict[str, list[keras_plan.Target]]:
-    """Keras layer names -> variables; 'normalization' may carry a _k suffix in the file."""
+  def keras_weight_plan(self) -> keras_plan.Plan:
+    """Keras layer names -> variables, in the order of Keras' model.layers.
+
+    The official file calls the input-normalization layer 'normalization';
+    Keras models built in one session number it ('normalization_3'). Names
+    are not matched (Keras loads by order), so both load.
+    """
     plan = {
-        "normalization": [keras_plan.Target(self.norm_mean, ("mean",)),
-                          keras_plan.Target(self.norm_variance, ("variance",)),
-                          keras_plan.Target(None, ("count",))],
+        "normalization": keras_plan.Layer("normalization", [
+            keras_plan.Target(self.norm_mean, "mean"),
+            keras_plan.Target(self.norm_variance, "variance"),
+            keras_plan.Target(None, "count")]),
         "stem_conv": keras_plan.conv(self.stem_conv),
         "stem_bn": keras_plan.batch_norm(self.stem_bn),
     }
@@ -208,15 +214,17 @@ class EfficientNet(nnx.Module):
     plan["top_bn"] = keras_plan.batch_norm(self.top_bn)
     return plan
 
-  keras_auto_named = frozenset({"normalization"})
+  def keras_extra_values(self, *, imagenet_rescale: bool) -> list:
+    """Keras' extra Rescaling(1/sqrt(std)) that only weights='imagenet' models have.
 
-  def after_keras_load(self, *, imagenet_rescale: bool) -> None:
-    """Sets Keras' extra Rescaling(1/sqrt(std)) that only weights='imagenet' models have."""
+    It is a constant in Keras' graph, not a weight in the file, so it is
+    returned here as (variable, host array) for the loader to assign.
+    """
     if imagenet_rescale:
       rescale = 1.0 / np.sqrt(np.asarray(preprocessing.IMAGENET_STD_RGB, np.float64))
     else:
       rescale = np.ones((3,))
-    self.norm_rescale.set_value(jnp.asarray(rescale, jnp.float32))
+    return [(self.norm_rescale, np.asarray(rescale, np.float32))]
 
 
 class EfficientNetB3(EfficientNet):

@@ -15,6 +15,10 @@ import shutil
 import tempfile
 import urllib.request
 
+import jax
+import numpy as np
+from flax import nnx
+
 from affectjax.models import keras_h5
 from affectjax.models import keras_plan
 
@@ -105,26 +109,93 @@ def weights_path(name: str, weights_dir: str) -> str:
   return dest
 
 
+def _backbone(model):
+  backbone = getattr(model, "backbone", model)
+  if not hasattr(backbone, "keras_weight_plan"):
+    raise ValueError(f"{type(backbone).__name__} has no Keras/ImageNet weights; "
+                     "use config.model.init='scratch' for it.")
+  return backbone
+
+
+def _converted(model, path: str, imagenet_rescale: bool):
+  """[(variable, host array)] for every backbone variable, from the file at `path`."""
+  backbone = _backbone(model)
+  updates = keras_plan.convert(backbone.keras_weight_plan(), keras_h5.read(path))
+  return updates + list(backbone.keras_extra_values(imagenet_rescale=imagenet_rescale))
+
+
+def load_arrays(model, path: str, *, imagenet_rescale: bool = True
+                ) -> dict[tuple, np.ndarray]:
+  """The converted backbone weights as host numpy arrays, keyed like the model's state.
+
+  Args:
+    model: a MultitaskModel (or a bare backbone) from `models.create`; an
+      abstract one from `nnx.eval_shape(...)` is enough (only shapes and
+      dtypes are read) and is not modified.
+    path: a Keras notop weight file (legacy .h5 in any Keras generation's
+      naming, or Keras 3 .weights.h5).
+    imagenet_rescale: see `load`.
+
+  Returns:
+    {state path: array}, where a state path is the key tuple of
+    `nnx.to_flat_state(nnx.state(model))` (e.g. ('backbone', 'blocks', 0, 0,
+    'kernel')), one entry per backbone variable, in the variable's dtype.
+    Nothing is placed on a device: put the whole train state on the mesh
+    once (see `merge_arrays`).
+  """
+  paths = {id(v): p for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+  return {paths[id(variable)]: value
+          for variable, value in _converted(model, path, imagenet_rescale)}
+
+
+def merge_arrays(states, arrays: dict[tuple, np.ndarray]):
+  """`states` (an nnx.State, a pure dict, or a tuple of them, e.g. (params, rest)) with `arrays` swapped in.
+
+  Leaves whose path is in `arrays` are replaced by the host array; the rest
+  are kept as they are (e.g. the head's jitted initialization, already on
+  the mesh). Raises ValueError if an array matches no leaf or a shape
+  differs, so a wrong split cannot silently drop weights. Follow with one
+  `jax.device_put(result, shardings)`.
+  """
+  used = set()
+
+  def swap(prefix, state):
+    def leaf(key_path, value):
+      key = prefix + tuple(k.key for k in key_path if hasattr(k, "key"))
+      if key not in arrays:
+        return value
+      if tuple(value.shape) != arrays[key].shape:
+        raise ValueError(f"merge_arrays: {key} has shape {tuple(value.shape)}, "
+                         f"the converted array {arrays[key].shape}.")
+      used.add(key)
+      return arrays[key]
+    return jax.tree_util.tree_map_with_path(leaf, state)
+
+  out = tuple(swap((), s) for s in states) if isinstance(states, tuple) else swap((), states)
+  unused = [k for k in arrays if k not in used]
+  if unused:
+    raise ValueError(f"merge_arrays: {len(unused)} converted arrays match no leaf of "
+                     f"the given states, e.g. {unused[:3]}; pass every partition "
+                     "of the model's state (e.g. (params, rest)).")
+  return out
+
+
 def load(model, path: str, *, imagenet_rescale: bool = True):
   """Loads a Keras notop weight file (legacy .h5 or Keras 3 .weights.h5) into model.backbone.
 
   Args:
     model: a MultitaskModel (or a bare backbone) from `models.create`.
-    path: the weight file.
+    path: the weight file. Matched to the model the way Keras' own loader
+      does (keras_plan): by order and shape, whatever the weight names.
     imagenet_rescale: EfficientNet only. True for the official ImageNet file
       (and files saved from a Keras model built with weights='imagenet'), whose
       stem has Keras' extra Rescaling(1/sqrt(std)); False for weights of a
       Keras model built with weights=None or a path.
 
-  The head keeps its initialization. Nothing is assigned unless the whole
-  file matches (see keras_plan.apply).
+  Every backbone variable gets a host numpy array (no device transfer, so a
+  caller can place the whole state once); the head keeps its
+  initialization. Nothing is assigned unless the whole file matches.
   """
-  backbone = getattr(model, "backbone", model)
-  if not hasattr(backbone, "keras_weight_plan"):
-    raise ValueError(f"{type(backbone).__name__} has no Keras/ImageNet weights; "
-                     "use config.model.init='scratch' for it.")
-  file_layers = keras_h5.read(path)
-  keras_plan.apply(backbone.keras_weight_plan(), file_layers, path,
-                   auto_named=getattr(backbone, "keras_auto_named", frozenset()))
-  backbone.after_keras_load(imagenet_rescale=imagenet_rescale)
+  for variable, value in _converted(model, path, imagenet_rescale):
+    variable.set_value(value)
   return model

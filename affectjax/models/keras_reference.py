@@ -24,32 +24,54 @@ def _patched(obj, name, value):
     setattr(obj, name, old)
 
 
-def build(name: str, size: int, *, imagenet_graph: bool = False, weights_path=None):
+def build(name: str, size: int, *, imagenet_graph: bool = False, weights_path=None,
+          weights_file=None):
   """keras.applications.<name>(include_top=False) at `size` px, without downloading.
 
   imagenet_graph: build the weights='imagenet' graph (for EfficientNet it has
     the extra Rescaling(1/sqrt(std)) layer). Weights are then loaded from
-    `weights_path` if given, else left at zero.
+    `weights_path` if given (by Keras' own code: the download is replaced by
+    that path), else left at zero.
+  weights_file: instead, `keras.applications.<name>(weights=weights_file)`,
+    Keras' path for a user's weight file (no ImageNet rescale for EfficientNet).
   Initializers return zeros: Keras' random initializers compile one XLA
   program per weight shape (~40 s for EfficientNetB3 on 2 cores), and every
   weight is overwritten anyway.
   """
   import keras  # pylint: disable=g-import-not-at-top
-  from keras.src import initializers  # pylint: disable=g-import-not-at-top
   from keras.src.models import functional  # pylint: disable=g-import-not-at-top
   from keras.src.utils import file_utils  # pylint: disable=g-import-not-at-top
 
   fn = getattr(keras.applications, KERAS_APPS[name])
-  zeros = lambda self, shape, dtype=None: np.zeros(shape, dtype or "float32")
   with contextlib.ExitStack() as stack:
-    stack.enter_context(_patched(initializers.VarianceScaling, "__call__", zeros))
+    stack.enter_context(_zero_initializers())
     if not imagenet_graph:
-      return fn(include_top=False, weights=None, input_shape=(size, size, 3))
+      return fn(include_top=False, weights=weights_file, input_shape=(size, size, 3))
     stack.enter_context(_patched(file_utils, "get_file", lambda *a, **k: weights_path))
     if weights_path is None:
       stack.enter_context(_patched(functional.Functional, "load_weights",
                                    lambda *a, **k: None))
     return fn(include_top=False, weights="imagenet", input_shape=(size, size, 3))
+
+
+def _zero_initializers():
+  """Keras' VarianceScaling initializers return zeros (no per-shape XLA compile)."""
+  from keras.src import initializers  # pylint: disable=g-import-not-at-top
+  zeros = lambda self, shape, dtype=None: np.zeros(shape, dtype or "float32")
+  return _patched(initializers.VarianceScaling, "__call__", zeros)
+
+
+def build_efficientnet(width_coefficient: float, depth_coefficient: float, size: int):
+  """Keras' EfficientNet builder (behind keras.applications.EfficientNetB3) at any width/depth.
+
+  include_top=False, weights=None, zero-initialized: a small model for
+  testing the loading rules against Keras' own loader.
+  """
+  from keras.src.applications import efficientnet  # pylint: disable=g-import-not-at-top
+  with _zero_initializers():
+    return efficientnet.EfficientNet(
+        width_coefficient, depth_coefficient, size, include_top=False,
+        weights=None, input_shape=(size, size, 3))
 
 
 def randomize(model, seed: int) -> None:
@@ -78,12 +100,30 @@ def randomize(model, seed: int) -> None:
       w.assign(value.astype(np.float32))
 
 
-def legacy_layers(model):
-  """A Keras model's weights in the legacy layout and naming of the official files.
+# Keras 1 (TensorFlow backend) weight names, as in the official VGG16 file
+# ('block1_conv1_W_1:0'); its BatchNormalization had running_mean/running_std.
+_KERAS1_NAMES = {"kernel": "W", "bias": "b", "depthwise_kernel": "depthwise_W",
+                 "moving_mean": "running_mean", "moving_variance": "running_std"}
+NAMINGS = ("keras1", "tf_keras2", "keras3_h5", "keras3")
 
-  Per layer: trainable then non-trainable weights (Keras' legacy order), named
-  TF-Keras style '<layer>/<weight>:0' (DepthwiseConv2D's kernel was named
-  'depthwise_kernel' there). Feed to keras_h5.write_legacy.
+
+def _weight_name(layer_name: str, weight: str, naming: str) -> str:
+  if naming == "keras1":
+    return f"{layer_name}_{_KERAS1_NAMES.get(weight, weight)}_1:0"
+  if naming == "tf_keras2":
+    return f"{layer_name}/{weight}:0"
+  raise ValueError(f"unknown legacy naming {naming!r}")
+
+
+def legacy_layers(model, naming: str = "tf_keras2"):
+  """A Keras model's layers and weights in the legacy layout of the official files.
+
+  Every layer (weightless ones too, with no weights, as the files have them);
+  per layer, trainable then non-trainable weights (Keras' legacy order),
+  named as Keras generation `naming` did: 'keras1' '<layer>_W_1:0' (the
+  VGG16 file), 'tf_keras2' '<layer>/kernel:0' with DepthwiseConv2D's kernel
+  called 'depthwise_kernel' (the EfficientNet file). Feed to
+  keras_h5.write_legacy or write_keras1_h5.
   """
   import keras  # pylint: disable=g-import-not-at-top
   out = []
@@ -93,9 +133,56 @@ def legacy_layers(model):
       name = w.path.split("/")[-1]
       if isinstance(layer, keras.layers.DepthwiseConv2D) and name == "kernel":
         name = "depthwise_kernel"
-      weights.append((f"{layer.name}/{name}:0", np.asarray(w.numpy())))
+      weights.append((_weight_name(layer.name, name, naming), np.asarray(w.numpy())))
     out.append((layer.name, weights))
   return out
+
+
+def write_keras1_h5(path: str, layers) -> None:
+  """Writes `layers` as Keras 1.2's `save_weights` did (keras/engine/topology.py).
+
+  Fixed-length byte-string ('S') attributes; `weight_names` stored as given
+  (an empty list for weightless layers); keras_version '1.2.2', backend
+  'tensorflow'; no `top_level_model_weights` group; datasets directly under
+  the layer group ('block1_conv1/block1_conv1_W_1:0').
+  """
+  import h5py  # pylint: disable=g-import-not-at-top
+  with h5py.File(path, "w") as f:
+    f.attrs["layer_names"] = np.array([n.encode("utf8") for n, _ in layers], dtype="S")
+    f.attrs["backend"] = b"tensorflow"
+    f.attrs["keras_version"] = b"1.2.2"
+    for layer_name, weights in layers:
+      group = f.create_group(layer_name)
+      names = [w.encode("utf8") for w, _ in weights]
+      group.attrs["weight_names"] = np.array(names, dtype="S") if names else []
+      for weight_name, value in weights:
+        value = np.asarray(value)
+        group.create_dataset(weight_name, value.shape, dtype=value.dtype)[...] = value
+
+
+def write_weights(model, path: str, naming: str) -> None:
+  """Writes a Keras model's weights as Keras generation `naming` (one of NAMINGS) saved them.
+
+  'keras1', 'tf_keras2': legacy .h5 with those generations' weight names and
+  attributes; 'keras3_h5': Keras 3's own legacy writer
+  (`legacy_h5_format.save_weights_to_hdf5_group`: names like
+  'block1_conv1/kernel', a `top_level_model_weights` group); 'keras3':
+  `model.save_weights` (`path` must end in .weights.h5).
+  """
+  import h5py  # pylint: disable=g-import-not-at-top
+  from keras.src.legacy.saving import legacy_h5_format  # pylint: disable=g-import-not-at-top
+  from affectjax.models import keras_h5  # pylint: disable=g-import-not-at-top
+  if naming == "keras1":
+    write_keras1_h5(path, legacy_layers(model, "keras1"))
+  elif naming == "tf_keras2":
+    keras_h5.write_legacy(path, legacy_layers(model, "tf_keras2"))
+  elif naming == "keras3_h5":
+    with h5py.File(path, "w") as f:
+      legacy_h5_format.save_weights_to_hdf5_group(f, model)
+  elif naming == "keras3":
+    model.save_weights(path)
+  else:
+    raise ValueError(f"unknown naming {naming!r}; one of {NAMINGS}")
 
 
 def keras_preprocess(name: str, images_uint8: np.ndarray) -> np.ndarray:
@@ -115,12 +202,20 @@ def relative_errors(ours, ref) -> tuple[float, float]:
           float(np.abs(diff).max() / np.abs(ref).max()))
 
 
+def tap_model(model, names):
+  """A Keras model sharing `model`'s layers (and weights) whose outputs are the named layers'.
+
+  Its compiled predict function takes the weights as arguments, so it can be
+  reused after `model.load_weights` without compiling again.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  return keras.Model(model.input, [model.get_layer(n).output for n in names])
+
+
 def tap_outputs(model, names, inputs, batch_size: int = 2) -> dict[str, np.ndarray]:
   """Outputs of the named layers of a Keras model (e.g. our backbone's intermediates keys)."""
-  import keras  # pylint: disable=g-import-not-at-top
   names = list(names)
-  sub = keras.Model(model.input, [model.get_layer(n).output for n in names])
-  outs = sub.predict(inputs, batch_size=batch_size, verbose=0)
+  outs = tap_model(model, names).predict(inputs, batch_size=batch_size, verbose=0)
   return dict(zip(names, outs))
 
 

@@ -71,10 +71,12 @@ class VGG16(nnx.Module):
       out[f"block{b + 1}_pool"] = x
     return out
 
-  def keras_weight_plan(self) -> dict[str, list[keras_plan.Target]]:
-    """Keras layer 'block{b}_conv{c}' -> self.blocks[b-1][c-1]."""
+  def keras_weight_plan(self) -> keras_plan.Plan:
+    """Keras layer 'block{b}_conv{c}' -> self.blocks[b-1][c-1], in Keras' layer order."""
     return {f"block{b + 1}_conv{c + 1}": keras_plan.conv(conv)
             for b, convs in enumerate(self.blocks) for c, conv in enumerate(convs)}
 
-  def after_keras_load(self, *, imagenet_rescale: bool) -> None:
-    del imagenet_rescale  # Caffe preprocessing has no weights.
+  def keras_extra_values(self, *, imagenet_rescale: bool) -> list:
+    """Values a Keras file does not hold: none (caffe preprocessing has no weights)."""
+    del imagenet_rescale
+    return []
