@@ -100,7 +100,8 @@ def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
   classes = num_classes if classes is None else int(classes)
   result = evaluation.evaluate(run.state, run.eval_fn(tta, use_ema), config,
                                run.mesh,
-                               split=split, collect=True, classes=classes)
+                               split=split, collect=True, classes=classes,
+                               progress=None)
   examples = result["examples"]
   result.update(step=run.step, checkpoint=run.label, split=split, tta=tta,
                 ema=bool(use_ema and "ema" in run.state),

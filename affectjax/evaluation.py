@@ -106,7 +106,8 @@ def make_eval_step(graphdef, config, mesh, class_weights=None, *,
 
 
 def evaluate(state: dict, eval_fn, config, mesh, *, split: str = "val",
-             collect: bool = False, classes: int | None = None) -> dict:
+             collect: bool = False, classes: int | None = None,
+             progress: bool | None = False) -> dict:
   """Metrics over every example of ``split`` exactly once.
 
   Args:
@@ -122,6 +123,8 @@ def evaluate(state: dict, eval_fn, config, mesh, *, split: str = "val",
     classes: ``None`` or ``config.num_classes`` for the model's own protocol;
       ``7`` scores an 8-class model on the 7-class protocol (no ``loss``
       then: the model's loss is an 8-class quantity).
+    progress: a batch bar (``progress.eval_bar``); None = on for a terminal
+      on process 0; False (default, the trainer's periodic evals) = off.
 
   Returns:
     ``metrics.evaluate``'s dict (accuracy, macro-F1, confusion matrix,
@@ -141,7 +144,14 @@ def evaluate(state: dict, eval_fn, config, mesh, *, split: str = "val",
       config, split=split, local_batch_size=local_bs,
       process_index=jax.process_index(), process_count=jax.process_count())
   outs, stats = [], []
-  for batch in input_pipeline.iterate(ds):
+  batches = input_pipeline.iterate(ds)
+  if progress is not False:
+    from affectjax import progress as progress_lib  # pylint: disable=g-import-not-at-top
+    batches = progress_lib.eval_bar(
+        batches, input_pipeline.eval_num_batches(
+            n, local_bs * jax.process_count()), desc=f"eval {split}",
+        enabled=progress)
+  for batch in batches:
     out, batch_stats = eval_fn(state, sharding.shard_batch(batch, mesh))
     outs.append(out)
     stats.append(batch_stats)

@@ -1,0 +1,57 @@
+"""`affectjax.report`: the run report and the plots are real images."""
+import time
+
+import numpy as np
+import pytest
+from absl import logging
+from PIL import Image
+
+from affectjax import report
+from affectjax import workdir as workdir_lib
+from tests import use_fixtures
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, synthetic_arrayrecord):
+  return use_fixtures.trained_workdir(tmp_path_factory, synthetic_arrayrecord)
+
+
+def test_refresh_writes_report_with_curves_confusion_config_versions(run_dir):
+  config = workdir_lib.load_config(run_dir)
+  assert report.refresh(run_dir, config)  # Warm (first matplotlib use).
+  t0 = time.perf_counter()
+  assert report.refresh(run_dir, config)
+  elapsed = time.perf_counter() - t0
+  assert elapsed < 5, elapsed  # ~0.3 s on an idle 2-core VM.
+  page = (run_dir / "report.html").read_text()
+  for needle in ("Learning curves", "report/learning_curves.png",
+                 "report/confusion_matrix.png", "at step 6", "macro_f1",
+                 "&quot;num_classes&quot;", "flax", "Dataset", "examples"):
+    assert needle in page, needle
+  for name in ("learning_curves.png", "confusion_matrix.png"):
+    with Image.open(run_dir / "report" / name) as im:
+      assert im.format == "PNG" and im.size[0] > 300
+      assert np.asarray(im.convert("L")).std() > 5  # Not a blank canvas.
+
+
+def test_refresh_never_raises(run_dir, monkeypatch):
+  config = workdir_lib.load_config(run_dir)
+  before = (run_dir / "report.html").read_text() if (
+      run_dir / "report.html").exists() else None
+
+  def boom(*a, **k):
+    raise RuntimeError("plotting broke")
+  monkeypatch.setattr(report, "learning_curves_figure", boom)
+  warnings = []
+  monkeypatch.setattr(logging, "warning", lambda *a: warnings.append(a))
+  assert report.refresh(run_dir, config) is False
+  assert warnings and "plotting broke" in str(warnings[0])
+  if before is not None:  # The previous report stays intact.
+    assert (run_dir / "report.html").read_text() == before
+
+
+def test_confusion_matrix_image_for_tensorboard():
+  cm = np.arange(64).reshape(8, 8)
+  img = report.confusion_matrix_image(cm, [f"c{i}" for i in range(8)])
+  assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+  assert img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 5
