@@ -7,9 +7,10 @@ Figures (matplotlib, Agg backend: no display needed), each also saved as PNG:
   * per-class F1 bars (with the support under each class name);
   * learning curves from ``W/metrics.jsonl``.
 
-``refresh(workdir, config)`` rewrites ``W/report.html`` (+ PNGs in
-``W/report/``) at each evaluation: learning curves (loss, accuracy, macro-F1,
-CCC against step), the latest confusion matrix and circumplex, the config,
+``refresh(workdir, config, examples=None)`` rewrites ``W/report.html`` (+
+PNGs in ``W/report/``) at each evaluation: learning curves (loss, accuracy,
+macro-F1, CCC against step), the latest confusion matrix (an HTML table: no
+plotting cost) and circumplex, the config,
 the dataset manifest summary, the best checkpoint and the software versions.
 It never raises into the training loop: a plotting or I/O problem is logged
 as a warning and the previous report stays.
@@ -176,28 +177,32 @@ def per_class_f1_figure(f1, names: Sequence[str], support=None) -> Figure:
   return fig
 
 
-_CURVES = (("loss", "loss"), ("accuracy", "accuracy"),
-           ("macro_f1", "macro-F1"), ("valence_ccc", "valence CCC"),
-           ("arousal_ccc", "arousal CCC"))
+_CURVES = (("loss", ("loss",)), ("accuracy", ("accuracy",)),
+           ("macro-F1", ("macro_f1",)),
+           ("CCC", ("valence_ccc", "arousal_ccc")))
 
 
 def learning_curves_figure(records: Sequence[dict]) -> Figure:
-  """Loss, accuracy, macro-F1 and CCC against step, one line per split."""
-  fig, axes = plt.subplots(1, len(_CURVES), figsize=(3.0 * len(_CURVES), 2.8))
+  """Loss, accuracy, macro-F1 and valence/arousal CCC against step, per split."""
+  fig, axes = plt.subplots(1, len(_CURVES), figsize=(2.6 * len(_CURVES), 2.6))
   splits = sorted({r.get("split", "?") for r in records})
-  for ax, (key, title) in zip(axes, _CURVES):
+  for ax, (title, keys) in zip(axes, _CURVES):
     for split in splits:
-      pts = [(r["step"], r[key]) for r in records
-             if r.get("split") == split and isinstance(r.get(key), (int, float))]
-      if pts:
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=split)
+      for key in keys:
+        pts = [(r["step"], r[key]) for r in records if r.get("split") == split
+               and isinstance(r.get(key), (int, float))]
+        if pts:
+          xs, ys = zip(*pts)
+          label = split if len(keys) == 1 else f"{split} {key.split('_')[0]}"
+          ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=label)
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
+    ax.locator_params(nbins=4)
     ax.tick_params(labelsize=7)
     if ax.lines:
-      ax.legend(fontsize=7)
-  fig.tight_layout()
+      ax.legend(fontsize=6, frameon=False)
+  # Fixed margins: tight_layout would draw every text twice (the report is
+  # refreshed inside the training loop, so its cost matters).
+  fig.subplots_adjust(left=0.05, right=0.99, bottom=0.1, top=0.9, wspace=0.3)
   return fig
 
 
@@ -298,8 +303,32 @@ def _class_names(config) -> tuple[str, ...]:
   return data.label_names(int(config.num_classes))
 
 
-def build_report(workdir, config) -> str:
-  """Writes the report PNGs and returns the report's HTML."""
+def confusion_matrix_html(cm, names: Sequence[str]) -> str:
+  """The confusion matrix as an HTML table: counts, shaded by row share."""
+  cm = np.asarray(cm, np.int64)
+  rows = np.maximum(cm.sum(axis=1, keepdims=True), 1)
+  head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+  body = []
+  for i, name in enumerate(names):
+    cells = []
+    for j in range(len(names)):
+      share = cm[i, j] / rows[i, 0]
+      color = "#fff" if share > 0.5 else "#000"
+      cells.append(f"<td style='background:rgba(31,119,180,{share:.2f});"
+                   f"color:{color};text-align:right'>{cm[i, j]}</td>")
+    body.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}"
+                f"<td>{int(cm[i].sum())}</td></tr>")
+  return (f"<table class='cm'><tr><th>true \\ predicted</th>{head}"
+          f"<th>support</th></tr>{''.join(body)}</table>")
+
+
+def build_report(workdir, config, examples: dict | None = None) -> str:
+  """Writes the report PNGs and returns the report's HTML.
+
+  ``examples``: ``evaluation.evaluate(..., collect=True)["examples"]`` of the
+  latest evaluation, for the circumplex; without it the report shows the
+  circumplex of the latest ``affectjax.evaluate`` output, if any.
+  """
   workdir = epath.Path(workdir)
   out = workdir / "report"
   records = read_metrics(workdir)
@@ -319,14 +348,22 @@ def build_report(workdir, config) -> str:
             "valence_rmse", "arousal_ccc", "arousal_rmse")
     parts.append(_table([(k, last.get(k)) for k in keys if k in last]))
     if last.get("confusion_matrix"):
-      save_png(confusion_matrix_figure(last["confusion_matrix"], names,
-                                       normalize=True),
-               out / "confusion_matrix.png")
-      parts.append("<img src='report/confusion_matrix.png'>")
-    circ = _latest_circumplex(workdir)
-    if circ:
-      parts.append(f"<p>Circumplex of the last `evaluate` run:</p>"
-                   f"<img src='{html.escape(circ)}'>")
+      parts.append("<h3>Confusion matrix (rows: true, columns: predicted; "
+                   "row-normalized shading)</h3>")
+      parts.append(confusion_matrix_html(last["confusion_matrix"], names))
+    if examples is not None:
+      save_png(circumplex_figure(examples["valence"], examples["arousal"],
+                                 examples["va"][:, 0], examples["va"][:, 1],
+                                 examples["expression"], names),
+               out / "circumplex.png")
+      parts.append("<h3>Valence/arousal</h3>"
+                   "<img src='report/circumplex.png'>")
+    else:
+      circ = _latest_circumplex(workdir)
+      if circ:
+        parts.append("<h3>Valence/arousal (last <code>evaluate</code> "
+                     f"run: {html.escape(circ.split('/')[1])})</h3>"
+                     f"<img src='{html.escape(circ)}'>")
   best = _best_record(workdir)
   parts.append("<h2>Best checkpoint</h2>")
   if best:
@@ -368,12 +405,16 @@ def _latest_circumplex(workdir) -> str | None:
   return f"eval/{found[-1].parent.name}/circumplex.png" if found else None
 
 
-def refresh(workdir, config) -> bool:
-  """Rewrites ``W/report.html``; True on success. Never raises (logs a warning)."""
+def refresh(workdir, config, examples: dict | None = None) -> bool:
+  """Rewrites ``W/report.html``; True on success. Never raises (logs a warning).
+
+  Call it on process 0 after each evaluation (see ``build_report`` for
+  ``examples``).
+  """
   t0 = time.perf_counter()
   try:
-    write_text(epath.Path(workdir) / "report.html", build_report(workdir,
-                                                                 config))
+    write_text(epath.Path(workdir) / "report.html",
+               build_report(workdir, config, examples))
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("Could not refresh %s/report.html: %s: %s", workdir,
                     type(e).__name__, e)
