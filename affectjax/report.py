@@ -366,15 +366,18 @@ def build_report(workdir, config, examples: dict | None = None) -> str:
                      f"<img src='{html.escape(circ)}'>")
   best = _best_record(workdir)
   parts.append("<h2>Best checkpoint</h2>")
+  manifest = _manifest_summary(str(config.data.dir))
   if best:
     split = config.data.get("selection_split", "auto")
+    if split == "auto":  # config_base: holdout when data_prep made one.
+      split = ("holdout" if manifest and "holdout" in manifest["splits"]
+               else "val")
     parts.append(_table([("step", best.get("step")),
                          ("metric", f"{best.get('metric')} ({best.get('mode')})"),
                          ("value", best.get("value")),
                          ("chosen on split", split)]))
   else:
     parts.append("<p>No checkpoint has been ranked yet.</p>")
-  manifest = _manifest_summary(str(config.data.dir))
   parts.append("<h2>Dataset</h2>")
   parts.append(f"<pre>{html.escape(json.dumps(manifest, indent=1))}</pre>"
                if manifest else "<p>manifest.json not found.</p>")
