@@ -18,6 +18,15 @@ children). `config.transfer.mode` decides how each group trains:
 
 Weight decay applies to kernels only (ndim >= 2), not to biases or BatchNorm
 scale/shift. Gradient clipping by global norm runs before everything else.
+
+Around the optimizer (the trainer calls these; the optax state is the same
+with or without them, so they can be switched on or off on resume):
+  value_and_grad  SAM (`config.optimizer.sam_rho`): the gradient at the
+                  adversarially perturbed weights, in place of
+                  `jax.value_and_grad`.
+  ema_update      exponential moving average of the weights and BatchNorm
+                  statistics (`config.ema_decay`), for evaluation.
+  learning_rate   the head's learning rate at a step, for logging.
 """
 from __future__ import annotations
 
@@ -156,3 +165,129 @@ def backbone_trainable(config, step: int) -> bool:
   if mode == "two_phase":
     return int(step) >= int(config.transfer.unfreeze_step)
   raise ValueError(f"Unknown config.transfer.mode {mode!r}; use one of {MODES}.")
+
+
+# --------------------------------------------------------------------------
+# SAM, EMA, and the learning rate for logging.
+# --------------------------------------------------------------------------
+def value_and_grad(loss_fn, config, *, train_backbone: bool = True):
+  """`jax.value_and_grad(loss_fn, has_aux=True)`, or its SAM version.
+
+  With `config.optimizer.sam_rho` = 0 this IS `jax.value_and_grad(loss_fn,
+  has_aux=True)`. With rho > 0 the returned function, called as
+  `fn(params, *args)`, does SAM's two passes (Foret et al. 2021, and
+  HSEmotion / POSTER++ / DDAMFN's SAM with Adam):
+
+    (loss, aux), g = value_and_grad(loss_fn)(params)      # pass 1
+    eps = rho * g / ||g||                                 # global L2 norm
+    g_sam = grad(loss_fn)(params + eps)                   # pass 2
+    returns (loss, aux), g_sam
+
+  and the configured optimizer (clipping, schedule, transfer groups) then
+  steps with g_sam from `params`. The norm is over the whole global batch's
+  gradient (no per-device m-sharpness), so 1 device == N devices.
+
+  Loss and aux come from pass 1, at the real weights. The trainer should
+  keep pass 1's BatchNorm statistics (its `new_rest`): they describe the
+  weights being trained; pass 2's describe weights that never exist, and
+  keeping them too would fold two updates per step into the running
+  averages. The logged loss and accuracy are likewise those of the real
+  weights. Both passes see the same batch and the same dropout key (the
+  trainer's loss_fn closes over them), as SAM prescribes.
+
+  With `train_backbone=False` (the trainer's static flag: mode 'frozen', or
+  'two_phase' before `unfreeze_step`) only the head is perturbed and the
+  norm is the head's: sharpness is measured in the weights that train.
+
+  Why not `optax.contrib.sam`: its default mode spends alternate calls of
+  `update` on the adversarial step (so two trainer steps, two batches, per
+  SAM step); its opaque mode does both passes in one `update`, but needs
+  `grad_fn` threaded through our clip/multi_transform chain, cannot return
+  pass 1's aux (BatchNorm statistics), and wraps the optimizer state (so a
+  checkpoint with SAM would not restore without it). The hand version is
+  the same arithmetic (the test checks it against optax's opaque mode) and
+  leaves the optimizer untouched.
+
+  Costs a second forward/backward pass: about 2x the step time.
+  """
+  rho = float(config.optimizer.sam_rho)
+  if not rho >= 0.0:
+    raise ValueError(f"--config.optimizer.sam_rho={rho}: must be >= 0 (0 = "
+                     "plain optimizer; SAM papers use 0.05).")
+  plain = jax.value_and_grad(loss_fn, has_aux=True)
+  if rho == 0.0:
+    return plain
+
+  def sam_value_and_grad(params, *args, **kwargs):
+    (loss, aux), grads = plain(params, *args, **kwargs)
+    direction = grads if train_backbone else _head_only(grads)
+    scale = rho / jnp.maximum(optax.tree.norm(direction), 1e-12)
+    perturbed = jax.tree.map(lambda p, d: p + (scale * d).astype(p.dtype),
+                             params, direction)
+    _, sam_grads = plain(perturbed, *args, **kwargs)  # Pass 2's aux dropped.
+    return (loss, aux), sam_grads
+
+  return sam_value_and_grad
+
+
+def _head_only(tree):
+  """`tree` with its backbone leaves zeroed (grouping as in `param_groups`)."""
+  groups = param_groups(tree)
+  return jax.tree.map(lambda g, x: x if g == "head" else jnp.zeros_like(x),
+                      groups, tree)
+
+
+def ema_decay(decay: float, step, *, warmup: bool = True):
+  """The decay used for the update at `step`: min(decay, (1+step)/(10+step)).
+
+  The warmup is TensorFlow's `ExponentialMovingAverage(num_updates=step)`:
+  early on the average follows the weights closely (0.1 at step 0, 0.5 at
+  step 8, 0.9 at step 80, 0.99 at step 890, 0.999 at step 8990), so the
+  initial, random weights do not linger in it for ~1/(1-decay) steps. This is
+  the role of Adam-style debiasing, without dividing by 1 - decay^t (which
+  needs a zero-initialized average). `warmup=False` gives timm ModelEmaV2's
+  constant decay.
+  """
+  decay = jnp.asarray(decay, jnp.float32)
+  if not warmup:
+    return decay
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema, new, decay: float, step, *, warmup: bool = True):
+  """One EMA step over params and BatchNorm statistics (timm ModelEmaV2).
+
+  ema <- d * ema + (1 - d) * new, with d = `ema_decay(decay, step,
+  warmup=warmup)`, for every floating-point leaf (kernels, biases, BatchNorm
+  scale/shift AND running mean/var, as timm averages the whole state_dict);
+  any other leaf (integer counters, RNG keys in `rest`) is copied from `new`.
+  Leaves keep their dtype.
+
+  Args:
+    ema: the average so far, a pytree like `new` (start it as a copy of the
+      initial `{"params": params, "rest": rest}`).
+    new: the weights after this step's update.
+    decay: `config.ema_decay`, in [0, 1).
+    step: the index of the update that produced `new` (the train state's
+      step before incrementing: 0 for the first update).
+    warmup: see `ema_decay`.
+  """
+  if not 0.0 <= float(decay) < 1.0:
+    raise ValueError(f"--config.ema_decay={decay}: must be in [0, 1) "
+                     "(0 = off; typical 0.999-0.9999).")
+  d = ema_decay(decay, step, warmup=warmup)
+
+  def one(e, n):
+    if not jnp.issubdtype(jnp.result_type(e), jnp.floating):
+      return n
+    return (d * e.astype(jnp.float32)
+            + (1.0 - d) * n.astype(jnp.float32)).astype(e.dtype)
+
+  return jax.tree.map(one, ema, new)
+
+
+def learning_rate(config, step) -> float:
+  """The head's learning rate at `step` (the backbone's is
+  `backbone_lr_multiplier` x this in 'full' mode; 0 while frozen)."""
+  return float(schedule(config)(int(step)))

@@ -196,3 +196,178 @@ def test_bad_transfer_and_optimizer_settings_are_explained():
     make_state(c)
   with pytest.raises(ValueError, match="neither the backbone nor the head"):
     optim.create(tiny_config(), {"encoder": {"w": jnp.zeros((2, 2))}})
+
+
+# --------------------------------------------------------------------------
+# SAM, EMA, learning rate for logging.
+# --------------------------------------------------------------------------
+A = {"backbone": {"w": np.array([1.0, 3.0, 0.5], np.float32)},
+     "head": {"w": np.array([[2.0, 0.25]], np.float32)}}
+B = {"backbone": {"w": np.array([0.5, -1.0, 2.0], np.float32)},
+     "head": {"w": np.array([[-0.3, 1.0]], np.float32)}}
+W0 = {"backbone": {"w": np.array([0.2, -0.4, 1.0], np.float32)},
+      "head": {"w": np.array([[1.5, -2.0]], np.float32)}}
+
+
+def quadratic(params, scale):
+  """0.5 * sum(a w^2) + b . w (gradient a w + b), aux = the weights' sum."""
+  terms = jax.tree.map(lambda w, a, b: scale * (0.5 * a * w * w + b * w),
+                       params, A, B)
+  total = sum(jnp.sum(t) for t in jax.tree.leaves(terms))
+  return total, sum(jnp.sum(w) for w in jax.tree.leaves(params))
+
+
+def hand_grad(w):
+  return jax.tree.map(lambda w, a, b: a * w + b, w, A, B)
+
+
+def sam_config(rho):
+  c = tiny_config()
+  c.optimizer.sam_rho = rho
+  return c
+
+
+def test_sam_gradient_equals_the_two_pass_hand_computation():
+  rho = 0.3
+  fn = jax.jit(optim.value_and_grad(quadratic, sam_config(rho)))
+  (loss, aux), g_sam = fn(W0, 1.0)
+  g = hand_grad(W0)
+  norm = np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g)))
+  w_adv = jax.tree.map(lambda w, gi: w + rho * gi / norm, W0, g)
+  expected = hand_grad(w_adv)
+  for got, want in zip(jax.tree.leaves(g_sam), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Loss and aux from pass 1, at the real weights.
+  np.testing.assert_allclose(loss, quadratic(W0, 1.0)[0], rtol=1e-6)
+  np.testing.assert_allclose(aux, quadratic(W0, 1.0)[1], rtol=1e-6)
+  # optax.contrib.sam in opaque mode (normalized-SGD adversary, one step)
+  # makes the same outer gradient: with SGD(lr) the update is -lr * g_sam.
+  lr = 0.1
+  ref = optax.contrib.sam(
+      optax.sgd(lr), optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+      sync_period=2, opaque_mode=True)
+  params = jax.tree.map(jnp.asarray, W0)
+  updates, _ = ref.update(
+      hand_grad(params), ref.init(params), params,
+      grad_fn=lambda p, _: jax.grad(lambda q: quadratic(q, 1.0)[0])(p))
+  for u, gs in zip(jax.tree.leaves(updates), jax.tree.leaves(g_sam)):
+    np.testing.assert_allclose(u, -lr * gs, rtol=1e-5)
+
+
+def test_sam_with_frozen_backbone_perturbs_only_the_head():
+  rho = 0.3
+  (_, _), g_sam = optim.value_and_grad(quadratic, sam_config(rho),
+                                       train_backbone=False)(W0, 1.0)
+  g = hand_grad(W0)
+  head_norm = np.linalg.norm(g["head"]["w"])
+  w_adv = {"backbone": W0["backbone"],
+           "head": {"w": W0["head"]["w"] + rho * g["head"]["w"] / head_norm}}
+  expected = hand_grad(w_adv)
+  for got, want in zip(jax.tree.leaves(g_sam), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_sam_rho_zero_is_the_plain_gradient_and_bad_rho_is_explained():
+  (loss, aux), g = optim.value_and_grad(quadratic, sam_config(0.0))(W0, 2.0)
+  (loss_ref, aux_ref), g_ref = jax.value_and_grad(quadratic, has_aux=True)(
+      W0, 2.0)
+  assert float(loss) == float(loss_ref) and float(aux) == float(aux_ref)
+  assert bitwise_equal(g, g_ref)
+  with pytest.raises(ValueError, match="config.optimizer.sam_rho"):
+    optim.value_and_grad(quadratic, sam_config(-0.1))
+
+
+class TinyMultitask(nnx.Module):
+  """Backbone (Linear + BatchNorm) and head: the grouping of MultitaskModel."""
+
+  def __init__(self, rngs):
+    self.backbone = nnx.Sequential(nnx.Linear(3, 4, rngs=rngs),
+                                   nnx.BatchNorm(4, rngs=rngs))
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.backbone(x)))
+
+
+@pytest.mark.parametrize("train_backbone", [True, False])
+def test_sam_step_on_nnx_state_keeps_pass_one_batchnorm_stats(train_backbone):
+  graphdef, params, rest = nnx.split(TinyMultitask(nnx.Rngs(0)), nnx.Param,
+                                     ...)
+  x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+  y = np.random.default_rng(1).normal(size=(8, 2)).astype(np.float32)
+
+  def loss_fn(p):
+    model = nnx.merge(graphdef, p, rest, copy=True)
+    loss = jnp.mean((model(x) - y) ** 2)
+    return loss, nnx.state(model, nnx.Not(nnx.Param))
+
+  fn = lambda rho: jax.jit(optim.value_and_grad(  # noqa: E731
+      loss_fn, sam_config(rho), train_backbone=train_backbone))
+  (loss, new_rest), g_sam = fn(0.05)(params)
+  (loss0, new_rest0), g = fn(0.0)(params)
+  np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+  assert bitwise_equal(new_rest, new_rest0)  # Pass 1's BatchNorm statistics.
+  assert not bitwise_equal(new_rest0, rest)  # (They did move.)
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(g_sam))
+  for group in ("backbone", "head"):
+    assert all_changed(pure(g_sam, group), pure(g, group))
+
+
+def test_ema_update_matches_hand_computation():
+  ema = {"w": np.array([1.0, 2.0], np.float32),
+         "bf16": np.array([1.0], jnp.bfloat16),
+         "count": np.array(3, np.int32), "key": jax.random.key(0)}
+  new = {"w": np.array([3.0, -2.0], np.float32),
+         "bf16": np.array([2.0], jnp.bfloat16),
+         "count": np.array(4, np.int32), "key": jax.random.key(1)}
+  # Without warmup: timm ModelEmaV2, d * ema + (1 - d) * new.
+  out = optim.ema_update(ema, new, 0.9, 100, warmup=False)
+  np.testing.assert_allclose(out["w"], [0.9 * 1 + 0.1 * 3, 0.9 * 2 - 0.1 * 2],
+                             rtol=1e-6)
+  assert out["bf16"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(out["bf16"]), 1.1, rtol=1e-2)
+  assert int(out["count"]) == 4 and out["count"].dtype == np.int32
+  assert np.array_equal(jax.random.key_data(out["key"]),
+                        jax.random.key_data(new["key"]))
+  # With warmup: d = min(decay, (1 + step) / (10 + step)).
+  for step, d in [(0, 0.1), (8, 0.5), (80, 0.9), (10_000, 0.999)]:
+    np.testing.assert_allclose(float(optim.ema_decay(0.999, step)), d,
+                               rtol=1e-6)
+    out = jax.jit(optim.ema_update, static_argnums=2)(ema, new, 0.999, step)
+    np.testing.assert_allclose(out["w"], d * ema["w"] + (1 - d) * new["w"],
+                               rtol=1e-5)
+  with pytest.raises(ValueError, match="config.ema_decay"):
+    optim.ema_update(ema, new, 1.0, 0)
+
+
+def test_ema_over_nnx_state():
+  """Params and BatchNorm statistics (and whatever else `rest` holds) of an
+  NNX model state: two steps of decay 0.5 give 0.25 w0 + 0.25 w1 + 0.5 w2."""
+  _, params, rest = nnx.split(TinyMultitask(nnx.Rngs(0)), nnx.Param, ...)
+  states = [{"params": params, "rest": rest}]
+  for k in (1, 2):
+    states.append(jax.tree.map(
+        lambda v, k=k: np.asarray(v) + k * 0.5
+        if jnp.issubdtype(v.dtype, jnp.floating) else v, states[0]))
+  update = jax.jit(optim.ema_update, static_argnums=2,
+                   static_argnames="warmup")
+  ema = states[0]
+  for step, new in enumerate(states[1:]):
+    ema = update(ema, new, 0.5, step, warmup=False)
+  for got, w0, w1, w2 in zip(*(jax.tree.leaves(t) for t in (ema, *states))):
+    if jnp.issubdtype(got.dtype, jnp.floating):
+      np.testing.assert_allclose(got, 0.25 * w0 + 0.25 * w1 + 0.5 * w2,
+                                 rtol=1e-6)
+  assert jax.tree.structure(ema) == jax.tree.structure(states[0])
+  assert len(jax.tree.leaves(nnx.to_pure_dict(rest))) > 0  # BN stats present.
+
+
+def test_learning_rate_for_logging():
+  c = tiny_config()
+  c.optimizer.schedule, c.optimizer.warmup_steps, c.total_steps = "cosine", 10, 110
+  assert optim.learning_rate(c, 0) == 0.0
+  assert isinstance(optim.learning_rate(c, 10), float)
+  np.testing.assert_allclose(optim.learning_rate(c, 10),
+                             c.optimizer.learning_rate, rtol=1e-6)
+  np.testing.assert_allclose(optim.learning_rate(c, 60),
+                             c.optimizer.learning_rate / 2, rtol=1e-5)
