@@ -13,8 +13,12 @@ Images are taken as face crops as they are; a CSV row's box is cropped with
 the same margin and the same resize as ``data_prep`` (``data_prep.images``:
 ``crop_box``, ``resize``, ``load_rgb``), to the prepared size the model was
 trained on, and the device then resizes to ``config.image_size`` exactly as
-in training. Whole photos need a face box first: there is no built-in face
-detector (see docs/USING.md for the boxes-CSV route).
+in training. Whole photos: ``--detect_faces`` finds faces with OpenCV's
+frontal-face Haar cascade, whose model ships inside the OpenCV 4 wheels
+(``opencv-python-headless>=4.8,<5``: OpenCV 5 no longer ships the cascades;
+no download at run time; ``pip install 'affectjax[detect]'``); each face gets
+its own output row. For better boxes, use any detector and the
+boxes-CSV route (docs/USING.md).
 
 Output (``.csv``, or JSON lines for ``.jsonl``/``.json``): one row per input
 with ``path``, ``face_box``, ``status`` (``ok`` | ``error``), ``error`` (the
@@ -84,17 +88,22 @@ class Predictor:
     tta: ``none`` or ``flip``.
     margin: face-box margin for boxed inputs (data_prep's ``--margin``).
     mesh: devices to run on (default: all local devices).
+    face_detector: optional callable uint8 (H, W, 3) RGB -> list of face
+      boxes (x, y, w, h); when set, file and array inputs without a box are
+      treated as whole photos (``opencv_face_detector()``).
   """
 
   def __init__(self, graphdef, weights: dict, *, image_size: int,
                input_size: int, num_classes: int = 8, batch_size: int = 64,
-               tta: str = "none", margin: float = DEFAULT_MARGIN, mesh=None):
+               tta: str = "none", margin: float = DEFAULT_MARGIN, mesh=None,
+               face_detector=None):
     self.mesh = mesh or sharding.make_mesh(jax.local_devices())
     n = self.mesh.devices.size
     self.batch_size = max(n, -(-int(batch_size) // n) * n)
     self.image_size, self.input_size = int(image_size), int(input_size)
     self.names = data.label_names(num_classes)
     self.margin = margin
+    self.face_detector = face_detector
     self._weights = jax.device_put(weights, sharding.replicated(self.mesh))
     self._fn = jax.jit(
         lambda w, x: evaluation.predict_images(graphdef, w, x,
@@ -134,6 +143,30 @@ class Predictor:
       img = img[y0:y1, x0:x1]
     return image_lib.resize(np.ascontiguousarray(img), self.input_size)
 
+  def detect(self, items: Sequence[Item]) -> list[Item]:
+    """Whole-photo items -> one item per detected face (or a ``no_face`` error)."""
+    out = []
+    for item in items:
+      if item.error or item.box is not None:
+        out.append(item)
+        continue
+      try:
+        src = item.source
+        img = src if isinstance(src, np.ndarray) else image_lib.load_rgb(
+            src if isinstance(src, bytes) else
+            epath.Path(src).read_bytes())[0]
+      except Exception:  # pylint: disable=broad-except
+        out.append(item)  # load() reports the reason in the output row.
+        continue
+      boxes = list(self.face_detector(img))
+      if not boxes:
+        out.append(dataclasses.replace(
+            item, error="no_face: the face detector found no face"))
+      out += [dataclasses.replace(item, source=img,
+                                  box=tuple(float(v) for v in b))
+              for b in boxes]
+    return out
+
   def _load_or_error(self, item: Item):
     try:
       return self.load(item), None
@@ -171,6 +204,8 @@ class Predictor:
     items = [x if isinstance(x, Item) else Item(
         path=(str(x) if isinstance(x, (str, os.PathLike)) else f"<input {i}>"),
         source=x) for i, x in enumerate(inputs)]
+    if self.face_detector is not None:
+      items = self.detect(items)
     rows = []
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=len(items), unit="img", disable=None if progress else True,
@@ -271,6 +306,36 @@ def expand_inputs(inputs: Sequence[str], image_root=None) -> list[Item]:
   return items
 
 
+def opencv_face_detector(min_size: int = 24):
+  """OpenCV's frontal-face Haar cascade (the model file ships in the wheel).
+
+  Returns a callable RGB uint8 image -> [(x, y, w, h), ...], largest first.
+  """
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(
+        "--detect_faces needs OpenCV 4: pip install 'affectjax[detect]' (or "
+        "'opencv-python-headless>=4.8,<5'). Or pass a boxes CSV instead "
+        "(docs/USING.md)."
+        ) from None
+  path = os.path.join(cv2.data.haarcascades,
+                      "haarcascade_frontalface_default.xml")
+  cascade = cv2.CascadeClassifier(path)
+  if cascade.empty():
+    raise FileNotFoundError(
+        f"OpenCV's cascade file {path} is missing or unreadable (OpenCV 5 "
+        "does not ship it): pip install 'opencv-python-headless>=4.8,<5'.")
+
+  def detect(rgb: np.ndarray) -> list[tuple[int, int, int, int]]:
+    gray = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
+                                     minSize=(min_size, min_size))
+    boxes = [tuple(int(v) for v in b) for b in np.asarray(found).reshape(-1, 4)]
+    return sorted(boxes, key=lambda b: -b[2] * b[3])
+  return detect
+
+
 def write_rows(rows: list[dict], columns: list[str], output) -> None:
   """CSV, or JSON lines for ``.jsonl``/``.json``; temporary name, then rename."""
   from affectjax import report  # pylint: disable=g-import-not-at-top
@@ -306,6 +371,9 @@ def _define_flags() -> None:
   flags.DEFINE_float("margin", DEFAULT_MARGIN, "Face-box margin for CSV "
                      "inputs; use data_prep's --margin of the training data.")
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when present.")
+  flags.DEFINE_bool("detect_faces", False, "Treat image inputs as whole "
+                    "photos: find faces with OpenCV's Haar cascade (needs "
+                    "affectjax[detect]); one row per face.")
 
 
 def main(argv) -> None:
@@ -315,10 +383,11 @@ def main(argv) -> None:
                          "or a boxes CSV.")
   f = flags.FLAGS
   items = expand_inputs(inputs, f.image_root)
+  detector = opencv_face_detector() if f.detect_faces else None
   predictor = Predictor.from_workdir(f.workdir, checkpoint=f.checkpoint,
                                      use_ema=f.use_ema,
                                      batch_size=f.batch_size, tta=f.tta,
-                                     margin=f.margin)
+                                     margin=f.margin, face_detector=detector)
   rows = predictor.predict(items, progress=True)
   write_rows(rows, predictor.columns(), f.output)
   bad = sum(r["status"] != "ok" for r in rows)

@@ -106,3 +106,37 @@ def test_cli_writes_csv_and_jsonl(run_dir, tmp_path):
   assert [r["status"] for r in rows] == ["ok", "error", "error"]
   assert "empty_file" in rows[1]["error"] and "not_found" in rows[2]["error"]
   assert abs(sum(r for k, r in rows[0].items() if k.startswith("prob_")) - 1) < 1e-5
+
+
+def test_face_detector_gives_one_row_per_face(run_dir, tmp_path):
+  face = data.source(use_fixtures.run_data(run_dir), "val")[1]["image"]
+  photo = np.full((60, 120, 3), 30, np.uint8)
+  photo[10:34, 10:34] = face
+  photo[20:44, 80:104] = face[:, ::-1]
+  Image.fromarray(photo).save(tmp_path / "group.png")
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "empty.png")
+  boxes = {0: [(80, 20, 24, 24), (10, 10, 24, 24)]}
+  calls = []
+
+  def fake_detector(rgb):
+    calls.append(rgb.shape)
+    return boxes.get(len(calls) - 1, [])
+  p = predict.Predictor.from_workdir(run_dir, checkpoint="latest",
+                                     batch_size=8, face_detector=fake_detector)
+  rows = p.predict(predict.expand_inputs([str(tmp_path / "group.png"),
+                                          str(tmp_path / "empty.png")]))
+  assert calls == [(60, 120, 3), (40, 40, 3)]
+  assert [(r["status"], r["face_box"]) for r in rows] == [
+      ("ok", "80 20 24 24"), ("ok", "10 10 24 24"), ("error", "")]
+  assert "no_face" in rows[2]["error"]
+  x0, y0, x1, y1 = image_lib.crop_box((10, 10, 24, 24), 0.1, 60, 120)
+  probs, _ = _reference(run_dir, image_lib.resize(photo[y0:y1, x0:x1],
+                                                  p.input_size)[None])
+  np.testing.assert_allclose(
+      [rows[1][f"prob_{n}"] for n in data.LABEL_NAMES_8], probs[0], atol=1e-5)
+
+
+def test_opencv_detector_runs_when_installed():
+  pytest.importorskip("cv2", reason="OpenCV is the optional [detect] extra")
+  detect = predict.opencv_face_detector()
+  assert detect(np.zeros((64, 64, 3), np.uint8)) == []
