@@ -23,8 +23,8 @@ not ``nnx.jit``), which keeps per-step host work to a dispatch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import gc
 import time
 from typing import Any
 
@@ -41,13 +41,15 @@ from jax.experimental import multihost_utils
 from affectjax import augment
 from affectjax import checkpoint as ckpt_lib
 from affectjax import data
+from affectjax import evaluation
 from affectjax import input_pipeline
 from affectjax import losses
 from affectjax import metric_log
-from affectjax import metrics as metrics_lib
 from affectjax import models
 from affectjax import optim
 from affectjax import preemption
+from affectjax import progress
+from affectjax import report
 from affectjax import sharding
 
 State = dict[str, Any]
@@ -191,10 +193,14 @@ def init_state(config: ml_collections.ConfigDict, mesh
 
   params, rest = init_params()
   if config.model.init == "imagenet":
-    model = nnx.merge(graphdef, jax.device_get(params), jax.device_get(rest))
-    _load_imagenet(model, config)
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = jax.device_put((params, rest), repl)
+    from affectjax.models import imagenet  # pylint: disable=g-import-not-at-top
+    path = models.imagenet_weights_path(config.model.name,
+                                        config.model.weights_dir)
+    arrays = imagenet.load_arrays(nnx.eval_shape(lambda: _build_model(config)),
+                                  path)
+    params, rest = jax.device_put(
+        imagenet.merge_arrays((params, rest), arrays), repl)
+    logging.info("Loaded ImageNet weights from %s", path)
 
   @functools.partial(jax.jit, out_shardings=repl)
   def init_rest(params, rest):
@@ -222,6 +228,8 @@ def _loss_kwargs(config, batch, class_weights):
               arousal=batch["arousal"],
               valence_weight=config.loss.valence_weight,
               arousal_weight=config.loss.arousal_weight,
+              va_mse_weight=config.loss.va_mse_weight,
+              va_ccc_weight=config.loss.va_ccc_weight,
               label_smoothing=config.loss.label_smoothing,
               class_weights=class_weights)
 
@@ -268,20 +276,6 @@ def train_step(state: State, batch: dict, *, graphdef, tx, config,
                      "labelled": stats["expression_count"]}
 
 
-def eval_step(state: State, batch: dict, *, graphdef, config, class_weights):
-  """Predictions and loss sums for a padded eval batch (``mask`` marks rows)."""
-  model = nnx.merge(graphdef, state["params"], state["rest"])
-  x = model.preprocess(augment.resize_images(batch["image"], config.image_size))
-  logits, va = model(x, train=False)
-  _, stats = losses.multitask_loss(
-      logits, va, example_mask=batch["mask"],
-      **_loss_kwargs(config, batch, class_weights))
-  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  out = {"pred": pred, "va": va.astype(jnp.float32)}
-  out.update({k: batch[k] for k in ("expression", "valence", "arousal", "mask")})
-  return out, stats
-
-
 def make_steps(graphdef, tx, config, mesh, class_weights=None):
   """Jitted train/eval steps: state replicated and donated, batch sharded."""
   repl = sharding.replicated(mesh)
@@ -290,44 +284,7 @@ def make_steps(graphdef, tx, config, mesh, class_weights=None):
                         class_weights=class_weights),
       static_argnames=("train_backbone",), donate_argnums=0,
       out_shardings=(repl, repl))
-  # Predictions come back replicated so every host can compute metrics.
-  evaluate = jax.jit(
-      functools.partial(eval_step, graphdef=graphdef, config=config,
-                        class_weights=class_weights),
-      out_shardings=(repl, repl))
-  return train, evaluate
-
-
-# --------------------------------------------------------------------------
-# Evaluation.
-# --------------------------------------------------------------------------
-def evaluate(state: State, eval_fn, config, mesh, *, split: str = "val") -> dict:
-  """Metrics over every example of ``split`` exactly once."""
-  local_bs = sharding.local_batch_size(config.eval_batch_size, mesh,
-                                       flag="config.eval_batch_size")
-  ds, n = input_pipeline.eval_dataset(
-      config, split=split, local_batch_size=local_bs,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  outs, stats = [], []
-  for batch in input_pipeline.iterate(ds):
-    out, batch_stats = eval_fn(state, sharding.shard_batch(batch, mesh))
-    outs.append(out)
-    stats.append(batch_stats)
-  outs, stats = jax.device_get((outs, stats))
-  acc = metrics_lib.EvalAccumulator(config.num_classes)
-  for o in outs:  # Padding rows (mask == 0) are dropped here.
-    acc.update(expression=o["expression"], logits_or_pred=o["pred"],
-               valence=o["valence"], arousal=o["arousal"], va_pred=o["va"],
-               example_mask=o["mask"])
-  result = {"loss": float(losses.loss_from_stats(
-      losses.sum_stats(stats), valence_weight=config.loss.valence_weight,
-      arousal_weight=config.loss.arousal_weight))}
-  result.update(acc.result())
-  if result["num_examples"] != n:  # The padding/masking invariant.
-    raise RuntimeError(f"Evaluated {result['num_examples']} of the {n} "
-                       f"examples in {config.data.dir}; this is a bug in "
-                       "affectjax.input_pipeline.eval_dataset.")
-  return result
+  return train, evaluation.make_eval_step(graphdef, config, mesh, class_weights)
 
 
 # --------------------------------------------------------------------------
@@ -381,7 +338,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   """Trains to ``config.total_steps`` (resuming if possible); returns final eval.
 
   ``workdir`` is any ``etils.epath`` path that every host sees (a local
-  directory, a shared filesystem, ``gs://bucket/run``).
+  directory, a shared filesystem, ``gs://bucket/run``). A run stopped by
+  SIGTERM/SIGINT returns ``{"preempted": True, "step", "signal"}`` after a
+  synchronous checkpoint; rerunning the same call resumes it.
   """
   workdir = epath.Path(workdir).expanduser()
   if not config.data.dir:
@@ -403,24 +362,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   graphdef, state, tx = init_state(config, mesh)
   class_weights = _class_weights(config, manifest)
   train_fn, eval_fn = make_steps(graphdef, tx, config, mesh, class_weights)
+  lr_fn = optim.schedule(config)
 
-  # Input.
-  train_ds = input_pipeline.train_dataset(
-      config, local_batch_size=local_bs, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  # The next global batch is already on the devices while a step runs.
-  train_iter = input_pipeline.DevicePrefetch(iter(train_ds), mesh)
+  with contextlib.ExitStack() as cleanup:
+    # Closed in reverse order whatever happens (an exception, a signal): the
+    # async save is committed and no input threads are left.
+    stop = cleanup.enter_context(preemption.StopRequest())
+    train_iter = input_pipeline.DevicePrefetch(iter(input_pipeline.train_dataset(
+        config, local_batch_size=local_bs, process_index=jax.process_index(),
+        process_count=jax.process_count())), mesh)
+    cleanup.callback(train_iter.close)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
+                                 every_steps=config.checkpoint_every_steps,
+                                 keep=config.keep_checkpoints,
+                                 best_metric=config.checkpoint.best_metric,
+                                 best_mode=config.checkpoint.best_mode)
+    cleanup.callback(ckpt.close)
 
-  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
-                               every_steps=config.checkpoint_every_steps,
-                               keep=config.keep_checkpoints,
-                               best_metric=config.checkpoint.best_metric,
-                               best_mode=config.checkpoint.best_mode)
-  log = None
-  stop = preemption.StopRequest()
-  try:
-    stop.__enter__()
-    # Resume.
+    # Resume (every process restores the same step).
     latest = _agreed_step(ckpt.latest_step())
     if latest is not None:
       state = ckpt.restore(latest, ckpt_lib.abstract_like(state), train_iter)
@@ -429,40 +388,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     # Lines of steps after the restored one were written by a run that died
     # before its next checkpoint; they are replayed now, so they go.
     log = metric_log.MetricLog(workdir, resume_step=step)
+    cleanup.callback(log.close)
+    bar = cleanup.enter_context(progress.TrainProgress(config.total_steps, step))
 
     def run_evals(step: int) -> dict:
-      """Evaluates the selection split (and val, if different): {split: record}."""
+      """Evaluates the selection split (and val): {split: metrics record}."""
       records = {}
       for split in dict.fromkeys((select_split, "val")):
-        records[split] = log.write(
-            split, step, **evaluate(state, eval_fn, config, mesh, split=split))
+        result = evaluation.evaluate(state, eval_fn, config, mesh, split=split,
+                                     collect=split == "val")
+        examples = result.pop("examples", None)
+        records[split] = log.write(split, step, **result)
+        bar.write(f"eval {split} at step {step}: {_short(records[split])}")
         logging.info("eval %s at step %d: %s", split, step,
                      _short(records[split]))
+      if jax.process_index() == 0:
+        names = data.label_names(config.num_classes)
+        log.image("val/confusion_matrix", step, report.confusion_matrix_image(
+            records["val"]["confusion_matrix"], names))
+        report.refresh(workdir, config, examples)
       return records
 
     stopper = EarlyStopping(
         config, [r for r in log.read() if r["step"] <= step], select_split)
-    history, last_eval, wait, saved_step = [], None, 0.0, latest
-    t0 = time.perf_counter()
+    history, last_eval, saved_step = [], None, latest
+    wait, t0 = progress.DataWait(), time.perf_counter()
     while step < config.total_steps and not stopper.stopped:
-      batch = next(train_iter)
+      with wait:
+        batch = next(train_iter)
       state, m = train_fn(state, batch,
                           train_backbone=optim.backbone_trainable(config, step))
       step += 1
       history.append(m)
       if step % config.log_every_steps == 0 or step == config.total_steps:
-        dt = time.perf_counter() - t0
-        summary = _summarize_train(history, step, dt,
+        summary = _summarize_train(history, step, time.perf_counter() - t0,
                                    len(history) * config.batch_size,
-                                   train_iter.wait_seconds - wait)
-        summary["learning_rate"] = float(optim.schedule(config)(step - 1))
+                                   wait.share())
+        summary["learning_rate"] = float(lr_fn(step - 1))
         log.write("train", step, **summary)
+        bar.update(step, loss=summary["loss"], lr=summary["learning_rate"],
+                   images_per_sec=summary["examples_per_sec"],
+                   data_wait=summary["input_wait_share"])
         logging.info("step %d: loss %.4f, accuracy %.3f, lr %.2e, %.1f "
                      "examples/s, input wait %.0f%%", step, summary["loss"],
                      summary["accuracy"], summary["learning_rate"],
                      summary["examples_per_sec"],
                      100 * summary["input_wait_share"])
-        history, wait, t0 = [], train_iter.wait_seconds, time.perf_counter()
+        history, t0 = [], time.perf_counter()
       records = None
       if step % config.eval_every_steps == 0 or step == config.total_steps:
         records = run_evals(step)
@@ -489,24 +461,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         return {"preempted": True, "step": step, "signal": stop.signal_name}
 
     if last_eval is None:  # Already finished before this run: evaluate only.
-      last_eval = evaluate(state, eval_fn, config, mesh)
-      last_eval = {"split": "val", "step": step, **last_eval}
+      last_eval = {"split": "val", "step": step,
+                   **evaluation.evaluate(state, eval_fn, config, mesh)}
       if not log.has("val", step):
         log.write("val", step, **{k: v for k, v in last_eval.items()
                                   if k not in ("split", "step")})
-  finally:
-    # Whatever happened, no half-written async save and no workers are left.
-    stop.__exit__(None, None, None)
-    ckpt.close()
-    if log is not None:
-      log.close()
-    close = getattr(train_iter, "close", None)
-    if close is not None:
-      close()
-    # jax on CPU may alias the last batch's host buffers, which Grain keeps in
-    # shared memory; drop them now, while Grain's deleter still runs.
-    batch = None
-    gc.collect()
   return last_eval
 
 
