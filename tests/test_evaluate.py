@@ -114,3 +114,27 @@ def test_bad_checkpoint_and_classes_name_the_flag(run_dir, run):
                         classes=6)
   with pytest.raises(FileNotFoundError, match="config.json"):
     workdir_lib.open_run(run_dir / "nope")
+
+
+def test_default_checkpoint_is_the_recorded_best(run_dir):
+  from affectjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  best = ckpt_lib.read_best_record(run_dir / "checkpoints")
+  assert best is not None, "the trainer saves evaluated steps with metrics"
+  ckpt = workdir_lib.checkpointer(run_dir, workdir_lib.load_config(run_dir))
+  assert workdir_lib.resolve_step(ckpt, "best") == (best["step"], "best")
+  assert ckpt.metrics(best["step"])[best["metric"]] == best["value"]
+  ckpt.close()
+
+
+def test_best_falls_back_to_latest_without_metrics(tmp_path):
+  from affectjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  ckpt = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=3,
+                               best_metric="macro_f1")
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    workdir_lib.resolve_step(ckpt, "best")
+  for step in (1, 2):
+    ckpt.save(step, {"w": np.zeros(2)})
+  ckpt.wait()
+  assert workdir_lib.resolve_step(ckpt, "best") == (2, "latest")
+  assert workdir_lib.resolve_step(ckpt, "1") == (1, "1")
+  ckpt.close()
