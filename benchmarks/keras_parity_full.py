@@ -12,6 +12,10 @@ relative error exceeds --rtol.
   # Random weights (offline; every weight incl. BN statistics randomized):
   KERAS_BACKEND=jax .venv/bin/python benchmarks/keras_parity_full.py
 
+  # Random weights written in another Keras generation's file naming
+  # (keras1 = the official VGG16 file's, tf_keras2 = EfficientNet's, keras3_h5, keras3):
+  KERAS_BACKEND=jax .venv/bin/python benchmarks/keras_parity_full.py --naming=keras1
+
   # The official ImageNet files (downloaded, or taken from --weights_dir):
   KERAS_BACKEND=jax .venv/bin/python benchmarks/keras_parity_full.py \
       --weights=imagenet --weights_dir=~/.cache/affectjax/weights
@@ -36,7 +40,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
 from affectjax import models  # pylint: disable=g-import-not-at-top
-from affectjax.models import keras_h5  # pylint: disable=g-import-not-at-top
 from affectjax.models import keras_reference  # pylint: disable=g-import-not-at-top
 
 SIZES = {"vgg16": 224, "efficientnet_b3": 300}
@@ -56,7 +59,7 @@ def smooth_images(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def check(name: str, size: int, batch: int, weights: str, weights_dir: str,
-          workdir: str) -> tuple[float, float]:
+          workdir: str, naming: str = "tf_keras2") -> tuple[float, float]:
   t0 = time.time()
   if weights == "imagenet":
     path = models.imagenet_weights_path(name, weights_dir)
@@ -64,9 +67,10 @@ def check(name: str, size: int, batch: int, weights: str, weights_dir: str,
   else:
     keras_model = keras_reference.build(name, size, imagenet_graph=True)
     keras_reference.randomize(keras_model, seed=0)
-    path = os.path.join(workdir, f"{name}_random_notop.h5")
-    keras_h5.write_legacy(path, keras_reference.legacy_layers(keras_model))
-    # Load through Keras' own legacy reader: checks our writer, and refreshes
+    suffix = ".weights.h5" if naming == "keras3" else ".h5"
+    path = os.path.join(workdir, f"{name}_random_notop_{naming}{suffix}")
+    keras_reference.write_weights(keras_model, path, naming)
+    # Load through Keras' own loader: checks the file, and refreshes
     # the Normalization layer's cached mean/variance (Keras reads them from
     # its variables only when weights are loaded).
     keras_model.load_weights(path)
@@ -80,7 +84,8 @@ def check(name: str, size: int, batch: int, weights: str, weights_dir: str,
   worst = max(errors, key=lambda k: max(errors[k]))
   rel_l2, rel_max = errors[worst]
   last = list(ours)[-1]
-  print(f"{name:16s} {size}px batch {batch} weights={weights}: {len(errors)} layer "
+  label = weights if weights == "imagenet" else f"{weights} ({naming} file)"
+  print(f"{name:16s} {size}px batch {batch} weights={label}: {len(errors)} layer "
         f"outputs compared, features {tuple(ours[last].shape)}; worst {worst}: "
         f"rel L2 {rel_l2:.2e}, rel max {rel_max:.2e}; features: rel L2 "
         f"{errors[last][0]:.2e} ({time.time() - t0:.0f} s on "
@@ -93,6 +98,8 @@ def main(argv=None) -> int:
   parser.add_argument("--models", default="vgg16,efficientnet_b3")
   parser.add_argument("--weights", choices=("random", "imagenet"), default="random")
   parser.add_argument("--weights_dir", default="~/.cache/affectjax/weights")
+  parser.add_argument("--naming", choices=keras_reference.NAMINGS, default="tf_keras2",
+                      help="file naming of the random-weight file (Keras generation)")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--size", type=int, default=0, help="override 224/300 px")
   parser.add_argument("--rtol", type=float, default=1e-4)
@@ -104,7 +111,7 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as workdir:
     for name in args.models.split(","):
       errors = check(name, args.size or SIZES[name], args.batch, args.weights,
-                     args.weights_dir, workdir)
+                     args.weights_dir, workdir, args.naming)
       if max(errors) > args.rtol:
         failed.append(name)
   if failed:

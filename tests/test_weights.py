@@ -277,16 +277,24 @@ def test_load_arrays_are_host_arrays_keyed_like_the_state(weight_file):
   backbone_paths = {p for p, _ in nnx.to_flat_state(nnx.state(abstract.backbone))}
   assert {p[1:] for p in arrays} == backbone_paths and all(p[0] == "backbone" for p in arrays)
   assert all(type(a) is np.ndarray for a in arrays.values())
-  # The trainer's way: a random init (here: numbers), converted arrays swapped in, placed once.
-  init = jax.tree.map(lambda s: np.full(s.shape, 7, s.dtype), (params, rest))
-  merged = jax.device_put(imagenet.merge_arrays(init, arrays))
-  loaded = models.load_imagenet_weights(small_effnet(1), weight_file)
-  for variable in jax.tree.leaves(nnx.state(loaded.backbone)):
-    assert type(variable) is np.ndarray  # Host arrays: no per-array device transfer.
+  # The trainer's way: a jitted random init placed on the mesh, the converted
+  # arrays swapped in, the whole state placed once.
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(jax.devices(), ("data",)), jax.sharding.PartitionSpec())
+  init = jax.jit(lambda: nnx.split(models.create(
+      "efficientnet_b3", rngs=nnx.Rngs(0), **SMALL), nnx.Param, ...)[1:],
+                 out_shardings=replicated)()
+  merged = jax.device_put(imagenet.merge_arrays(init, arrays), replicated)
+  assert all(leaf.sharding == replicated for leaf in jax.tree.leaves(merged))
+  # load_imagenet_weights on a model holding device arrays: host arrays replace
+  # them (no per-array device transfer); the caller places the state once.
+  loaded = models.load_imagenet_weights(nnx.merge(graphdef, *init, copy=True), weight_file)
+  for leaf in jax.tree.leaves(nnx.state(loaded.backbone)):
+    assert type(leaf) is np.ndarray, type(leaf)
   merged_model = nnx.merge(graphdef, *merged)
   assert_tree_equal(backbone_state(loaded), backbone_state(merged_model))
-  head = jax.tree.leaves(nnx.state(merged_model.head))
-  assert head and all(np.all(np.asarray(leaf) == 7) for leaf in head)  # Head untouched.
+  assert_tree_equal(nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, *init).head)),
+                    nnx.to_pure_dict(nnx.state(merged_model.head)))  # Head untouched.
   with pytest.raises(ValueError, match="match no leaf"):
     imagenet.merge_arrays(init[0], arrays)  # Only params: BatchNorm statistics lost.
 

@@ -192,7 +192,7 @@ def convert(plan: Plan, weights: keras_h5.KerasWeights
             "different architecture or width (ImageNet weights need the default "
             "width/depth kwargs), or its layers are out of order.")
       if target.variable is not None:
-        value = np.asarray(target.transform(array), dtype=target.variable.dtype)
+        value = np.require(target.transform(array), target.variable.dtype, "C")
         out.append((target.variable, value))
   return out
 
