@@ -8,6 +8,8 @@ step, global row), equal on 1 and 8 devices. Tiny images: XLA CPU compile
 time dominates, so each config below is jitted once.
 """
 import functools
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +215,34 @@ def test_bad_augment_config_names_the_flag():
                            augment=aug_config(**{field: value}), size=8)
   with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
     augment.resize_images(np.zeros((8, 8, 3)), 4)
+
+
+@pytest.mark.parametrize("recipe", ["efficientnet_b3", "vgg16", "custom_cnn"])
+def test_recipes_load_with_valid_augmentation_and_no_unknown_fields(recipe):
+  """configs/recipes/*.py and their :tiny variants: the schema's fields only
+  (a misspelt field would silently do nothing), and augmentation settings
+  that `train_images` accepts."""
+  path = pathlib.Path(__file__).parents[1] / "configs" / "recipes" / f"{recipe}.py"
+  spec = importlib.util.spec_from_file_location(f"recipe_{recipe}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+
+  def fields(d, prefix=""):
+    out = set()
+    for k, v in d.items():
+      if isinstance(v, ml_collections.ConfigDict) and k != "kwargs":
+        out |= fields(v, f"{prefix}{k}.")
+      else:
+        out.add(prefix + k)
+    return out
+
+  schema = fields(config_base.get_base_config())
+  for arg in (None, "tiny"):
+    c = module.get_config(arg)
+    assert fields(c) == schema
+    augment._options(c.augment)  # Raises naming the flag if invalid.
+    assert c.augment.crop_scale[0] < 1.0 and c.loss.va_ccc_weight > 0
+  tiny = module.get_config("tiny")
+  assert tiny.total_steps <= 6 and tiny.ema_decay > 0
+  with pytest.raises(ValueError, match="tiny"):
+    module.get_config("huge")
