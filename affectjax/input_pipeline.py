@@ -49,10 +49,6 @@ from absl import flags
 
 from affectjax import data
 
-# libjpeg's fast integer IDCT: what tf.io.decode_jpeg uses by default (its
-# output is bit-identical to simplejpeg's with fastdct=True; the accurate
-# IDCT differs by up to 7 levels) and a few percent faster.
-JPEG_FAST_DCT = True
 # The stored JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's fast DCT
 # scaling, SIMD in libjpeg-turbo) when that still covers config.image_size.
 _DCT_SCALES = (8, 4, 2)
@@ -273,7 +269,7 @@ class _Decoder:
         "min_height": self.size, "min_width": self.size}
     try:
       img = simplejpeg.decode_jpeg(image, colorspace="RGB", buffer=out,
-                                   fastdct=JPEG_FAST_DCT, **scale)
+                                   fastdct=data.JPEG_FAST_DCT, **scale)
     except ValueError as e:  # Corrupt, or larger than the batch row.
       raise ValueError(self._bad(index, f"an image that does not decode to "
                                  f"{out.shape} ({e})")) from e
