@@ -42,8 +42,13 @@ Contract (shared by the trainer, evaluation, prediction and export):
      [0, 255]), which is timm's N(0, 1) after normalization. If none fits,
      nothing is erased (as in timm). Skipped when the probability is 0.
 
-Each op draws from its own sub-key of the row key, so turning one op on or off
-never changes what the others draw.
+Each op reads its own fixed slots of one uniform vector drawn per row (plus,
+for erasing, a noise image from fold_in(row key, 1)), so turning one op on or
+off never changes what the others draw.
+
+Resampling is separable matrix products (`scale_and_translate`), a gather for
+the affine and elementwise math for the rest: at batch 64, 320 -> 300 px the
+crop is about 11 GMACs per step, small next to any of the models.
 """
 from __future__ import annotations
 
