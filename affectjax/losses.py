@@ -208,6 +208,16 @@ def multitask_loss(
   return loss, stats
 
 
+def term_weights(config) -> dict[str, float]:
+  """``config.loss``'s term weights, as keywords of `multitask_loss` and
+  `loss_from_stats` (one place, so training and evaluation weigh alike)."""
+  loss = config.loss
+  return {"valence_weight": float(loss.valence_weight),
+          "arousal_weight": float(loss.arousal_weight),
+          "va_mse_weight": float(loss.va_mse_weight),
+          "va_ccc_weight": float(loss.va_ccc_weight)}
+
+
 def loss_from_stats(stats: Mapping, *, valence_weight: float = 1.0,
                     arousal_weight: float = 1.0, va_mse_weight: float = 1.0,
                     va_ccc_weight: float = 0.0):

@@ -144,31 +144,28 @@ def _load_imagenet(model: nnx.Module, config) -> None:
   logging.info("Loaded ImageNet weights from %s", path)
 
 
-def _ema_init(params, rest) -> dict:
-  return {"params": params, "rest": rest}
+def _train_state(config, tx, params, rest) -> State:
+  """The train state around model weights (step 0, fresh optimizer, EMA copy)."""
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+           "opt_state": tx.init(params)}
+  if config.ema_decay > 0:
+    state["ema"] = {"params": params, "rest": rest}
+  return state
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh
                    ) -> tuple[nnx.GraphDef, State, optax.GradientTransformation]:
   """(graphdef, abstract train state with replicated shardings, optimizer).
 
-  Nothing is allocated: this is what checkpoints are restored onto, and what
-  ``init_state`` materializes.
+  Nothing is allocated: this is what checkpoints are restored onto.
   """
   _check_dtype(config)
   graphdef, params, rest = nnx.split(
       nnx.eval_shape(lambda: _build_model(config)), nnx.Param, ...)
   tx = optim.create(config, params)
   repl = sharding.replicated(mesh)
-
-  def init(params, rest):
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-             "opt_state": tx.init(params)}
-    if config.ema_decay > 0:
-      state["ema"] = _ema_init(params, rest)
-    return state
-
-  shapes = jax.eval_shape(init, params, rest)
+  shapes = jax.eval_shape(functools.partial(_train_state, config, tx),
+                          params, rest)
   abstract = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
   return graphdef, abstract, tx
@@ -176,22 +173,24 @@ def abstract_state(config: ml_collections.ConfigDict, mesh
 
 def init_state(config: ml_collections.ConfigDict, mesh
                ) -> tuple[nnx.GraphDef, State, optax.GradientTransformation]:
-  """Creates the replicated train state on ``mesh`` with one jitted init.
+  """Creates the replicated train state on ``mesh`` with jitted inits.
 
-  The random initialization runs once, compiled, with ``out_shardings``
+  The random initialization runs compiled, with ``out_shardings``
   replicated (not hundreds of eager ops and per-array transfers). With
-  ``config.model.init='imagenet'`` the converted arrays replace the backbone's
-  and the whole state is placed once.
+  ``config.model.init='imagenet'`` the converted host arrays replace the
+  backbone's and are placed once, before the optimizer state is built.
   """
-  graphdef, abstract, tx = abstract_state(config, mesh)
+  _check_dtype(config)
   repl = sharding.replicated(mesh)
 
   @functools.partial(jax.jit, out_shardings=repl)
-  def init_params():
-    _, params, rest = nnx.split(_build_model(config), nnx.Param, ...)
-    return params, rest
+  def init_weights():
+    return nnx.split(_build_model(config), nnx.Param, ...)[1:]
 
-  params, rest = init_params()
+  graphdef = nnx.split(nnx.eval_shape(lambda: _build_model(config)),
+                       nnx.Param, ...)[0]
+  params, rest = init_weights()
+  tx = optim.create(config, params)
   if config.model.init == "imagenet":
     from affectjax.models import imagenet  # pylint: disable=g-import-not-at-top
     path = models.imagenet_weights_path(config.model.name,
@@ -201,17 +200,8 @@ def init_state(config: ml_collections.ConfigDict, mesh
     params, rest = jax.device_put(
         imagenet.merge_arrays((params, rest), arrays), repl)
     logging.info("Loaded ImageNet weights from %s", path)
-
-  @functools.partial(jax.jit, out_shardings=repl)
-  def init_rest(params, rest):
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-             "opt_state": tx.init(params)}
-    if config.ema_decay > 0:
-      state["ema"] = _ema_init(params, rest)
-    return state
-
-  state = init_rest(params, rest)
-  del abstract
+  state = jax.jit(functools.partial(_train_state, config, tx),
+                  out_shardings=repl)(params, rest)
   return graphdef, state, tx
 
 
@@ -226,10 +216,7 @@ def _class_weights(config, manifest) -> np.ndarray | None:
 def _loss_kwargs(config, batch, class_weights):
   return dict(expression=batch["expression"], valence=batch["valence"],
               arousal=batch["arousal"],
-              valence_weight=config.loss.valence_weight,
-              arousal_weight=config.loss.arousal_weight,
-              va_mse_weight=config.loss.va_mse_weight,
-              va_ccc_weight=config.loss.va_ccc_weight,
+              **losses.term_weights(config),
               label_smoothing=config.loss.label_smoothing,
               class_weights=class_weights)
 
@@ -260,17 +247,18 @@ def train_step(state: State, batch: dict, *, graphdef, tx, config,
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
     return loss, (stats, new_rest)
 
-  (loss, (stats, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state["params"])
+  # Plain gradients, or SAM's two passes (loss, stats and BatchNorm
+  # statistics from the first, at the real weights).
+  grad_fn = optim.value_and_grad(loss_fn, config, train_backbone=train_backbone)
+  (loss, (stats, rest)), grads = grad_fn(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   new_state = {"step": state["step"] + 1, "params": params, "rest": rest,
                "opt_state": opt_state}
   if "ema" in state:
-    decay = jnp.float32(config.ema_decay)
-    new_state["ema"] = jax.tree.map(
-        lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype),
-        state["ema"], {"params": params, "rest": rest})
+    new_state["ema"] = optim.ema_update(
+        state["ema"], {"params": params, "rest": rest}, config.ema_decay,
+        state["step"])
   return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
                      "correct": stats["correct_sum"],
                      "labelled": stats["expression_count"]}
@@ -362,7 +350,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   graphdef, state, tx = init_state(config, mesh)
   class_weights = _class_weights(config, manifest)
   train_fn, eval_fn = make_steps(graphdef, tx, config, mesh, class_weights)
-  lr_fn = optim.schedule(config)
 
   with contextlib.ExitStack() as cleanup:
     # Closed in reverse order whatever happens (an exception, a signal): the
@@ -424,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         summary = _summarize_train(history, step, time.perf_counter() - t0,
                                    len(history) * config.batch_size,
                                    wait.share())
-        summary["learning_rate"] = float(lr_fn(step - 1))
+        summary["learning_rate"] = optim.learning_rate(config, step - 1)
         log.write("train", step, **summary)
         bar.update(step, loss=summary["loss"], lr=summary["learning_rate"],
                    images_per_sec=summary["examples_per_sec"],
