@@ -68,7 +68,7 @@ class MetricLog:
     tmp = self.path.parent / (self.path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n"
                            for r in keep))
-    tmp.rename(self.path)
+    tmp.replace(self.path)
 
   def write(self, split: str, step: int, **values: Any) -> dict:
     record = {"split": split, "step": int(step), **_jsonable(values)}

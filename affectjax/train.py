@@ -319,7 +319,7 @@ def _write_config(config, workdir: epath.Path) -> None:
     return
   tmp = workdir / "config.json.tmp"
   tmp.write_text(config.to_json_best_effort(indent=2))
-  tmp.rename(workdir / "config.json")
+  tmp.replace(workdir / "config.json")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:

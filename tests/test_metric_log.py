@@ -51,3 +51,21 @@ def test_summary_table_formats_missing_values():
   assert "Validation at step 5 (3 examples)" in text
   assert "Expression accuracy" in text and "0.5000" in text
   assert "Valence CCC" in text and "n/a" in text
+
+
+def test_resume_drops_lines_after_the_restored_step(tmp_path):
+  """A run killed after logging steps its checkpoint never reached replays
+  them: the resumed log must hold each step once."""
+  log = metric_log.MetricLog(str(tmp_path))
+  for step in (2, 4, 6):
+    log.write("train", step, loss=float(step))
+  log.write("val", 6, accuracy=0.5)
+  log.close()
+  resumed = metric_log.MetricLog(str(tmp_path), resume_step=4)
+  resumed.write("train", 6, loss=60.0)
+  resumed.image("val/confusion_matrix", 6, np.zeros((4, 5, 3), np.uint8))
+  resumed.close()
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [(l["split"], l["step"], l.get("loss")) for l in lines] == [
+      ("train", 2, 2.0), ("train", 4, 4.0), ("train", 6, 60.0)]
+  assert not list(tmp_path.glob("*.tmp"))
