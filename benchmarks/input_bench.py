@@ -10,8 +10,9 @@ peers are timed as the fastest plain decode pipeline each offers):
                    so all pipelines deliver bit-identical pixels (tf.data
                    asks for it with dct_method='INTEGER_ACCURATE'; its
                    default fast IDCT differs by up to 7 levels).
-  affectjax_jpeg   `input_pipeline.train_dataset` with its defaults (threads =
-                   usable cores) over the ArrayRecord shards (`--encoding=jpeg`).
+  affectjax_jpeg   `input_pipeline.train_dataset` with its defaults (2 threads
+                   per usable core) over the ArrayRecord shards
+                   (`--encoding=jpeg`).
   affectjax_raw    the same over `--encoding=raw` shards (no decode).
   tf_data          list_files -> read_file -> decode_jpeg (AUTOTUNE) -> batch
                    -> prefetch(AUTOTUNE) over the same JPEG bytes written as
@@ -102,7 +103,7 @@ def _affectjax(a, data_dir):
   from affectjax import config_base  # pylint: disable=g-import-not-at-top
   c = config_base.get_base_config()
   c.data.dir, c.image_size = data_dir, a.size
-  c.data.num_workers = 0  # The default: usable cores.
+  c.data.num_workers = 0  # The default: 2 threads per usable core.
   it = iter(input_pipeline.train_dataset(c, local_batch_size=a.batch_size))
   return lambda: next(it)
 
