@@ -29,9 +29,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Output of `python -m data_prep.affectnet` (ArrayRecord shards + manifest).
   c.data = ml_collections.ConfigDict()
   c.data.dir = "data/affectnet_arrayrecord"
-  c.data.num_workers = 2  # Grain worker processes (0 = in-process).
-  c.data.eval_num_workers = 2  # Same, for evaluation passes.
-  c.data.prefetch_buffer_size = 4  # Batches buffered per worker.
+  # Host threads that read and decode (0 = 2 per core this process may use);
+  # training and evaluation share the setting.
+  c.data.num_workers = 0
+  c.data.prefetch_buffer_size = 4  # Batches decoded ahead (at least one per thread).
   # 'shuffle' (uniform over the split) | 'balanced' (classes drawn by
   # frequency**temperature: 0 = even, 1 = as in the data).
   c.data.sampler = "shuffle"
@@ -120,8 +121,7 @@ def small_run(c: ml_collections.ConfigDict, variant: str, *, image_size: int,
   """Shrinks a config for the CPU: 'demo' (synthetic data, minutes) or 'tiny' (tests).
 
   Both train from scratch with full fine-tuning (one compiled train step;
-  the transfer modes have their own tests) and evaluate in-process, since a
-  small validation split costs less than starting workers.
+  the transfer modes have their own tests).
   """
   c.model.init = "scratch"
   c.transfer.mode = "full"
@@ -135,12 +135,10 @@ def small_run(c: ml_collections.ConfigDict, variant: str, *, image_size: int,
   c.checkpoint_every_steps = eval_every_steps
   c.optimizer.learning_rate = learning_rate
   c.optimizer.warmup_steps = warmup_steps
-  c.data.eval_num_workers = 0
   if variant == "demo":
     c.data.dir = "runs/demo/data/arrayrecord"
-    c.data.num_workers = 1
   elif variant == "tiny":
     c.data.dir = ""  # The tests point it at their own prepared data.
-    c.data.num_workers = 0
+    c.data.num_workers = 2
   else:
     raise ValueError(f"Unknown config variant {variant!r}; use 'demo' or 'tiny'.")
