@@ -159,9 +159,10 @@ def merge_arrays(states, arrays: dict[tuple, np.ndarray]):
   """
   used = set()
 
-  def swap(prefix, state):
+  def swap(state):
     def leaf(key_path, value):
-      key = prefix + tuple(k.key for k in key_path if hasattr(k, "key"))
+      # DictKey path entries; a Variable's own GetAttrKey('value') is skipped.
+      key = tuple(k.key for k in key_path if hasattr(k, "key"))
       if key not in arrays:
         return value
       if tuple(value.shape) != arrays[key].shape:
@@ -171,7 +172,7 @@ def merge_arrays(states, arrays: dict[tuple, np.ndarray]):
       return arrays[key]
     return jax.tree_util.tree_map_with_path(leaf, state)
 
-  out = tuple(swap((), s) for s in states) if isinstance(states, tuple) else swap((), states)
+  out = tuple(swap(s) for s in states) if isinstance(states, tuple) else swap(states)
   unused = [k for k in arrays if k not in used]
   if unused:
     raise ValueError(f"merge_arrays: {len(unused)} converted arrays match no leaf of "
