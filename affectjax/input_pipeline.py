@@ -25,8 +25,10 @@ order, padded to whole global batches.
 Threads, not processes. Each batch is one element of a `grain.MapDataset`
 (`__getitem__(k)` builds batch k); `to_iter_dataset` runs them on a pool of
 threads. ArrayRecord reads and libjpeg-turbo decodes release the GIL, so
-threads scale over the cores without worker processes, pickling, shared
-memory or per-evaluation start-up, and nothing can outlive a killed trainer.
+threads use the cores without worker processes, pickling, shared memory or
+per-evaluation start-up, and nothing can outlive a killed trainer. About 1/6
+of a JPEG image's time holds the GIL (parse, glue), which caps threads at
+roughly 6 cores' worth of decoding (docs/BENCHMARKS.md has the profile).
 The iterator is Grain's, so its state (`{"next_index": k}`) goes into the
 Orbax checkpoint via `grain.checkpoint.CheckpointSave`, and a resumed run
 sees exactly the batches an uninterrupted one would.
