@@ -279,7 +279,7 @@ def make_steps(graphdef, tx, config, mesh, class_weights=None):
 # The run.
 # --------------------------------------------------------------------------
 def _summarize_train(history: list[dict], step: int, seconds: float,
-                     examples: int, wait_seconds: float) -> dict:
+                     examples: int, input_wait_share: float) -> dict:
   host = jax.device_get(history)
   loss = float(np.mean([h["loss"] for h in host]))
   if not np.isfinite(loss):
@@ -296,7 +296,7 @@ def _summarize_train(history: list[dict], step: int, seconds: float,
           "examples_per_sec": examples / max(seconds, 1e-9),
           # Share of the wall time the loop spent waiting for input: near 0
           # when the device is the bottleneck, near 1 when the host is.
-          "input_wait_share": min(1.0, wait_seconds / max(seconds, 1e-9))}
+          "input_wait_share": input_wait_share}
 
 
 def _agreed_step(step: int | None) -> int | None:

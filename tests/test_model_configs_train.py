@@ -91,3 +91,28 @@ def test_full_configs_build_the_keras_architecture(config_module, name, size):
     assert config_module.get_config(arg).model.init == "scratch"
   with pytest.raises(ValueError, match="Unknown config variant"):
     config_module.get_config("huge")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["custom_cnn", "vgg16", "efficientnet_b3"])
+def test_recipe_tiny_variants_train_end_to_end(recipe, data_dir, tmp_path):
+  """configs/recipes/*.py:tiny: SAM, EMA, the CCC loss mix, every device
+  augmentation and (VGG16) the balanced sampler, through the real trainer."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.recipes.{recipe}").get_config("tiny")
+  config.data.dir = data_dir
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == config.total_steps
+  assert result["num_examples"] == NUM_VAL and np.isfinite(result["loss"])
+  assert config.ema_decay > 0 and config.loss.va_ccc_weight > 0
+  with open(tmp_path / "metrics.jsonl") as f:
+    train_lines = [json.loads(l) for l in f if '"train"' in l]
+  assert train_lines and all(np.isfinite(l["loss"]) for l in train_lines)
+  for l in train_lines:  # What a user reads to find the bottleneck.
+    assert 0.0 <= l["input_wait_share"] <= 1.0
+    assert 0.0 <= l["accuracy"] <= 1.0 and l["learning_rate"] > 0
+  _, initial, _ = train.init_state(config, sharding.make_mesh())
+  final = _restore_final(config, str(tmp_path), jax.device_get(initial))
+  # The EMA is a separate, moving average: neither the start nor the weights.
+  assert _changed(final["ema"]["params"], final["params"])
+  assert _changed(final["ema"]["params"], jax.device_get(initial)["params"])
