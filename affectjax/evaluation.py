@@ -46,15 +46,6 @@ def eval_weights(state: dict, use_ema: bool = True) -> dict:
   return {"params": state["params"], "rest": state["rest"]}
 
 
-def _loss_kwargs(config, batch, class_weights):
-  return dict(expression=batch["expression"], valence=batch["valence"],
-              arousal=batch["arousal"],
-              valence_weight=config.loss.valence_weight,
-              arousal_weight=config.loss.arousal_weight,
-              label_smoothing=config.loss.label_smoothing,
-              class_weights=class_weights)
-
-
 def predict_images(graphdef, weights: dict, images, *, image_size: int,
                    tta: str = "none") -> tuple[jax.Array, jax.Array]:
   """(logits float32 (B, C), va float32 (B, 2)) of uint8 images (B, S, S, 3).
@@ -86,7 +77,7 @@ def eval_step(state: dict, batch: dict, *, graphdef, config, class_weights,
                               tta=tta)
   _, stats = losses.multitask_loss(
       logits, va, example_mask=batch["mask"],
-      **_loss_kwargs(config, batch, class_weights))
+      **losses.config_loss_kwargs(config, batch, class_weights))
   out = {"logits": logits, "va": va}
   out.update({k: batch[k] for k in ("expression", "valence", "arousal", "mask",
                                     "index") if k in batch})
@@ -173,8 +164,7 @@ def evaluate(state: dict, eval_fn, config, mesh, *, split: str = "val",
   result = {}
   if classes == num_classes:
     result["loss"] = float(losses.loss_from_stats(
-        losses.sum_stats(stats), valence_weight=config.loss.valence_weight,
-        arousal_weight=config.loss.arousal_weight))
+        losses.sum_stats(stats), **losses.term_weights(config)))
   result.update(acc.result())
   result["num_classes"] = classes
   result["per_class_support"] = np.asarray(

@@ -218,6 +218,14 @@ def term_weights(config) -> dict[str, float]:
           "va_ccc_weight": float(loss.va_ccc_weight)}
 
 
+def config_loss_kwargs(config, batch: Mapping, class_weights=None) -> dict:
+  """`multitask_loss` keywords for a batch under ``config.loss``."""
+  return dict(expression=batch["expression"], valence=batch["valence"],
+              arousal=batch["arousal"], **term_weights(config),
+              label_smoothing=float(config.loss.label_smoothing),
+              class_weights=class_weights)
+
+
 def loss_from_stats(stats: Mapping, *, valence_weight: float = 1.0,
                     arousal_weight: float = 1.0, va_mse_weight: float = 1.0,
                     va_ccc_weight: float = 0.0):

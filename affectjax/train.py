@@ -213,14 +213,6 @@ def _class_weights(config, manifest) -> np.ndarray | None:
       counts, mode=config.loss.class_weighting), np.float32)
 
 
-def _loss_kwargs(config, batch, class_weights):
-  return dict(expression=batch["expression"], valence=batch["valence"],
-              arousal=batch["arousal"],
-              **losses.term_weights(config),
-              label_smoothing=config.loss.label_smoothing,
-              class_weights=class_weights)
-
-
 # --------------------------------------------------------------------------
 # Steps. Pure functions of the state; jitted in `make_steps`.
 # --------------------------------------------------------------------------
@@ -243,7 +235,7 @@ def train_step(state: State, batch: dict, *, graphdef, tx, config,
     logits, va = model(x, train=True, train_backbone=train_backbone,
                        rngs=nnx.Rngs(dropout=rng))
     loss, stats = losses.multitask_loss(
-        logits, va, **_loss_kwargs(config, batch, class_weights))
+        logits, va, **losses.config_loss_kwargs(config, batch, class_weights))
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
     return loss, (stats, new_rest)
 
