@@ -27,6 +27,7 @@ import threading
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 from array_record.python import array_record_module
 
 # AffectNet's expression codes. 8/9/10 (None, Uncertain, No-Face) exist in the
@@ -235,15 +236,15 @@ def decode_image_bytes(data: bytes, *, encoding: str,
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
-  """Loads `data_dir/manifest.json`, with an actionable error if absent."""
-  path = os.path.join(os.fspath(data_dir), MANIFEST_NAME)
-  if not os.path.exists(path):
+  """Loads `data_dir/manifest.json` (any epath), with an actionable error if absent."""
+  path = epath.Path(data_dir) / MANIFEST_NAME
+  if not path.exists():
     raise FileNotFoundError(
-        f"{path} not found. `data_dir` must be the --output_dir of "
-        "`python -m data_prep.affectnet` (or run `python -m "
-        "data_prep.synthetic` first to get a synthetic dataset).")
-  with open(path) as fp:
-    return json.load(fp)
+        f"{path} not found. `data_dir` (--config.data.dir={data_dir}) must be "
+        "the --output_dir of `./launch.sh prep` / `python -m "
+        "data_prep.affectnet`; `./launch.sh demo` prepares a synthetic one in "
+        "runs/demo/data/arrayrecord.")
+  return json.loads(path.read_text())
 
 
 @dataclasses.dataclass
@@ -375,11 +376,11 @@ def source(data_dir: str | os.PathLike, split: str) -> AffectNetSource:
   splits = manifest.get("splits", {})
   info = splits.get(split)
   if info is None:
-    raise ValueError(f"{os.path.join(os.fspath(data_dir), MANIFEST_NAME)} has "
+    raise ValueError(f"{epath.Path(data_dir) / MANIFEST_NAME} has "
                      f"no {split!r} split; its splits are {sorted(splits)}.")
-  paths = [os.path.join(os.fspath(data_dir), s["file"])
+  paths = [os.fspath(epath.Path(data_dir) / s["file"])
            for s in info["shards"]]
-  missing = [p for p in paths if not os.path.exists(p)]
+  missing = [p for p in paths if not epath.Path(p).exists()]
   if missing:
     raise FileNotFoundError(
         f"{len(missing)} shard(s) listed in the manifest are missing, e.g. "
