@@ -1,7 +1,7 @@
-r"""Training throughput: affectjax vs PyTorch vs Keras/tf.data, same model, same run.
+r"""Training-step throughput: affectjax vs PyTorch vs Keras, same model, same run.
 
-Two measurements, each framework in its own subprocess (so thread pools and
-allocators don't interfere), each repeated and reported as a median:
+Each framework runs in its own subprocess (so thread pools and allocators
+don't interfere), repeated and reported as a median:
 
   step   model compute only: one fixed uint8 batch already in memory, full
          train step (normalize, forward, multitask loss, backward, AdamW).
@@ -11,12 +11,8 @@ allocators don't interfere), each repeated and reported as a median:
          not used: it needs a C++ toolchain warm-up longer than the run), Keras 3
          on TensorFlow (`train_on_batch`, compiled with XLA off/jit_compile
          default).
-  input  input pipeline only: decoded, augmented (random resized crop + flip),
-         batched uint8 images per second from the same prepared faces.
-         affectjax's Grain pipeline over the ArrayRecord shards vs tf.data and
-         a torch DataLoader over the same faces written as JPEG files in class
-         folders (what `keras.utils.image_dataset_from_directory` users have,
-         as in the original project).
+
+The input pipeline has its own benchmark, `benchmarks/input_bench.py`.
 
 The custom CNN is mirrored exactly in each framework: stages of
 2 x [conv3x3 (no bias) -> BatchNorm -> ReLU], 2x2 max-pool between stages,
@@ -173,118 +169,11 @@ def step_keras(args):
 # ----------------------------------------------------------------------------
 # Input-pipeline workers.
 # ----------------------------------------------------------------------------
-def _export_jpeg_folders(data_dir, out_dir):
-  """Writes the prepared train split as class-folder JPEGs for the peers."""
-  sys.path.insert(0, REPO)
-  from affectjax import data  # pylint: disable=g-import-not-at-top
-  done = os.path.join(out_dir, ".done")
-  if os.path.exists(done):
-    return
-  src = data.source(data_dir, "train")
-  names = data.label_names(8)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  for i in range(len(src)):
-    ex = src[i]
-    d = os.path.join(out_dir, names[int(ex["expression"])])
-    os.makedirs(d, exist_ok=True)
-    Image.fromarray(ex["image"]).save(os.path.join(d, f"{i:06d}.jpg"),
-                                      quality=90)
-  open(done, "w").close()
-
-
-def input_affectjax(args):
-  sys.path.insert(0, REPO)
-  from affectjax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from configs import custom_cnn  # pylint: disable=g-import-not-at-top
-  c = custom_cnn.get_config()
-  c.data.dir, c.image_size = args.data_dir, args.image_size
-  c.data.num_workers = args.workers
-  it = iter(input_pipeline.train_dataset(c, local_batch_size=args.batch_size))
-  next(it)  # Start the workers outside the timed region.
-
-  def run(n):
-    for _ in range(n):
-      next(it)
-  return run
-
-
-def input_tfdata(args):
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  s = args.image_size
-  files = tf.data.Dataset.list_files(os.path.join(args.jpeg_dir, "*", "*.jpg"),
-                                     shuffle=True, seed=0)
-
-  def load(path):
-    img = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
-    h, w = tf.shape(img)[0], tf.shape(img)[1]
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
-        [h, w, 3], tf.zeros([1, 0, 4]), area_range=(0.8, 1.0),
-        aspect_ratio_range=(0.9, 1.1), use_image_if_no_bounding_boxes=True)
-    img = tf.image.resize(tf.slice(img, begin, size), (s, s))
-    img = tf.image.random_flip_left_right(img)
-    return tf.cast(img, tf.uint8)
-
-  ds = (files.repeat().map(load, num_parallel_calls=args.workers)
-        .batch(args.batch_size, drop_remainder=True).prefetch(4))
-  it = iter(ds)
-  next(it)
-
-  def run(n):
-    for _ in range(n):
-      next(it)
-  return run
-
-
-def input_torch(args):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(args.jpeg_dir)
-                 for f in fs if f.endswith(".jpg"))
-  s = args.image_size
-
-  class Faces(torch.utils.data.Dataset):
-    def __len__(self):
-      return len(paths)
-
-    def __getitem__(self, i):
-      rng = np.random.default_rng(i)
-      im = Image.open(paths[i]).convert("RGB")
-      w, h = im.size
-      scale = rng.uniform(0.8, 1.0)
-      cw, ch = int(w * scale ** 0.5), int(h * scale ** 0.5)
-      x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-      out = np.asarray(im.resize((s, s), Image.BILINEAR,
-                                 box=(x0, y0, x0 + cw, y0 + ch)))
-      if rng.random() < 0.5:
-        out = out[:, ::-1]
-      return torch.from_numpy(np.ascontiguousarray(out))
-
-  loader = torch.utils.data.DataLoader(
-      Faces(), batch_size=args.batch_size, shuffle=True, drop_last=True,
-      num_workers=args.workers, persistent_workers=args.workers > 0)
-
-  def batches():
-    while True:
-      yield from loader
-  it = batches()
-  next(it)
-
-  def run(n):
-    for _ in range(n):
-      next(it)
-  return run
-
-
 WORKERS = {
     "step/affectjax": lambda a: step_affectjax(a),
     "step/affectjax_nnx_jit": lambda a: step_affectjax(a, use_nnx_jit=True),
     "step/torch": step_torch,
     "step/keras_tf": step_keras,
-    "input/affectjax_grain": input_affectjax,
-    "input/tf_data": input_tfdata,
-    "input/torch_dataloader": input_torch,
 }
 
 
@@ -304,21 +193,17 @@ def main():
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data_dir", default="runs/demo/data/arrayrecord",
                  help="Prepared dataset (python -m data_prep.affectnet output).")
-  p.add_argument("--jpeg_dir", default="/tmp/affectjax_bench_jpegs")
   p.add_argument("--image_size", type=int, default=64)
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--steps", type=int, default=20, help="Steps per repeat.")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--workers", type=int, default=2,
-                 help="Input-pipeline worker processes/threads.")
   p.add_argument("--only", default="", help="Comma-separated worker names.")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
     return _worker(args)
 
-  _export_jpeg_folders(args.data_dir, args.jpeg_dir)
   names = [n for n in WORKERS if not args.only or n in args.only.split(",")]
   results = {}
   for name in names:
@@ -337,12 +222,11 @@ def main():
     print(f"{name:28s} median {results[name]:8.1f} img/s "
           f"(runs: {', '.join(f'{args.steps * args.batch_size / s:.0f}' for s in secs)})",
           flush=True)
-  for kind, ours in (("step", "step/affectjax"),
-                     ("input", "input/affectjax_grain")):
-    if ours in results:
-      for name, rate in results.items():
-        if name.startswith(kind + "/") and name != ours:
-          print(f"ratio {ours} / {name}: {results[ours] / rate:.2f}x")
+  ours = "step/affectjax"
+  if ours in results:
+    for name, rate in results.items():
+      if name != ours:
+        print(f"ratio {ours} / {name}: {results[ours] / rate:.2f}x")
 
 
 if __name__ == "__main__":
