@@ -403,8 +403,8 @@ def test_two_processes_train_exactly_as_one(synthetic_arrayrecord,
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_then_resumes(
-    synthetic_arrayrecord, compile_cache, reference_run, tmp_path):
+def test_sigterm_to_one_of_two_processes_stops_both_cleanly(
+    synthetic_arrayrecord, compile_cache, tmp_path):
   args = _main_args(synthetic_arrayrecord, tmp_path, compile_cache)
   procs = _start_processes(args)
   _wait_for_train_step(procs[0], str(tmp_path), 2)
@@ -418,12 +418,6 @@ def test_sigterm_to_one_of_two_processes_stops_both_then_resumes(
   stopped = int(line[0].split(" at step ")[1].split()[0])
   assert 2 <= stopped < TOTAL
   assert str(stopped) in os.listdir(tmp_path / "checkpoints")
-
-  procs = _start_processes(args)
-  for p in procs:
-    _, err = _finish(p)
-    assert p.returncode == 0, err[-3000:]
-  _assert_same_run(str(tmp_path), reference_run[0], tol=1e-4)
 
 
 # --------------------------------------------------------------------------
