@@ -102,17 +102,19 @@ def _env(devices):
   return env
 
 
-def test_command_line_overrides_and_summary(synthetic_arrayrecord, tmp_path):
+@pytest.mark.slow
+def test_command_line_overrides_and_summary(synthetic_arrayrecord,
+                                            compile_cache, reference_run,
+                                            tmp_path):
+  # The reference run's configuration, so its compiled steps are reused.
   out = subprocess.run(
       [sys.executable, "-m", "affectjax.main",
-       "--config=configs/custom_cnn.py:tiny",
-       f"--config.data.dir={synthetic_arrayrecord}", "--config.total_steps=2",
-       "--config.eval_every_steps=2", f"--workdir={tmp_path}",
-       "--config.compilation_cache_dir="],
-      cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=300)
+       *_main_args(synthetic_arrayrecord, tmp_path, compile_cache)],
+      cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Expression accuracy" in out.stdout and "Valence CCC" in out.stdout
-  assert json.load(open(tmp_path / "config.json"))["total_steps"] == 2
+  written = json.load(open(tmp_path / "config.json"))
+  assert (written["total_steps"], written["eval_every_steps"]) == (TOTAL, 4)
 
   bad = subprocess.run(
       [sys.executable, "-m", "affectjax.main",
@@ -385,26 +387,10 @@ def _start_processes(args, n=2):
 
 
 @pytest.mark.slow
-def test_two_processes_train_exactly_as_one(synthetic_arrayrecord,
-                                            compile_cache, reference_run,
-                                            tmp_path):
-  """2 processes x 2 devices == 1 process x 4 devices (the reference run)."""
-  procs = _start_processes(_main_args(synthetic_arrayrecord, tmp_path,
-                                      compile_cache))
-  outs = [_finish(p) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  assert "Expression accuracy" in outs[0][0]  # Only process 0 prints.
-  assert "Expression accuracy" not in outs[1][0]
-  _assert_same_run(str(tmp_path), reference_run[0], tol=1e-4)
-  data_dir = tmp_path / "checkpoints" / str(TOTAL) / "data"
-  assert sorted(f for f in os.listdir(data_dir) if f.startswith("process_")
-                ) == ["process_0-of-2.json", "process_1-of-2.json"]
-
-
-@pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_cleanly(
-    synthetic_arrayrecord, compile_cache, tmp_path):
+def test_two_processes_stop_together_and_resume_as_one_process(
+    synthetic_arrayrecord, compile_cache, reference_run, tmp_path):
+  """SIGTERM to one of 2 processes x 2 devices stops both cleanly (exit 0);
+  the rerun ends as 1 process x 4 devices (the reference run) does."""
   args = _main_args(synthetic_arrayrecord, tmp_path, compile_cache)
   procs = _start_processes(args)
   _wait_for_train_step(procs[0], str(tmp_path), 2)
@@ -415,9 +401,21 @@ def test_sigterm_to_one_of_two_processes_stops_both_cleanly(
   line = [l for l in outs[0][0].splitlines() if l.startswith("Stopped by")]
   assert len(line) == 1 and line[0].startswith(
       "Stopped by SIGTERM on process 1 at step "), outs[0][0][-2000:]
+  assert not [l for l in outs[1][0].splitlines() if l.startswith("Stopped")]
   stopped = int(line[0].split(" at step ")[1].split()[0])
   assert 2 <= stopped < TOTAL
   assert str(stopped) in os.listdir(tmp_path / "checkpoints")
+
+  procs = _start_processes(args)
+  outs = [_finish(p) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "Expression accuracy" in outs[0][0]  # Only process 0 prints.
+  assert "Expression accuracy" not in outs[1][0]
+  _assert_same_run(str(tmp_path), reference_run[0], tol=1e-4)
+  data_dir = tmp_path / "checkpoints" / str(TOTAL) / "data"
+  assert sorted(f for f in os.listdir(data_dir) if f.startswith("process_")
+                ) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 # --------------------------------------------------------------------------
