@@ -151,8 +151,9 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  if f.distributed:
-    jax.distributed.initialize()
+  from affectjax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(auto=f.distributed)
+  distributed.check_devices()
   result, out = run_evaluation(
       f.workdir, checkpoint=f.checkpoint, data_dir=f.data_dir, split=f.split,
       tta=f.tta, classes=None if f.classes is None else int(f.classes),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging as std_logging
 import sys
-import urllib.parse
 
 import jax
 from absl import app, flags, logging
@@ -73,28 +72,13 @@ def main(argv) -> None:
   distributed.enable_compilation_cache(config.compilation_cache_dir)
   distributed.check_devices()
   from affectjax import train  # pylint: disable=g-import-not-at-top
-  result = train.train_and_evaluate(config, local_path(_WORKDIR.value))
+  result = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() != 0:
     return
   if result.get("preempted"):
     print(resume_message(result), flush=True)
   else:
     print(summary.table(result, workdir=_WORKDIR.value), flush=True)
-
-
-def local_path(workdir: str) -> str:
-  """'file:///x/y' -> '/x/y'; other paths and URLs (gs://...) unchanged.
-
-  etils.epath, which the trainer and Orbax use, knows gs://, s3://, ... but
-  not file://.
-  """
-  if workdir.startswith("file://"):
-    parsed = urllib.parse.urlparse(workdir)
-    if parsed.netloc not in ("", "localhost"):
-      raise app.UsageError(f"--workdir={workdir}: a file:// URL names a local "
-                           "path (file:///abs/path); use the path itself.")
-    return urllib.parse.unquote(parsed.path)
-  return workdir
 
 
 def resume_message(result: dict) -> str:

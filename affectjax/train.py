@@ -51,6 +51,7 @@ from affectjax import preemption
 from affectjax import progress
 from affectjax import report
 from affectjax import sharding
+from affectjax import workdir as workdir_lib
 
 State = dict[str, Any]
 
@@ -322,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   SIGTERM/SIGINT returns ``{"preempted": True, "step", "signal"}`` after a
   synchronous checkpoint; rerunning the same call resumes it.
   """
-  workdir = epath.Path(workdir).expanduser()
+  workdir = workdir_lib.path(workdir)
   if not config.data.dir:
     raise ValueError("--config.data.dir is empty: point it at the --output_dir "
                      "of `./launch.sh prep` (`./launch.sh demo` prepares a "

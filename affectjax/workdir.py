@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import urllib.parse
 from typing import Any
 
 import jax
@@ -35,8 +37,19 @@ CHECKPOINTS = "checkpoints"
 
 
 def path(workdir) -> epath.Path:
-  """The workdir as an epath (``~`` expanded)."""
-  return epath.Path(workdir).expanduser()
+  """The workdir as an epath: ``~`` expanded, ``file:///abs/dir`` made a path.
+
+  etils.epath knows gs://, s3://, az:// but not file:// URLs; every entry
+  point (training included) opens its workdir through here.
+  """
+  text = os.fspath(workdir) if not isinstance(workdir, str) else workdir
+  if text.startswith("file://"):
+    parsed = urllib.parse.urlparse(text)
+    if parsed.netloc not in ("", "localhost"):
+      raise ValueError(f"--workdir={text}: a file:// URL names a local path "
+                       "(file:///abs/path); use the path itself.")
+    text = urllib.parse.unquote(parsed.path)
+  return epath.Path(text).expanduser()
 
 
 def _merge(base: dict, loaded: dict) -> dict:
