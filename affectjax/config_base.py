@@ -114,6 +114,19 @@ def imagenet_finetuning(c: ml_collections.ConfigDict) -> None:
   c.loss.class_weighting = "inverse_frequency"
 
 
+def strong_augment(c: ml_collections.ConfigDict, *, crop_scale: tuple,
+                   aspect_ratio: tuple, color_jitter: float) -> None:
+  """The recipes' augmentation: the papers' flip, crop, colour jitter, random
+  erasing (p 0.25) and small affine (10 degrees, 5% shift), all on the device."""
+  c.augment.flip = True
+  c.augment.crop_scale = tuple(crop_scale)
+  c.augment.aspect_ratio = tuple(aspect_ratio)
+  c.augment.color_jitter = float(color_jitter)
+  c.augment.erasing_prob = 0.25
+  c.augment.rotate_degrees = 10.0
+  c.augment.translate = 0.05
+
+
 def small_run(c: ml_collections.ConfigDict, variant: str, *, image_size: int,
               batch_size: int, eval_batch_size: int, total_steps: int,
               log_every_steps: int, eval_every_steps: int, learning_rate: float,

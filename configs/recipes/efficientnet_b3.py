@@ -66,13 +66,8 @@ def get_config(arg: str | None = None):
   c.loss.va_mse_weight = 0.5
   c.loss.va_ccc_weight = 1.0
 
-  c.augment.flip = True
-  c.augment.crop_scale = (0.6, 1.0)
-  c.augment.aspect_ratio = (0.85, 1.15)
-  c.augment.color_jitter = 0.3
-  c.augment.erasing_prob = 0.25
-  c.augment.rotate_degrees = 10.0
-  c.augment.translate = 0.05
+  base.strong_augment(c, crop_scale=(0.6, 1.0), aspect_ratio=(0.85, 1.15),
+                      color_jitter=0.3)
 
   if arg == "tiny":
     c.model.kwargs = _kwargs(c.model.kwargs, width_coefficient=0.25, depth_coefficient=0.25, dropout=0.0, head_hidden=8)

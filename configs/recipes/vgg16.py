@@ -69,13 +69,8 @@ def get_config(arg: str | None = None):
   c.loss.va_mse_weight = 0.5
   c.loss.va_ccc_weight = 1.0
 
-  c.augment.flip = True
-  c.augment.crop_scale = (0.7, 1.0)
-  c.augment.aspect_ratio = (0.9, 1.1)
-  c.augment.color_jitter = 0.2
-  c.augment.erasing_prob = 0.25
-  c.augment.rotate_degrees = 10.0
-  c.augment.translate = 0.05
+  base.strong_augment(c, crop_scale=(0.7, 1.0), aspect_ratio=(0.9, 1.1),
+                      color_jitter=0.2)
 
   if arg == "tiny":
     c.model.kwargs = _kwargs(c.model.kwargs, width_multiplier=0.125, dropout=0.0, head_hidden=8)
