@@ -26,3 +26,17 @@ def synthetic_arrayrecord(tmp_path_factory):
   affectnet.prepare(str(root / "raw"), str(root / "prepared"), image_size=24,
                     num_workers=1)
   return str(root / "prepared")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the session (never the user's).
+
+  Many tests train the same tiny configs more than once (a run, its resume,
+  the evaluate tool reopening it); programs that take over a second to
+  compile are then compiled once. Subprocess runs get their own cache flag.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir",
+                    str(tmp_path_factory.mktemp("jax_cache")))
+  yield
