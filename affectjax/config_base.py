@@ -114,6 +114,12 @@ def imagenet_finetuning(c: ml_collections.ConfigDict) -> None:
   c.loss.class_weighting = "inverse_frequency"
 
 
+def model_kwargs(*base_kwargs, **kwargs) -> ml_collections.ConfigDict:
+  """``config.model.kwargs`` as a whole (under a locked config, the one
+  open-ended field is set whole): ``base_kwargs`` updated with ``kwargs``."""
+  return ml_collections.ConfigDict(dict(*base_kwargs, **kwargs))
+
+
 def strong_augment(c: ml_collections.ConfigDict, *, crop_scale: tuple,
                    aspect_ratio: tuple, color_jitter: float) -> None:
   """The recipes' augmentation: the papers' flip, crop, colour jitter, random

@@ -26,14 +26,7 @@ to the host's cores. 40,000 steps = 35.6 epochs.
 `--config=configs/recipes/custom_cnn.py:tiny`: the same knobs at test size
 (widths (4, 8), 16 px, 6 steps).
 """
-import ml_collections
-
 from affectjax import config_base as base
-
-
-def _kwargs(*base_kwargs, **kwargs) -> ml_collections.ConfigDict:
-  """models.create kwargs (the one open-ended field, so set whole)."""
-  return ml_collections.ConfigDict(dict(*base_kwargs, **kwargs))
 
 
 def get_config(arg: str | None = None):
@@ -41,7 +34,7 @@ def get_config(arg: str | None = None):
   c.lock()  # A misspelt field below fails here, not silently.
   c.model.name = "custom_cnn"
   c.model.init = "scratch"
-  c.model.kwargs = _kwargs(widths=(64, 128, 256, 512), dropout=0.3)
+  c.model.kwargs = base.model_kwargs(widths=(64, 128, 256, 512), dropout=0.3)
   c.image_size = 112  # Random crops of the 320 px faces, resized to 112.
   c.batch_size = 256
   c.eval_batch_size = 256
@@ -71,7 +64,7 @@ def get_config(arg: str | None = None):
                       color_jitter=0.3)
 
   if arg == "tiny":
-    c.model.kwargs = _kwargs(c.model.kwargs, widths=(4, 8), dropout=0.0)
+    c.model.kwargs = base.model_kwargs(c.model.kwargs, widths=(4, 8), dropout=0.0)
     c.ema_decay = 0.5
     base.small_run(c, "tiny", image_size=16, batch_size=16, eval_batch_size=24,
                    total_steps=6, log_every_steps=2, eval_every_steps=3,

@@ -26,14 +26,7 @@ measured yet. 60,000 steps = 13.4 epochs.
 `--config=configs/recipes/efficientnet_b3.py:tiny`: the same knobs at test
 size (B3 at 1/4 width and depth, 32 px, from scratch, 4 steps).
 """
-import ml_collections
-
 from affectjax import config_base as base
-
-
-def _kwargs(*base_kwargs, **kwargs) -> ml_collections.ConfigDict:
-  """models.create kwargs (the one open-ended field, so set whole)."""
-  return ml_collections.ConfigDict(dict(*base_kwargs, **kwargs))
 
 
 def get_config(arg: str | None = None):
@@ -41,7 +34,7 @@ def get_config(arg: str | None = None):
   c.lock()  # A misspelt field below fails here, not silently.
   base.imagenet_finetuning(c)  # Two-phase: head 2k steps, then backbone at 0.1x.
   c.model.name = "efficientnet_b3"
-  c.model.kwargs = _kwargs(dropout=0.3, head_hidden=256, drop_connect_rate=0.2)
+  c.model.kwargs = base.model_kwargs(dropout=0.3, head_hidden=256, drop_connect_rate=0.2)
   c.model.dtype = "bfloat16"  # f32 params and BatchNorm statistics.
   c.image_size = 300  # Random crops of the 320 px faces, resized to 300.
   c.batch_size = 64
@@ -70,7 +63,7 @@ def get_config(arg: str | None = None):
                       color_jitter=0.3)
 
   if arg == "tiny":
-    c.model.kwargs = _kwargs(c.model.kwargs, width_coefficient=0.25, depth_coefficient=0.25, dropout=0.0, head_hidden=8)
+    c.model.kwargs = base.model_kwargs(c.model.kwargs, width_coefficient=0.25, depth_coefficient=0.25, dropout=0.0, head_hidden=8)
     c.model.dtype = "float32"
     c.ema_decay = 0.5
     base.small_run(c, "tiny", image_size=32, batch_size=8, eval_batch_size=16,

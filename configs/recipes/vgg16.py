@@ -26,14 +26,7 @@ GPU's dense bf16 peak; not measured yet. 30,000 steps = 13.4 epochs.
 `--config=configs/recipes/vgg16.py:tiny`: the same knobs at test size (1/8
 width, 32 px, from scratch, 4 steps).
 """
-import ml_collections
-
 from affectjax import config_base as base
-
-
-def _kwargs(*base_kwargs, **kwargs) -> ml_collections.ConfigDict:
-  """models.create kwargs (the one open-ended field, so set whole)."""
-  return ml_collections.ConfigDict(dict(*base_kwargs, **kwargs))
 
 
 def get_config(arg: str | None = None):
@@ -41,7 +34,7 @@ def get_config(arg: str | None = None):
   c.lock()  # A misspelt field below fails here, not silently.
   base.imagenet_finetuning(c)  # Two-phase: head 2k steps, then backbone at 0.1x.
   c.model.name = "vgg16"
-  c.model.kwargs = _kwargs(dropout=0.5, head_hidden=256)
+  c.model.kwargs = base.model_kwargs(dropout=0.5, head_hidden=256)
   c.model.dtype = "bfloat16"
   c.image_size = 224
   c.batch_size = 128
@@ -73,7 +66,7 @@ def get_config(arg: str | None = None):
                       color_jitter=0.2)
 
   if arg == "tiny":
-    c.model.kwargs = _kwargs(c.model.kwargs, width_multiplier=0.125, dropout=0.0, head_hidden=8)
+    c.model.kwargs = base.model_kwargs(c.model.kwargs, width_multiplier=0.125, dropout=0.0, head_hidden=8)
     c.model.dtype = "float32"
     c.ema_decay = 0.5
     c.optimizer.sam_rho = 0.05  # Exercise the SAM path in the tiny run.
