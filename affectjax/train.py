@@ -206,9 +206,14 @@ def init_state(config: ml_collections.ConfigDict, mesh
   return graphdef, state, tx
 
 
-def _class_weights(config, manifest) -> np.ndarray | None:
+def class_weights(config, manifest: dict | None = None) -> np.ndarray | None:
+  """CE class weights from the prepared data's training histogram, per
+  ``config.loss.class_weighting`` (None when off). Evaluation reuses it so its
+  loss is the trainer's."""
   if config.loss.class_weighting == "none":
     return None
+  if manifest is None:
+    manifest = data.read_manifest(config.data.dir)
   counts = manifest["splits"]["train"]["class_counts"]
   return np.asarray(losses.class_weights_from_counts(
       counts, mode=config.loss.class_weighting), np.float32)
@@ -341,8 +346,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
   # Model, optimizer, steps.
   graphdef, state, tx = init_state(config, mesh)
-  class_weights = _class_weights(config, manifest)
-  train_fn, eval_fn = make_steps(graphdef, tx, config, mesh, class_weights)
+  train_fn, eval_fn = make_steps(graphdef, tx, config, mesh,
+                                  class_weights(config, manifest))
 
   with contextlib.ExitStack() as cleanup:
     # Closed in reverse order whatever happens (an exception, a signal): the

@@ -22,7 +22,6 @@ import urllib.parse
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from etils import epath
@@ -120,41 +119,15 @@ def resolve_step(ckpt: ckpt_lib.Checkpointer, which: str | int) -> tuple[int, st
 
 
 def abstract_state(config, mesh) -> tuple[nnx.GraphDef, dict, Any]:
-  """(graphdef, abstract train state, tx): what the trainer's state looks like.
-
-  Uses ``train.abstract_state`` when the trainer has it; otherwise builds
-  the same thing here with ``nnx.eval_shape`` (no arrays are allocated and no
-  ImageNet file is read).
-  """
+  """(graphdef, abstract train state, tx): the trainer's, to restore onto."""
   from affectjax import train  # pylint: disable=g-import-not-at-top
-  if hasattr(train, "abstract_state"):
-    return train.abstract_state(config, mesh)
-  from affectjax import optim  # pylint: disable=g-import-not-at-top
-  cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.model.init = "scratch"  # Shapes only: the weights come from the checkpoint.
-  model = nnx.eval_shape(lambda: train.create_model(cfg))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optim.create(cfg, params)
-  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-           "rest": rest, "opt_state": jax.eval_shape(tx.init, params)}
-  if float(config.get("ema_decay", 0.0) or 0.0) > 0:
-    state["ema"] = {"params": params, "rest": rest}
-  repl = sharding.replicated(mesh)
-  state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
-  return graphdef, state, tx
+  return train.abstract_state(config, mesh)
 
 
 def class_weights(config):
   """The training loss's class weights (so evaluation reports the trainer's loss)."""
-  if config.loss.class_weighting == "none":
-    return None
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from affectjax import losses  # pylint: disable=g-import-not-at-top
-  p = epath.Path(config.data.dir) / "manifest.json"
-  counts = json.loads(p.read_text())["splits"]["train"]["class_counts"]
-  return np.asarray(losses.class_weights_from_counts(
-      counts, mode=config.loss.class_weighting), np.float32)
+  from affectjax import train  # pylint: disable=g-import-not-at-top
+  return train.class_weights(config)
 
 
 @dataclasses.dataclass
