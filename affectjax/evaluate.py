@@ -13,7 +13,7 @@ Writes ``W/eval/<checkpoint>-<split>[-flip][-7class]/``:
 
 Every example is evaluated exactly once, on every device (and every host
 under ``--distributed``), by the trainer's own evaluation code
-(``affectjax.evaluation``); process 0 writes the files.
+(``affectjax.scoring``); process 0 writes the files.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from affectjax import data
-from affectjax import evaluation
+from affectjax import scoring
 from affectjax import metrics as metrics_lib
 from affectjax import report
 from affectjax import workdir as workdir_lib
@@ -86,7 +86,7 @@ def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
 
   ``workdir_or_run`` is a workdir, or a ``workdir.Run`` already opened (then
   ``checkpoint`` and ``data_dir`` are the run's). Returns (result, output
-  directory); ``result`` is ``evaluation.evaluate``'s dict plus ``step``,
+  directory); ``result`` is ``scoring.evaluate``'s dict plus ``step``,
   ``checkpoint``, ``split``, ``tta``, ``ema``, ``data_dir``, and
   ``examples`` (the per-example arrays; not written to metrics.json).
   """
@@ -98,7 +98,7 @@ def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
   config = run.config
   num_classes = int(config.num_classes)
   classes = num_classes if classes is None else int(classes)
-  result = evaluation.evaluate(run.state, run.eval_fn(tta, use_ema), config,
+  result = scoring.evaluate(run.state, run.eval_fn(tta, use_ema), config,
                                run.mesh,
                                split=split, collect=True, classes=classes,
                                progress=None)
@@ -112,7 +112,7 @@ def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
   if write_files and jax.process_index() == 0:
     names = data.label_names(classes)
     report.write_text(out / "metrics.json", json.dumps(
-        metrics_lib.to_json_compatible(evaluation.metrics_subset(result)),
+        metrics_lib.to_json_compatible(scoring.metrics_subset(result)),
         indent=2) + "\n")
     paths = split_paths(config.data.dir, split, examples["index"])
     report.write_text(out / "predictions.csv",
@@ -134,7 +134,7 @@ def _define_flags() -> None:
                       "run's config.data.dir.")
   flags.DEFINE_string("split", "val", "Split to evaluate: val, holdout (when "
                       "data_prep made one) or train.")
-  flags.DEFINE_enum("tta", "none", evaluation.TTA_MODES,
+  flags.DEFINE_enum("tta", "none", scoring.TTA_MODES,
                     "flip: average the image and its mirror.")
   flags.DEFINE_enum("classes", None, ["8", "7"], "Default: the model's. 7 "
                     "scores an 8-class model on the 7-class protocol "

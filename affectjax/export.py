@@ -39,7 +39,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from affectjax import data
-from affectjax import evaluation
+from affectjax import scoring
 from affectjax import report
 from affectjax import workdir as workdir_lib
 
@@ -54,7 +54,7 @@ def serving_fn(graphdef, weights: dict, *, image_size: int, tta: str = "none"):
   host = jax.tree.map(np.asarray, jax.device_get(weights))
 
   def serve(images):
-    return evaluation.predict_images(graphdef, host, images,
+    return scoring.predict_images(graphdef, host, images,
                                      image_size=image_size, tta=tta)
   return serve
 
@@ -142,7 +142,7 @@ def _define_flags() -> None:
                       "Default: WORKDIR/export/<checkpoint>.")
   flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
                     "Platforms the artifact is lowered for.")
-  flags.DEFINE_enum("tta", "none", evaluation.TTA_MODES,
+  flags.DEFINE_enum("tta", "none", scoring.TTA_MODES,
                     "flip: bake mirror averaging into the artifact.")
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when present.")
 

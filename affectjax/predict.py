@@ -46,7 +46,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from affectjax import data
-from affectjax import evaluation
+from affectjax import scoring
 from affectjax import sharding
 from affectjax import workdir as workdir_lib
 from data_prep import images as image_lib
@@ -106,7 +106,7 @@ class Predictor:
     self.face_detector = face_detector
     self._weights = jax.device_put(weights, sharding.replicated(self.mesh))
     self._fn = jax.jit(
-        lambda w, x: evaluation.predict_images(graphdef, w, x,
+        lambda w, x: scoring.predict_images(graphdef, w, x,
                                                image_size=self.image_size,
                                                tta=tta),
         out_shardings=sharding.replicated(self.mesh))
@@ -217,7 +217,7 @@ class Predictor:
         good = [img for img, err in loaded if err is None]
         if good:
           logits, va = self.predict_arrays(np.stack(good))
-          probs = evaluation.softmax(logits)
+          probs = scoring.softmax(logits)
         k = 0
         for item, (_, err) in zip(batch, loaded):
           row = {"path": item.path,
@@ -364,7 +364,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("output", "predictions.csv", "Output file: .csv, or "
                       ".jsonl/.json for JSON lines.")
   flags.DEFINE_integer("batch_size", 64, "Images per device call.")
-  flags.DEFINE_enum("tta", "none", evaluation.TTA_MODES,
+  flags.DEFINE_enum("tta", "none", scoring.TTA_MODES,
                     "flip: average the image and its mirror.")
   flags.DEFINE_string("image_root", None, "Root of the image paths in a "
                       "boxes CSV (default: the CSV's folder).")

@@ -215,7 +215,7 @@ def confusion_matrix_image(cm, names: Sequence[str], *,
 
 def save_eval_plots(directory, result: dict, names: Sequence[str],
                     examples: dict | None = None) -> list[str]:
-  """The evaluation PNGs of ``result`` (``evaluation.evaluate``'s dict) in
+  """The evaluation PNGs of ``result`` (``scoring.evaluate``'s dict) in
   ``directory``; returns the file names written."""
   directory = epath.Path(directory)
   written = []
@@ -325,7 +325,7 @@ def confusion_matrix_html(cm, names: Sequence[str]) -> str:
 def build_report(workdir, config, examples: dict | None = None) -> str:
   """Writes the report PNGs and returns the report's HTML.
 
-  ``examples``: ``evaluation.evaluate(..., collect=True)["examples"]`` of the
+  ``examples``: ``scoring.evaluate(..., collect=True)["examples"]`` of the
   latest evaluation, for the circumplex; without it the report shows the
   circumplex of the latest ``affectjax.evaluate`` output, if any.
   """

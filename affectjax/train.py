@@ -26,10 +26,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -41,21 +39,19 @@ from jax.experimental import multihost_utils
 from affectjax import augment
 from affectjax import checkpoint as ckpt_lib
 from affectjax import data
-from affectjax import evaluation
 from affectjax import input_pipeline
 from affectjax import losses
 from affectjax import metric_log
-from affectjax import models
 from affectjax import optim
 from affectjax import preemption
 from affectjax import progress
 from affectjax import report
+from affectjax import scoring
 from affectjax import sharding
+from affectjax import train_state
 from affectjax import workdir as workdir_lib
 
-State = dict[str, Any]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+State = train_state.State
 
 
 # --------------------------------------------------------------------------
@@ -98,125 +94,6 @@ def selection_split(config: ml_collections.ConfigDict, manifest: dict) -> str:
         f"the splits {sorted(manifest['splits'])}; prepare a holdout split "
         "with `./launch.sh prep ... --holdout_fraction=0.05` or use 'auto'.")
   return choice
-
-
-# --------------------------------------------------------------------------
-# Model and state.
-# --------------------------------------------------------------------------
-def compute_dtype(config) -> jnp.dtype:
-  """``config.model.dtype``, with 'auto' = bfloat16 on GPU/TPU, float32 on CPU."""
-  name = config.model.dtype
-  if name == "auto":
-    name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  if name not in _DTYPES:
-    raise ValueError(f"--config.model.dtype={config.model.dtype!r}: use "
-                     f"'auto' or one of {sorted(_DTYPES)}.")
-  return _DTYPES[name]
-
-
-def _check_dtype(config) -> None:
-  compute_dtype(config)
-  if config.model.init not in ("scratch", "imagenet"):
-    raise ValueError(f"--config.model.init={config.model.init!r}: use "
-                     "'scratch' or 'imagenet'.")
-
-
-def _build_model(config: ml_collections.ConfigDict) -> nnx.Module:
-  """``config.model.name`` with its random initialization (no weight file)."""
-  return models.create(
-      config.model.name, rngs=nnx.Rngs(config.seed),
-      num_classes=config.num_classes, dtype=compute_dtype(config),
-      **dict(config.model.kwargs))
-
-
-def create_model(config: ml_collections.ConfigDict) -> nnx.Module:
-  """Builds ``config.model.name`` eagerly and applies ``config.model.init``."""
-  _check_dtype(config)
-  model = _build_model(config)
-  if config.model.init == "imagenet":
-    _load_imagenet(model, config)
-  return model
-
-
-def _load_imagenet(model: nnx.Module, config) -> None:
-  path = models.imagenet_weights_path(config.model.name,
-                                      config.model.weights_dir)
-  models.load_imagenet_weights(model, path)
-  logging.info("Loaded ImageNet weights from %s", path)
-
-
-def _train_state(config, tx, params, rest) -> State:
-  """The train state around model weights (step 0, fresh optimizer, EMA copy)."""
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-           "opt_state": tx.init(params)}
-  if config.ema_decay > 0:
-    state["ema"] = {"params": params, "rest": rest}
-  return state
-
-
-def abstract_state(config: ml_collections.ConfigDict, mesh
-                   ) -> tuple[nnx.GraphDef, State, optax.GradientTransformation]:
-  """(graphdef, abstract train state with replicated shardings, optimizer).
-
-  Nothing is allocated: this is what checkpoints are restored onto.
-  """
-  _check_dtype(config)
-  graphdef, params, rest = nnx.split(
-      nnx.eval_shape(lambda: _build_model(config)), nnx.Param, ...)
-  tx = optim.create(config, params)
-  repl = sharding.replicated(mesh)
-  shapes = jax.eval_shape(functools.partial(_train_state, config, tx),
-                          params, rest)
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
-  return graphdef, abstract, tx
-
-
-def init_state(config: ml_collections.ConfigDict, mesh
-               ) -> tuple[nnx.GraphDef, State, optax.GradientTransformation]:
-  """Creates the replicated train state on ``mesh`` with jitted inits.
-
-  The random initialization runs compiled, with ``out_shardings``
-  replicated (not hundreds of eager ops and per-array transfers). With
-  ``config.model.init='imagenet'`` the converted host arrays replace the
-  backbone's and are placed once, before the optimizer state is built.
-  """
-  _check_dtype(config)
-  repl = sharding.replicated(mesh)
-
-  @functools.partial(jax.jit, out_shardings=repl)
-  def init_weights():
-    return nnx.split(_build_model(config), nnx.Param, ...)[1:]
-
-  graphdef = nnx.split(nnx.eval_shape(lambda: _build_model(config)),
-                       nnx.Param, ...)[0]
-  params, rest = init_weights()
-  tx = optim.create(config, params)
-  if config.model.init == "imagenet":
-    from affectjax.models import imagenet  # pylint: disable=g-import-not-at-top
-    path = models.imagenet_weights_path(config.model.name,
-                                        config.model.weights_dir)
-    arrays = imagenet.load_arrays(nnx.eval_shape(lambda: _build_model(config)),
-                                  path)
-    params, rest = jax.device_put(
-        imagenet.merge_arrays((params, rest), arrays), repl)
-    logging.info("Loaded ImageNet weights from %s", path)
-  state = jax.jit(functools.partial(_train_state, config, tx),
-                  out_shardings=repl)(params, rest)
-  return graphdef, state, tx
-
-
-def class_weights(config, manifest: dict | None = None) -> np.ndarray | None:
-  """CE class weights from the prepared data's training histogram, per
-  ``config.loss.class_weighting`` (None when off). Evaluation reuses it so its
-  loss is the trainer's."""
-  if config.loss.class_weighting == "none":
-    return None
-  if manifest is None:
-    manifest = data.read_manifest(config.data.dir)
-  counts = manifest["splits"]["train"]["class_counts"]
-  return np.asarray(losses.class_weights_from_counts(
-      counts, mode=config.loss.class_weighting), np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -270,7 +147,7 @@ def make_steps(graphdef, tx, config, mesh, class_weights=None):
                         class_weights=class_weights),
       static_argnames=("train_backbone",), donate_argnums=0,
       out_shardings=(repl, repl))
-  return train, evaluation.make_eval_step(graphdef, config, mesh, class_weights)
+  return train, scoring.make_eval_step(graphdef, config, mesh, class_weights)
 
 
 # --------------------------------------------------------------------------
@@ -315,9 +192,9 @@ def _agreed_step(step: int | None) -> int | None:
 def _write_config(config, workdir: epath.Path) -> None:
   if jax.process_index() != 0:
     return
-  tmp = workdir / "config.json.tmp"
+  tmp = workdir / (workdir_lib.CONFIG_NAME + ".tmp")
   tmp.write_text(config.to_json_best_effort(indent=2))
-  tmp.replace(workdir / "config.json")
+  tmp.replace(workdir / workdir_lib.CONFIG_NAME)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -345,9 +222,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                                        flag="config.batch_size")
 
   # Model, optimizer, steps.
-  graphdef, state, tx = init_state(config, mesh)
+  graphdef, state, tx = train_state.init_state(config, mesh)
   train_fn, eval_fn = make_steps(graphdef, tx, config, mesh,
-                                  class_weights(config, manifest))
+                                  train_state.class_weights(config, manifest))
 
   with contextlib.ExitStack() as cleanup:
     # Closed in reverse order whatever happens (an exception, a signal): the
@@ -357,11 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         config, local_batch_size=local_bs, process_index=jax.process_index(),
         process_count=jax.process_count())), mesh)
     cleanup.callback(train_iter.close)
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
-                                 every_steps=config.checkpoint_every_steps,
-                                 keep=config.keep_checkpoints,
-                                 best_metric=config.checkpoint.best_metric,
-                                 best_mode=config.checkpoint.best_mode)
+    ckpt = workdir_lib.checkpointer(workdir, config)
     cleanup.callback(ckpt.close)
 
     # Resume (every process restores the same step).
@@ -380,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       """Evaluates the selection split (and val): {split: metrics record}."""
       records = {}
       for split in dict.fromkeys((select_split, "val")):
-        result = evaluation.evaluate(state, eval_fn, config, mesh, split=split,
+        result = scoring.evaluate(state, eval_fn, config, mesh, split=split,
                                      collect=split == "val")
         examples = result.pop("examples", None)
         records[split] = log.write(split, step, **result)
@@ -447,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
     if last_eval is None:  # Already finished before this run: evaluate only.
       last_eval = {"split": "val", "step": step,
-                   **evaluation.evaluate(state, eval_fn, config, mesh)}
+                   **scoring.evaluate(state, eval_fn, config, mesh)}
       if not log.has("val", step):
         log.write("val", step, **{k: v for k, v in last_eval.items()
                                   if k not in ("split", "step")})

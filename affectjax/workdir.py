@@ -1,11 +1,12 @@
 """One way to open a run: config, model and a chosen checkpoint from a workdir.
 
-Everything that starts from a workdir (evaluate, predict, export, report)
-goes through ``open_run``: it reads ``W/config.json`` (the trainer writes it),
-builds the abstract train state the trainer would build (shapes, dtypes,
-replicated shardings; no ImageNet download, no real initialization), and
-restores the chosen checkpoint onto it with the same ``Checkpointer`` the
-trainer saves with.
+The tools that start from a trained workdir (evaluate, predict, export) go
+through ``open_run``: it reads ``W/config.json`` (the trainer writes it),
+builds the abstract train state the trainer builds (``train_state``: shapes,
+dtypes, replicated shardings; no ImageNet download, no real initialization),
+and restores the chosen checkpoint onto it. The trainer and the tools name
+the workdir's files through the constants here and save and restore with
+the same ``checkpointer``.
 
 Checkpoint choice (``--checkpoint``): ``best`` (the best step by
 ``config.checkpoint.best_metric``; falls back to ``latest``, with a warning,
@@ -19,7 +20,6 @@ import dataclasses
 import json
 import os
 import urllib.parse
-from typing import Any
 
 import jax
 import ml_collections
@@ -30,6 +30,7 @@ from flax import nnx
 from affectjax import checkpoint as ckpt_lib
 from affectjax import config_base
 from affectjax import sharding
+from affectjax import train_state
 
 CONFIG_NAME = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -84,7 +85,7 @@ def checkpointer(workdir, config) -> ckpt_lib.Checkpointer:
   """The trainer's Checkpointer over ``W/checkpoints`` (same keep/best options)."""
   return ckpt_lib.Checkpointer(
       path(workdir) / CHECKPOINTS, every_steps=config.checkpoint_every_steps,
-      keep=max(1, int(config.keep_checkpoints)),
+      keep=int(config.keep_checkpoints),
       best_metric=config.checkpoint.best_metric or None,
       best_mode=config.checkpoint.best_mode)
 
@@ -118,18 +119,6 @@ def resolve_step(ckpt: ckpt_lib.Checkpointer, which: str | int) -> tuple[int, st
   return step, str(step)
 
 
-def abstract_state(config, mesh) -> tuple[nnx.GraphDef, dict, Any]:
-  """(graphdef, abstract train state, tx): the trainer's, to restore onto."""
-  from affectjax import train  # pylint: disable=g-import-not-at-top
-  return train.abstract_state(config, mesh)
-
-
-def class_weights(config):
-  """The training loss's class weights (so evaluation reports the trainer's loss)."""
-  from affectjax import train  # pylint: disable=g-import-not-at-top
-  return train.class_weights(config)
-
-
 @dataclasses.dataclass
 class Run:
   """An opened run: config, model graph, restored state and where it came from."""
@@ -144,18 +133,19 @@ class Run:
 
   def eval_fn(self, tta: str = "none", use_ema: bool = True):
     """The jitted eval step for this run (compiled once per (tta, use_ema))."""
-    from affectjax import evaluation  # pylint: disable=g-import-not-at-top
+    from affectjax import scoring  # pylint: disable=g-import-not-at-top
     key = (tta, use_ema)
     if key not in self._eval_fns:
-      self._eval_fns[key] = evaluation.make_eval_step(
-          self.graphdef, self.config, self.mesh, class_weights(self.config),
+      self._eval_fns[key] = scoring.make_eval_step(
+          self.graphdef, self.config, self.mesh,
+          train_state.class_weights(self.config),
           tta=tta, use_ema=use_ema)
     return self._eval_fns[key]
 
   def weights(self, use_ema: bool = True) -> dict:
     """``{"params", "rest"}``: the EMA weights by default when present."""
-    from affectjax import evaluation  # pylint: disable=g-import-not-at-top
-    return evaluation.eval_weights(self.state, use_ema)
+    from affectjax import scoring  # pylint: disable=g-import-not-at-top
+    return scoring.eval_weights(self.state, use_ema)
 
   def model(self, use_ema: bool = True) -> nnx.Module:
     w = self.weights(use_ema)
@@ -172,7 +162,7 @@ def open_run(workdir, *, checkpoint: str | int = "best", data_dir: str | None = 
   ckpt = checkpointer(workdir, config)
   try:
     step, label = resolve_step(ckpt, checkpoint)
-    graphdef, abstract, _ = abstract_state(config, mesh)
+    graphdef, abstract, _ = train_state.abstract_state(config, mesh)
     state = ckpt.restore(step, abstract)
   finally:
     ckpt.close()

@@ -107,10 +107,10 @@ def _time_steps(train_fn, state, next_batch, steps):
 
 
 def bench_one(name: str, size: int, dtype: str) -> list[dict]:
-  from affectjax import input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
+  from affectjax import input_pipeline, sharding, train, train_state  # pylint: disable=g-import-not-at-top
   config = _config(name, size, dtype)
   mesh = sharding.make_mesh()
-  graphdef, state, tx = train.init_state(config, mesh)
+  graphdef, state, tx = train_state.init_state(config, mesh)
   train_fn, _ = train.make_steps(graphdef, tx, config, mesh)
   b, s = config.batch_size, config.image_size
   rng = np.random.default_rng(0)

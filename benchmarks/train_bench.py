@@ -55,7 +55,7 @@ def step_affectjax(args, use_nnx_jit=False):
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from affectjax import losses, sharding, train  # pylint: disable=g-import-not-at-top
+  from affectjax import losses, sharding, train, train_state  # pylint: disable=g-import-not-at-top
   from configs import custom_cnn  # pylint: disable=g-import-not-at-top
   c = custom_cnn.get_config()
   c.model.kwargs.widths = WIDTHS
@@ -67,7 +67,7 @@ def step_affectjax(args, use_nnx_jit=False):
   batch = sharding.shard_batch({"image": images, "expression": labels,
                                 "valence": va[:, 0], "arousal": va[:, 1]}, mesh)
   if not use_nnx_jit:
-    graphdef, state, tx = train.init_state(c, mesh)
+    graphdef, state, tx = train_state.init_state(c, mesh)
     train_fn, _ = train.make_steps(graphdef, tx, c, mesh)
 
     def run(n):
@@ -76,7 +76,7 @@ def step_affectjax(args, use_nnx_jit=False):
         state, m = train_fn(state, batch, train_backbone=True)
       jax.block_until_ready(m["loss"])
   else:
-    model = train.create_model(c)
+    model = train_state.build_model(c)
     opt = nnx.Optimizer(model, optax.adamw(c.optimizer.learning_rate),
                         wrt=nnx.Param)
 

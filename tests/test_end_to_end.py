@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from affectjax import checkpoint as ckpt_lib
-from affectjax import sharding, train
+from affectjax import sharding, train, train_state
 from configs import custom_cnn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def _config(data_dir, total_steps):
 
 def _final_state(config, workdir):
   mesh = sharding.make_mesh()
-  _, state, _ = train.init_state(config, mesh)
+  _, state, _ = train_state.init_state(config, mesh)
   c = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                             every_steps=1, keep=1)
   restored = c.restore(c.latest_step(), ckpt_lib.abstract_like(state))

@@ -1,4 +1,4 @@
-"""`affectjax.evaluate` and `affectjax.evaluation` on a real tiny trained run."""
+"""`affectjax.evaluate` and `affectjax.scoring` on a real tiny trained run."""
 import csv
 import json
 
@@ -9,7 +9,7 @@ from PIL import Image
 
 from affectjax import data
 from affectjax import evaluate as evaluate_lib
-from affectjax import evaluation
+from affectjax import scoring
 from affectjax import metrics as metrics_lib
 from affectjax import workdir as workdir_lib
 from tests import use_fixtures
@@ -65,7 +65,7 @@ def test_evaluate_writes_files_equal_to_trainer_eval(run_dir, run):
 
 
 def _examples(run, tta="none", classes=None):
-  return evaluation.evaluate(run.state, run.eval_fn(tta), run.config, run.mesh,
+  return scoring.evaluate(run.state, run.eval_fn(tta), run.config, run.mesh,
                              collect=True, classes=classes)
 
 
@@ -93,7 +93,7 @@ def test_flip_tta_equals_mean_of_two_explicit_passes(run):
   graphdef, w = run.graphdef, run.weights()
   src = data.source(run.config.data.dir, "val")
   images = np.stack([src[i]["image"] for i in range(52)])
-  fwd = jax.jit(lambda x: evaluation.predict_images(
+  fwd = jax.jit(lambda x: scoring.predict_images(
       graphdef, w, x, image_size=run.config.image_size))
   l1, va1 = fwd(images)
   l2, va2 = fwd(images[:, :, ::-1])
@@ -110,7 +110,7 @@ def test_bad_checkpoint_and_classes_name_the_flag(run_dir, run):
   with pytest.raises(ValueError, match="--checkpoint='last'"):
     workdir_lib.open_run(run_dir, checkpoint="last")
   with pytest.raises(ValueError, match="--classes=6"):
-    evaluation.evaluate(run.state, run.eval_fn(), run.config, run.mesh,
+    scoring.evaluate(run.state, run.eval_fn(), run.config, run.mesh,
                         classes=6)
   with pytest.raises(FileNotFoundError, match="config.json"):
     workdir_lib.open_run(run_dir / "nope")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affectjax import evaluation
+from affectjax import scoring
 from affectjax import export
 from affectjax import workdir as workdir_lib
 from tests import use_fixtures
@@ -59,7 +59,7 @@ def test_exported_model_equals_jax_in_a_process_without_affectjax(
   assert set(info["platforms"]) == {"cpu", "cuda", "tpu"}
   got = np.load(tmp_path / "y.npz")
   run = workdir_lib.open_run(run_dir, checkpoint="latest")
-  logits, va = jax.jit(lambda x: evaluation.predict_images(
+  logits, va = jax.jit(lambda x: scoring.predict_images(
       run.graphdef, run.weights(), x, image_size=run.config.image_size))(x)
   np.testing.assert_allclose(got["logits"], logits, atol=1e-4, rtol=0)
   np.testing.assert_allclose(got["va"], va, atol=1e-4, rtol=0)

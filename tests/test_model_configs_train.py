@@ -18,6 +18,7 @@ import pytest
 from affectjax import checkpoint as ckpt_lib
 from affectjax import sharding
 from affectjax import train
+from affectjax import train_state
 from configs import efficientnet_b3
 from configs import vgg16
 
@@ -59,7 +60,7 @@ def test_full_configs_build_the_keras_architecture(config_module, name, size):
   assert config.model.name in imagenet.WEIGHT_FILES
   model = nnx.eval_shape(lambda: models.create(
       config.model.name, rngs=nnx.Rngs(0), num_classes=config.num_classes,
-      dtype=train.compute_dtype(config), **dict(config.model.kwargs)))
+      dtype=train_state.compute_dtype(config), **dict(config.model.kwargs)))
   n_backbone = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(
       nnx.state(model.backbone, nnx.Param)))
   # keras.applications' trainable parameter counts (include_top=False).
@@ -89,7 +90,7 @@ def test_recipe_tiny_variants_train_end_to_end(recipe, data_dir, tmp_path):
   for l in train_lines:  # What a user reads to find the bottleneck.
     assert 0.0 <= l["input_wait_share"] <= 1.0
     assert 0.0 <= l["accuracy"] <= 1.0 and l["learning_rate"] > 0
-  _, initial, _ = train.init_state(config, sharding.make_mesh())
+  _, initial, _ = train_state.init_state(config, sharding.make_mesh())
   final = _restore_final(config, str(tmp_path), jax.device_get(initial))
   initial = jax.device_get(initial)
   assert int(final["step"]) == config.total_steps

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from affectjax import data
-from affectjax import evaluation
+from affectjax import scoring
 from affectjax import predict
 from affectjax import workdir as workdir_lib
 from data_prep import images as image_lib
@@ -32,9 +32,9 @@ def predictor(run_dir):
 def _reference(run_dir, faces):
   """The model's own forward pass on exactly these pixels."""
   run = workdir_lib.open_run(run_dir, checkpoint="latest")
-  logits, va = jax.jit(lambda x: evaluation.predict_images(
+  logits, va = jax.jit(lambda x: scoring.predict_images(
       run.graphdef, run.weights(), x, image_size=run.config.image_size))(faces)
-  return evaluation.softmax(np.asarray(logits)), np.asarray(va)
+  return scoring.softmax(np.asarray(logits)), np.asarray(va)
 
 
 def test_directory_with_corrupt_file_reports_it_and_predicts_the_rest(

@@ -3,6 +3,7 @@ import pytest
 
 from affectjax import config_base
 from affectjax import train
+from affectjax import train_state
 
 
 def _config(**overrides):
@@ -45,10 +46,10 @@ def test_selection_split_prefers_holdout():
 
 def test_compute_dtype_auto_is_float32_on_cpu():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  assert train.compute_dtype(_config()) == jnp.float32
-  assert train.compute_dtype(_config(**{"model.dtype": "bfloat16"})) == jnp.bfloat16
+  assert train_state.compute_dtype(_config()) == jnp.float32
+  assert train_state.compute_dtype(_config(**{"model.dtype": "bfloat16"})) == jnp.bfloat16
   with pytest.raises(ValueError, match="config.model.dtype"):
-    train.compute_dtype(_config(**{"model.dtype": "float16"}))
+    train_state.compute_dtype(_config(**{"model.dtype": "float16"}))
 
 
 def test_early_stopping_counts_evaluations_and_resumes_from_the_log():

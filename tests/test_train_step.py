@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from affectjax import sharding, train
+from affectjax import sharding, train, train_state
 from configs import custom_cnn
 
 
@@ -30,7 +30,7 @@ def _batch(c, seed=0, n=16):
 def _run(devices, steps=3):
   c = _config()
   mesh = sharding.make_mesh(devices)
-  graphdef, state, tx = train.init_state(c, mesh)
+  graphdef, state, tx = train_state.init_state(c, mesh)
   train_fn, eval_fn = train.make_steps(graphdef, tx, c, mesh)
   losses = []
   for i in range(steps):
@@ -57,7 +57,7 @@ def test_one_and_eight_devices_agree():
 def test_steps_learn_a_fixed_batch_and_count_steps():
   c = _config()
   mesh = sharding.make_mesh()
-  graphdef, state, tx = train.init_state(c, mesh)
+  graphdef, state, tx = train_state.init_state(c, mesh)
   train_fn, _ = train.make_steps(graphdef, tx, c, mesh)
   batch = sharding.shard_batch(_batch(c), mesh)
   first = None
@@ -90,7 +90,7 @@ def test_imagenet_init_offline_says_which_file_to_put_where(tmp_path,
   c.model.weights_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError,
                      match="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"):
-    train.create_model(c)
+    train_state.init_state(c, sharding.make_mesh())
   c.model.init = "imagenet21k"
   with pytest.raises(ValueError, match="config.model.init"):
-    train.create_model(c)
+    train_state.init_state(c, sharding.make_mesh())
