@@ -33,6 +33,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from affectjax import data as affect_data
+from affectjax import face_crop
 from data_prep import labels
 
 LAYOUTS = ("official", "npy", "folders")
@@ -40,11 +41,9 @@ LAYOUTS = ("official", "npy", "folders")
 # `split_holdout`), never read from the input.
 SOURCE_SPLITS = ("train", "val")
 HOLDOUT = "holdout"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff",
-                    ".webp")
-OFFICIAL_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width",
-                    "face_height", "facial_landmarks", "expression", "valence",
-                    "arousal")
+# Shared with predict (one definition, in affectjax).
+IMAGE_EXTENSIONS = face_crop.IMAGE_EXTENSIONS
+OFFICIAL_COLUMNS = face_crop.OFFICIAL_COLUMNS
 _OFFICIAL_CSV = {"train": "training.csv", "val": "validation.csv"}
 _OFFICIAL_IMAGE_DIRS = ("Manually_Annotated_Images",
                         "Manually_Annotated/Manually_Annotated_Images")
