@@ -3,9 +3,10 @@ r"""Evaluate a checkpoint of a run: metrics, per-example predictions, plots.
   python -m affectjax.evaluate --workdir=runs/demo [--checkpoint=best|latest|STEP]
       [--data_dir=DIR] [--split=val] [--tta=none|flip] [--classes=8|7]
 
-Writes ``W/eval/<checkpoint>-<split>[-flip][-7class]/``:
+Writes ``W/eval/<checkpoint>-<split>[-flip][-Nclass][-on-<data dir name>]/``:
   metrics.json      every metric of the trainer's evaluation plus per-class
-                    precision, recall, F1 and support, and what was evaluated;
+                    precision, recall, F1 and support, the classes compared
+                    and the rows left out, and what was evaluated;
   predictions.csv   one row per example: path, true and predicted class, the
                     class probabilities, true and predicted valence/arousal;
   confusion_matrix.png, confusion_matrix_normalized.png, circumplex.png,
@@ -14,6 +15,14 @@ Writes ``W/eval/<checkpoint>-<split>[-flip][-7class]/``:
 Every example is evaluated exactly once, on every device (and every host
 under ``--distributed``), by the trainer's own evaluation code
 (``affectjax.scoring``); process 0 writes the files.
+
+``--data_dir`` may be another data set (cross-dataset evaluation): classes
+are matched by name (``scoring.match_classes``). Only the classes the model
+and the data share are scored; a class the data lacks loses its logit
+column before the argmax, rows of a class the model lacks are left out and
+counted, and the loss (the model's own quantity) is reported only when both
+have the same classes. ``--classes=7`` is the same mechanism restricted to
+AffectNet's 7 classes without Contempt.
 """
 from __future__ import annotations
 
@@ -35,14 +44,42 @@ from affectjax import workdir as workdir_lib
 
 
 def output_name(label: str, split: str, tta: str, classes: int,
-                num_classes: int) -> str:
-  """``<checkpoint>-<split>`` plus ``-flip`` / ``-7class`` when they apply."""
+                num_classes: int, other_data: str | None = None) -> str:
+  """``<checkpoint>-<split>`` plus ``-flip``, ``-<classes>class`` (fewer
+  classes compared than the model has) and ``-on-<name>`` (a data dir other
+  than the run's) when they apply."""
   name = f"{label}-{split}"
   if tta != "none":
     name += f"-{tta}"
   if classes != num_classes:
     name += f"-{classes}class"
+  if other_data:
+    name += f"-on-{other_data}"
   return name
+
+
+def class_line(result: dict) -> str:
+  """The summary line of a result: classes compared, rows left out."""
+  names = result["class_names"]
+  line = f"Classes compared: {len(names)} ({', '.join(names)})"
+  left = result.get("classes_left_out") or {}
+  for reason in dict.fromkeys(left.values()):
+    line += f"; {reason}: {', '.join(n for n, r in left.items() if r == reason)}"
+  by_class = result.get("rows_left_out_by_class") or {}
+  line += f". Rows left out: {result.get('rows_left_out', 0)}"
+  if by_class:
+    line += " (" + ", ".join(f"{n} {c}" for n, c in by_class.items()) + ")"
+  return line + "."
+
+
+def _other_data_name(run) -> str | None:
+  """The name of the data dir evaluated when it is not the one the run was
+  trained on (its config.json's), else None."""
+  evaluated = epath.Path(run.config.data.dir)
+  own = workdir_lib.load_config(run.workdir).data.dir
+  if own and str(evaluated) == str(epath.Path(own)):
+    return None
+  return evaluated.name or "data"
 
 
 def split_paths(data_dir: str, split: str, indices: np.ndarray) -> list[str]:
@@ -97,20 +134,21 @@ def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
                                data_dir=data_dir)
   config = run.config
   num_classes = int(config.num_classes)
-  classes = num_classes if classes is None else int(classes)
   result = scoring.evaluate(run.state, run.eval_fn(tta, use_ema), config,
-                               run.mesh,
-                               split=split, collect=True, classes=classes,
-                               progress=None)
+                            run.mesh, split=split, collect=True,
+                            classes=classes,
+                            model_classes=data.label_names(num_classes),
+                            progress=None)
   examples = result["examples"]
   result.update(step=run.step, checkpoint=run.label, split=split, tta=tta,
                 ema=bool(use_ema and "ema" in run.state),
                 data_dir=str(config.data.dir))
   out = epath.Path(output_dir) if output_dir else (
-      run.workdir / "eval" / output_name(run.label, split, tta, classes,
-                                         num_classes))
+      run.workdir / "eval" / output_name(
+          run.label, split, tta, result["num_classes"], num_classes,
+          _other_data_name(run)))
   if write_files and jax.process_index() == 0:
-    names = data.label_names(classes)
+    names = result["class_names"]
     report.write_text(out / "metrics.json", json.dumps(
         metrics_lib.to_json_compatible(scoring.metrics_subset(result)),
         indent=2) + "\n")
@@ -131,18 +169,19 @@ def _define_flags() -> None:
   flags.DEFINE_string("checkpoint", "best", "best (by "
                       "config.checkpoint.best_metric), latest, or a step.")
   flags.DEFINE_string("data_dir", None, "Prepared data dir; default: the "
-                      "run's config.data.dir.")
+                      "run's config.data.dir. Another data set is scored on "
+                      "the classes it shares with the model (by name).")
   flags.DEFINE_string("split", "val", "Split to evaluate: val, holdout (when "
                       "data_prep made one) or train.")
   flags.DEFINE_enum("tta", "none", scoring.TTA_MODES,
                     "flip: average the image and its mirror.")
-  flags.DEFINE_enum("classes", None, ["8", "7"], "Default: the model's. 7 "
-                    "scores an 8-class model on the 7-class protocol "
-                    "(Contempt logit and rows dropped).")
+  flags.DEFINE_enum("classes", None, ["8", "7"], "Default: every class the "
+                    "model and the data share. 7 scores an 8-class model on "
+                    "the 7-class protocol (Contempt logit and rows dropped).")
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the "
                     "checkpoint has them.")
   flags.DEFINE_string("output_dir", None, "Default: "
-                      "WORKDIR/eval/<checkpoint>-<split>[-flip][-7class].")
+                      "WORKDIR/eval/<checkpoint>-<split>[-flip][-Nclass][-on-<data>].")
   flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() "
                     "first (multi-host: every host runs the same command).")
 
@@ -161,6 +200,7 @@ def main(argv) -> None:
   if jax.process_index() == 0:
     from affectjax import summary  # pylint: disable=g-import-not-at-top
     print(summary.table(result), flush=True)
+    print(class_line(result), flush=True)
     print(f"Wrote {out}/ (metrics.json, predictions.csv, *.png)", flush=True)
 
 

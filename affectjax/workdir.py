@@ -1,8 +1,10 @@
-"""One way to open a run: config, model and a chosen checkpoint from a workdir.
+"""One way to open a run: config, contract, model and a chosen checkpoint.
 
 The tools that start from a trained workdir (evaluate, predict, export) go
-through ``open_run``: it reads ``W/config.json`` (the trainer writes it),
-builds the abstract train state the trainer builds (``train_state``: shapes,
+through ``open_run``: it reads ``W/config.json`` and the run's input/output
+contract ``W/run_contract.json`` (the trainer writes both at start; see
+``run_contract``: input size, crop margin, classes, class weights; the data
+dir is needed only to evaluate a split), builds the abstract train state the trainer builds (``train_state``: shapes,
 dtypes, replicated shardings; no ImageNet download, no real initialization),
 and restores the chosen checkpoint onto it. The trainer and the tools name
 the workdir's files through the constants here and save and restore with
@@ -29,6 +31,7 @@ from flax import nnx
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import config_base
+from affectjax import run_contract
 from affectjax import sharding
 from affectjax import train_state
 
@@ -121,9 +124,11 @@ def resolve_step(ckpt: ckpt_lib.Checkpointer, which: str | int) -> tuple[int, st
 
 @dataclasses.dataclass
 class Run:
-  """An opened run: config, model graph, restored state and where it came from."""
+  """An opened run: config, contract, model graph, restored state and where
+  it came from."""
   workdir: epath.Path
   config: ml_collections.ConfigDict
+  contract: run_contract.Contract
   graphdef: nnx.GraphDef
   state: dict
   step: int
@@ -132,15 +137,32 @@ class Run:
   _eval_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def eval_fn(self, tta: str = "none", use_ema: bool = True):
-    """The jitted eval step for this run (compiled once per (tta, use_ema))."""
+    """The jitted eval step for this run (compiled once per (tta, use_ema)).
+
+    Its loss uses the run's class weights (its own training data's), never
+    those of another ``--data_dir`` it is evaluated on.
+    """
     from affectjax import scoring  # pylint: disable=g-import-not-at-top
     key = (tta, use_ema)
     if key not in self._eval_fns:
       self._eval_fns[key] = scoring.make_eval_step(
-          self.graphdef, self.config, self.mesh,
-          train_state.class_weights(self.config),
+          self.graphdef, self.config, self.mesh, self.class_weights(),
           tta=tta, use_ema=use_ema)
     return self._eval_fns[key]
+
+  def class_weights(self):
+    """The loss's class weights the run trained with (None when off).
+
+    Only a run that predates its contract and whose data dir is gone lacks
+    them; its evaluation then weights by the data it evaluates, with a
+    warning.
+    """
+    weights = self.contract.class_weights_array()
+    if weights is None and self.contract.class_weighting != "none":
+      logging.warning("%s does not record its class weights; the loss uses "
+                      "weights from %s.", self.workdir, self.config.data.dir)
+      return train_state.class_weights(self.config)
+    return weights
 
   def weights(self, use_ema: bool = True) -> dict:
     """``{"params", "rest"}``: the EMA weights by default when present."""
@@ -154,8 +176,11 @@ class Run:
 
 def open_run(workdir, *, checkpoint: str | int = "best", data_dir: str | None = None,
              mesh=None) -> Run:
-  """Reads the config and restores ``checkpoint`` (replicated on ``mesh``)."""
+  """Reads the config and contract and restores ``checkpoint`` (replicated
+  on ``mesh``). ``data_dir`` replaces ``config.data.dir`` (the data to
+  evaluate); the contract stays the run's own."""
   config = load_config(workdir)
+  contract = run_contract.load(path(workdir), config)
   if data_dir:
     config.data.dir = str(data_dir)
   mesh = sharding.make_mesh() if mesh is None else mesh
@@ -167,5 +192,6 @@ def open_run(workdir, *, checkpoint: str | int = "best", data_dir: str | None = 
   finally:
     ckpt.close()
   logging.info("Opened %s at step %d (%s)", workdir, step, label)
-  return Run(workdir=path(workdir), config=config, graphdef=graphdef,
+  return Run(workdir=path(workdir), config=config, contract=contract,
+             graphdef=graphdef,
              state=state, step=step, label=label, mesh=mesh)
