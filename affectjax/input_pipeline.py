@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
+import mmap
 import os
 import sys
 import threading
@@ -48,8 +50,10 @@ import grain
 import numpy as np
 import simplejpeg
 from absl import flags
+from absl import logging
 
 from affectjax import data
+from affectjax import pixel_cache
 
 # The stored JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's fast DCT
 # scaling, SIMD in libjpeg-turbo) when that still covers config.image_size.
@@ -62,15 +66,16 @@ def _ensure_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def host_threads(config) -> int:
-  """Decode threads: `config.data.num_workers` if > 0, else 2 per usable core.
+def host_threads(config, *, cached: bool = False) -> int:
+  """Host threads: `config.data.num_workers` if > 0, else by the cores.
 
   The cores are those this process may run on (`os.sched_getaffinity`), not
   the machine's, so a trainer pinned by a scheduler or `taskset` sizes to
-  its share. Two threads per core, because a thread spends part of each
-  image holding the GIL (record parse, Python glue: about 1/6 of its time)
-  or in a read; meanwhile its twin decodes. Measured on the shared 2-core
-  VM: 2 threads 2,900 img/s, 4 threads 4,100, 8 threads 3,500 (112 px JPEG).
+  its share. Decoding gets two threads per core, because a thread spends
+  part of each image holding the GIL (the per-image Python) or in a page
+  fault; meanwhile its twin decodes. A cached split (`cached`) gets one per
+  core: its batches are one GIL-free gather each, bound by memory
+  bandwidth, and more threads only contend for it.
   """
   n = int(config.data.num_workers)
   if n > 0:
@@ -79,7 +84,7 @@ def host_threads(config) -> int:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:  # Not Linux.
     cores = os.cpu_count() or 1
-  return max(1, 2 * cores)
+  return max(1, cores if cached else 2 * cores)
 
 
 def host_image_size(config, manifest: dict[str, Any]) -> int:
@@ -239,13 +244,19 @@ class BalancedOrder:
     return out
 
 
-def train_order(config, src: data.AffectNetSource):
-  """The global training order `config.data.sampler` asks for."""
+def train_order(config, src: data.AffectNetSource,
+                labels: np.ndarray | None = None):
+  """The global training order `config.data.sampler` asks for.
+
+  `labels`: the split's expression labels if already known (the record
+  index holds them); else the balanced sampler reads them from the records.
+  """
   sampler = config.data.sampler
   if sampler == "shuffle":
     return ShuffleOrder(len(src), config.seed)
   if sampler == "balanced":
-    return BalancedOrder(src.labels(), config.seed,
+    return BalancedOrder(src.labels() if labels is None else labels,
+                         config.seed,
                          float(config.data.sampler_temperature),
                          int(config.num_classes))
   raise ValueError(f"--config.data.sampler={sampler!r}; use 'shuffle' or "
@@ -263,7 +274,14 @@ class _Decoder:
   size: int  # Side of the output rows (host_image_size).
   split: str
 
+  @functools.cached_property
+  def _jpeg_kwargs(self) -> dict[str, Any]:
+    scale = {} if self.size == self.stored_size else {
+        "min_height": self.size, "min_width": self.size}
+    return {"colorspace": "RGB", "fastdct": data.JPEG_FAST_DCT, **scale}
+
   def into(self, image, out: np.ndarray, index: int) -> None:
+    """Decodes `image` (bytes or a memoryview) into `out` (S, S, 3)."""
     if self.encoding == "raw":
       row = np.frombuffer(image, np.uint8)
       if row.size != out.size:
@@ -271,11 +289,8 @@ class _Decoder:
                                    f"{out.size}"))
       out.reshape(-1)[:] = row
       return
-    scale = {} if self.size == self.stored_size else {
-        "min_height": self.size, "min_width": self.size}
     try:
-      img = simplejpeg.decode_jpeg(image, colorspace="RGB", buffer=out,
-                                   fastdct=data.JPEG_FAST_DCT, **scale)
+      img = simplejpeg.decode_jpeg(image, buffer=out, **self._jpeg_kwargs)
     except ValueError as e:  # Corrupt, or larger than the batch row.
       raise ValueError(self._bad(index, f"an image that does not decode to "
                                  f"{out.shape} ({e})")) from e
@@ -291,37 +306,103 @@ class _Decoder:
             "with `python -m data_prep.affectnet`.")
 
 
-def _load_rows(src: data.AffectNetSource, decoder: _Decoder,
-               indices: np.ndarray, batch: int) -> dict[str, np.ndarray]:
-  """Reads and decodes `indices` into the first rows of a fresh batch."""
-  s = decoder.size
-  out = {"image": np.empty((batch, s, s, 3), np.uint8),
-         "expression": np.zeros((batch,), np.int32),
-         "valence": np.zeros((batch,), np.float32),
-         "arousal": np.zeros((batch,), np.float32)}
+def _empty_batch(batch: int, size: int) -> dict[str, np.ndarray]:
+  return {"image": np.empty((batch, size, size, 3), np.uint8),
+          "expression": np.zeros((batch,), np.int32),
+          "valence": np.zeros((batch,), np.float32),
+          "arousal": np.zeros((batch,), np.float32)}
+
+
+def _decode_records(src: data.AffectNetSource, decoder: _Decoder,
+                    indices: np.ndarray, out: dict[str, np.ndarray],
+                    rows: np.ndarray | None = None) -> None:
+  """Reads, parses and decodes records `indices` into rows `rows` (default
+  0..len-1) of the arrays in `out` (those of its keys that are present)."""
   records = src.read_records(indices)
-  image, expr = out["image"], out["expression"]
-  val, aro = out["valence"], out["arousal"]
-  for row, (index, rec) in enumerate(zip(indices.tolist(), records)):
+  rows = range(len(indices)) if rows is None else rows.tolist()
+  image = out["image"]
+  labels = [out.get(k) for k in ("expression", "valence", "arousal")]
+  for row, index, rec in zip(rows, indices.tolist(), records):
     try:
-      img, expr[row], val[row], aro[row] = data.parse_training_fields(rec)
+      img, *values = data.parse_training_fields(rec)
     except data.RecordError as e:
       raise data.RecordError(
           f"Record {index} of the {src.split!r} split ({src.paths}): {e}. "
           "Re-prepare the data with `python -m data_prep.affectnet`.") from e
+    for col, value in zip(labels, values):
+      if col is not None:
+        col[row] = value
     decoder.into(img, image[row], index)
-  if len(indices) < batch:
-    image[len(indices):] = 0
-  return out
+
+
+class _RecordRows:
+  """Batches straight from the ArrayRecords: read, parse, decode (no cache)."""
+
+  def __init__(self, src: data.AffectNetSource, decoder: _Decoder):
+    self._src, self._decoder = src, decoder
+
+  def load(self, indices: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    out = _empty_batch(batch, self._decoder.size)
+    _decode_records(self._src, self._decoder, indices, out)
+    out["image"][len(indices):] = 0
+    return out
+
+
+class _IndexedRows:
+  """The JPEG path over a record index (`pixel_cache.RecordIndex`).
+
+  Each image decodes straight from its bytes in the memory-mapped shard
+  file (a memoryview: no record read, no copy, no protobuf parse); labels
+  are gathered from the index. Images the index could not place (not
+  stored in one piece) are read as records.
+  """
+
+  def __init__(self, src: data.AffectNetSource, decoder: _Decoder,
+               index: pixel_cache.RecordIndex):
+    self._src, self._decoder, self._index = src, decoder, index
+    self._views = []
+    for path in src.paths:
+      if os.path.isfile(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+          self._views.append(memoryview(mmap.mmap(
+              f.fileno(), 0, access=mmap.ACCESS_READ)))
+      else:  # Not a local file: read its records.
+        self._views.append(None)
+    mapped = np.array([v is not None for v in self._views], bool)
+    self._offset = np.where(mapped[index.shard], index.offset, -1)
+
+  def fill(self, indices: np.ndarray, image: np.ndarray) -> None:
+    """Decodes the images at `indices` into `image[:len(indices)]`."""
+    ix = self._index
+    offset = self._offset[indices]
+    into, views = self._decoder.into, self._views
+    for row, (s, o, n, i) in enumerate(zip(
+        ix.shard[indices].tolist(), offset.tolist(),
+        ix.length[indices].tolist(), indices.tolist())):
+      if o >= 0:
+        into(views[s][o:o + n], image[row], i)
+    missing = np.flatnonzero(offset < 0)
+    if missing.size:
+      _decode_records(self._src, self._decoder, indices[missing],
+                      {"image": image}, rows=missing)
+
+  def load(self, indices: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    idx = np.asarray(indices, np.int64)
+    out = _empty_batch(batch, self._decoder.size)
+    self.fill(idx, out["image"])
+    out["image"][len(idx):] = 0
+    for name in ("expression", "valence", "arousal"):
+      out[name][:len(idx)] = getattr(self._index, name)[idx]
+    return out
 
 
 class _TrainBatches(grain.MapDataset):
   """Element k = this process's rows of global batch k (infinite)."""
 
-  def __init__(self, src, order, decoder, global_batch: int,
-               process_index: int, process_count: int):
+  def __init__(self, rows, order, global_batch: int, process_index: int,
+               process_count: int):
     super().__init__()
-    self._src, self._order, self._decoder = src, order, decoder
+    self._rows, self._order = rows, order
     self._global = global_batch
     self._local = global_batch // process_count
     self._offset = process_index * self._local
@@ -334,7 +415,7 @@ class _TrainBatches(grain.MapDataset):
       return self.slice(k)
     start = k * self._global + self._offset
     idx = self._order.indices(start, start + self._local)
-    return _load_rows(self._src, self._decoder, idx, self._local)
+    return self._rows.load(idx, self._local)
 
   def __str__(self) -> str:
     return f"_TrainBatches(local={self._local}, global={self._global})"
@@ -343,11 +424,11 @@ class _TrainBatches(grain.MapDataset):
 class _EvalBatches(grain.MapDataset):
   """Element k = this process's rows of padded global batch k of the split."""
 
-  def __init__(self, src, decoder, global_batch: int, process_index: int,
-               process_count: int):
+  def __init__(self, rows, num_examples: int, global_batch: int,
+               process_index: int, process_count: int):
     super().__init__()
-    self._src, self._decoder = src, decoder
-    self._n = len(src)
+    self._rows = rows
+    self._n = num_examples
     self._global = global_batch
     self._local = global_batch // process_count
     self._offset = process_index * self._local
@@ -361,7 +442,7 @@ class _EvalBatches(grain.MapDataset):
       return self.slice(k)
     g = k * self._global + self._offset + np.arange(self._local)
     real = g < self._n
-    out = _load_rows(self._src, self._decoder, g[real], self._local)
+    out = self._rows.load(g[real], self._local)
     out["mask"] = real.astype(np.float32)
     out["index"] = np.where(real, g, -1).astype(np.int32)
     return out
@@ -376,8 +457,44 @@ def _decoder(config, src: data.AffectNetSource) -> _Decoder:
                   size=host_image_size(config, manifest), split=src.split)
 
 
-def _threaded(ds: grain.MapDataset, config) -> grain.IterDataset:
-  threads = host_threads(config)
+# Batch loaders already opened by this process, by cache plan: evaluation
+# opens its split's loader once, not at every evaluation, and logs once.
+_LOADERS: dict[Any, tuple[Any, Any]] = {}
+_LOADERS_LOCK = threading.Lock()
+
+
+def _loader(config, src: data.AffectNetSource):
+  """(batch loader, record index or None) for `src` under `config.data.cache`.
+
+  The loader is a `pixel_cache.PixelCache` (gather from decoded pixels), an
+  `_IndexedRows` (decode from the memory-mapped shards) or a `_RecordRows`
+  (read, parse and decode records); all deliver identical batches.
+  """
+  decoder = _decoder(config, src)
+  plan = pixel_cache.plan(config, src, decoder.size)
+  key = (plan, os.path.abspath(os.fspath(config.data.dir)), decoder)
+  with _LOADERS_LOCK:
+    if key in _LOADERS:
+      return _LOADERS[key]
+    t = time.perf_counter()
+    if plan.directory is None:
+      loaded = _RecordRows(src, decoder), None
+    else:
+      threads = host_threads(config)
+      index = pixel_cache.record_index(plan, src, threads, config.data.dir)
+      rows = _IndexedRows(src, decoder, index)
+      if plan.pixels:
+        loaded = pixel_cache.pixels(plan, index, rows.fill, threads), index
+      else:
+        loaded = rows, index
+    logging.info(pixel_cache.describe(plan, time.perf_counter() - t))
+    _LOADERS[key] = loaded
+    return loaded
+
+
+def _threaded(ds: grain.MapDataset, config, rows) -> grain.IterDataset:
+  threads = host_threads(
+      config, cached=isinstance(rows, pixel_cache.PixelCache))
   buffer = max(int(config.data.prefetch_buffer_size), threads)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=buffer))
@@ -412,10 +529,12 @@ def train_dataset(config, *, local_batch_size: int, process_index: int = 0,
         f"The training split of {config.data.dir} has {len(src)} examples, "
         f"fewer than one global batch (--config.batch_size={global_batch}); "
         "lower the batch size or prepare more data.")
-  order = train_order(config, src) if order is None else order
-  ds = _TrainBatches(src, order, _decoder(config, src), global_batch,
-                     process_index, process_count)
-  return _threaded(ds, config)
+  rows, index = _loader(config, src)
+  if order is None:
+    order = train_order(config, src,
+                        labels=None if index is None else index.expression)
+  ds = _TrainBatches(rows, order, global_batch, process_index, process_count)
+  return _threaded(ds, config, rows)
 
 
 def eval_num_batches(num_examples: int, global_batch: int) -> int:
@@ -435,10 +554,10 @@ def eval_dataset(config, *, split: str = "val", local_batch_size: int,
   _ensure_flags_parsed()
   _check_split(process_index, process_count, local_batch_size)
   src = data.source(config.data.dir, split)
-  ds = _EvalBatches(src, _decoder(config, src),
-                    local_batch_size * process_count, process_index,
-                    process_count)
-  return _threaded(ds, config), len(src)
+  rows, _ = _loader(config, src)
+  ds = _EvalBatches(rows, len(src), local_batch_size * process_count,
+                    process_index, process_count)
+  return _threaded(ds, config, rows), len(src)
 
 
 def iterate(ds: grain.IterDataset) -> Iterator[dict]:
