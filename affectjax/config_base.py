@@ -33,6 +33,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # training and evaluation share the setting.
   c.data.num_workers = 0
   c.data.prefetch_buffer_size = 4  # Batches decoded ahead (at least one per thread).
+  # Decoded-image cache on this host's disk (affectjax/pixel_cache.py):
+  # 'auto' (under ~/.cache/affectjax/pixels when it fits with a margin) |
+  # 'none' (decode every epoch) | a directory (there, whatever the size).
+  c.data.cache = "auto"
   # 'shuffle' (uniform over the split) | 'balanced' (classes drawn by
   # frequency**temperature: 0 = even, 1 = as in the data).
   c.data.sampler = "shuffle"
