@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 
 import jax
@@ -37,9 +36,9 @@ from absl import app, flags, logging
 from etils import epath
 
 from affectjax import data
-from affectjax import scoring
-from affectjax import metrics as metrics_lib
+from affectjax import fileio
 from affectjax import report
+from affectjax import scoring
 from affectjax import workdir as workdir_lib
 
 
@@ -149,11 +148,9 @@ def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
           _other_data_name(run)))
   if write_files and jax.process_index() == 0:
     names = result["class_names"]
-    report.write_text(out / "metrics.json", json.dumps(
-        metrics_lib.to_json_compatible(scoring.metrics_subset(result)),
-        indent=2) + "\n")
+    fileio.write_json(out / "metrics.json", scoring.metrics_subset(result))
     paths = split_paths(config.data.dir, split, examples["index"])
-    report.write_text(out / "predictions.csv",
+    fileio.write_text(out / "predictions.csv",
                       predictions_csv(paths, examples, names))
     report.save_eval_plots(out, result, names, examples)
     logging.info("Wrote %s", out)

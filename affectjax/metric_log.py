@@ -7,7 +7,13 @@ replayed), so the file holds each step once; TensorBoard gets the same
 ``purge_step``.
 Train lines carry ``"split": "train"``, ``step`` and ``loss``; evaluation
 lines carry ``"split": "val"``, ``step``, ``loss`` and the evaluation metrics.
-NaN/inf values are written as ``null`` so every line stays strict JSON.
+Values go through ``fileio.to_json_compatible`` (NaN/inf are written as
+``null``), so every line stays strict JSON.
+
+``read(workdir)`` is the one reader of the file (the trainer's resume, early
+stopping and the run report use it). A last line that does not parse is a
+write in progress, or one cut short by a killed run: it is skipped, and a
+resumed run drops it from the file.
 
 Every scalar is also written to ``WORKDIR/tensorboard`` as ``<split>/<name>``
 (``tensorboard --logdir WORKDIR``). Only process 0 writes either.
@@ -15,7 +21,6 @@ Every scalar is also written to ``WORKDIR/tensorboard`` as ``<split>/<name>``
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import jax
@@ -23,20 +28,32 @@ import numpy as np
 import tensorboardX
 from etils import epath
 
+from affectjax import fileio
 
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, dict):
-    return {k: _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, (np.ndarray, jax.Array)):
-    return _jsonable(np.asarray(value).tolist())
-  if isinstance(value, (np.integer,)):
-    return int(value)
-  if isinstance(value, (float, np.floating)):
-    value = float(value)
-    return value if math.isfinite(value) else None
-  return value
+FILE_NAME = "metrics.jsonl"
+
+
+def _parse(path: epath.Path) -> tuple[list[dict], bool]:
+  """(records, whether a torn last line was skipped)."""
+  if not path.exists():
+    return [], False
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:
+        return records, True
+      raise ValueError(f"{path} line {i + 1} is not JSON ({e}); only the last "
+                       "line can be cut short by a killed run. Remove or "
+                       "repair that line.") from None
+  return records, False
+
+
+def read(workdir) -> list[dict]:
+  """The records of ``workdir/metrics.jsonl`` in file order ([] if none)."""
+  return _parse(epath.Path(workdir) / FILE_NAME)[0]
 
 
 class MetricLog:
@@ -45,12 +62,12 @@ class MetricLog:
   Args:
     workdir: the run directory.
     resume_step: the step this run starts from; lines of later steps are
-      dropped (rewritten through a temporary file and a rename).
+      dropped (the file is rewritten through ``fileio.write_text``).
   """
 
   def __init__(self, workdir, *, resume_step: int | None = None):
     workdir = epath.Path(workdir)
-    self.path = workdir / "metrics.jsonl"
+    self.path = workdir / FILE_NAME
     self._enabled = jax.process_index() == 0
     self._tb = None
     if self._enabled:
@@ -61,20 +78,18 @@ class MetricLog:
           purge_step=None if not resume_step else int(resume_step) + 1)
 
   def _truncate_after(self, step: int) -> None:
-    records = self.read()
+    records, torn = _parse(self.path)
     keep = [r for r in records if int(r["step"]) <= step]
-    if len(keep) == len(records):
+    if len(keep) == len(records) and not torn:
       return
-    tmp = self.path.parent / (self.path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n"
-                           for r in keep))
-    tmp.replace(self.path)
+    fileio.write_text(self.path, "".join(fileio.dumps(r) + "\n" for r in keep))
 
   def write(self, split: str, step: int, **values: Any) -> dict:
-    record = {"split": split, "step": int(step), **_jsonable(values)}
+    record = {"split": split, "step": int(step),
+              **fileio.to_json_compatible(values)}
     if self._enabled:
       with self.path.open("a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.write(fileio.dumps(record) + "\n")
       for name, value in record.items():
         if isinstance(value, float) and name != "step":
           self._tb.add_scalar(f"{split}/{name}", value, int(step))
@@ -92,10 +107,7 @@ class MetricLog:
       self._tb.close()
 
   def read(self) -> list[dict]:
-    if not self.path.exists():
-      return []
-    return [json.loads(line) for line in self.path.read_text().splitlines()
-            if line.strip()]
+    return read(self.path.parent)
 
   def has(self, split: str, step: int) -> bool:
     return any(r["split"] == split and r["step"] == step for r in self.read())

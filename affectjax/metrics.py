@@ -27,7 +27,8 @@ Conventions (the ones a reader could otherwise guess wrong):
   * SAGR = mean(np.sign(target) == np.sign(pred)): 0 is its own sign, so a 0
     target agrees only with a 0 prediction (as in the AffectNet papers).
   * NaN is a float: `json.dumps` would write the non-standard token `NaN`.
-    Pass the result through `to_json_compatible` (NaN/inf -> None) first.
+    Write results through `affectjax.fileio` (its `to_json_compatible` turns
+    NaN/inf into None).
 """
 from __future__ import annotations
 
@@ -203,19 +204,6 @@ def evaluate(*, expression, logits_or_pred, valence, arousal, va_pred,
       out[f"{name}_{key}"] = reg[key]
     out[f"{name}_count"] = reg["count"]
   return out
-
-
-def to_json_compatible(value):
-  """Copy of `value` with non-finite floats replaced by None (JSON null)."""
-  if isinstance(value, dict):
-    return {k: to_json_compatible(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [to_json_compatible(v) for v in value]
-  if isinstance(value, (float, np.floating)):
-    return float(value) if math.isfinite(value) else None
-  if isinstance(value, np.integer):
-    return int(value)
-  return value
 
 
 class EvalAccumulator:

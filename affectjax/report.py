@@ -7,13 +7,18 @@ Figures (matplotlib, Agg backend: no display needed), each also saved as PNG:
   * per-class F1 bars (with the support under each class name);
   * learning curves from ``W/metrics.jsonl``.
 
-``refresh(workdir, config, examples=None)`` rewrites ``W/report.html`` (+
-PNGs in ``W/report/``) at each evaluation: learning curves (loss, accuracy,
-macro-F1, CCC against step), the latest confusion matrix (an HTML table: no
-plotting cost) and circumplex, the config,
+``refresh(workdir, config, examples, manifest=..., selection_split=...)``
+rewrites ``W/report.html`` (+ PNGs in ``W/report/``) at each evaluation:
+learning curves (loss, accuracy, macro-F1, CCC against step), the latest
+confusion matrix (an HTML table: no plotting cost) and circumplex, the config,
 the dataset manifest summary, the best checkpoint and the software versions.
-It never raises into the training loop: a plotting or I/O problem is logged
-as a warning and the previous report stays.
+The trainer passes what it already holds (its config, the manifest it read at
+start, the split it selects checkpoints on); called on a workdir alone, the
+report opens it the way the tools do (``workdir.load_config``). It never
+raises into the training loop: a plotting or I/O problem is logged as a
+warning and the previous report stays. Files are written through
+``affectjax.fileio`` (temporary name, then rename); ``metrics.jsonl`` is read
+through ``metric_log.read``.
 
 ``confusion_matrix_image(cm, names)`` renders the matrix to a uint8 (H, W, 3)
 array for TensorBoard (``SummaryWriter.add_image(..., dataformats="HWC")``).
@@ -38,32 +43,25 @@ from absl import logging  # noqa: E402
 from etils import epath  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from affectjax import checkpoint as ckpt_lib  # noqa: E402
+from affectjax import data  # noqa: E402
+from affectjax import fileio  # noqa: E402
+from affectjax import metric_log  # noqa: E402
+from affectjax import workdir as workdir_lib  # noqa: E402
+
 DPI = 80
 _MAX_SCATTER = 3000  # Points drawn in a scatter (a deterministic subsample).
 
 
 # --------------------------------------------------------------------------
-# Files.
+# Figures to files and arrays.
 # --------------------------------------------------------------------------
-def write_bytes(path, data: bytes) -> None:
-  """Writes under a temporary name, then renames (readers never see half a file)."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(data)
-  tmp.replace(path)
-
-
-def write_text(path, text: str) -> None:
-  write_bytes(path, text.encode("utf-8"))
-
-
 def save_png(fig: Figure, path) -> None:
   """Saves ``fig`` as a PNG at ``path`` (any epath) and closes it."""
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=DPI)
   plt.close(fig)
-  write_bytes(path, buf.getvalue())
+  fileio.write_bytes(path, buf.getvalue())
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
@@ -240,21 +238,6 @@ def save_eval_plots(directory, result: dict, names: Sequence[str],
 # --------------------------------------------------------------------------
 # The run report.
 # --------------------------------------------------------------------------
-def read_metrics(workdir) -> list[dict]:
-  """``W/metrics.jsonl`` records; a torn last line (being written) is skipped."""
-  p = epath.Path(workdir) / "metrics.jsonl"
-  if not p.exists():
-    return []
-  out = []
-  for line in p.read_text().splitlines():
-    if line.strip():
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return out
-
-
 def software_versions() -> dict[str, str]:
   """Versions of Python and the libraries a run depends on."""
   from importlib import metadata  # pylint: disable=g-import-not-at-top
@@ -269,11 +252,18 @@ def software_versions() -> dict[str, str]:
   return out
 
 
-def _manifest_summary(data_dir: str) -> dict[str, Any] | None:
-  p = epath.Path(data_dir) / "manifest.json"
-  if not data_dir or not p.exists():
+def _read_manifest(data_dir: str) -> dict[str, Any] | None:
+  """The data dir's manifest when the caller has none at hand (None if gone:
+  a copied run need not carry its data)."""
+  if not data_dir:
     return None
-  m = json.loads(p.read_text())
+  try:
+    return data.read_manifest(data_dir)
+  except FileNotFoundError:
+    return None
+
+
+def _manifest_summary(data_dir: str, m: dict[str, Any]) -> dict[str, Any]:
   splits = {}
   for name, info in (m.get("splits") or {}).items():
     splits[name] = {k: info.get(k) for k in ("num_examples", "class_counts",
@@ -298,11 +288,6 @@ def _fmt(v) -> str:
   return str(v)
 
 
-def _class_names(config) -> tuple[str, ...]:
-  from affectjax import data  # pylint: disable=g-import-not-at-top
-  return data.label_names(int(config.num_classes))
-
-
 def confusion_matrix_html(cm, names: Sequence[str]) -> str:
   """The confusion matrix as an HTML table: counts, shaded by row share."""
   cm = np.asarray(cm, np.int64)
@@ -322,16 +307,27 @@ def confusion_matrix_html(cm, names: Sequence[str]) -> str:
           f"<th>support</th></tr>{''.join(body)}</table>")
 
 
-def build_report(workdir, config, examples: dict | None = None) -> str:
+def build_report(workdir, config, examples: dict | None = None, *,
+                 manifest: dict | None = None,
+                 selection_split: str | None = None) -> str:
   """Writes the report PNGs and returns the report's HTML.
 
-  ``examples``: ``scoring.evaluate(..., collect=True)["examples"]`` of the
-  latest evaluation, for the circumplex; without it the report shows the
-  circumplex of the latest ``affectjax.evaluate`` output, if any.
+  Args:
+    workdir: the run directory.
+    config: the run's config.
+    examples: ``scoring.evaluate(..., collect=True)["examples"]`` of the
+      latest evaluation, for the circumplex; without it the report shows the
+      circumplex of the latest ``affectjax.evaluate`` output, if any.
+    manifest: the prepared data's manifest (None: read from
+      ``config.data.dir`` if it is still there).
+    selection_split: the split the trainer ranks checkpoints on
+      (``train.selection_split``), shown beside the best checkpoint.
   """
-  workdir = epath.Path(workdir)
+  workdir = workdir_lib.path(workdir)
   out = workdir / "report"
-  records = read_metrics(workdir)
+  if manifest is None:
+    manifest = _read_manifest(str(config.data.dir))
+  records = metric_log.read(workdir)
   evals = [r for r in records if r.get("split") not in (None, "train")]
   parts = [f"<h1>affectjax run report</h1><p>{html.escape(str(workdir))} "
            f"&middot; updated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC</p>"]
@@ -341,7 +337,7 @@ def build_report(workdir, config, examples: dict | None = None) -> str:
                  "<img src='report/learning_curves.png'>")
   if evals:
     last = evals[-1]
-    names = _class_names(config)
+    names = data.label_names(int(config.num_classes))
     parts.append(f"<h2>Latest evaluation: {html.escape(str(last['split']))} "
                  f"at step {last['step']}</h2>")
     keys = ("num_examples", "loss", "accuracy", "macro_f1", "valence_ccc",
@@ -366,21 +362,21 @@ def build_report(workdir, config, examples: dict | None = None) -> str:
                      f"<img src='{html.escape(circ)}'>")
   best = _best_record(workdir)
   parts.append("<h2>Best checkpoint</h2>")
-  manifest = _manifest_summary(str(config.data.dir))
   if best:
-    split = config.data.get("selection_split", "auto")
-    if split == "auto":  # config_base: holdout when data_prep made one.
-      split = ("holdout" if manifest and "holdout" in manifest["splits"]
-               else "val")
-    parts.append(_table([("step", best.get("step")),
-                         ("metric", f"{best.get('metric')} ({best.get('mode')})"),
-                         ("value", best.get("value")),
-                         ("chosen on split", split)]))
+    rows = [("step", best.get("step")),
+            ("metric", f"{best.get('metric')} ({best.get('mode')})"),
+            ("value", best.get("value"))]
+    if selection_split:
+      rows.append(("chosen on split", selection_split))
+    parts.append(_table(rows))
   else:
     parts.append("<p>No checkpoint has been ranked yet.</p>")
   parts.append("<h2>Dataset</h2>")
-  parts.append(f"<pre>{html.escape(json.dumps(manifest, indent=1))}</pre>"
-               if manifest else "<p>manifest.json not found.</p>")
+  if manifest:
+    summary = _manifest_summary(str(config.data.dir), manifest)
+    parts.append(f"<pre>{html.escape(json.dumps(summary, indent=1))}</pre>")
+  else:
+    parts.append("<p>manifest.json not found.</p>")
   parts.append("<h2>Config</h2><pre>" + html.escape(config.to_json_best_effort(
       indent=1)) + "</pre>")
   parts.append("<h2>Software</h2>" + _table(list(software_versions().items())))
@@ -393,31 +389,36 @@ def build_report(workdir, config, examples: dict | None = None) -> str:
 
 
 def _best_record(workdir) -> dict | None:
-  from affectjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   try:
-    return ckpt_lib.read_best_record(epath.Path(workdir) / "checkpoints")
+    return ckpt_lib.read_best_record(workdir / workdir_lib.CHECKPOINTS)
   except (OSError, ValueError):
     return None
 
 
 def _latest_circumplex(workdir) -> str | None:
-  d = epath.Path(workdir) / "eval"
+  d = workdir / "eval"
   if not d.exists():
     return None
   found = sorted(d.glob("*/circumplex.png"), key=lambda p: p.stat().mtime)
   return f"eval/{found[-1].parent.name}/circumplex.png" if found else None
 
 
-def refresh(workdir, config, examples: dict | None = None) -> bool:
+def refresh(workdir, config=None, examples: dict | None = None, *,
+            manifest: dict | None = None,
+            selection_split: str | None = None) -> bool:
   """Rewrites ``W/report.html``; True on success. Never raises (logs a warning).
 
-  Call it on process 0 after each evaluation (see ``build_report`` for
-  ``examples``).
+  Call it on process 0 after each evaluation (see ``build_report`` for the
+  arguments); ``config`` None reads the run's ``config.json``.
   """
   t0 = time.perf_counter()
   try:
-    write_text(epath.Path(workdir) / "report.html",
-               build_report(workdir, config, examples))
+    if config is None:
+      config = workdir_lib.load_config(workdir)
+    fileio.write_text(workdir_lib.path(workdir) / "report.html",
+                      build_report(workdir, config, examples,
+                                   manifest=manifest,
+                                   selection_split=selection_split))
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("Could not refresh %s/report.html: %s: %s", workdir,
                     type(e).__name__, e)

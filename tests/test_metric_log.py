@@ -6,6 +6,7 @@ import os
 import struct
 
 import numpy as np
+import pytest
 from tensorboardX.proto import event_pb2
 
 from affectjax import metric_log, summary
@@ -68,4 +69,27 @@ def test_resume_drops_lines_after_the_restored_step(tmp_path):
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [(l["split"], l["step"], l.get("loss")) for l in lines] == [
       ("train", 2, 2.0), ("train", 4, 4.0), ("train", 6, 60.0)]
-  assert not list(tmp_path.glob("*.tmp"))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "metrics.jsonl", "tensorboard"]  # No temporary file left behind.
+
+
+def test_torn_last_line_is_skipped_and_dropped_on_resume(tmp_path):
+  """A run killed mid-append leaves half a line: readers skip it, and the
+  resumed run removes it before appending (else its next line would be glued
+  to the fragment)."""
+  log = metric_log.MetricLog(str(tmp_path))
+  log.write("train", 2, loss=2.0)
+  log.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"split": "train", "st')
+  assert metric_log.read(tmp_path) == [{"split": "train", "step": 2,
+                                        "loss": 2.0}]
+  resumed = metric_log.MetricLog(str(tmp_path), resume_step=2)
+  resumed.write("train", 4, loss=4.0)
+  resumed.close()
+  assert [r["step"] for r in metric_log.read(tmp_path)] == [2, 4]
+  # Anywhere but last, a bad line is damage, not a write in progress.
+  text = (tmp_path / "metrics.jsonl").read_text()
+  (tmp_path / "metrics.jsonl").write_text("oops\n" + text)
+  with pytest.raises(ValueError, match="metrics.jsonl line 1"):
+    metric_log.read(tmp_path)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from affectjax import fileio
 from affectjax import metrics
 
 C = 8
@@ -77,8 +78,8 @@ def test_classification_matches_sklearn():
   out_ids = metrics.evaluate(expression=y, logits_or_pred=p,
                              valence=d["valence"], arousal=d["arousal"],
                              va_pred=d["va_pred"], num_classes=C)
-  assert json.dumps(metrics.to_json_compatible(out_ids)) == json.dumps(
-      metrics.to_json_compatible(out))
+  assert json.dumps(fileio.to_json_compatible(out_ids)) == json.dumps(
+      fileio.to_json_compatible(out))
 
 
 def test_f1_edge_cases_present_but_never_predicted_and_predicted_but_absent():
@@ -169,7 +170,7 @@ def test_no_valid_va_gives_nan_and_json_null():
                          va_pred=d["va_pred"], num_classes=C)
   assert math.isnan(out["valence_ccc"]) and out["valence_count"] == 0
   assert math.isfinite(out["arousal_ccc"])
-  text = json.dumps(metrics.to_json_compatible(out), allow_nan=False)
+  text = json.dumps(fileio.to_json_compatible(out), allow_nan=False)
   back = json.loads(text)
   assert back["valence_rmse"] is None and back["per_class_f1"][6] is None
   assert back["accuracy"] == out["accuracy"]
@@ -197,8 +198,8 @@ def test_accumulator_over_padded_batches_equals_whole_set():
                            num_classes=C)
   got = acc.result()
   assert got["num_examples"] == 103
-  assert json.dumps(metrics.to_json_compatible(got)) == json.dumps(
-      metrics.to_json_compatible(whole))
+  assert json.dumps(fileio.to_json_compatible(got)) == json.dumps(
+      fileio.to_json_compatible(whole))
 
 
 def test_bad_input_raises_clear_errors():

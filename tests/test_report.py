@@ -34,6 +34,26 @@ def test_refresh_writes_report_with_curves_confusion_config_versions(run_dir):
       assert np.asarray(im.convert("L")).std() > 5  # Not a blank canvas.
 
 
+def test_refresh_uses_what_the_trainer_passes_and_opens_a_run_alone(
+    run_dir, tmp_path):
+  """The trainer's manifest and selection split are used as given (no
+  second read of the data dir); called on a workdir alone, the report reads
+  its config.json, and a data dir that is gone is no error."""
+  config = workdir_lib.load_config(run_dir)
+  config.data.dir = str(tmp_path / "gone")  # Nothing to read there.
+  manifest = {"splits": {"train": {"num_examples": 7}}, "image_size": 24,
+              "layout": "passed-by-the-trainer"}
+  assert report.refresh(run_dir, config, manifest=manifest,
+                        selection_split="holdout")
+  page = (run_dir / "report.html").read_text()
+  assert "passed-by-the-trainer" in page
+  assert "<th>chosen on split</th><td>holdout</td>" in page
+  assert report.refresh(str(run_dir))  # Config from W/config.json.
+  page = (run_dir / "report.html").read_text()
+  assert "passed-by-the-trainer" not in page and "Dataset" in page
+  assert "at step 6" in page
+
+
 def test_refresh_never_raises(run_dir, monkeypatch):
   config = workdir_lib.load_config(run_dir)
   before = (run_dir / "report.html").read_text() if (
