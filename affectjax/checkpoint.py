@@ -30,6 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from affectjax import fileio
+
 BEST_RECORD = "best.json"
 _MODES = ("max", "min")
 
@@ -43,18 +45,16 @@ def _as_path(directory) -> epath.Path:
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
-  """The JSON-ready scalar entries of an evaluation record (lists dropped).
+  """The JSON-ready numbers of an evaluation record (lists, text, flags dropped).
 
-  NaN/inf become None: Orbax stores metrics as strict JSON.
+  Orbax stores metrics as strict JSON: NaN/inf become None
+  (``fileio.to_json_compatible``), which ranks last (``_MetricKey``).
   """
   out = {}
-  for key, value in metrics.items():
-    if isinstance(value, (bool, np.bool_)):
-      continue
-    if isinstance(value, (int, np.integer)):
-      out[key] = int(value)
-    elif isinstance(value, (float, np.floating)):
-      out[key] = float(value) if math.isfinite(value) else None
+  for key, value in fileio.to_json_compatible(dict(metrics)).items():
+    if value is None or (isinstance(value, (int, float))
+                         and not isinstance(value, bool)):
+      out[key] = value
   return out
 
 
@@ -196,9 +196,7 @@ class Checkpointer:
     m = self.metrics(best) or {}
     record = {"step": best, "metric": self.best_metric, "mode": self.best_mode,
               "value": m.get(self.best_metric)}
-    tmp = self.directory / (BEST_RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(self.directory / BEST_RECORD)
+    fileio.write_json(self.directory / BEST_RECORD, record)
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None):
     """Restores ``step`` onto ``abstract_state`` (shapes, dtypes, shardings).

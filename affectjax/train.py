@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 from affectjax import augment
 from affectjax import checkpoint as ckpt_lib
 from affectjax import data
+from affectjax import fileio
 from affectjax import input_pipeline
 from affectjax import losses
 from affectjax import metric_log
@@ -192,9 +193,8 @@ def _agreed_step(step: int | None) -> int | None:
 def _write_config(config, workdir: epath.Path) -> None:
   if jax.process_index() != 0:
     return
-  tmp = workdir / (workdir_lib.CONFIG_NAME + ".tmp")
-  tmp.write_text(config.to_json_best_effort(indent=2))
-  tmp.replace(workdir / workdir_lib.CONFIG_NAME)
+  fileio.write_text(workdir / workdir_lib.CONFIG_NAME,
+                    config.to_json_best_effort(indent=2))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -264,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         names = data.label_names(config.num_classes)
         log.image("val/confusion_matrix", step, report.confusion_matrix_image(
             records["val"]["confusion_matrix"], names))
-        report.refresh(workdir, config, examples)
+        report.refresh(workdir, config, examples, manifest=manifest,
+                       selection_split=select_split)
       return records
 
     stopper = EarlyStopping(
