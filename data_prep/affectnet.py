@@ -1,9 +1,10 @@
-r"""AffectNet (any layout) -> sharded ArrayRecord files + manifest.json.
+r"""AffectNet (any layout) or a public expression set -> ArrayRecord + manifest.
 
     python -m data_prep.affectnet --input_dir=DIR --output_dir=OUT \
-        [--layout=auto|official|npy|folders] [--image_size=320] \
-        [--encoding=jpeg|raw] [--jpeg_quality=90] [--margin=0.1] \
-        [--classes=8|7] [--num_shards=0 | --examples_per_shard=2048] \
+        [--layout=auto|official|npy|folders|fer2013|ferplus|rafdb] \
+        [--image_size=320] [--encoding=jpeg|raw] [--jpeg_quality=90] \
+        [--margin=0.1] [--classes=8|7 (default: the dataset's)] \
+        [--num_shards=0 | --examples_per_shard=2048] \
         [--holdout_fraction=0.05 --holdout_seed=0] [--follow_symlinks] \
         [--num_workers=N] [--overwrite] [--no_progress]
 
@@ -16,6 +17,11 @@ Output (OUT):
                                               class histogram, options,
                                               tool version, shard checksums
   .prep_state/                                per-shard completion markers
+
+The public sets (FER2013's fer2013.csv, FERPlus's fer2013new.csv, RAF-DB
+basic, and class-folder trees with train/ + test/) are read as published; see
+data_prep/public_sets.py. Their labels are mapped to AffectNet's class ids by
+name; FER2013 and RAF-DB have 7 classes (no Contempt), FERPlus 8.
 
 Every bad row or file is skipped and counted by reason, never fatal for the
 run; but a split that ends with zero examples is (exit status 3, naming the
@@ -52,6 +58,7 @@ from absl import flags
 from affectjax import data as affect_data
 from data_prep import labels
 from data_prep import layouts
+from data_prep import public_sets
 from data_prep import shards
 from data_prep import tfds_metadata
 
@@ -87,6 +94,12 @@ _ADVICE = {
     labels.NOT_AN_IMAGE:
         "no file has an image extension "
         f"({', '.join(layouts.IMAGE_EXTENSIONS)})",
+    labels.UNKNOWN_SPLIT:
+        "the rows' Usage (FER2013/FERPlus) or image name (RAF-DB: train_*, "
+        "test_*) names no split; check that the file is the published one",
+    labels.DROPPED_BY_FERPLUS:
+        "every row has an empty 'Image name' (faces FERPlus removed); check "
+        "that fer2013new.csv is the published file",
 }
 
 
@@ -215,7 +228,8 @@ def _run_tasks(tasks: Sequence[shards.ShardTask], total_rows: int,
 
 def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
             image_size: int = DEFAULT_IMAGE_SIZE, encoding: str = "jpeg",
-            jpeg_quality: int = 90, margin: float = 0.1, classes: int = 8,
+            jpeg_quality: int = 90, margin: float = 0.1,
+            classes: int | None = None,
             num_shards: int = 0, examples_per_shard: int = 2048,
             holdout_fraction: float = 0.0, holdout_seed: int = 0,
             follow_symlinks: bool = False, num_workers: int = 1,
@@ -232,7 +246,9 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
     jpeg_quality: 1-100, for encoding='jpeg'.
     margin: official layout: extra context around the face box, as a
       fraction of the box side on each side (clipped to the image).
-    classes: 8, or 7 for the protocol without Contempt.
+    classes: 8, or 7 for the protocol without Contempt; None = the
+      dataset's own (`layouts.natural_classes`: 7 for FER2013, RAF-DB and
+      class trees without a Contempt folder, else 8).
     num_shards: shards per split; 0 = size them by `examples_per_shard`.
     examples_per_shard: target rows per shard when num_shards is 0.
     holdout_fraction: in [0, 1): the class-stratified fraction of the train
@@ -256,7 +272,7 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   if encoding not in ENCODINGS:
     raise ValueError(f"--encoding must be one of {ENCODINGS}, got "
                      f"{encoding!r}.")
-  if classes not in (7, 8):
+  if classes is not None and classes not in (7, 8):
     raise ValueError(f"--classes must be 8 or 7, got {classes}.")
   if not 1 <= jpeg_quality <= 100:
     raise ValueError(f"--jpeg_quality must be in 1..100, got {jpeg_quality}.")
@@ -272,7 +288,8 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
                      f"{holdout_fraction}.")
   resolved = layouts.detect(input_dir) if layout == "auto" else layout
   indexes = {}
-  for split in layouts.SOURCE_SPLITS:
+  source_splits = layouts.source_splits(resolved)
+  for split in source_splits:
     idx = layouts.index_split(resolved, input_dir, split,
                               follow_symlinks=follow_symlinks)
     if idx is not None:
@@ -280,16 +297,29 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   if "train" not in indexes and "val" not in indexes:
     raise layouts.LayoutError(f"{input_dir} has no train or val split in the "
                               f"{resolved!r} layout.")
-  missing_splits = [s for s in layouts.SOURCE_SPLITS if s not in indexes]
+  missing_splits = [s for s in source_splits if s not in indexes]
   for s in missing_splits:
     print(f"note: {input_dir} has no {s!r} split ({resolved} layout); it is "
           "left out of the output.", file=sys.stderr)
+  if getattr(indexes.get("val"), "source", None) == "test/":
+    print(f"note: {input_dir} has no val/ folder: test/ is the evaluation "
+          "split ('val').", file=sys.stderr)
+  if classes is None:
+    classes = layouts.natural_classes(resolved, indexes)
+    if classes == 7 and resolved not in public_sets.NUM_CLASSES:
+      print(f"note: no Contempt class folder in {input_dir}: 7 classes "
+            "(pass --classes=8 to keep 8).", file=sys.stderr)
   for split, idx in indexes.items():
     if not len(idx):
       raise EmptySplitError(
           f"split {split!r} has no rows: {idx.inputs()[0]} is empty. Add its "
           "rows or images, or remove it, then rerun.")
   if holdout_fraction > 0:
+    if layouts.HOLDOUT in source_splits:
+      raise ValueError(
+          f"--holdout_fraction={holdout_fraction}: the {resolved} layout "
+          "has its own holdout split (Usage=PublicTest, the standard "
+          "model-selection set); drop the flag.")
     if "train" not in indexes:
       raise ValueError(f"--holdout_fraction={holdout_fraction} needs a train "
                        f"split, and {input_dir} has none.")
@@ -354,8 +384,9 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
       splits={s: [(sh["num_examples"], sh["num_bytes"])
                   for sh in info["shards"]]
               for s, info in manifest["splits"].items()},
-      description=f"AffectNet face crops prepared by data_prep.affectnet "
-                  f"{TOOL_VERSION} from the {resolved!r} layout.")
+      description=f"{manifest['dataset']} face crops prepared by "
+                  f"data_prep.affectnet {TOOL_VERSION} from the {resolved!r} "
+                  "layout.")
   shards.write_json_atomic(
       os.path.join(output_dir, affect_data.MANIFEST_NAME), manifest)
   print(_summary(output_dir, manifest, todo_rows, elapsed), file=sys.stderr)
@@ -383,6 +414,13 @@ def _summary(output_dir: str, manifest: dict, todo_rows: int,
                    if info["min_source_side"] is not None)
     line += (f"; {upscaled} upscaled to {manifest['image_size']} px from "
              f"smaller sources (smallest {smallest} px)")
+  # Where a split comes from when its name does not say (test/ as val,
+  # FER2013's Usage values).
+  sources = [f"{s} = {src}" + (" (no val/)" if src == "test/" else "")
+             for s, src in manifest["split_sources"].items()
+             if manifest["layout"] in public_sets.SPLITS or src == "test/"]
+  if sources:
+    line += f"; {', '.join(sources)}"
   if manifest["unused_inputs"]:
     line += f"; not used: {', '.join(manifest['unused_inputs'])}"
   return line + f" (this run: {todo_rows} rows in {elapsed:.1f}s)"
@@ -441,11 +479,15 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
       stats.append(s)
     splits[split] = _aggregate(stats, opts.num_classes, len(indexes[split]))
   names = affect_data.label_names(opts.num_classes)
+  # Source label -> class id, for the labels the run keeps.
+  mapping = public_sets.LABEL_MAPPINGS.get(
+      layout, {str(c): c for c in range(len(affect_data.LABEL_NAMES_8))})
   return {
       "tool": "data_prep.affectnet",
       "tool_version": TOOL_VERSION,
       "input_dir": input_dir,
       "layout": layout,
+      "dataset": _DATASETS.get(layout, "AffectNet"),
       "options": {**dataclasses.asdict(opts), "layout": layout,
                   "num_shards": num_shards,
                   "examples_per_shard": examples_per_shard,
@@ -453,9 +495,20 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
                   "holdout_fraction": holdout_fraction,
                   "holdout_seed": holdout_seed},
       "num_classes": opts.num_classes,
+      # affectjax's class names, index = class id (the same ids and names for
+      # every dataset, so models and datasets are matched by name).
       "label_names": list(names),
-      # Source expression code -> class id (identity on the kept codes).
-      "label_mapping": {str(c): c for c in range(opts.num_classes)},
+      # Source label (as the input writes it) -> class id, for the kept
+      # labels (identity for AffectNet).
+      "label_mapping": {k: v for k, v in mapping.items()
+                        if v < opts.num_classes},
+      # The public sets' own names for their labels (None for AffectNet).
+      "source_label_names": ({str(k): v for k, v in
+                              public_sets.SOURCE_LABELS[layout].items()}
+                             if layout in public_sets.SOURCE_LABELS else None),
+      # Where each split was read from (a folder, or a CSV's Usage value).
+      "split_sources": {s: getattr(idx, "source", "") or _default_source(
+          s, idx, input_dir, layout) for s, idx in indexes.items()},
       # folders layout: each class folder's name -> expression code.
       "class_folders": {s: getattr(idx, "class_folders", None)
                         for s, idx in indexes.items()
@@ -478,6 +531,19 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
                   if layouts.HOLDOUT in indexes else None),
       "splits": splits,
   }
+
+
+_DATASETS = {"fer2013": "FER2013", "ferplus": "FERPlus", "rafdb": "RAF-DB",
+             "folders": "class folders"}
+
+
+def _default_source(split: str, idx, input_dir: str, layout: str) -> str:
+  """Where a split was read from: its first input, relative to input_dir."""
+  if split == layouts.HOLDOUT and split not in layouts.source_splits(layout):
+    return "train (--holdout_fraction)"
+  first = idx.inputs()[0]
+  rel = os.path.relpath(first, input_dir)
+  return rel + ("/" if os.path.isdir(first) else "")
 
 
 def _aggregate(stats: list, num_classes: int,
@@ -520,7 +586,8 @@ def define_flags() -> None:
   are imported together by tests and notebooks.
   """
   flags.DEFINE_string("input_dir", None,
-                      "AffectNet root, in any supported layout.")
+                      "AffectNet root in any supported layout, or a public "
+                      "set (FER2013, FERPlus, RAF-DB) as published.")
   flags.DEFINE_string("output_dir", None, "Destination directory.")
   flags.DEFINE_enum("layout", "auto", ("auto",) + layouts.LAYOUTS,
                     "Input layout; 'auto' detects it.")
@@ -536,8 +603,11 @@ def define_flags() -> None:
   flags.DEFINE_float("margin", 0.1,
                      "Context around the face box (official layout), as a "
                      "fraction of the box side on each side.", lower_bound=0)
-  flags.DEFINE_integer("classes", 8, "8, or 7 = the protocol without "
-                       "Contempt.", lower_bound=7, upper_bound=8)
+  flags.DEFINE_integer(
+      "classes", None, "8, or 7 = the protocol without Contempt. Default: "
+      "the dataset's own (8 for AffectNet and FERPlus; 7 for FER2013, RAF-DB "
+      "and class trees without a Contempt folder).", lower_bound=7,
+      upper_bound=8)
   flags.DEFINE_integer("num_shards", 0,
                        "Shards per split; 0 = use --examples_per_shard.",
                        lower_bound=0)

@@ -5,6 +5,8 @@
   AffectNet's).
 * 8 (None), 9 (Uncertain), 10 (No-Face) are skipped, each under its own
   reason; with `--classes=7`, Contempt rows are skipped as `excluded_class`.
+* The public sets (FER2013, FERPlus, RAF-DB; see `public_sets`) map their
+  own label order to these codes by class name.
 * Valence/arousal: -2 means "no value" and is kept as -2 (the loss masks it).
   Anything else outside [-1, 1] (or NaN) makes the row invalid.
 """
@@ -27,6 +29,15 @@ MISSING_ANNOTATION = "missing_annotation"
 NOT_AN_IMAGE = "not_an_image"
 BAD_FACE_BOX = "bad_face_box"
 EXCLUDED_CLASS = "excluded_class"
+# A row whose split column (FER2013's Usage) or name (RAF-DB's train_/test_)
+# names no known split; counted in train rather than dropped silently.
+UNKNOWN_SPLIT = "unknown_split"
+# FERPlus: a row with an empty `Image name` (a face FERPlus removed), and the
+# majority-vote rule's drops (top vote not-a-face, unknown, or tied).
+DROPPED_BY_FERPLUS = "dropped_by_ferplus"
+VOTE_NOT_A_FACE = "vote_not_a_face"
+VOTE_UNKNOWN = "vote_unknown"
+VOTE_TIED = "vote_tied"
 NON_EXPRESSION = {code: f"label_{name}"
                   for code, name in affect_data.NON_EXPRESSION_CODES.items()}
 

@@ -8,7 +8,11 @@ npy       `train_set|val_set/images/N.jpg` + `annotations/N_exp.npy`,
           `N_val.npy`, `N_aro.npy`, `N_lnd.npy` (values often stored as
           strings). Images are already face crops.
 folders   `train|val/<class>/*.jpg`, class = 0-7 or a name (any case). No
-          valence/arousal: written as -2 ("no value").
+          valence/arousal: written as -2 ("no value"). Without `val/`, a
+          `test/` folder is the evaluation split (Kaggle's FER2013 and
+          RAF-DB redistributions ship `train/` + `test/`).
+fer2013, ferplus, rafdb
+          The public expression sets, as published: see `public_sets`.
 
 Paths. A path that a CSV row (or a file name) makes leave its root (`..`,
 absolute) is never opened (`path_escapes_root`). A symlink placed in the
@@ -36,7 +40,7 @@ from affectjax import data as affect_data
 from affectjax import face_crop
 from data_prep import labels
 
-LAYOUTS = ("official", "npy", "folders")
+LAYOUTS = ("official", "npy", "folders", "fer2013", "ferplus", "rafdb")
 # Splits a source tree can hold; `holdout` is carved out of `train` (see
 # `split_holdout`), never read from the input.
 SOURCE_SPLITS = ("train", "val")
@@ -50,6 +54,8 @@ _OFFICIAL_IMAGE_DIRS = ("Manually_Annotated_Images",
 _OFFICIAL_CSV_DIRS = ("", "Manually_Annotated_file_lists")
 _NPY_SPLIT = {"train": "train_set", "val": "val_set"}
 _FOLDER_SPLIT = {"train": ("train",), "val": ("val", "validation")}
+# The evaluation split of a class tree that has no val/ (Kaggle's FER2013).
+_FOLDER_TEST = ("test",)
 
 
 @dataclasses.dataclass
@@ -63,6 +69,9 @@ class Row:
   arousal: float
   box: tuple[float, float, float, float] | None  # x, y, w, h; None = whole.
   landmarks: np.ndarray | None  # (68, 2) or None.
+  # The encoded image itself, for sources that store pixels in the
+  # annotation file (FER2013's CSV); None = read `file`.
+  image: bytes | None = None
 
 
 @dataclasses.dataclass
@@ -150,9 +159,38 @@ def _find(input_dir: str, candidates: Sequence[str]) -> str | None:
 
 
 def detect(input_dir: str) -> str:
-  """Returns the layout name of `input_dir` (see module docstring)."""
+  """Returns the layout name of `input_dir` (see module docstring).
+
+  A public set's marker file (fer2013.csv, fer2013new.csv, RAF-DB's label
+  list) beside another layout's files is ambiguous: the error asks for
+  --layout rather than guessing.
+  """
   if not os.path.isdir(input_dir):
     raise LayoutError(f"--input_dir={input_dir} is not a directory.")
+  from data_prep import public_sets  # pylint: disable=g-import-not-at-top
+  public = public_sets.detect(input_dir)
+  try:
+    other = [_detect_affectnet(input_dir)]
+  except LayoutError:
+    other = []
+  found = public + other
+  if len(found) > 1:
+    raise LayoutError(
+        f"{input_dir} holds the files of several layouts ({', '.join(found)}"
+        f"); pass --layout={found[0]} (or one of the others) to choose.")
+  if found:
+    return found[0]
+  raise LayoutError(
+      f"Cannot detect the layout of {input_dir}: expected "
+      "training.csv/validation.csv + Manually_Annotated_Images/ (official), "
+      "train_set/images + train_set/annotations (npy), train/<class>/ "
+      "(folders), fer2013.csv (fer2013), fer2013new.csv + fer2013.csv "
+      "(ferplus) or EmoLabel/list_patition_label.txt (rafdb). Pass --layout "
+      "to force one.")
+
+
+def _detect_affectnet(input_dir: str) -> str:
+  """The AffectNet layout (official, npy or folders) of `input_dir`."""
   for name in _OFFICIAL_CSV.values():
     if _find(input_dir, [os.path.join(d, name) for d in _OFFICIAL_CSV_DIRS]):
       return "official"
@@ -160,13 +198,9 @@ def detect(input_dir: str) -> str:
          for d in _NPY_SPLIT.values()):
     return "npy"
   if any(os.path.isdir(os.path.join(input_dir, d))
-         for names in _FOLDER_SPLIT.values() for d in names):
+         for names in _FOLDER_SPLIT.values() for d in names + _FOLDER_TEST):
     return "folders"
-  raise LayoutError(
-      f"Cannot detect the AffectNet layout of {input_dir}: expected "
-      "training.csv/validation.csv + Manually_Annotated_Images/ (official), "
-      "train_set/images + train_set/annotations (npy), or train/<class>/ "
-      "(folders). Pass --layout to force one.")
+  raise LayoutError(f"no AffectNet layout in {input_dir}")
 
 
 # ----------------------------------------------------------------- official
@@ -474,6 +508,7 @@ class FolderIndex:
   class_folders: dict[str, int]  # Folder name -> expression code.
   numbers: np.ndarray  # 1-based position in the file listing.
   follow_symlinks: bool = False
+  source: str = ""  # The folder the split is read from, e.g. 'test/'.
 
   def __len__(self) -> int:
     return len(self.entries)
@@ -517,6 +552,9 @@ def _files_below(top: str) -> Iterator[str]:
 def _index_folders(input_dir: str, split: str,
                    follow_symlinks: bool = False) -> FolderIndex | None:
   split_dir = _find(input_dir, _FOLDER_SPLIT[split])
+  if split_dir is None and split == "val":
+    # Kaggle's FER2013 and RAF-DB trees: train/ + test/, no val/.
+    split_dir = _find(input_dir, _FOLDER_TEST)
   if split_dir is None or not os.path.isdir(split_dir):
     return None
   entries: list[tuple[str, int | None]] = []
@@ -536,7 +574,8 @@ def _index_folders(input_dir: str, split: str,
     for path in _files_below(top.path):
       entries.append((os.path.relpath(path, split_dir), code))
   return FolderIndex(split_dir, entries, class_folders,
-                     np.arange(1, len(entries) + 1), follow_symlinks)
+                     np.arange(1, len(entries) + 1), follow_symlinks,
+                     os.path.basename(split_dir) + "/")
 
 
 _INDEXERS = {"official": _index_official, "npy": _index_npy,
@@ -549,12 +588,33 @@ def index_split(layout: str, input_dir: str, split: str, *,
 
   An index has `len()`, `.part(start, stop)` (a picklable block of rows to
   iterate), `.subset(positions)`, `.expression_codes()` and `.inputs()` (the
-  files and folders it reads).
+  files and folders it reads); some have `.source` (where the split comes
+  from when that is not obvious, e.g. `test/` or a CSV's Usage value).
   """
-  if layout not in _INDEXERS:
+  from data_prep import public_sets  # pylint: disable=g-import-not-at-top
+  indexers = {**_INDEXERS, **public_sets.INDEXERS}
+  if layout not in indexers:
     raise LayoutError(f"--layout must be one of auto, {', '.join(LAYOUTS)}; "
                       f"got {layout!r}.")
-  return _INDEXERS[layout](input_dir, split, follow_symlinks)
+  return indexers[layout](input_dir, split, follow_symlinks)
+
+
+def source_splits(layout: str) -> tuple[str, ...]:
+  """The splits `layout`'s files can define (FER2013's include `holdout`)."""
+  from data_prep import public_sets  # pylint: disable=g-import-not-at-top
+  return public_sets.SPLITS.get(layout, SOURCE_SPLITS)
+
+
+def natural_classes(layout: str, indexes: dict) -> int:
+  """The class count a dataset has: 7 for FER2013, RAF-DB and class trees
+  without a Contempt folder; 8 for AffectNet and FERPlus."""
+  from data_prep import public_sets  # pylint: disable=g-import-not-at-top
+  if layout in public_sets.NUM_CLASSES:
+    return public_sets.NUM_CLASSES[layout]
+  if layout == "folders" and not any(
+      7 in idx.class_folders.values() for idx in indexes.values()):
+    return 7
+  return 8
 
 
 def split_holdout(index, fraction: float, seed: int):

@@ -1,0 +1,599 @@
+"""The public expression sets people pair with AffectNet, as data_prep reads them.
+
+fer2013   `fer2013.csv` (Kaggle's "Challenges in Representation Learning"
+          release): columns `emotion,pixels,Usage`; `pixels` is a 48x48
+          grayscale face as 2304 space-separated numbers. `Usage` picks the
+          split: Training -> train, PublicTest -> holdout (the standard
+          model-selection set), PrivateTest -> val (the standard test set).
+          Labels 0 angry, 1 disgust, 2 fear, 3 happy, 4 sad, 5 surprise,
+          6 neutral; 7 classes.
+ferplus   Microsoft's `fer2013new.csv` beside the same `fer2013.csv`:
+          columns `Usage,Image name,neutral,happiness,surprise,sadness,anger,
+          disgust,fear,contempt,unknown,NF` (10 annotator votes per face).
+          Row i pairs with row i of fer2013.csv (its pixels). The label is the
+          majority vote (FERPlus paper): rows whose top vote is not-a-face
+          (`NF`), `unknown`, or a tie are skipped, each under its own reason;
+          rows with an empty `Image name` are the faces FERPlus removed.
+          Same 8 classes as AffectNet, Contempt included.
+rafdb     RAF-DB "basic": `EmoLabel/list_patition_label.txt` (lines such as
+          `train_00001.jpg 5`; the misspelling is the published name), images
+          in `Image/aligned/` (`train_00001_aligned.jpg`, preferred) or
+          `Image/original/`. Labels 1 surprise, 2 fear, 3 disgust, 4 happy,
+          5 sad, 6 anger, 7 neutral; `train_*` rows -> train, `test_*` -> val;
+          7 classes.
+
+Each label is mapped to affectjax's class ids (`affectjax.data.LABEL_NAMES_8`
+order) by name, so a prepared public set and AffectNet share class ids and
+names. These sets have no valence/arousal: written as -2 ("no value").
+FER2013 rows carry their pixels, so their `Row.image` holds the face as
+(lossless) PGM bytes instead of a file to read.
+
+The indexes follow `layouts`' contract: `len()`, `.part(start, stop)`,
+`.subset(positions)`, `.expression_codes()`, `.inputs()`, plus `.source`
+(where the split comes from, for the manifest and the summary line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from affectjax import data as affect_data
+from data_prep import labels
+from data_prep import layouts
+
+FER2013_CSV = "fer2013.csv"
+FERPLUS_CSV = "fer2013new.csv"
+RAFDB_LIST = os.path.join("EmoLabel", "list_patition_label.txt")
+# Where the files may sit below --input_dir (the archives' own folders).
+_FER_DIRS = ("", "fer2013")
+_RAFDB_DIRS = ("", "basic")
+_RAFDB_IMAGE_DIRS = (("aligned", os.path.join("Image", "aligned")),
+                     ("original", os.path.join("Image", "original")))
+
+FER2013_COLUMNS = ("emotion", "pixels", "Usage")
+FER2013_SIDE = 48
+# FER2013's label order, by name; mapped to affectjax ids below.
+FER2013_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise",
+                  "neutral")
+FERPLUS_COLUMNS = ("Usage", "Image name", "neutral", "happiness", "surprise",
+                   "sadness", "anger", "disgust", "fear", "contempt",
+                   "unknown", "NF")
+FERPLUS_EMOTIONS = FERPLUS_COLUMNS[2:10]
+RAFDB_LABELS = {1: "surprise", 2: "fear", 3: "disgust", 4: "happy", 5: "sad",
+                6: "anger", 7: "neutral"}
+# FER2013/FERPlus `Usage` -> prepared split.
+USAGE_SPLITS = {"Training": "train", "PublicTest": layouts.HOLDOUT,
+                "PrivateTest": "val"}
+_RAFDB_PREFIX = {"train": "train_", "val": "test_"}
+
+
+def class_id(name: str) -> int:
+  """A dataset's class name -> affectjax's class id (e.g. 'angry' -> 6)."""
+  code = labels.folder_class(name)
+  if code is None or not 0 <= code <= 7:
+    raise ValueError(f"no affectjax class for label name {name!r}")
+  return code
+
+
+# Source label (as the file writes it) -> affectjax class id.
+FER2013_MAPPING = {str(i): class_id(n) for i, n in enumerate(FER2013_LABELS)}
+FERPLUS_MAPPING = {n: class_id(n) for n in FERPLUS_EMOTIONS}
+RAFDB_MAPPING = {str(i): class_id(n) for i, n in RAFDB_LABELS.items()}
+NUM_CLASSES = {"fer2013": 7, "ferplus": 8, "rafdb": 7}
+LABEL_MAPPINGS = {"fer2013": FER2013_MAPPING, "ferplus": FERPLUS_MAPPING,
+                  "rafdb": RAFDB_MAPPING}
+SOURCE_LABELS = {"fer2013": dict(enumerate(FER2013_LABELS)),
+                 "ferplus": dict(enumerate(FERPLUS_EMOTIONS)),
+                 "rafdb": RAFDB_LABELS}
+
+
+def _find(input_dir: str, dirs: Sequence[str], name: str) -> str | None:
+  for d in dirs:
+    p = os.path.join(input_dir, d, name)
+    if os.path.isfile(p):
+      return p
+  return None
+
+
+def detect(input_dir: str) -> list[str]:
+  """The public layouts whose marker files `input_dir` holds (maybe none).
+
+  `fer2013new.csv` means FERPlus (which reads fer2013.csv too), so fer2013
+  is not listed beside it.
+  """
+  found = []
+  if _find(input_dir, _FER_DIRS, FERPLUS_CSV):
+    found.append("ferplus")
+  elif _find(input_dir, _FER_DIRS, FER2013_CSV):
+    found.append("fer2013")
+  if _find(input_dir, _RAFDB_DIRS, RAFDB_LIST):
+    found.append("rafdb")
+  return found
+
+
+def pgm(pixels: np.ndarray) -> bytes:
+  """uint8 (H, W) grayscale -> binary PGM bytes (lossless; Pillow reads it)."""
+  h, w = pixels.shape
+  return f"P5\n{w} {h}\n255\n".encode() + np.ascontiguousarray(
+      pixels, np.uint8).tobytes()
+
+
+# ------------------------------------------------------ line-indexed CSVs
+
+
+def _data_lines(path: str, header_first_field: str):
+  """(starts, ends, numbers, last fields) of the data lines of a CSV.
+
+  Blank lines and the header (a first line whose first field is
+  `header_first_field`) are not rows. The last field is read cheaply (after
+  the last comma) for FER2013's `Usage`; FERPlus's first field comes with
+  `first`.
+  """
+  starts, ends, numbers, first, last = [], [], [], [], []
+  offset = 0
+  with open(path, "rb") as fp:
+    for number, line in enumerate(fp, start=1):
+      stripped = line.strip()
+      head = stripped.lstrip(b"\xef\xbb\xbf").split(b",", 1)[0].strip()
+      if stripped and not (number == 1 and
+                           head == header_first_field.encode()):
+        starts.append(offset)
+        ends.append(offset + len(line))
+        numbers.append(number)
+        first.append(head.decode("utf-8", "replace"))
+        last.append(stripped.rsplit(b",", 1)[-1].strip().decode(
+            "utf-8", "replace"))
+      offset += len(line)
+  return (np.asarray(starts, np.int64), np.asarray(ends, np.int64),
+          np.asarray(numbers, np.int64), first, last)
+
+
+def _read_lines(path: str, starts: np.ndarray, ends: np.ndarray
+                ) -> list[bytes]:
+  """The lines at [starts, ends) of `path` (increasing), in one read."""
+  if not len(starts):
+    return []
+  with open(path, "rb") as fp:
+    fp.seek(int(starts[0]))
+    block = fp.read(int(ends[-1] - starts[0]))
+  base = int(starts[0])
+  return [block[s - base:e - base] for s, e in zip(starts, ends)]
+
+
+def _fields(raw: bytes) -> list[str]:
+  return [f.strip() for f in raw.decode("utf-8").strip("\r\n\ufeff").split(",")]
+
+
+def _fer_pixels(text: str) -> np.ndarray:
+  values = text.split()
+  if len(values) != FER2013_SIDE * FER2013_SIDE:
+    raise ValueError(f"{len(values)} pixel values, expected "
+                     f"{FER2013_SIDE * FER2013_SIDE} (48x48)")
+  a = np.asarray([int(v) for v in values], np.int64)
+  if a.min() < 0 or a.max() > 255:
+    raise ValueError("pixel values outside 0..255")
+  return a.astype(np.uint8).reshape(FER2013_SIDE, FER2013_SIDE)
+
+
+def _fer_row(fields: list[str], number: int, csv_path: str, path: str,
+             ) -> tuple[np.ndarray | None, layouts.Skip | None]:
+  """The pixels of a fer2013.csv row, or the Skip that replaces it."""
+  if len(fields) != len(FER2013_COLUMNS):
+    return None, layouts.Skip(
+        labels.MALFORMED_ROW, number, path,
+        f"{os.path.basename(csv_path)}: expected {len(FER2013_COLUMNS)} "
+        f"fields ({','.join(FER2013_COLUMNS)}), got {len(fields)}")
+  try:
+    return _fer_pixels(fields[1]), None
+  except ValueError as e:
+    return None, layouts.Skip(labels.MALFORMED_ROW, number, path,
+                              f"{os.path.basename(csv_path)}: {e}")
+
+
+# ---------------------------------------------------------------- fer2013
+
+
+@dataclasses.dataclass
+class Fer2013Part:
+  csv_path: str
+  starts: np.ndarray
+  ends: np.ndarray
+  numbers: np.ndarray
+  usage_ok: np.ndarray  # bool: the row's Usage names a known split.
+
+  def __iter__(self) -> Iterator[layouts.Item]:
+    name = os.path.basename(self.csv_path)
+    for raw, n, ok in zip(_read_lines(self.csv_path, self.starts, self.ends),
+                          self.numbers, self.usage_ok):
+      n = int(n)
+      path = f"{name}:{n}"
+      try:
+        fields = _fields(raw)
+      except UnicodeDecodeError as e:
+        yield layouts.Skip(labels.MALFORMED_ROW, n, path, f"unreadable: {e}")
+        continue
+      if not ok:
+        yield layouts.Skip(
+            labels.UNKNOWN_SPLIT, n, path,
+            f"Usage {fields[-1]!r} is none of {', '.join(USAGE_SPLITS)}")
+        continue
+      pixels, skip = _fer_row(fields, n, self.csv_path, path)
+      if skip is not None:
+        yield skip
+        continue
+      try:
+        label = labels.parse_int(fields[0])
+      except ValueError as e:
+        yield layouts.Skip(labels.MALFORMED_ROW, n, path, str(e))
+        continue
+      if str(label) not in FER2013_MAPPING:
+        yield layouts.Skip(labels.LABEL_OUT_OF_RANGE, n, path,
+                           f"emotion {label} is not a FER2013 label (0-6)")
+        continue
+      yield layouts.Row(n, path, self.csv_path, FER2013_MAPPING[str(label)],
+                        affect_data.NO_VALUE, affect_data.NO_VALUE, None,
+                        None, image=pgm(pixels))
+
+
+@dataclasses.dataclass
+class Fer2013Index:
+  csv_path: str
+  starts: np.ndarray
+  ends: np.ndarray
+  numbers: np.ndarray
+  usage_ok: np.ndarray
+  source: str
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def part(self, start: int, stop: int) -> Fer2013Part:
+    return Fer2013Part(self.csv_path, self.starts[start:stop],
+                       self.ends[start:stop], self.numbers[start:stop],
+                       self.usage_ok[start:stop])
+
+  def subset(self, positions: np.ndarray) -> "Fer2013Index":
+    return dataclasses.replace(
+        self, starts=self.starts[positions], ends=self.ends[positions],
+        numbers=self.numbers[positions], usage_ok=self.usage_ok[positions])
+
+  def expression_codes(self) -> np.ndarray:
+    codes = np.full(len(self), -1, np.int64)
+    for i, raw in enumerate(_read_lines(self.csv_path, self.starts,
+                                        self.ends)):
+      try:
+        codes[i] = FER2013_MAPPING.get(
+            str(labels.parse_int(raw.split(b",", 1)[0].decode())), -1)
+      except (ValueError, UnicodeDecodeError):
+        pass
+    return codes
+
+  def inputs(self) -> list[str]:
+    return [self.csv_path]
+
+
+def _split_of_usage(usage: list[str], split: str, *, unknown_to_train: bool
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Positions of the rows whose Usage maps to `split`, and which are known.
+
+  Rows with an unknown Usage go to train, where each is a counted skip
+  (`unknown_split`) instead of silently belonging to no split.
+  """
+  known = np.asarray([u in USAGE_SPLITS for u in usage], bool)
+  mine = np.asarray([USAGE_SPLITS.get(u) == split for u in usage], bool)
+  if unknown_to_train and split == "train":
+    mine |= ~known
+  return np.flatnonzero(mine), known
+
+
+def _usage_source(split: str) -> str:
+  return next(u for u, s in USAGE_SPLITS.items() if s == split)
+
+
+def index_fer2013(input_dir: str, split: str,
+                  follow_symlinks: bool = False) -> Fer2013Index | None:
+  del follow_symlinks  # Pixels are inside the CSV: no path to follow.
+  csv_path = _find(input_dir, _FER_DIRS, FER2013_CSV)
+  if csv_path is None:
+    raise layouts.LayoutError(
+        f"{input_dir} has no {FER2013_CSV} (looked in "
+        f"{[os.path.join(input_dir, d) for d in _FER_DIRS]}).")
+  starts, ends, numbers, _, usage = _data_lines(csv_path, "emotion")
+  rows, known = _split_of_usage(usage, split, unknown_to_train=True)
+  if not len(rows):
+    return None
+  return Fer2013Index(csv_path, starts[rows], ends[rows], numbers[rows],
+                      known[rows],
+                      f"{FER2013_CSV} Usage={_usage_source(split)}")
+
+
+# ---------------------------------------------------------------- ferplus
+
+
+def majority_vote(votes: Sequence[int]) -> tuple[int | None, str | None]:
+  """FERPlus votes (10 columns) -> (column of the majority label, None) or
+  (None, the skip reason): the FERPlus paper's majority-vote rule drops a face
+  whose top vote is not-a-face or unknown, and a tie has no majority."""
+  top = max(votes)
+  if top <= 0:
+    return None, labels.MALFORMED_ROW
+  winners = [i for i, v in enumerate(votes) if v == top]
+  if len(winners) > 1:
+    return None, labels.VOTE_TIED
+  w = winners[0]
+  if FERPLUS_COLUMNS[2 + w] == "NF":
+    return None, labels.VOTE_NOT_A_FACE
+  if FERPLUS_COLUMNS[2 + w] == "unknown":
+    return None, labels.VOTE_UNKNOWN
+  return w, None
+
+
+def _ferplus_item(vote_raw: bytes, pixel_raw: bytes, number: int,
+                  pixel_number: int, csv_path: str, fer_path: str
+                  ) -> layouts.Item:
+  try:
+    fields = _fields(vote_raw)
+  except UnicodeDecodeError as e:
+    return layouts.Skip(labels.MALFORMED_ROW, number, "", f"unreadable: {e}")
+  name = fields[1] if len(fields) > 1 else ""
+  if len(fields) != len(FERPLUS_COLUMNS):
+    return layouts.Skip(
+        labels.MALFORMED_ROW, number, name,
+        f"{FERPLUS_CSV}: expected {len(FERPLUS_COLUMNS)} fields, got "
+        f"{len(fields)}")
+  if fields[0] not in USAGE_SPLITS:
+    return layouts.Skip(labels.UNKNOWN_SPLIT, number, name,
+                        f"Usage {fields[0]!r} is none of "
+                        f"{', '.join(USAGE_SPLITS)}")
+  if not name:
+    return layouts.Skip(labels.DROPPED_BY_FERPLUS, number, "",
+                        f"empty 'Image name': FERPlus removed this face "
+                        f"({os.path.basename(fer_path)} line "
+                        f"{pixel_number})")
+  try:
+    votes = [labels.parse_int(v) for v in fields[2:]]
+    if min(votes) < 0:
+      raise ValueError(f"negative vote count in {fields[2:]}")
+  except ValueError as e:
+    return layouts.Skip(labels.MALFORMED_ROW, number, name, str(e))
+  column, reason = majority_vote(votes)
+  if reason is not None:
+    return layouts.Skip(reason, number, name, "votes " + ", ".join(
+        f"{c}={v}" for c, v in zip(FERPLUS_COLUMNS[2:], votes) if v))
+  try:
+    pixel_fields = _fields(pixel_raw)
+  except UnicodeDecodeError as e:
+    return layouts.Skip(labels.MALFORMED_ROW, number, name,
+                        f"{os.path.basename(fer_path)} line {pixel_number}: "
+                        f"unreadable: {e}")
+  pixels, skip = _fer_row(pixel_fields, number, fer_path, name)
+  if skip is not None:
+    skip.detail += f" (line {pixel_number})"
+    return skip
+  if pixel_fields[2] != fields[0]:
+    return layouts.Skip(
+        labels.MALFORMED_ROW, number, name,
+        f"Usage {fields[0]!r} but {os.path.basename(fer_path)} line "
+        f"{pixel_number} says {pixel_fields[2]!r}: the two files are not "
+        "row-aligned (use the original fer2013.csv)")
+  return layouts.Row(number, name, csv_path,
+                     FERPLUS_MAPPING[FERPLUS_EMOTIONS[column]],
+                     affect_data.NO_VALUE, affect_data.NO_VALUE, None, None,
+                     image=pgm(pixels))
+
+
+@dataclasses.dataclass
+class FerPlusPart:
+  csv_path: str
+  fer_path: str
+  starts: np.ndarray  # Lines of fer2013new.csv ...
+  ends: np.ndarray
+  numbers: np.ndarray
+  fer_starts: np.ndarray  # ... and of fer2013.csv, row for row.
+  fer_ends: np.ndarray
+  fer_numbers: np.ndarray
+
+  def __iter__(self) -> Iterator[layouts.Item]:
+    votes = _read_lines(self.csv_path, self.starts, self.ends)
+    pixels = _read_lines(self.fer_path, self.fer_starts, self.fer_ends)
+    for v, p, n, pn in zip(votes, pixels, self.numbers, self.fer_numbers):
+      yield _ferplus_item(v, p, int(n), int(pn), self.csv_path,
+                          self.fer_path)
+
+
+@dataclasses.dataclass
+class FerPlusIndex:
+  csv_path: str
+  fer_path: str
+  starts: np.ndarray
+  ends: np.ndarray
+  numbers: np.ndarray
+  fer_starts: np.ndarray
+  fer_ends: np.ndarray
+  fer_numbers: np.ndarray
+  source: str
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def part(self, start: int, stop: int) -> FerPlusPart:
+    s = slice(start, stop)
+    return FerPlusPart(self.csv_path, self.fer_path, self.starts[s],
+                       self.ends[s], self.numbers[s], self.fer_starts[s],
+                       self.fer_ends[s], self.fer_numbers[s])
+
+  def subset(self, positions: np.ndarray) -> "FerPlusIndex":
+    return dataclasses.replace(
+        self, starts=self.starts[positions], ends=self.ends[positions],
+        numbers=self.numbers[positions],
+        fer_starts=self.fer_starts[positions],
+        fer_ends=self.fer_ends[positions],
+        fer_numbers=self.fer_numbers[positions])
+
+  def expression_codes(self) -> np.ndarray:
+    codes = np.full(len(self), -1, np.int64)
+    for i, raw in enumerate(_read_lines(self.csv_path, self.starts,
+                                        self.ends)):
+      try:
+        fields = _fields(raw)
+        column, _ = majority_vote([labels.parse_int(v) for v in fields[2:]])
+        if column is not None and fields[1]:
+          codes[i] = FERPLUS_MAPPING[FERPLUS_EMOTIONS[column]]
+      except (ValueError, UnicodeDecodeError, IndexError):
+        pass
+    return codes
+
+  def inputs(self) -> list[str]:
+    return [self.csv_path, self.fer_path]
+
+
+def index_ferplus(input_dir: str, split: str,
+                  follow_symlinks: bool = False) -> FerPlusIndex | None:
+  del follow_symlinks  # Pixels come from fer2013.csv: no path to follow.
+  csv_path = _find(input_dir, _FER_DIRS, FERPLUS_CSV)
+  if csv_path is None:
+    raise layouts.LayoutError(f"{input_dir} has no {FERPLUS_CSV}.")
+  fer_path = _find(input_dir, _FER_DIRS, FER2013_CSV)
+  if fer_path is None:
+    raise layouts.LayoutError(
+        f"{csv_path} holds FERPlus's votes but not the faces: put Kaggle's "
+        f"original {FER2013_CSV} (35887 rows) beside it; FERPlus row i is "
+        f"{FER2013_CSV} row i.")
+  starts, ends, numbers, usage, _ = _data_lines(csv_path, "Usage")
+  f_starts, f_ends, f_numbers, _, _ = _data_lines(fer_path, "emotion")
+  if len(starts) != len(f_starts):
+    raise layouts.LayoutError(
+        f"{csv_path} has {len(starts)} rows but {fer_path} has "
+        f"{len(f_starts)}: FERPlus pairs its rows with {FER2013_CSV}'s by "
+        "position, so both must be the complete published files.")
+  rows, _ = _split_of_usage(usage, split, unknown_to_train=True)
+  if not len(rows):
+    return None
+  return FerPlusIndex(csv_path, fer_path, starts[rows], ends[rows],
+                      numbers[rows], f_starts[rows], f_ends[rows],
+                      f_numbers[rows],
+                      f"{FERPLUS_CSV} Usage={_usage_source(split)}")
+
+
+# ------------------------------------------------------------------ rafdb
+
+
+@dataclasses.dataclass
+class RafdbPart:
+  image_root: str
+  aligned: bool
+  entries: Sequence[tuple[str, str]]  # (image name as listed, label text).
+  numbers: Sequence[int]
+  follow_symlinks: bool = False
+
+  def __iter__(self) -> Iterator[layouts.Item]:
+    for (name, text), n in zip(self.entries, self.numbers):
+      n = int(n)
+      if not name.startswith(tuple(_RAFDB_PREFIX.values())):
+        yield layouts.Skip(labels.UNKNOWN_SPLIT, n, name,
+                           "the name starts with neither train_ nor test_")
+        continue
+      try:
+        label = labels.parse_int(text)
+      except ValueError:
+        yield layouts.Skip(labels.MALFORMED_ROW, n, name,
+                           f"line is not '<image> <label>': {name} {text}")
+        continue
+      if str(label) not in RAFDB_MAPPING:
+        yield layouts.Skip(labels.LABEL_OUT_OF_RANGE, n, name,
+                           f"label {label} is not a RAF-DB basic label (1-7)")
+        continue
+      rel = name
+      if self.aligned:  # train_00001.jpg -> train_00001_aligned.jpg
+        stem, ext = os.path.splitext(name)
+        rel = f"{stem}_aligned{ext}"
+        if (layouts.find_case_variant(os.path.join(self.image_root, rel))
+            is None and layouts.find_case_variant(
+                os.path.join(self.image_root, name)) is not None):
+          rel = name  # A redistribution that dropped the suffix.
+      try:
+        full = layouts.resolve(self.image_root, rel,
+                               follow_symlinks=self.follow_symlinks)
+      except layouts.PathRefused as e:
+        yield layouts.Skip(e.reason, n, rel, str(e))
+        continue
+      yield layouts.Row(n, rel, full, RAFDB_MAPPING[str(label)],
+                        affect_data.NO_VALUE, affect_data.NO_VALUE, None,
+                        None)
+
+
+@dataclasses.dataclass
+class RafdbIndex:
+  list_path: str
+  image_root: str
+  aligned: bool
+  entries: list[tuple[str, str]]
+  numbers: np.ndarray
+  source: str
+  follow_symlinks: bool = False
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def part(self, start: int, stop: int) -> RafdbPart:
+    return RafdbPart(self.image_root, self.aligned, self.entries[start:stop],
+                     self.numbers[start:stop].tolist(), self.follow_symlinks)
+
+  def subset(self, positions: np.ndarray) -> "RafdbIndex":
+    return dataclasses.replace(
+        self, entries=[self.entries[i] for i in positions],
+        numbers=self.numbers[positions])
+
+  def expression_codes(self) -> np.ndarray:
+    return np.asarray([RAFDB_MAPPING.get(t.strip(), -1)
+                       for _, t in self.entries], np.int64)
+
+  def inputs(self) -> list[str]:
+    return [self.list_path, self.image_root]
+
+
+def index_rafdb(input_dir: str, split: str,
+                follow_symlinks: bool = False) -> RafdbIndex | None:
+  list_path = _find(input_dir, _RAFDB_DIRS, RAFDB_LIST)
+  if list_path is None:
+    raise layouts.LayoutError(f"{input_dir} has no {RAFDB_LIST}.")
+  root = os.path.dirname(os.path.dirname(list_path))
+  image_root = kind = None
+  for k, d in _RAFDB_IMAGE_DIRS:
+    if os.path.isdir(os.path.join(root, d)):
+      image_root, kind = os.path.join(root, d), k
+      break
+  if image_root is None:
+    raise layouts.LayoutError(
+        f"{list_path} lists RAF-DB's images but {root} has neither "
+        f"{_RAFDB_IMAGE_DIRS[0][1]}/ nor {_RAFDB_IMAGE_DIRS[1][1]}/.")
+  entries, numbers = [], []
+  prefix = _RAFDB_PREFIX[split]
+  with open(list_path, encoding="utf-8-sig") as fp:
+    for number, line in enumerate(fp, start=1):
+      parts = line.split()
+      if not parts:
+        continue
+      name = parts[0]
+      # A line naming neither split goes to train, as a counted skip.
+      other = not name.startswith(tuple(_RAFDB_PREFIX.values()))
+      if name.startswith(prefix) or (split == "train" and other):
+        entries.append((name, " ".join(parts[1:])))
+        numbers.append(number)
+  if not entries:
+    return None
+  return RafdbIndex(list_path, image_root, kind == "aligned", entries,
+                    np.asarray(numbers, np.int64),
+                    f"{RAFDB_LIST} {prefix}* rows, Image/{kind}/",
+                    follow_symlinks)
+
+
+INDEXERS = {"fer2013": index_fer2013, "ferplus": index_ferplus,
+            "rafdb": index_rafdb}
+# Splits each layout's files define; `holdout` is native to FER2013/FERPlus.
+SPLITS = {"fer2013": ("train", "val", layouts.HOLDOUT),
+          "ferplus": ("train", "val", layouts.HOLDOUT),
+          "rafdb": ("train", "val")}

@@ -1,0 +1,222 @@
+"""Tiny copies of the public expression sets in their published form.
+
+Each writer makes a few real rows in the file layout, column order, file
+names and quirks of the real release, plus the bad rows a test must see
+skipped, and returns what preparing it must give (per split: rows written,
+skips by reason, class counts in affectjax's ids):
+
+* `write_fer2013`: Kaggle's `fer2013.csv` (`emotion,pixels,Usage`, 48x48
+  pixels as 2304 space-separated numbers, Training/PublicTest/PrivateTest).
+* `write_ferplus`: Microsoft's `fer2013new.csv` (`Usage,Image name,neutral,
+  happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF`, image
+  names `fer0000000.png` by row, empty names for the faces FERPlus removed)
+  beside the matching `fer2013.csv`.
+* `write_rafdb`: RAF-DB basic (`basic/EmoLabel/list_patition_label.txt`,
+  `basic/Image/aligned/train_00001_aligned.jpg` 100x100, or
+  `basic/Image/original/`).
+* `write_fer2013_folders`: Kaggle's image release of FER2013 (`train/` and
+  `test/`, class folders `angry` ... `surprise`, 48x48 grayscale JPEGs named
+  `Training_<id>.jpg`, `PublicTest_<id>.jpg`, `PrivateTest_<id>.jpg`).
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+SIDE = 48
+# affectjax ids: 0 neutral, 1 happy, 2 sad, 3 surprise, 4 fear, 5 disgust,
+# 6 anger, 7 contempt.
+FER2013_TO_ID = {0: 6, 1: 5, 2: 4, 3: 1, 4: 2, 5: 3, 6: 0}
+RAFDB_TO_ID = {1: 3, 2: 4, 3: 5, 4: 1, 5: 2, 6: 6, 7: 0}
+
+
+def face_pixels(seed: int, side: int = SIDE) -> np.ndarray:
+  """A deterministic uint8 (side, side) grayscale 'face'."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[:side, :side]
+  base = (x * 3 + y * 2 + seed * 17) % 256
+  return np.clip(base + rng.integers(-20, 20, (side, side)), 0, 255).astype(
+      np.uint8)
+
+
+def pixel_string(pixels: np.ndarray) -> str:
+  return " ".join(str(int(v)) for v in pixels.reshape(-1))
+
+
+def _write(path: str, data: bytes | str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as fp:
+    fp.write(data.encode() if isinstance(data, str) else data)
+
+
+def _jpeg(img: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="JPEG", quality=95)
+  return buf.getvalue()
+
+
+def _counts(ids, n=8):
+  c = [0] * n
+  for i in ids:
+    c[i] += 1
+  return c
+
+
+def write_fer2013(root: str) -> dict:
+  """`root/fer2013.csv`; returns the expected result per split."""
+  rows = []  # (emotion text, pixel text, Usage)
+  pixels = {}
+  for label in range(7):  # One good Training row per FER2013 label.
+    pixels[len(rows)] = face_pixels(label)
+    rows.append((str(label), pixel_string(pixels[len(rows)]), "Training"))
+  short = pixel_string(face_pixels(50))[:-4]  # 2303 values.
+  rows.append(("3", short, "Training"))  # malformed_row
+  rows.append(("7", pixel_string(face_pixels(51)), "Training"))  # out of range
+  bad = pixel_string(face_pixels(52)).split()
+  bad[5] = "300"
+  rows.append(("4", " ".join(bad), "Training"))  # malformed_row (value)
+  rows.append(("2", pixel_string(face_pixels(53)), "Validation"))  # unknown
+  for label in (3, 3, 6):
+    pixels[len(rows)] = face_pixels(100 + len(rows))
+    rows.append((str(label), pixel_string(pixels[len(rows)]), "PublicTest"))
+  for label in (0, 1, 2, 3):
+    pixels[len(rows)] = face_pixels(200 + len(rows))
+    rows.append((str(label), pixel_string(pixels[len(rows)]), "PrivateTest"))
+  text = "emotion,pixels,Usage\n" + "".join(
+      f"{e},{p},{u}\n" for e, p, u in rows)
+  _write(os.path.join(root, "fer2013.csv"), text)
+  # Line number (header = line 1) -> (affectjax id, pixels) of written rows.
+  faces = {i + 2: (FER2013_TO_ID[int(rows[i][0])], pixels[i])
+           for i in pixels}
+  return {
+      "train": {"rows": 11, "written": 7,
+                "skipped": {"label_out_of_range": 1, "malformed_row": 2,
+                            "unknown_split": 1},
+                "class_counts": _counts(FER2013_TO_ID[k] for k in range(7))[
+                    :7]},
+      "holdout": {"rows": 3, "written": 3, "skipped": {},
+                  "class_counts": _counts([1, 1, 0])[:7]},
+      "val": {"rows": 4, "written": 4, "skipped": {},
+              "class_counts": _counts([6, 5, 4, 1])[:7]},
+      "faces": faces,
+  }
+
+
+# fer2013new.csv rows: (Usage, has name, votes over neutral, happiness,
+# surprise, sadness, anger, disgust, fear, contempt, unknown, NF) and the
+# expected outcome (an affectjax id, or the skip reason).
+_FERPLUS_ROWS = [
+    ("Training", True, (4, 0, 0, 1, 3, 2, 0, 0, 0, 0), 0),
+    ("Training", True, (6, 0, 1, 1, 0, 0, 0, 0, 2, 0), 0),
+    ("Training", True, (0, 9, 0, 0, 0, 0, 0, 0, 1, 0), 1),
+    ("Training", True, (0, 0, 0, 0, 2, 0, 0, 6, 2, 0), 7),
+    ("Training", True, (0, 5, 5, 0, 0, 0, 0, 0, 0, 0), "vote_tied"),
+    ("Training", True, (0, 0, 0, 0, 0, 0, 0, 0, 0, 10), "vote_not_a_face"),
+    ("Training", True, (1, 0, 0, 2, 0, 0, 0, 0, 7, 0), "vote_unknown"),
+    ("Training", False, (0, 0, 0, 0, 0, 0, 0, 0, 0, 10),
+     "dropped_by_ferplus"),
+    ("Training", False, (1, 0, 0, 0, 0, 0, 0, 0, 0, 9), "dropped_by_ferplus"),
+    ("PublicTest", True, (0, 0, 8, 0, 0, 0, 2, 0, 0, 0), 3),
+    ("PublicTest", True, (0, 1, 0, 0, 0, 0, 9, 0, 0, 0), 4),
+    ("PrivateTest", True, (2, 0, 0, 7, 0, 0, 0, 1, 0, 0), 2),
+    ("PrivateTest", True, (0, 0, 0, 0, 10, 0, 0, 0, 0, 0), 6),
+    ("PrivateTest", True, (0, 0, 0, 0, 3, 6, 0, 0, 1, 0), 5),
+]
+FERPLUS_HEADER = ("Usage,Image name,neutral,happiness,surprise,sadness,anger,"
+                  "disgust,fear,contempt,unknown,NF")
+
+
+def write_ferplus(root: str) -> dict:
+  """`root/fer2013new.csv` + `root/fer2013.csv`; returns the expectations."""
+  fer = ["emotion,pixels,Usage"]
+  new = [FERPLUS_HEADER]
+  splits = {"Training": "train", "PublicTest": "holdout",
+            "PrivateTest": "val"}
+  want = {s: {"rows": 0, "written": 0, "skipped": {}, "ids": []}
+          for s in splits.values()}
+  faces = {}
+  for i, (usage, named, votes, outcome) in enumerate(_FERPLUS_ROWS):
+    px = face_pixels(300 + i)
+    # FER2013's own label (ignored by FERPlus) in the paired row.
+    fer.append(f"{i % 7},{pixel_string(px)},{usage}")
+    name = f"fer{i:07d}.png" if named else ""
+    new.append(",".join([usage, name] + [str(v) for v in votes]))
+    w = want[splits[usage]]
+    w["rows"] += 1
+    if isinstance(outcome, int):
+      w["written"] += 1
+      w["ids"].append(outcome)
+      faces[name] = (outcome, px)
+    else:
+      w["skipped"][outcome] = w["skipped"].get(outcome, 0) + 1
+  _write(os.path.join(root, "fer2013.csv"), "\n".join(fer) + "\n")
+  _write(os.path.join(root, "fer2013new.csv"), "\n".join(new) + "\n")
+  for w in want.values():
+    w["class_counts"] = _counts(w.pop("ids"))
+    w["skipped"] = dict(sorted(w["skipped"].items()))
+  want["faces"] = faces
+  return want
+
+
+def write_rafdb(root: str, *, aligned: bool = True) -> dict:
+  """RAF-DB basic under `root/basic`; returns the expectations."""
+  base = os.path.join(root, "basic")
+  lines, ids = [], {"train": [], "val": []}
+  for k, label in enumerate((1, 2, 3, 4, 5, 6, 7, 4), start=1):
+    lines.append(f"train_{k:05d}.jpg {label}")
+    ids["train"].append(RAFDB_TO_ID[label])
+  lines.append("train_00009.jpg 8")  # label_out_of_range (image exists)
+  lines.append("train_00010.jpg 3")  # missing_file (no image)
+  for k, label in enumerate((1, 4, 7), start=1):
+    lines.append(f"test_{k:04d}.jpg {label}")
+    ids["val"].append(RAFDB_TO_ID[label])
+  names = [l.split()[0] for l in lines if not l.startswith("train_00010")]
+  for n, name in enumerate(names):
+    img = np.stack([face_pixels(400 + n, 100)] * 3, axis=-1)
+    stem = os.path.splitext(name)[0]
+    if aligned:
+      path = os.path.join(base, "Image", "aligned", f"{stem}_aligned.jpg")
+    else:
+      path = os.path.join(base, "Image", "original", name)
+    _write(path, _jpeg(img))
+  _write(os.path.join(base, "EmoLabel", "list_patition_label.txt"),
+         "\n".join(lines) + "\n")
+  return {
+      "train": {"rows": 10, "written": 8,
+                "skipped": {"label_out_of_range": 1, "missing_file": 1},
+                "class_counts": _counts(ids["train"])[:7]},
+      "val": {"rows": 3, "written": 3, "skipped": {},
+              "class_counts": _counts(ids["val"])[:7]},
+  }
+
+
+KAGGLE_FOLDERS = ("angry", "disgust", "fear", "happy", "neutral", "sad",
+                  "surprise")
+
+
+def write_fer2013_folders(root: str) -> dict:
+  """Kaggle's FER2013 image tree (train/ + test/, no val/)."""
+  from data_prep import labels  # pylint: disable=g-import-not-at-top
+  counts = {"train": [0] * 7, "val": [0] * 7}
+  n = 0
+  for split, prefixes in (("train", ("Training",)),
+                          ("test", ("PublicTest", "PrivateTest"))):
+    for c, folder in enumerate(KAGGLE_FOLDERS):
+      for k in range(2 if split == "train" else 1):
+        prefix = prefixes[(c + k) % len(prefixes)]
+        _write(os.path.join(root, split, folder,
+                            f"{prefix}_{10000000 + n}.jpg"),
+               _jpeg(face_pixels(500 + n)))
+        n += 1
+        counts["val" if split == "test" else split][
+            labels.folder_class(folder)] += 1
+  _write(os.path.join(root, "train", "happy", "desktop.ini"), b"[x]\n")
+  return {
+      "train": {"rows": 15, "written": 14, "skipped": {"not_an_image": 1},
+                "class_counts": counts["train"]},
+      "val": {"rows": 7, "written": 7, "skipped": {},
+              "class_counts": counts["val"]},
+  }

@@ -1,0 +1,187 @@
+"""data_prep on the public expression sets in their published form (FER2013's
+CSV, FERPlus, RAF-DB basic, Kaggle's train/ + test/ tree): detection, exact
+counts, every skip explained, labels mapped to affectjax's ids by name."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from affectjax import data as affect_data
+from data_prep import affectnet
+from data_prep import layouts
+from data_prep import public_sets
+from tests import public_fixtures
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+S = public_fixtures.SIDE  # FER2013's own size: no resize, exact pixels.
+
+
+def _check_splits(manifest, want):
+  for split, w in want.items():
+    if split == "faces":
+      continue
+    got = manifest["splits"][split]
+    assert (got["rows"], got["written"], got["skipped"],
+            got["class_counts"]) == (w["rows"], w["written"], w["skipped"],
+                                     w["class_counts"]), split
+  assert set(manifest["splits"]) == {s for s in want if s != "faces"}
+
+
+def _by_path(out, split):
+  src = affect_data.source(out, split)
+  return {src[i]["path"]: src[i] for i in range(len(src))}
+
+
+def test_fer2013_csv(tmp_path):
+  root, out = str(tmp_path / "fer"), str(tmp_path / "out")
+  want = public_fixtures.write_fer2013(root)
+  assert layouts.detect(root) == "fer2013"
+  m = affectnet.prepare(root, out, image_size=S, encoding="raw",
+                        progress=False)
+  _check_splits(m, want)
+  assert m["num_classes"] == 7 and m["dataset"] == "FER2013"
+  assert m["label_names"] == list(affect_data.LABEL_NAMES_7)
+  # FER2013's order (0 angry ... 6 neutral) -> affectjax ids by name.
+  names = m["source_label_names"]
+  assert {names[k]: m["label_names"][v]
+          for k, v in m["label_mapping"].items()} == {
+              "angry": "anger", "disgust": "disgust", "fear": "fear",
+              "happy": "happy", "sad": "sad", "surprise": "surprise",
+              "neutral": "neutral"}
+  assert m["split_sources"] == {"train": "fer2013.csv Usage=Training",
+                                "holdout": "fer2013.csv Usage=PublicTest",
+                                "val": "fer2013.csv Usage=PrivateTest"}
+  ex = m["splits"]["train"]["skip_examples"]
+  assert ex["unknown_split"][0]["row"] == 12
+  assert "Validation" in ex["unknown_split"][0]["detail"]
+  assert "2303 pixel values" in ex["malformed_row"][0]["detail"]
+  # The pixels themselves, written losslessly as gray RGB, with their label.
+  faces = want["faces"]
+  for split in ("train", "holdout", "val"):
+    for path, e in _by_path(out, split).items():
+      line = int(path.split(":")[1])
+      label, px = faces[line]
+      assert int(e["expression"]) == label
+      np.testing.assert_array_equal(e["image"], np.stack([px] * 3, -1))
+      assert e["valence"] == -2.0 and e["arousal"] == -2.0
+
+
+def test_fer2013_refuses_a_second_holdout(tmp_path):
+  public_fixtures.write_fer2013(str(tmp_path))
+  with pytest.raises(ValueError, match="own holdout"):
+    affectnet.prepare(str(tmp_path), str(tmp_path / "out"), image_size=S,
+                      holdout_fraction=0.1, progress=False)
+
+
+def test_ferplus_majority_vote(tmp_path):
+  root, out = str(tmp_path / "ferplus"), str(tmp_path / "out")
+  want = public_fixtures.write_ferplus(root)
+  assert layouts.detect(root) == "ferplus"
+  m = affectnet.prepare(root, out, image_size=S, encoding="raw",
+                        progress=False)
+  _check_splits(m, want)
+  assert m["num_classes"] == 8 and m["label_names"][7] == "contempt"
+  assert m["label_mapping"]["contempt"] == 7
+  assert m["label_mapping"]["happiness"] == 1
+  ex = m["splits"]["train"]["skip_examples"]
+  assert "FERPlus removed" in ex["dropped_by_ferplus"][0]["detail"]
+  assert ex["vote_tied"][0]["detail"] == "votes happiness=5, surprise=5"
+  for split in ("train", "holdout", "val"):
+    for name, e in _by_path(out, split).items():
+      label, px = want["faces"][name]
+      assert int(e["expression"]) == label, name
+      np.testing.assert_array_equal(e["image"][..., 0], px)
+  # The 7-class protocol leaves Contempt out, counted.
+  m7 = affectnet.prepare(root, str(tmp_path / "out7"), image_size=S,
+                         classes=7, progress=False)
+  assert m7["splits"]["train"]["skipped"]["excluded_class"] == 1
+  assert "contempt" not in m7["label_mapping"]
+
+
+def test_majority_vote_rule():
+  vote = public_sets.majority_vote
+  assert vote((4, 0, 0, 1, 3, 2, 0, 0, 0, 0)) == (0, None)
+  assert vote((0, 0, 0, 0, 0, 0, 0, 3, 1, 1)) == (7, None)
+  assert vote((3, 3, 0, 0, 0, 0, 0, 0, 0, 0)) == (None, "vote_tied")
+  assert vote((0, 0, 0, 0, 0, 0, 0, 0, 4, 4)) == (None, "vote_tied")
+  assert vote((1, 0, 0, 0, 0, 0, 0, 0, 0, 9)) == (None, "vote_not_a_face")
+  assert vote((2, 0, 0, 0, 0, 0, 0, 0, 5, 0)) == (None, "vote_unknown")
+  assert vote((0,) * 10) == (None, "malformed_row")
+
+
+def test_ferplus_needs_row_aligned_fer2013(tmp_path):
+  public_fixtures.write_ferplus(str(tmp_path))
+  os.remove(tmp_path / "fer2013.csv")
+  with pytest.raises(layouts.LayoutError, match="put Kaggle's original"):
+    affectnet.prepare(str(tmp_path), str(tmp_path / "o"), progress=False)
+  (tmp_path / "fer2013.csv").write_text(
+      "emotion,pixels,Usage\n0,1 2,Training\n")
+  with pytest.raises(layouts.LayoutError, match="has 14 rows but"):
+    affectnet.prepare(str(tmp_path), str(tmp_path / "o"), progress=False)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_rafdb_basic(tmp_path, aligned):
+  root, out = str(tmp_path / "RAF-DB"), str(tmp_path / "out")
+  want = public_fixtures.write_rafdb(root, aligned=aligned)
+  assert layouts.detect(root) == "rafdb"
+  m = affectnet.prepare(root, out, image_size=24, progress=False)
+  _check_splits(m, want)
+  assert m["num_classes"] == 7 and m["dataset"] == "RAF-DB"
+  kind = "aligned" if aligned else "original"
+  assert m["split_sources"]["val"].endswith(f"Image/{kind}/")
+  assert {m["source_label_names"][k]: m["label_names"][v]
+          for k, v in m["label_mapping"].items()}["anger"] == "anger"
+  ex = m["splits"]["train"]["skip_examples"]
+  suffix = "_aligned" if aligned else ""
+  assert ex["missing_file"][0]["path"] == f"train_00010{suffix}.jpg"
+  assert ex["label_out_of_range"][0]["row"] == 9
+  paths = sorted(_by_path(out, "val"))
+  assert paths == [f"test_{k:04d}{suffix}.jpg" for k in (1, 2, 3)]
+
+
+def _cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "data_prep.affectnet", "--num_workers=1",
+       "--no_progress", "--image_size=24", *args], cwd=REPO,
+      capture_output=True, text=True, timeout=120)
+
+
+def test_kaggle_tree_test_folder_is_the_evaluation_split(tmp_path):
+  """train/ + test/ and no val/: test/ is prepared as 'val', the run says so,
+  and with no Contempt folder the dataset has 7 classes."""
+  root, out = tmp_path / "fer2013", tmp_path / "out"
+  want = public_fixtures.write_fer2013_folders(str(root))
+  assert layouts.detect(str(root)) == "folders"
+  res = _cli(f"--input_dir={root}", f"--output_dir={out}")
+  assert res.returncode == 0, res.stderr
+  m = json.loads((out / "manifest.json").read_text())
+  _check_splits(m, want)
+  assert m["num_classes"] == 7 and m["unused_inputs"] == []
+  assert m["split_sources"] == {"train": "train/", "val": "test/"}
+  summary = res.stderr.strip().splitlines()[-1]
+  assert "val 7" in summary and "val = test/ (no val/)" in summary, summary
+  assert "test/ is the evaluation split" in res.stderr
+  assert "no Contempt class folder" in res.stderr
+  # --classes=8 keeps AffectNet's 8 ids (an empty Contempt class).
+  res = _cli(f"--input_dir={root}", f"--output_dir={tmp_path / 'o8'}",
+             "--classes=8")
+  assert res.returncode == 0, res.stderr
+  m8 = json.loads((tmp_path / "o8" / "manifest.json").read_text())
+  assert m8["splits"]["train"]["class_counts"] == want["train"][
+      "class_counts"] + [0]
+
+
+def test_ambiguous_trees_ask_for_layout(tmp_path):
+  root = str(tmp_path)
+  public_fixtures.write_fer2013_folders(root)
+  public_fixtures.write_fer2013(root)
+  with pytest.raises(layouts.LayoutError, match="--layout=fer2013"):
+    layouts.detect(root)
+  m = affectnet.prepare(root, str(tmp_path / "out"), layout="folders",
+                        image_size=24, progress=False)
+  assert m["splits"]["val"]["written"] == 7
+  assert m["unused_inputs"] == ["fer2013.csv"]
