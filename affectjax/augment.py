@@ -19,8 +19,7 @@ Contract (shared by the trainer, evaluation, prediction and export):
      `augment.aspect_ratio` = (1, 1) make it a plain resize). The crop covers a
      fraction U(crop_scale) of the image area with a log-uniform aspect ratio
      (width / height) in `aspect_ratio`, clamped to the image, at a uniform
-     position; like the host `Augment` it replaces, but with sub-pixel crop
-     boxes. It is resampled to `size` with `jax.image.scale_and_translate`
+     position, with continuous (sub-pixel) box edges. It is resampled to `size` with `jax.image.scale_and_translate`
      (triangle kernel, antialiased when shrinking: the same filter as Pillow's
      BILINEAR resize with a box).
   2. Horizontal flip with probability 1/2 (`augment.flip`).
@@ -38,8 +37,9 @@ Contract (shared by the trainer, evaluation, prediction and export):
      mode='pixel': with that probability, up to 10 attempts to draw a
      rectangle of area U(0.02, 1/3) of the image and log-uniform aspect ratio
      in (0.3, 1/0.3) that fits; the first that fits is filled with per-pixel
-     Gaussian noise of ImageNet's mean and std (in pixel units, clipped to
-     [0, 255]), which is timm's N(0, 1) after normalization. If none fits,
+     Gaussian noise of ImageNet's mean and std (`models.preprocessing`'s, in
+     pixel units, clipped to [0, 255]), which is timm's N(0, 1) after
+     normalization. If none fits,
      nothing is erased (as in timm). Skipped when the probability is 0.
 
 Each op reads its own fixed slots of one uniform vector drawn per row (plus,
@@ -58,9 +58,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from affectjax.models import preprocessing
+
 # ImageNet statistics in pixel units: the fill of random erasing.
-_MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
-_STD_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+_MEAN_RGB = np.array(preprocessing.IMAGENET_MEAN_RGB, np.float32) * 255.0
+_STD_RGB = np.array(preprocessing.IMAGENET_STD_RGB, np.float32) * 255.0
 # Pillow's "L" conversion (ITU-R 601-2 luma), used by ImageEnhance.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 # timm RandomErasing defaults.
@@ -87,8 +89,8 @@ def resize_images(images: jax.Array, size: int) -> jax.Array:
   """Deterministic full-image resize of a batch to float32 (B, size, size, 3).
 
   Bilinear (triangle kernel), antialiased when shrinking, like Pillow's
-  BILINEAR resize that the host used before; a batch already at `size` is
-  returned unchanged (as float32).
+  BILINEAR resize; a batch already at `size` is returned unchanged (as
+  float32).
   """
   x = jnp.asarray(images, jnp.float32)
   _check_images(x)
@@ -215,7 +217,7 @@ def _augment_one(image, key, opts, size):
 
 
 def _random_resized_crop(image, u, opts, size):
-  """Crop box drawn as the host Augment did (continuous), resampled to size.
+  """A random crop box (continuous edges, see the module doc), resampled to size.
 
   `u` holds four U(0, 1) draws: area fraction, log aspect, x and y position.
   """
@@ -269,15 +271,6 @@ def affine(image, angle_degrees, shift_yx):
   sample = lambda channel: jax.scipy.ndimage.map_coordinates(  # noqa: E731
       channel, [src_y, src_x], order=1, mode="mirror")
   return jax.vmap(sample, in_axes=2, out_axes=2)(image)
-
-
-def _random_affine(image, key, degrees, translate):
-  k_angle, k_shift = jax.random.split(key)
-  angle = jax.random.uniform(k_angle, minval=-degrees, maxval=degrees)
-  side = jnp.array(image.shape[:2], jnp.float32)
-  shift = jax.random.uniform(k_shift, (2,), minval=-translate,
-                             maxval=translate) * side
-  return affine(image, angle, shift)
 
 
 def color_jitter(image, brightness, contrast, saturation):
