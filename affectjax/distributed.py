@@ -1,12 +1,15 @@
 """Process setup shared by every entry point: jax.distributed, devices, compile cache.
 
-``main`` (training) and the evaluate/predict tools call, in this order, before
-any other JAX call::
+``main`` (training) calls, in this order, before any other JAX call::
 
   distributed.initialize(auto=..., coordinator_address=..., num_processes=...,
                          process_id=..., local_device_ids=...)
   distributed.enable_compilation_cache(config.compilation_cache_dir)
   distributed.check_devices()
+
+The evaluate tool calls ``initialize(auto=--distributed)`` and
+``check_devices()`` (multi-host evaluation). predict and export run as one
+process on the local devices and call neither.
 
 GPU selection. JAX's cluster auto-detection (SLURM, Open MPI) assumes that
 every process on a node sees all of the node's GPUs and drives GPU number
