@@ -35,8 +35,8 @@ def build(name: str, size: int, *, imagenet_graph: bool = False, weights_path=No
   weights_file: instead, `keras.applications.<name>(weights=weights_file)`,
     Keras' path for a user's weight file (no ImageNet rescale for EfficientNet).
   Initializers return zeros: Keras' random initializers compile one XLA
-  program per weight shape (~40 s for EfficientNetB3 on 2 cores), and every
-  weight is overwritten anyway.
+  program per weight shape (tens of seconds for EfficientNetB3 on a small
+  CPU), and every weight is overwritten anyway.
   """
   import keras  # pylint: disable=g-import-not-at-top
   from keras.src.models import functional  # pylint: disable=g-import-not-at-top
