@@ -1,39 +1,74 @@
-"""One Orbax manager for the train state and the Grain iterator.
+"""One Orbax manager for the train state and the global data position.
 
 A checkpoint step directory holds two items (plus Orbax's own ``metrics``):
   * ``state``: the train-state pytree (params, BatchNorm statistics, optimizer
     state, step, EMA weights if any), saved asynchronously;
-  * ``data``: the Grain iterator position of every process, so a resumed run
-    sees exactly the batches an uninterrupted one would have seen.
+  * ``position``: the data position, once for the whole job (process 0 writes
+    it): the train iterator's state, ``{"next_index": k}`` = the next global
+    batch, and the global batch size it counts in.
+
+Elastic resume. The train state is replicated and restored onto the current
+run's abstract state (its mesh's shardings), and the data position is
+global: every process of any topology reads rows of global batch k of one
+seeded order. So a job saved by P processes x D devices resumes on any
+Q x E whose devices divide the batch, and continues exactly as an
+uninterrupted run. The global batch size must match (``--config.batch_size``):
+a run with another one refuses to resume (``IncompatibleCheckpointError``).
+Checkpoints written before the position item existed hold a ``data`` item
+with one Grain file per process (``process_i-of-n.json``); they are still
+read (process 0's file, after checking that all of them agree).
 
 Which steps stay on disk is Orbax's preservation policy: the latest ``keep``
 steps, and (when ``best_metric`` is set) also the best step by that metric
-among those saved with ``metrics=``. The best step is recorded, beside the
-step directories, in ``best.json`` (step, metric, mode, value) for people and
-scripts; ``best_step()`` asks Orbax, which reads every step's saved metrics.
+among those saved with ``metrics=``. Ties between equal metric values go to
+the later step, in Orbax's ``BestN`` and in ``best_step()`` alike, so the step
+``best.json`` names (beside the step directories, for people and scripts)
+is always one Orbax keeps.
 
-Orbax writes each step under a temporary name and renames it when complete, so
-a run killed mid-save leaves the previous checkpoint intact. The directory is
-any ``etils.epath`` path (local, ``gs://...``); nothing here uses ``os.path``
-or ``open()`` on it.
+Faults. Orbax writes each step under a temporary name and renames it when
+complete, so a run killed mid-save, or a save that fails (a full disk, a
+read-only workdir), leaves the previous checkpoint intact; a failed save
+raises ``CheckpointWriteError`` naming the directory and the cause. On
+resume, ``restore_latest`` skips a step that cannot be read (truncated,
+corrupt), warns with its number, moves it aside as ``<step>.corrupt`` and
+restores the newest readable one.
+
+The directory is any ``etils.epath`` path (local, ``gs://...``); nothing here
+uses ``os.path`` or ``open()`` on it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as std_logging
 import math
 from typing import Any, Mapping
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from affectjax import fileio
 
+from affectjax import fileio
+
 BEST_RECORD = "best.json"
+POSITION = "position"
+_LEGACY_DATA = "data"  # Grain's per-process iterator files (older runs).
 _MODES = ("max", "min")
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A checkpoint this run cannot continue, whatever its topology (e.g. it
+  was saved with another global batch size)."""
+
+
+class CheckpointWriteError(OSError):
+  """A save that failed (full disk, read-only or vanished directory)."""
 
 
 def _as_path(directory) -> epath.Path:
@@ -75,6 +110,36 @@ class _MetricKey:
     return float(value)
 
 
+class _DropUntrackedSaveWarning(std_logging.Filter):
+  """Drops Orbax's warning for a save without metrics.
+
+  Orbax warns "Requested `tracked_metric`; did not provide metrics." at
+  every save without ``metrics=`` once a ``best_fn`` is set; here that is
+  every periodic save that is not an evaluation, which is by design.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_untracked_save_warning():
+  logger = logging.get_absl_logger()
+  quiet = _DropUntrackedSaveWarning()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
+def _everywhere(ok: bool) -> bool:
+  """True when ``ok`` holds on every process (a collective when several)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class Checkpointer:
   """Saves every ``every_steps`` (and on demand); keeps the latest ``keep``
   and, with ``best_metric``, the best step by that metric.
@@ -87,11 +152,15 @@ class Checkpointer:
       ``metrics=``; None keeps only the latest ``keep``.
     best_mode: ``max`` or ``min``: which end of ``best_metric`` is best.
     async_save: write the state in a background thread.
+    global_batch_size: the run's global batch (``config.batch_size``),
+      recorded with the data position; a restore with a data iterator
+      refuses a checkpoint saved with another one. None: not recorded or
+      checked (tools that only read the state).
   """
 
   def __init__(self, directory, *, every_steps: int, keep: int,
                best_metric: str | None = None, best_mode: str = "max",
-               async_save: bool = True):
+               async_save: bool = True, global_batch_size: int | None = None):
     if best_mode not in _MODES:
       raise ValueError(f"--config.checkpoint.best_mode={best_mode!r}: use "
                        "'max' or 'min'.")
@@ -101,24 +170,33 @@ class Checkpointer:
     self.every_steps = every_steps
     self.best_metric = best_metric or None
     self.best_mode = best_mode
+    self.global_batch_size = (None if global_batch_size is None
+                              else int(global_batch_size))
     policies = [checkpoint_managers.LatestN(n=keep)]
     best_fn = None
     if self.best_metric:
       best_fn = _MetricKey(self.best_metric, best_mode)
+      # BestN sorts the steps (in step order) by best_fn with a stable sort
+      # and keeps the last n: of equal values, the later step. best_step()
+      # breaks ties the same way.
       policies.append(checkpoint_managers.BestN(
           get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
+    self._step_format = ocp.step.standard_name_format()
     options = ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=async_save,
         best_fn=best_fn, best_mode=best_mode,
+        step_name_format=self._step_format,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(
             policies=policies))
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data"))
+        self.directory, options=options, item_names=("state", POSITION))
     # step -> saved metrics (None: saved without). Orbax reads metrics from
     # committed step directories only; this also covers an async save that
     # is still being written.
     self._metrics: dict[int, dict | None] = {}
+    self._pending: int | None = None  # The step an async save is writing.
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -129,6 +207,7 @@ class Checkpointer:
   def best_step(self) -> int | None:
     """The best step saved with metrics; None if no step has metrics.
 
+    Of steps with equal values, the later one, as Orbax's ``BestN`` keeps.
     (Orbax's own ``best_step`` falls back to the latest step, which would
     silently pass a checkpoint off as "best".)
     """
@@ -140,8 +219,7 @@ class Checkpointer:
       return None
     key = _MetricKey(self.best_metric, self.best_mode)
     sign = 1.0 if self.best_mode == "max" else -1.0
-    # Ties go to the earlier step (the first to reach the value).
-    return max(ranked, key=lambda ms: (sign * key(ms[0]), -ms[1]))[1]
+    return max(ranked, key=lambda ms: (sign * key(ms[0]), ms[1]))[1]
 
   def metrics(self, step: int) -> dict | None:
     """The metrics a step was saved with (None if saved without)."""
@@ -156,21 +234,31 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator=None, *,
            metrics: Mapping[str, Any] | None = None,
            wait: bool = False) -> None:
-    """Saves ``state`` (and the iterator position) at ``step``.
+    """Saves ``state`` (and the global data position) at ``step``.
 
     Args:
       step: the train step.
       state: the train-state pytree.
-      data_iterator: a Grain iterator, checkpointed with the state.
+      data_iterator: the train iterator (its ``get_state()`` is the global
+        data position, the same on every process), saved with the state.
       metrics: the selection split's evaluation at this step, when the save
         coincides with one; ranks the step for best-keeping. Must contain
         ``best_metric``.
       wait: block until the checkpoint is committed (the preemption handler
         needs the checkpoint on disk before the process exits).
+
+    Raises:
+      CheckpointWriteError: this save, or the asynchronous one before it,
+        failed; the steps committed before it are intact.
     """
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items[POSITION] = ocp.args.JsonSave({
+          "iterator": data_iterator.get_state(),
+          "global_batch_size": self.global_batch_size,
+          # For people reading it; a resume may use any topology.
+          "process_count": jax.process_count(),
+          "device_count": jax.device_count()})
     saved_metrics = None
     if metrics is not None:
       saved_metrics = scalar_metrics(metrics)
@@ -178,50 +266,239 @@ class Checkpointer:
         raise KeyError(
             f"--config.checkpoint.best_metric={self.best_metric!r} is not an "
             f"evaluation metric; choose one of {sorted(saved_metrics)}.")
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True,
-                       metrics=saved_metrics if self.best_metric else None)
-    self._metrics[step] = saved_metrics
-    if wait:
-      self.wait()
-    if saved_metrics is not None and self.best_metric:
-      self._record_best()
+    with self._writing(step):
+      with _without_untracked_save_warning():
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True,
+                           metrics=saved_metrics if self.best_metric else None)
+      self._pending = step
+      self._metrics[step] = saved_metrics
+      if wait:
+        self._manager.wait_until_finished()
+        self._pending = None
+      if saved_metrics is not None and self.best_metric:
+        self._record_best()
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Turns a failed write into a ``CheckpointWriteError`` naming the path.
+
+    An asynchronous save fails in the background and surfaces at the next
+    save or wait, so the message names the step still being written, if any.
+    """
+    try:
+      yield
+    except CheckpointWriteError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed = True
+      failed = self._pending if self._pending is not None else step
+      self._pending = None
+      committed = self._committed_steps()
+      kept = (f"The checkpoints already there (steps {committed}) are intact. "
+              if committed else "")
+      raise CheckpointWriteError(
+          f"Could not save the checkpoint of step {failed} to "
+          f"{self.directory}: {type(e).__name__}: {e}. {kept}Free space on "
+          "that filesystem or make it writable (or pass another --workdir), "
+          "then rerun the same command to resume from the latest of them."
+      ) from e
+
+  def _committed_steps(self) -> list[int]:
+    """The committed step directories on disk now (an uncached listing)."""
+    try:
+      return sorted(m.step for m in self._step_format.find_all(self.directory))
+    except Exception:  # pylint: disable=broad-except
+      return []
 
   def _record_best(self) -> None:
-    """Writes ``best.json`` (process 0; temporary name, then rename)."""
+    """Writes ``best.json`` (process 0, through ``fileio``: whole or not at all).
+
+    Without a best step (none left with metrics), a stale record goes.
+    """
     if jax.process_index() != 0:
       return
+    path = self.directory / BEST_RECORD
     best = self.best_step()
     if best is None:
+      if path.exists():
+        path.unlink()
       return
     m = self.metrics(best) or {}
     record = {"step": best, "metric": self.best_metric, "mode": self.best_mode,
               "value": m.get(self.best_metric)}
-    fileio.write_json(self.directory / BEST_RECORD, record)
+    fileio.write_json(path, record)
+
+  def _step_path(self, step: int) -> epath.Path:
+    return ocp.step.find_step_path(self.directory, self._step_format,
+                                   step=step)
+
+  def _position(self, step: int) -> dict | None:
+    """Step ``step``'s global data position ({"iterator", "global_batch_size"}).
+
+    None if the step was saved without one. Checks that it can continue
+    this run (``IncompatibleCheckpointError`` if not).
+    """
+    step_dir = self._step_path(step)
+    if (step_dir / POSITION).exists():
+      position = self._manager.restore(
+          step, args=ocp.args.Composite(**{POSITION: ocp.args.JsonRestore()})
+      )[POSITION]
+    elif (step_dir / _LEGACY_DATA).exists():
+      position = {"iterator": _legacy_position(step_dir / _LEGACY_DATA),
+                  "global_batch_size": None}
+    else:
+      return None
+    saved = position.get("global_batch_size")
+    if (saved is not None and self.global_batch_size is not None
+        and int(saved) != self.global_batch_size):
+      raise IncompatibleCheckpointError(
+          f"{step_dir} was saved with a global batch of {saved} "
+          f"(--config.batch_size={saved}), but this run has "
+          f"--config.batch_size={self.global_batch_size}. The data position "
+          "and the schedules count global batches, so a resumed run must "
+          f"keep it: rerun with --config.batch_size={saved} (on any number "
+          "of processes and devices that divides it), or start over in a "
+          "new --workdir.")
+    return position
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None):
     """Restores ``step`` onto ``abstract_state`` (shapes, dtypes, shardings).
 
-    Restoring onto an abstract target is what keeps container types intact:
-    without it, Orbax hands optax's namedtuple states back as plain lists.
-    The data iterator, if given, is restored in place.
+    Restoring onto an abstract target is what keeps container types intact
+    (without it, Orbax hands optax's namedtuple states back as plain lists)
+    and what lets a job saved on one topology resume on another: the target
+    carries the current mesh's shardings. The data iterator, if given, is
+    set to the saved global position, after the state has been read.
     """
     if step not in self._manager.all_steps():
       raise FileNotFoundError(
           f"No checkpoint for step {step} in {self.directory}; it has steps "
           f"{self.all_steps()}.")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    position = None
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      position = self._position(step)
+      if position is None:
+        raise FileNotFoundError(
+            f"{self._step_path(step)} holds no data position (it was saved "
+            "without the train iterator), so training cannot resume from it.")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    if position is not None:
+      data_iterator.set_state(position["iterator"])
     return restored["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iterator=None
+                     ) -> tuple[Any, int | None]:
+    """Restores the newest readable step: ``(state, step)``; ``(None, None)``
+    when there is no checkpoint yet.
+
+    A step that cannot be read (truncated or corrupt files) is skipped with
+    a warning naming it, and moved aside as ``<step>.corrupt`` (so the run
+    can save that step again); the next older one is tried. Every process
+    takes the same decision. ``IncompatibleCheckpointError`` is raised, not
+    skipped; so is the first error when no step can be read at all (a
+    changed model config, typically), rather than silently starting over.
+    """
+    bad: list[tuple[int, Exception]] = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      error = None
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      if not _everywhere(error is None):
+        logging.warning(
+            "Checkpoint step %d in %s cannot be read (%s); falling back to "
+            "the one before it.", step, self.directory,
+            f"{type(error).__name__}: {error}" if error else
+            "it failed on another process")
+        bad.append((step, error))
+        continue
+      if bad:
+        self._set_aside([s for s, _ in bad])
+      return state, step
+    if bad:
+      step, error = bad[0]
+      raise RuntimeError(
+          f"No checkpoint in {self.directory} can be restored (steps "
+          f"{[s for s, _ in bad]}); the newest, step {step}, failed with "
+          f"{type(error).__name__}: {error}. If the model or optimizer config "
+          "changed since they were saved, train in a new --workdir."
+      ) from error
+    return None, None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable steps to ``<step>.corrupt`` (process 0), out of
+    Orbax's sight, keeping their files for inspection."""
+    if jax.process_index() == 0:
+      for step in steps:
+        path = self._step_path(step)
+        aside, n = path.parent / f"{path.name}.corrupt", 1
+        while aside.exists():
+          n += 1
+          aside = path.parent / f"{path.name}.corrupt{n}"
+        try:
+          path.rename(aside)
+          logging.warning("Moved the unreadable checkpoint step %d to %s.",
+                          step, aside)
+        except OSError:  # e.g. no directory renames on this storage.
+          path.rmtree()
+          logging.warning("Deleted the unreadable checkpoint step %d (%s "
+                          "cannot rename it).", step, self.directory)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("affectjax_checkpoint_set_aside")
+    self._manager.reload()
+    for step in steps:
+      self._metrics.pop(step, None)
+    if self.best_metric:
+      self._record_best()
 
   def wait(self) -> None:
     """Blocks until any asynchronous save has been committed."""
-    self._manager.wait_until_finished()
+    with self._writing(None):
+      self._manager.wait_until_finished()
+      self._pending = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Commits any asynchronous save and closes the manager.
+
+    A failure already raised by ``save`` or ``wait`` is not raised again
+    here (the run is already unwinding with it).
+    """
+    reported = self._failed
+    try:
+      self.wait()
+    except CheckpointWriteError:
+      if not reported:
+        raise
+    finally:
+      with (contextlib.suppress(Exception) if reported
+            else contextlib.nullcontext()):
+        self._manager.close()
+
+
+def _legacy_position(data_dir: epath.Path) -> dict:
+  """The iterator state of a step saved with Grain's per-process files.
+
+  Every process of this project saves the same (global) position, so
+  process 0's is the job's; files that disagree are refused.
+  """
+  files = sorted(data_dir.glob("process_*-of-*.json"))
+  states = {f.name: json.loads(f.read_text()) for f in files}
+  first = [n for n in states if n.startswith("process_0-of-")]
+  if not first:
+    raise FileNotFoundError(
+        f"{data_dir} holds no process_0-of-N.json (it has "
+        f"{sorted(states)}): its data position is lost.")
+  if len({json.dumps(s, sort_keys=True) for s in states.values()}) > 1:
+    raise IncompatibleCheckpointError(
+        f"{data_dir}: the processes saved different data positions "
+        f"({', '.join(f'{n}: {s}' for n, s in sorted(states.items()))}), so "
+        "there is no one global position to resume from. Train in a new "
+        "--workdir, or restore the state alone (evaluate, export).")
+  return states[first[0]]
 
 
 def read_best_record(directory) -> dict | None:

@@ -90,7 +90,8 @@ def checkpointer(workdir, config) -> ckpt_lib.Checkpointer:
       path(workdir) / CHECKPOINTS, every_steps=config.checkpoint_every_steps,
       keep=int(config.keep_checkpoints),
       best_metric=config.checkpoint.best_metric or None,
-      best_mode=config.checkpoint.best_mode)
+      best_mode=config.checkpoint.best_mode,
+      global_batch_size=int(config.batch_size))
 
 
 def resolve_step(ckpt: ckpt_lib.Checkpointer, which: str | int) -> tuple[int, str]:

@@ -1,4 +1,7 @@
 """Real Orbax checkpoints of a train-state-shaped pytree and a Grain iterator."""
+import json
+import os
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -108,4 +111,117 @@ def test_no_best_metric_means_no_best_step(tmp_path):
   c = ckpt_lib.Checkpointer(str(tmp_path), every_steps=1, keep=1)
   c.save(1, _state(1), metrics={"macro_f1": 0.3}, wait=True)
   assert c.best_step() is None and c.latest_step() == 1
+  c.close()
+
+
+@pytest.mark.parametrize("mode,metric", [("max", "macro_f1"), ("min", "loss")])
+def test_tied_evaluations_best_json_names_the_step_orbax_keeps(tmp_path, mode,
+                                                               metric):
+  """Two evaluations tie; later saves push one of them out of the latest 2,
+  and Orbax deletes it. best.json (and best_step) must name the one it
+  keeps: the later (BestN's stable sort), also while both are on disk."""
+  c = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=2,
+                            best_metric=metric, best_mode=mode)
+  worse = 0.1 if mode == "max" else 0.9
+  saves = {1: worse, 2: 0.5, 3: 0.5, 4: None, 5: None}
+  for step, value in saves.items():
+    c.save(step, _state(step),
+           metrics=None if value is None else {metric: value})
+  c.wait()
+  assert c.all_steps() == [3, 4, 5]  # The latest 2, and the tie BestN kept.
+  assert c.best_step() == 3
+  assert ckpt_lib.read_best_record(tmp_path)["step"] == 3
+  c.close()
+
+
+def test_save_without_metrics_logs_no_warning(tmp_path):
+  """A periodic save (no evaluation) while best-keeping is on is normal."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  class Collect(logging.Handler):
+    def __init__(self):
+      super().__init__(logging.WARNING)
+      self.records = []
+
+    def emit(self, record):
+      self.records.append(record.getMessage())
+
+  collect = Collect()
+  absl_logging.get_absl_logger().addHandler(collect)
+  try:
+    c = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=2,
+                              best_metric="macro_f1")
+    c.save(1, _state(1))
+    c.save(2, _state(2), metrics={"macro_f1": 0.3})
+    c.save(3, _state(3), wait=True)
+    c.close()
+  finally:
+    absl_logging.get_absl_logger().removeHandler(collect)
+  assert collect.records == []
+  assert c.metrics(2) == {"macro_f1": 0.3}  # Metrics are still saved.
+
+
+def _iterator():
+  return iter(grain.MapDataset.range(100).shuffle(seed=3).batch(4)
+              .to_iter_dataset())
+
+
+def test_data_position_is_stored_once_with_the_global_batch(tmp_path):
+  it = _iterator()
+  for _ in range(3):
+    next(it)
+  c = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=1,
+                            global_batch_size=4)
+  c.save(3, _state(3), it, wait=True)
+  c.close()
+  step_dir = tmp_path / "3"
+  assert not (step_dir / "data").exists()  # No per-process files.
+  position = json.loads((step_dir / ckpt_lib.POSITION / "metadata").read_text())
+  assert position["iterator"] == {"next_index": 3}
+  assert position["global_batch_size"] == 4
+
+  # Another global batch: refused, naming the flag and both values.
+  c = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=1,
+                            global_batch_size=8)
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
+                     match=r"global batch of 4 \(--config.batch_size=4\), but "
+                     r"this run has --config.batch_size=8"):
+    c.restore(3, ckpt_lib.abstract_like(_state(0)), _iterator())
+  # The state alone (evaluate, export) needs no data position check.
+  c.restore(3, ckpt_lib.abstract_like(_state(0)))
+  c.close()
+
+
+def test_reads_checkpoints_with_per_process_grain_files(tmp_path):
+  """Steps saved before the global position item: Grain's process files."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  it = _iterator()
+  for _ in range(5):
+    next(it)
+  old = ocp.CheckpointManager(tmp_path, item_names=("state", "data"))
+  old.save(5, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_state(5)),
+      data=grain.checkpoint.CheckpointSave(it)))
+  old.wait_until_finished()
+  old.close()
+  expected = next(it)
+  assert os.listdir(tmp_path / "5" / "data").count("process_0-of-1.json") == 1
+
+  c = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=2,
+                            global_batch_size=4)
+  it2 = _iterator()
+  state, step = c.restore_latest(ckpt_lib.abstract_like(_state(0)), it2)
+  assert step == 5 and int(state["step"]) == 7
+  np.testing.assert_array_equal(next(it2), expected)
+
+  # Process files that disagree have no one global position: refused.
+  data_dir = tmp_path / "5" / "data"
+  (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")
+  (data_dir / "process_1-of-2.json").write_text('{"next_index": 9}')
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
+                     match=r"different data positions.*process_0-of-2.json: "
+                     r"\{'next_index': 5\}.*process_1-of-2.json: "
+                     r"\{'next_index': 9\}"):
+    c.restore_latest(ckpt_lib.abstract_like(_state(0)), _iterator())
   c.close()
