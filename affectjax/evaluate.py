@@ -36,6 +36,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from affectjax import data
+from affectjax import cli
 from affectjax import fileio
 from affectjax import report
 from affectjax import scoring
@@ -136,7 +137,7 @@ def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
   result = scoring.evaluate(run.state, run.eval_fn(tta, use_ema), config,
                             run.mesh, split=split, collect=True,
                             classes=classes,
-                            model_classes=data.label_names(num_classes),
+                            model_classes=run.contract.class_names,
                             progress=None)
   examples = result["examples"]
   result.update(step=run.step, checkpoint=run.label, split=split, tta=tta,
@@ -203,7 +204,7 @@ def main(argv) -> None:
 
 def run() -> None:
   _define_flags()
-  app.run(main)
+  app.run(cli.tool(main, "affectjax.evaluate"))
 
 
 if __name__ == "__main__":

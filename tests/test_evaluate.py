@@ -1,6 +1,13 @@
-"""`affectjax.evaluate` and `affectjax.scoring` on a real tiny trained run."""
+"""`affectjax.evaluate` and `affectjax.scoring` on real tiny trained runs.
+
+The 8-class run is the one the after-training tests share; a 7-class run is
+trained here on the same synthetic faces prepared with ``--classes=7`` (the
+same images without Contempt), so cross-dataset scores (8 -> 7 and 7 -> 8
+classes) can be checked against the 7-class protocol on the same rows.
+"""
 import csv
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -11,6 +18,8 @@ from affectjax import data
 from affectjax import evaluate as evaluate_lib
 from affectjax import scoring
 from affectjax import metrics as metrics_lib
+from affectjax import predict
+from affectjax import train
 from affectjax import workdir as workdir_lib
 from tests import use_fixtures
 
@@ -86,6 +95,11 @@ def test_seven_class_protocol_equals_hand_computation(run):
   assert "loss" not in seven
   v = metrics_lib.regression_metrics(ex["valence"][keep], ex["va"][keep, 0])
   assert seven["valence_ccc"] == pytest.approx(v["ccc"])
+  assert seven["class_names"] == list(data.LABEL_NAMES_7)
+  assert seven["classes_left_out"] == {"contempt": "left out by --classes=7"}
+  assert seven["rows_left_out"] == 52 - int(keep.sum())
+  assert seven["rows_left_out_by_class"] == {"contempt": 52 - int(keep.sum())}
+  assert full["rows_left_out"] == 0 and full["classes_left_out"] == {}
 
 
 def test_flip_tta_equals_mean_of_two_explicit_passes(run):
@@ -111,7 +125,7 @@ def test_bad_checkpoint_and_classes_name_the_flag(run_dir, run):
     workdir_lib.open_run(run_dir, checkpoint="last")
   with pytest.raises(ValueError, match="--classes=6"):
     scoring.evaluate(run.state, run.eval_fn(), run.config, run.mesh,
-                        classes=6)
+                     classes=6)
   with pytest.raises(FileNotFoundError, match="config.json"):
     workdir_lib.open_run(run_dir / "nope")
 
@@ -138,3 +152,149 @@ def test_best_falls_back_to_latest_without_metrics(tmp_path):
   assert workdir_lib.resolve_step(ckpt, "best") == (2, "latest")
   assert workdir_lib.resolve_step(ckpt, "1") == (1, "1")
   ckpt.close()
+
+
+# --------------------------------------------------------------------------
+# A 7-class run, and cross-dataset evaluation: classes matched by name.
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data7(synthetic_arrayrecord, tmp_path_factory):
+  """The session's synthetic AffectNet prepared again with --classes=7."""
+  from data_prep import affectnet  # pylint: disable=g-import-not-at-top
+  raw = pathlib.Path(synthetic_arrayrecord).parent / "raw"  # conftest's tree.
+  assert (raw / "validation.csv").exists(), raw
+  out = tmp_path_factory.mktemp("seven") / "affectnet7"
+  affectnet.prepare(str(raw), str(out), image_size=24, num_workers=1,
+                    classes=7)
+  return str(out)
+
+
+@pytest.fixture(scope="module")
+def run7(data7, tmp_path_factory):
+  """A 7-class model trained end to end: (workdir, the trainer's result)."""
+  config = use_fixtures.tiny_config(data7)
+  config.num_classes = 7
+  config.total_steps = config.eval_every_steps = 2  # One evaluation, at 2.
+  workdir = tmp_path_factory.mktemp("run7") / "workdir"
+  return workdir, train.train_and_evaluate(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def eval7(run7):
+  """The 7-class run's evaluate output on its own data: (result, out dir)."""
+  return evaluate_lib.run_evaluation(run7[0], checkpoint="latest")
+
+
+def _contempt_rows(data_dir) -> int:
+  return int((data.source(data_dir, "val").labels() == 7).sum())
+
+
+def _assert_same_scores(a: dict, b: dict) -> None:
+  """Two evaluations of the same rows with the same logits."""
+  assert a["class_names"] == b["class_names"]
+  for key in ("num_examples", "accuracy", "macro_f1", "confusion_matrix",
+              "per_class_f1", "valence_ccc", "arousal_rmse"):
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=key)
+  np.testing.assert_allclose(a["examples"]["logits"], b["examples"]["logits"],
+                             atol=1e-5)
+  np.testing.assert_array_equal(a["examples"]["expression"],
+                                b["examples"]["expression"])
+
+
+def test_seven_class_model_trains_evaluates_and_predicts(run7, eval7, data7):
+  workdir, trained = run7
+  assert trained["step"] == 2
+  assert trained["num_examples"] == len(data.source(data7, "val"))
+  assert np.asarray(trained["confusion_matrix"]).shape == (7, 7)
+  assert np.isfinite(trained["loss"])
+  result, out = eval7
+  assert out == workdir / "eval" / "latest-val"
+  saved = json.loads((out / "metrics.json").read_text())
+  for key in ("loss", "accuracy", "macro_f1", "confusion_matrix"):
+    np.testing.assert_allclose(saved[key], trained[key], rtol=1e-6,
+                               err_msg=key)
+  assert saved["class_names"] == list(data.LABEL_NAMES_7)
+  assert saved["rows_left_out"] == 0 and saved["classes_left_out"] == {}
+  # predict: 7 class probabilities, the evaluation's own logits.
+  src = data.source(data7, "val")
+  faces = np.stack([src[i]["image"] for i in range(5)])
+  rows = predict.Predictor.from_workdir(
+      workdir, checkpoint="latest", batch_size=8).predict(list(faces))
+  probs = np.asarray([[r[f"prob_{n}"] for n in data.LABEL_NAMES_7]
+                      for r in rows])
+  np.testing.assert_allclose(probs, result["examples"]["probs"][:5],
+                             atol=1e-5)
+  assert not any(k == "prob_contempt" for k in rows[0])
+  assert [r["name"] for r in rows] == [
+      data.LABEL_NAMES_7[c] for c in probs.argmax(1)]
+
+
+def test_eight_class_model_on_seven_class_data_drops_contempt(run_dir, run,
+                                                              data7):
+  cross, out = evaluate_lib.run_evaluation(run_dir, checkpoint="latest",
+                                           data_dir=data7)
+  assert out == run_dir / "eval" / "latest-val-7class-on-affectnet7"
+  protocol = _examples(run, classes=7)  # The run's own data, --classes=7.
+  _assert_same_scores(cross, protocol)  # The same faces, Contempt dropped.
+  saved = json.loads((out / "metrics.json").read_text())
+  assert saved["data_dir"] == data7
+  assert saved["class_names"] == list(data.LABEL_NAMES_7)
+  assert saved["classes_left_out"] == {"contempt": "not in the data"}
+  assert saved["rows_left_out"] == 0 and "loss" not in saved
+  assert protocol["rows_left_out"] == _contempt_rows(run.config.data.dir)
+  assert evaluate_lib.class_line(saved) == (
+      "Classes compared: 7 (neutral, happy, sad, surprise, fear, disgust, "
+      "anger); not in the data: contempt. Rows left out: 0.")
+  header = next(csv.reader((out / "predictions.csv").open()))
+  assert [h for h in header if h.startswith("prob_")] == [
+      f"prob_{n}" for n in data.LABEL_NAMES_7]
+
+
+def test_seven_class_model_on_eight_class_data_leaves_out_contempt_rows(
+    run7, eval7, synthetic_arrayrecord):
+  workdir, _ = run7
+  own, _ = eval7
+  cross, out = evaluate_lib.run_evaluation(
+      workdir, checkpoint="latest", data_dir=synthetic_arrayrecord)
+  assert out == workdir / "eval" / "latest-val-on-prepared"
+  _assert_same_scores(cross, own)  # The same faces: Contempt rows left out.
+  k = _contempt_rows(synthetic_arrayrecord)
+  saved = json.loads((out / "metrics.json").read_text())
+  assert 0 < k == saved["rows_left_out"] == 52 - saved["num_examples"]
+  assert saved["rows_left_out_by_class"] == {"contempt": k}
+  assert saved["classes_left_out"] == {"contempt": "not in the model"}
+  assert "loss" in own and "loss" not in saved
+  assert evaluate_lib.class_line(saved).endswith(
+      f"not in the model: contempt. Rows left out: {k} (contempt {k}).")
+  rows = list(csv.DictReader((out / "predictions.csv").open()))
+  assert len(rows) == 52 - k and all(r["true_name"] != "contempt"
+                                     for r in rows)
+
+
+def test_classes_are_matched_by_name_not_position():
+  fer_order = ("anger", "disgust", "fear", "happy", "sad", "surprise",
+               "neutral")  # FER2013's order in affectjax's names.
+  m = scoring.match_classes(data.LABEL_NAMES_8, fer_order)
+  assert m.compared == data.LABEL_NAMES_7 and not m.identical
+  # Each data id is fed to the step as the model's id of the same name.
+  assert [data.LABEL_NAMES_8[i] for i in m.step_ids()] == list(fer_order)
+  assert m.model_columns().tolist() == list(range(7))
+  assert scoring.match_classes(data.LABEL_NAMES_7, fer_order).identical
+  m = scoring.match_classes(fer_order, data.LABEL_NAMES_8)
+  assert m.compared == fer_order
+  assert m.left_out == {"contempt": "not in the model"}
+  assert m.step_ids()[7] == 7 + 7  # Outside the model's 7: masked, decodable.
+  assert m.row_names()[m.step_ids()[7]] == "contempt"
+  with pytest.raises(ValueError, match="--classes=8.*share only"):
+    scoring.match_classes(data.LABEL_NAMES_7, data.LABEL_NAMES_8, classes=8)
+
+
+def test_data_sharing_fewer_than_two_classes_fails_clearly(run, tmp_path):
+  manifest = data.read_manifest(run.config.data.dir)
+  manifest["label_names"] = ["cat", "dog", "happy", "bird", "fish", "cow",
+                             "owl", "ant"]
+  (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+  config = run.config.copy_and_resolve_references()
+  config.data.dir = str(tmp_path)
+  with pytest.raises(ValueError, match=f"{tmp_path} shares 1 class.*happy"):
+    scoring.evaluate(run.state, run.eval_fn(), config, run.mesh)
