@@ -6,7 +6,7 @@ r"""AffectNet (any layout) or a public expression set -> ArrayRecord + manifest.
         [--margin=0.1] [--classes=8|7 (default: the dataset's)] \
         [--num_shards=0 | --examples_per_shard=2048] \
         [--holdout_fraction=0.05 --holdout_seed=0] [--follow_symlinks] \
-        [--num_workers=N] [--overwrite] [--no_progress]
+        [--num_workers=N] [--overwrite] [--[no]progress]
 
 `--help` lists these flags, `--helpfull` every flag (absl).
 
@@ -188,10 +188,12 @@ def _run_in_worker(task: shards.ShardTask) -> dict:
 
 
 def _run_tasks(tasks: Sequence[shards.ShardTask], total_rows: int,
-               num_workers: int, progress: bool) -> None:
-  """Runs shard tasks, in-process or over a spawn pool, with a tqdm bar."""
+               num_workers: int, progress: bool | None) -> None:
+  """Runs shard tasks, in-process or over a spawn pool, with a tqdm bar
+  (``progress`` None: only when stderr is a terminal, so logs stay clean)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=total_rows, unit="img", disable=not progress,
+  bar = tqdm(total=total_rows, unit="img",
+             disable=None if progress is None else not progress,
              desc="data_prep", smoothing=0.05, file=sys.stderr)
   try:
     if num_workers <= 1 or len(tasks) <= 1:
@@ -233,7 +235,8 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
             num_shards: int = 0, examples_per_shard: int = 2048,
             holdout_fraction: float = 0.0, holdout_seed: int = 0,
             follow_symlinks: bool = False, num_workers: int = 1,
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+            overwrite: bool = False,
+            progress: bool | None = None) -> dict[str, Any]:
   """Converts an AffectNet tree; returns the manifest dict (see module doc).
 
   Args:
@@ -260,7 +263,8 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
       path leaves the root are refused either way.
     num_workers: parallel processes (<= 1: in this process).
     overwrite: replace a previous run with different options.
-    progress: show a tqdm bar (rate and ETA).
+    progress: a tqdm bar (rate and ETA): True/False to force, None (default)
+      only when stderr is a terminal.
 
   Raises:
     ValueError: a bad option or input layout (the message names it).
@@ -365,7 +369,7 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   if tasks and len(tasks) < total:
     print(f"resuming: {total - len(tasks)} of {total} shards already done.",
           file=sys.stderr)
-  elif not tasks and progress:
+  elif not tasks and progress is not False:
     print(f"all {total} shards are already complete; rewriting the "
           "metadata only.", file=sys.stderr)
   start = time.time()
@@ -629,7 +633,10 @@ def define_flags() -> None:
                        "Parallel conversion processes.")
   flags.DEFINE_bool("overwrite", False,
                     "Replace a previous run made with different flags.")
-  flags.DEFINE_bool("no_progress", False, "Hide the progress bar.")
+  flags.DEFINE_bool("progress", None, "Show a progress bar (rate, ETA). "
+                    "Default: only when stderr is a terminal (a log file "
+                    "gets none); --noprogress hides it (--no_progress "
+                    "too).")
   flags.mark_flags_as_required(["input_dir", "output_dir"])
 
 
@@ -645,7 +652,7 @@ def main(argv: Sequence[str]) -> None:
             holdout_fraction=f.holdout_fraction,
             holdout_seed=f.holdout_seed, follow_symlinks=f.follow_symlinks,
             num_workers=f.num_workers, overwrite=f.overwrite,
-            progress=not f.no_progress)
+            progress=f.progress)
   except EmptySplitError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_EMPTY_SPLIT)
@@ -654,6 +661,10 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(1)
 
 
+# The flag's former spelling (a negative boolean, listed as --[no]no_progress).
+_RENAMED = {"--no_progress": "--noprogress"}
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, argv=[_RENAMED.get(a, a) for a in sys.argv])
