@@ -33,3 +33,18 @@ def test_data_wait_share():
   share = wait.share()
   assert 0.3 < share < 0.7
   assert wait.share() < 0.05  # A new window started.
+
+
+def test_data_prep_bar_stays_out_of_a_log(tmp_path, capfd):
+  """prepare's default bar writes nothing when stderr is not a terminal (a
+  log file, CI), and draws when asked for."""
+  from data_prep import affectnet, synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.generate(str(tmp_path / "raw"), num_train=16, num_val=8, seed=0)
+  capfd.readouterr()
+  affectnet.prepare(str(tmp_path / "raw"), str(tmp_path / "quiet"),
+                    image_size=16, num_workers=1)
+  err = capfd.readouterr().err
+  assert "img/s" not in err and "%|" not in err, err
+  affectnet.prepare(str(tmp_path / "raw"), str(tmp_path / "forced"),
+                    image_size=16, num_workers=1, progress=True)
+  assert "img/s" in capfd.readouterr().err  # The check above can see a bar.
