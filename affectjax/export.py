@@ -21,14 +21,14 @@ output directory holds:
                        JSON lines out.
 
 Input: uint8 face crops (N, S, S, 3) RGB, S = the size data_prep stored faces
-at (crop the face box with data_prep's margin, resize to S x S bilinear);
+at (crop the face box with data_prep's margin, resize to S x S bilinear;
+both from the run's ``run_contract.json``, never from the data dir);
 the model's own resize to ``config.image_size`` and its normalization are
 inside the artifact. Outputs: ``logits`` float32 (N, C) and
 ``valence_arousal`` float32 (N, 2) in [-1, 1].
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Sequence
 
@@ -38,9 +38,8 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from affectjax import data
+from affectjax import fileio
 from affectjax import scoring
-from affectjax import report
 from affectjax import workdir as workdir_lib
 
 FORMATS = ("jax_export",)
@@ -73,12 +72,11 @@ def write_artifact(exported: jax.export.Exported, output_dir, *,
                    signature: dict) -> epath.Path:
   """Writes the artifact files (each under a temporary name, then renamed)."""
   out = epath.Path(output_dir)
-  report.write_bytes(out / MODEL_FILE, bytes(exported.serialize()))
-  report.write_text(out / "model.stablehlo.mlir", exported.mlir_module())
-  report.write_text(out / "signature.json",
-                    json.dumps(signature, indent=2) + "\n")
+  fileio.write_bytes(out / MODEL_FILE, bytes(exported.serialize()))
+  fileio.write_text(out / "model.stablehlo.mlir", exported.mlir_module())
+  fileio.write_json(out / "signature.json", signature)
   runner = epath.Path(__file__).parent / "export_runner.py"
-  report.write_text(out / RUNNER, runner.read_text())
+  fileio.write_text(out / RUNNER, runner.read_text())
   return out
 
 
@@ -89,14 +87,15 @@ def run_export(workdir, *, checkpoint: str = "best", fmt: str = "jax_export",
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}: supported formats are {FORMATS} (see "
                      "docs/USING.md, 'Export').")
-  from affectjax import predict  # pylint: disable=g-import-not-at-top
   run = workdir_lib.open_run(workdir, checkpoint=checkpoint)
-  input_size = predict._prepared_size(run.config)  # pylint: disable=protected-access
+  # The run's own input contract: the same artifact wherever the run is.
+  contract = run.contract
+  input_size = contract.prepared_size
   exported = export_model(run.graphdef, run.weights(use_ema),
                           input_size=input_size,
-                          image_size=run.config.image_size,
+                          image_size=contract.model_size,
                           platforms=platforms, tta=tta)
-  names = list(data.label_names(int(run.config.num_classes)))
+  names = list(contract.class_names)
   signature = {
       "format": "jax.export (StableHLO), serialization version "
                 f"{exported.calling_convention_version}",
@@ -110,12 +109,16 @@ def run_export(workdir, *, checkpoint: str = "best", fmt: str = "jax_export",
                    "shape": ["batch", 2], "range": [-1, 1]}],
       "class_names": names,
       "input_size": input_size,
-      "model_image_size": int(run.config.image_size),
+      "model_image_size": contract.model_size,
       "preprocessing": (
-          "Crop the face box grown by data_prep's --margin (default 0.1 of "
-          "the longer side, squared), resize to input_size x input_size with "
-          "bilinear (antialiased) filtering, RGB uint8. The model's resize "
-          "and normalization are inside the artifact."),
+          f"Crop the face box grown by {contract.margin:g} of its longer "
+          "side on each side (squared; data_prep's --margin for the run's "
+          "data), resize to input_size x input_size with bilinear "
+          "(antialiased) filtering, RGB uint8 (affectjax.face_crop does "
+          "exactly this). The model's resize and normalization are inside "
+          "the artifact."),
+      "crop_margin": contract.margin,
+      "normalization": contract.normalization,
       "tta": tta,
       "source": {"workdir": str(run.workdir), "step": run.step,
                  "checkpoint": run.label, "model": run.config.model.name,

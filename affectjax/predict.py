@@ -9,11 +9,14 @@ images) and AffectNet-style CSV files with face boxes (columns
 ``subDirectory_filePath, face_x, face_y, face_width, face_height``; image
 paths relative to ``--image_root``, default the CSV's folder).
 
-Images are taken as face crops as they are; a CSV row's box is cropped with
-the same margin and the same resize as ``data_prep`` (``data_prep.images``:
-``crop_box``, ``resize``, ``load_rgb``), to the prepared size the model was
-trained on, and the device then resizes to ``config.image_size`` exactly as
-in training. Whole photos: ``--detect_faces`` finds faces with OpenCV's
+Everything about the model's input comes from the run itself (its
+``run_contract.json``; the data it was trained on is not needed): images are
+taken as face crops as they are, a CSV row's box is cropped with the margin
+data_prep used for the run's data, both through the code data_prep stores
+faces with (``affectjax.face_crop``: the same decode, crop and resize, so the
+same photo and box give the same pixels), at the prepared size the model was
+trained on; the device then resizes to ``config.image_size`` exactly as in
+training. Whole photos: ``--detect_faces`` finds faces with OpenCV's
 frontal-face Haar cascade, whose model ships inside the OpenCV 4 wheels
 (``opencv-python-headless>=4.8,<5``: OpenCV 5 no longer ships the cascades;
 no download at run time; ``pip install 'affectjax[detect]'``); each face gets
@@ -45,17 +48,14 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from affectjax import data
+from affectjax import face_crop
+from affectjax import fileio
+from affectjax import run_contract
 from affectjax import scoring
 from affectjax import sharding
 from affectjax import workdir as workdir_lib
-from data_prep import images as image_lib
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff",
-                    ".webp")
-DEFAULT_MARGIN = 0.1  # data_prep's default --margin.
-CSV_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width",
-               "face_height")
+CSV_COLUMNS = face_crop.BOX_COLUMNS
 
 
 @dataclasses.dataclass
@@ -67,42 +67,36 @@ class Item:
   error: str | None = None  # Known bad before loading (e.g. a broken CSV row).
 
 
-def _prepared_size(config) -> int:
-  """The size data_prep stored faces at (the manifest's), else the model's."""
-  p = epath.Path(str(config.data.dir)) / "manifest.json"
-  try:
-    return int(json.loads(p.read_text())["image_size"])
-  except (OSError, ValueError, KeyError, TypeError):
-    return int(config.image_size)
-
-
 class Predictor:
   """Batched prediction with a restored model, on the accelerator.
 
   Args:
     graphdef, weights: the model (``weights`` = ``{"params", "rest"}``).
-    image_size: the model's input size (``config.image_size``).
-    input_size: the host-side size faces are resized to (the prepared size).
-    num_classes: number of expression logits.
+    contract: the run's ``run_contract.Contract``: the host-side size faces
+      are cropped to (``input_size``, the prepared size), the model's size
+      (``image_size``), the crop margin and the class names.
     batch_size: images per device call (rounded up to the device count).
     tta: ``none`` or ``flip``.
-    margin: face-box margin for boxed inputs (data_prep's ``--margin``).
+    margin: face-box margin for boxed inputs; default the contract's (the
+      ``--margin`` data_prep prepared the run's data with).
     mesh: devices to run on (default: all local devices).
     face_detector: optional callable uint8 (H, W, 3) RGB -> list of face
       boxes (x, y, w, h); when set, file and array inputs without a box are
       treated as whole photos (``opencv_face_detector()``).
   """
 
-  def __init__(self, graphdef, weights: dict, *, image_size: int,
-               input_size: int, num_classes: int = 8, batch_size: int = 64,
-               tta: str = "none", margin: float = DEFAULT_MARGIN, mesh=None,
+  def __init__(self, graphdef, weights: dict, *,
+               contract: run_contract.Contract, batch_size: int = 64,
+               tta: str = "none", margin: float | None = None, mesh=None,
                face_detector=None):
     self.mesh = mesh or sharding.make_mesh(jax.local_devices())
     n = self.mesh.devices.size
     self.batch_size = max(n, -(-int(batch_size) // n) * n)
-    self.image_size, self.input_size = int(image_size), int(input_size)
-    self.names = data.label_names(num_classes)
-    self.margin = margin
+    self.contract = contract
+    self.image_size = contract.model_size
+    self.input_size = contract.prepared_size
+    self.names = contract.class_names
+    self.margin = contract.margin if margin is None else float(margin)
     self.face_detector = face_detector
     self._weights = jax.device_put(weights, sharding.replicated(self.mesh))
     self._fn = jax.jit(
@@ -116,14 +110,17 @@ class Predictor:
                    use_ema: bool = True, **kwargs) -> "Predictor":
     """Opens ``workdir`` (see ``affectjax.workdir``) at ``checkpoint``."""
     run = workdir_lib.open_run(workdir, checkpoint=checkpoint)
-    kwargs.setdefault("input_size", _prepared_size(run.config))
-    return cls(run.graphdef, run.weights(use_ema),
-               image_size=run.config.image_size,
-               num_classes=run.config.num_classes, mesh=run.mesh, **kwargs)
+    return cls(run.graphdef, run.weights(use_ema), contract=run.contract,
+               mesh=run.mesh, **kwargs)
 
   # ------------------------------------------------------------------ host
   def load(self, item: Item) -> np.ndarray:
-    """One input -> uint8 (input_size, input_size, 3); raises on bad input."""
+    """One input -> uint8 (input_size, input_size, 3); raises on bad input.
+
+    Files and bytes go through data_prep's own crop (``face_crop.crop_face``:
+    decoded at the DCT scale the crop needs), arrays through the same crop
+    and resize at their given size.
+    """
     if item.error:
       raise ValueError(item.error)
     src = item.source
@@ -134,14 +131,11 @@ class Predictor:
       if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"array input must be uint8 (H, W, 3), got "
                          f"{img.dtype} {img.shape}")
-    else:
-      raw = src if isinstance(src, bytes) else epath.Path(src).read_bytes()
-      img, _, _ = image_lib.load_rgb(raw)
-    if item.box is not None:
-      x0, y0, x1, y1 = image_lib.crop_box(item.box, self.margin, img.shape[0],
-                                          img.shape[1])
-      img = img[y0:y1, x0:x1]
-    return image_lib.resize(np.ascontiguousarray(img), self.input_size)
+      return face_crop.crop_array(img, item.box, self.margin,
+                                  self.input_size).image
+    raw = src if isinstance(src, bytes) else epath.Path(src).read_bytes()
+    return face_crop.crop_face(raw, item.box, self.margin,
+                               self.input_size).image
 
   def detect(self, items: Sequence[Item]) -> list[Item]:
     """Whole-photo items -> one item per detected face (or a ``no_face`` error)."""
@@ -152,9 +146,11 @@ class Predictor:
         continue
       try:
         src = item.source
-        img = src if isinstance(src, np.ndarray) else image_lib.load_rgb(
-            src if isinstance(src, bytes) else
-            epath.Path(src).read_bytes())[0]
+        if not isinstance(src, np.ndarray):
+          # Bytes in memory: each face is then cropped from them exactly as
+          # data_prep would crop it (load()), not from this full decode.
+          src = src if isinstance(src, bytes) else epath.Path(src).read_bytes()
+        img = src if isinstance(src, np.ndarray) else face_crop.load_rgb(src)[0]
       except Exception:  # pylint: disable=broad-except
         out.append(item)  # load() reports the reason in the output row.
         continue
@@ -162,7 +158,7 @@ class Predictor:
       if not boxes:
         out.append(dataclasses.replace(
             item, error="no_face: the face detector found no face"))
-      out += [dataclasses.replace(item, source=img,
+      out += [dataclasses.replace(item, source=src,
                                   box=tuple(float(v) for v in b))
               for b in boxes]
     return out
@@ -170,7 +166,7 @@ class Predictor:
   def _load_or_error(self, item: Item):
     try:
       return self.load(item), None
-    except image_lib.BadImage as e:
+    except face_crop.BadImage as e:
       return None, f"{e.reason}: {e}"
     except FileNotFoundError as e:
       return None, f"not_found: {e}"
@@ -248,7 +244,7 @@ class Predictor:
 # Inputs.
 # --------------------------------------------------------------------------
 def _is_image(path: epath.Path) -> bool:
-  return path.suffix.lower() in IMAGE_EXTENSIONS
+  return path.suffix.lower() in face_crop.IMAGE_EXTENSIONS
 
 
 def csv_items(csv_path, image_root=None) -> list[Item]:
@@ -294,8 +290,8 @@ def expand_inputs(inputs: Sequence[str], image_root=None) -> list[Item]:
       found = sorted(root / name for root, _, files in p.walk()
                      for name in files if _is_image(root / name))
       if not found:
-        logging.warning("No images (%s) under %s", ", ".join(IMAGE_EXTENSIONS),
-                        p)
+        logging.warning("No images (%s) under %s",
+                        ", ".join(face_crop.IMAGE_EXTENSIONS), p)
       items += [Item(path=str(f), source=f) for f in found]
     elif p.suffix.lower() == ".csv" and p.exists():
       items += csv_items(p, image_root)
@@ -338,7 +334,6 @@ def opencv_face_detector(min_size: int = 24):
 
 def write_rows(rows: list[dict], columns: list[str], output) -> None:
   """CSV, or JSON lines for ``.jsonl``/``.json``; temporary name, then rename."""
-  from affectjax import report  # pylint: disable=g-import-not-at-top
   output = epath.Path(output)
   if output.suffix.lower() in (".jsonl", ".json"):
     text = "".join(json.dumps({c: r.get(c) for c in columns}) + "\n"
@@ -352,7 +347,7 @@ def write_rows(rows: list[dict], columns: list[str], output) -> None:
       w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v)
                   for k, v in r.items()})
     text = buf.getvalue()
-  report.write_text(output, text)
+  fileio.write_text(output, text)
 
 
 # --------------------------------------------------------------------------
@@ -368,8 +363,10 @@ def _define_flags() -> None:
                     "flip: average the image and its mirror.")
   flags.DEFINE_string("image_root", None, "Root of the image paths in a "
                       "boxes CSV (default: the CSV's folder).")
-  flags.DEFINE_float("margin", DEFAULT_MARGIN, "Face-box margin for CSV "
-                     "inputs; use data_prep's --margin of the training data.")
+  flags.DEFINE_float("margin", None, "Face-box margin for boxed inputs "
+                     "(a CSV's boxes, --detect_faces); default: the run's "
+                     "(data_prep's --margin for its data, in "
+                     "run_contract.json).")
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when present.")
   flags.DEFINE_bool("detect_faces", False, "Treat image inputs as whole "
                     "photos: find faces with OpenCV's Haar cascade (needs "

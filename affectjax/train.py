@@ -47,6 +47,7 @@ from affectjax import optim
 from affectjax import preemption
 from affectjax import progress
 from affectjax import report
+from affectjax import run_contract
 from affectjax import scoring
 from affectjax import sharding
 from affectjax import train_state
@@ -215,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   select_split = selection_split(config, manifest)
   workdir.mkdir(parents=True, exist_ok=True)
   _write_config(config, workdir)
+  run_contract.write(workdir, config, manifest)
 
   # Mesh and batch sizes.
   mesh = sharding.make_mesh()

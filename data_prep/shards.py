@@ -15,13 +15,13 @@ import collections
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from typing import Any, Callable
 
 import numpy as np
 
 from affectjax import data as affect_data
+from affectjax import face_crop
 from data_prep import images
 from data_prep import labels
 from data_prep import layouts
@@ -32,8 +32,8 @@ MAX_SKIP_EXAMPLES = 5  # Per reason and shard; the manifest keeps the first 5.
 # group_size:1 makes every record individually addressable: random access
 # (Grain's global shuffle) reads one record, not a 64k-record chunk.
 # No compression: JPEG bytes do not compress, and raw pixels exist for speed
-# (measured on 112 px faces: zstd saves ~20% disk but halves the read rate
-# and slows preparation by ~40%; see docs/BENCHMARKS.md).
+# (zstd saves some disk but costs read rate and preparation time; see
+# docs/BENCHMARKS.md).
 WRITER_OPTIONS = {"jpeg": "group_size:1,uncompressed",
                   "raw": "group_size:1,uncompressed"}
 
@@ -94,41 +94,27 @@ def convert(row: layouts.Row, opts: ConvertOptions
   below `opts.image_size` means the face was upscaled. Raises BadImage /
   OSError for rows to skip.
   """
-  file = layouts.find_case_variant(row.file)
-  if file is None:
-    raise FileNotFoundError(row.file)
-  with open(file, "rb") as fp:
-    data = fp.read()
+  if row.image is not None:  # Pixels from the annotation file (FER2013).
+    data = row.image
+  else:
+    file = layouts.find_case_variant(row.file)
+    if file is None:
+      raise FileNotFoundError(row.file)
+    with open(file, "rb") as fp:
+      data = fp.read()
   size = opts.image_size
-  crop = {}
-
-  def min_size(h: int, w: int) -> tuple[int, int]:
-    # Decode only as large as needed for the crop to keep >= size pixels.
-    box = row.box if row.box is not None else (0, 0, w, h)
-    margin = opts.margin if row.box is not None else 0.0
-    x0, y0, x1, y1 = images.crop_box(box, margin, h, w)
-    crop["box"] = (x0, y0, x1, y1)
-    return (math.ceil(h * size / (y1 - y0)), math.ceil(w * size / (x1 - x0)))
-
-  img, sy, sx = images.load_rgb(data, min_size=min_size)
-  if "box" not in crop or (sy, sx) == (1.0, 1.0):
-    # PIL path (or no downscale): crop on the decoded image's own size.
-    min_size(round(img.shape[0] / sy), round(img.shape[1] / sx))
-  x0, y0, x1, y1 = crop["box"]
-  dx0, dy0 = int(math.floor(x0 * sx)), int(math.floor(y0 * sy))
-  dx1 = max(dx0 + 1, min(img.shape[1], int(math.ceil(x1 * sx))))
-  dy1 = max(dy0 + 1, min(img.shape[0], int(math.ceil(y1 * sy))))
-  out = images.resize(img[dy0:dy1, dx0:dx1], size)
+  crop = face_crop.crop_face(data, row.box, opts.margin, size)
+  x0, y0, x1, y1 = crop.box
   lm = None
   if row.landmarks is not None:
     # Source pixels -> crop pixels -> output pixels.
     lm = ((row.landmarks - np.asarray([x0, y0], np.float32)) *
           np.asarray([size / (x1 - x0), size / (y1 - y0)], np.float32))
   record = affect_data.encode_record(
-      image=images.encode(out, opts.encoding, opts.jpeg_quality),
+      image=images.encode(crop.image, opts.encoding, opts.jpeg_quality),
       expression=row.expression, valence=row.valence, arousal=row.arousal,
       landmarks=lm, path=row.path)
-  return record, (y1 - y0, x1 - x0)
+  return record, crop.source_shape
 
 
 class _Stats:
@@ -177,7 +163,7 @@ def run(task: ShardTask,
         continue
       try:
         record, (h, w) = convert(item, opts)
-      except images.BadImage as e:
+      except face_crop.BadImage as e:
         stats.skip(e.reason, item.number, item.path, str(e))
         continue
       except FileNotFoundError:

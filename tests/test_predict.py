@@ -1,7 +1,12 @@
-"""`affectjax.predict`: files, directories, boxes CSVs, bad inputs, CLI."""
+"""`affectjax.predict`: files, directories, boxes CSVs, bad inputs, CLI; the
+run's contract (a copied workdir without its data predicts and exports the
+same; an older run opens with a note); data_prep's crop, bit for bit."""
 import csv
+import dataclasses
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,10 +16,14 @@ import pytest
 from PIL import Image
 
 from affectjax import data
-from affectjax import scoring
+from affectjax import export
+from affectjax import face_crop
 from affectjax import predict
+from affectjax import run_contract
+from affectjax import scoring
 from affectjax import workdir as workdir_lib
-from data_prep import images as image_lib
+from data_prep import layouts
+from data_prep import shards
 from tests import use_fixtures
 
 
@@ -81,8 +90,8 @@ def test_boxes_csv_crops_like_data_prep_and_reports_bad_rows(
   rows = predictor.predict(predict.expand_inputs([str(tmp_path / "faces.csv")]))
   assert [r["status"] for r in rows] == ["ok", "error", "error"]
   assert "line 3" in rows[1]["error"] and "not_found" in rows[2]["error"]
-  x0, y0, x1, y1 = image_lib.crop_box((52, 22, 20, 20), 0.1, 80, 100)
-  crop = image_lib.resize(photo[y0:y1, x0:x1], predictor.input_size)
+  x0, y0, x1, y1 = face_crop.crop_box((52, 22, 20, 20), 0.1, 80, 100)
+  crop = face_crop.resize(photo[y0:y1, x0:x1], predictor.input_size)
   probs, va = _reference(run_dir, crop[None])
   np.testing.assert_allclose([rows[0][f"prob_{n}"] for n in data.LABEL_NAMES_8],
                              probs[0], atol=1e-5)
@@ -129,8 +138,8 @@ def test_face_detector_gives_one_row_per_face(run_dir, tmp_path):
   assert [(r["status"], r["face_box"]) for r in rows] == [
       ("ok", "80 20 24 24"), ("ok", "10 10 24 24"), ("error", "")]
   assert "no_face" in rows[2]["error"]
-  x0, y0, x1, y1 = image_lib.crop_box((10, 10, 24, 24), 0.1, 60, 120)
-  probs, _ = _reference(run_dir, image_lib.resize(photo[y0:y1, x0:x1],
+  x0, y0, x1, y1 = face_crop.crop_box((10, 10, 24, 24), 0.1, 60, 120)
+  probs, _ = _reference(run_dir, face_crop.resize(photo[y0:y1, x0:x1],
                                                   p.input_size)[None])
   np.testing.assert_allclose(
       [rows[1][f"prob_{n}"] for n in data.LABEL_NAMES_8], probs[0], atol=1e-5)
@@ -140,3 +149,133 @@ def test_opencv_detector_runs_when_installed():
   pytest.importorskip("cv2", reason="OpenCV is the optional [detect] extra")
   detect = predict.opencv_face_detector()
   assert detect(np.zeros((64, 64, 3), np.uint8)) == []
+
+
+# --------------------------------------------------------------------------
+# One face crop for data_prep and predict; the run's contract.
+# --------------------------------------------------------------------------
+def _photo_jpeg(path, seed=0, size=(480, 640)):
+  """A real JPEG photo: smooth colour fields plus fine texture (so a decode
+  at reduced DCT scale and a full decode give different pixels)."""
+  rng = np.random.default_rng(seed)
+  h, w = size
+  low = np.asarray(Image.fromarray(
+      rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+          (w, h), Image.Resampling.BICUBIC), np.int16)
+  img = np.clip(low + rng.integers(-40, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+  Image.fromarray(img).save(path, quality=92)
+  return path
+
+
+def test_predict_crops_a_boxed_photo_exactly_like_data_prep(predictor,
+                                                            tmp_path):
+  """A JPEG photo and a face box: data_prep's stored pixels (raw encoding,
+  through `shards.convert`) equal the pixels predict feeds the model."""
+  photo = _photo_jpeg(tmp_path / "photo.jpg")
+  box = (210.0, 130.0, 170.0, 190.0)  # Crop ~228 px -> decoded at 1/8 scale.
+  size, margin = predictor.input_size, predictor.margin
+  row = layouts.Row(number=2, path="photo.jpg", file=str(photo), expression=1,
+                    valence=0.1, arousal=0.2, box=box, landmarks=None)
+  opts = shards.ConvertOptions(image_size=size, encoding="raw",
+                               jpeg_quality=90, margin=margin, num_classes=8)
+  record, _ = shards.convert(row, opts)
+  stored = data.decode_record(record, encoding="raw", image_size=size)["image"]
+
+  with open(tmp_path / "faces.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(face_crop.BOX_COLUMNS)
+    w.writerow(["photo.jpg", *box])
+  item, = predict.expand_inputs([str(tmp_path / "faces.csv")])
+  served = predictor.load(item)
+  np.testing.assert_array_equal(served, stored)
+  # The check can fail: cropping the fully decoded photo (what predict did)
+  # gives other pixels.
+  full = face_crop.load_rgb(photo.read_bytes())[0]
+  assert not np.array_equal(
+      face_crop.crop_array(full, box, margin, size).image, stored)
+
+
+def _faces_and_photo(run_dir, tmp_path):
+  """Inputs for the contract tests: a face PNG and a boxed JPEG photo."""
+  face = data.source(use_fixtures.run_data(run_dir), "val")[5]["image"]
+  Image.fromarray(face).save(tmp_path / "face.png")
+  _photo_jpeg(tmp_path / "photo.jpg", seed=1)
+  with open(tmp_path / "faces.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(face_crop.BOX_COLUMNS)
+    w.writerow(["photo.jpg", 200, 120, 160, 180])
+  return predict.expand_inputs([str(tmp_path / "face.png"),
+                                str(tmp_path / "faces.csv")])
+
+
+def _copy_without_data(run_dir, dest):
+  """The workdir copied to ``dest``, its data dir copied then deleted (the
+  copy's config.json names a data dir that no longer exists)."""
+  shutil.copytree(run_dir, dest / "workdir")
+  shutil.copytree(use_fixtures.run_data(run_dir), dest / "data")
+  cfg = json.loads((dest / "workdir" / "config.json").read_text())
+  cfg["data"]["dir"] = str(dest / "data")
+  (dest / "workdir" / "config.json").write_text(json.dumps(cfg))
+  shutil.rmtree(dest / "data")
+  return dest / "workdir"
+
+
+def test_copied_workdir_without_its_data_predicts_and_exports_the_same(
+    run_dir, predictor, tmp_path):
+  contract = json.loads((run_dir / run_contract.FILE_NAME).read_text())
+  manifest = data.read_manifest(use_fixtures.run_data(run_dir))
+  assert contract["input"]["prepared_size"] == manifest["image_size"] == 24
+  assert contract["input"]["model_size"] == 16
+  assert contract["input"]["crop_margin"] == manifest["options"]["margin"]
+  assert contract["classes"]["names"] == list(data.LABEL_NAMES_8)
+  assert contract["normalization"]["mode"] == "torch"
+  assert contract["data"]["fingerprint"] == run_contract.fingerprint(manifest)
+
+  items = _faces_and_photo(run_dir, tmp_path)
+  before = predictor.predict(items)
+  assert [r["status"] for r in before] == ["ok", "ok"]
+  copy = _copy_without_data(run_dir, tmp_path / "moved")
+  after = predict.Predictor.from_workdir(copy, checkpoint="latest",
+                                         batch_size=8).predict(items)
+  assert after == before  # Exactly: same pixels, same model, same floats.
+
+  # Both exported from one source line: the artifact's debug locations name
+  # the caller's line.
+  outs = [export.run_export(w, checkpoint="latest", output_dir=tmp_path / name,
+                            platforms=("cpu",))
+          for w, name in ((run_dir, "export_before"), (copy, "export_after"))]
+  for name in (export.MODEL_FILE, "model.stablehlo.mlir"):
+    assert (outs[1] / name).read_bytes() == (outs[0] / name).read_bytes()
+  sig_before, sig_after = (json.loads((o / "signature.json").read_text())
+                           for o in outs)
+  assert sig_before.pop("source").pop("workdir") == str(run_dir)
+  assert sig_after.pop("source").pop("workdir") == str(copy)
+  assert sig_after == sig_before and sig_after["input_size"] == 24
+
+
+def test_run_without_a_contract_opens_and_says_what_it_inferred(
+    run_dir, predictor, tmp_path, caplog):
+  """A run trained before runs recorded their contract (the file deleted)."""
+  old = tmp_path / "old"
+  shutil.copytree(run_dir, old)
+  (old / run_contract.FILE_NAME).unlink()
+  recorded = predictor.contract
+  with caplog.at_level(logging.WARNING):
+    run = workdir_lib.open_run(old, checkpoint="latest")
+  notes = [r.getMessage() for r in caplog.records
+           if run_contract.FILE_NAME in r.getMessage()]
+  assert len(notes) == 1 and "inferred" in notes[0]
+  assert "manifest.json" in notes[0]  # Where from: the data dir still exists.
+  assert dataclasses.replace(run.contract, inferred=()) == recorded
+
+  # Its data dir gone too: it still opens, and the note says the input size
+  # came from config.image_size.
+  gone = _copy_without_data(old, tmp_path / "gone")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    run = workdir_lib.open_run(gone, checkpoint="latest")
+  notes = [r.getMessage() for r in caplog.records
+           if run_contract.FILE_NAME in r.getMessage()]
+  assert len(notes) == 1 and "config.image_size" in notes[0]
+  assert run.contract.prepared_size == run.config.image_size == 16
+  assert run.contract.class_names == data.LABEL_NAMES_8
