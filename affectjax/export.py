@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from affectjax import cli
 from affectjax import fileio
 from affectjax import scoring
 from affectjax import workdir as workdir_lib
@@ -163,7 +164,7 @@ def main(argv) -> None:
 
 def run() -> None:
   _define_flags()
-  app.run(main)
+  app.run(cli.tool(main, "affectjax.export"))
 
 
 if __name__ == "__main__":

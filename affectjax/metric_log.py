@@ -25,7 +25,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorboardX
 from etils import epath
 
 from affectjax import fileio
@@ -73,6 +72,9 @@ class MetricLog:
     if self._enabled:
       if resume_step is not None:
         self._truncate_after(resume_step)
+      # Imported here: readers of the file (the report, the tools) need
+      # none of TensorBoard's (slow to import) writer.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(
           str(workdir / "tensorboard"),
           purge_step=None if not resume_step else int(resume_step) + 1)
@@ -88,8 +90,15 @@ class MetricLog:
     record = {"split": split, "step": int(step),
               **fileio.to_json_compatible(values)}
     if self._enabled:
-      with self.path.open("a") as f:
-        f.write(fileio.dumps(record) + "\n")
+      line = fileio.dumps(record) + "\n"
+      if "://" in str(self.path):
+        # Object stores (gs://, s3://) cannot append: gcsfs's "a" mode
+        # silently overwrites, leaving one line. Rewrite the file whole.
+        old = self.path.read_text() if self.path.exists() else ""
+        fileio.write_text(self.path, old + line)
+      else:
+        with self.path.open("a") as f:
+          f.write(line)
       for name, value in record.items():
         if isinstance(value, float) and name != "step":
           self._tb.add_scalar(f"{split}/{name}", value, int(step))

@@ -48,6 +48,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from affectjax import cli
 from affectjax import face_crop
 from affectjax import fileio
 from affectjax import run_contract
@@ -395,7 +396,7 @@ def main(argv) -> None:
 
 def run() -> None:
   _define_flags()
-  app.run(main)
+  app.run(cli.tool(main, "affectjax.predict"))
 
 
 if __name__ == "__main__":
