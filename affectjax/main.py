@@ -15,13 +15,13 @@ with a line saying how to resume; a second one aborts at once (non-zero).
 """
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from affectjax import cli
 from affectjax import distributed
 from affectjax import summary
 
@@ -49,18 +49,9 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Keeps Orbax's and Grain's per-save INFO chatter out of the run log."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in ("/orbax/", "/grain/"))
-
-
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   try:
     distributed.initialize(
@@ -89,7 +80,7 @@ def resume_message(result: dict) -> str:
 
 
 def run() -> None:
-  app.run(main)
+  app.run(cli.tool(main, "affectjax.main"))
 
 
 if __name__ == "__main__":
