@@ -352,9 +352,10 @@ class _IndexedRows:
   """The JPEG path over a record index (`pixel_cache.RecordIndex`).
 
   Each image decodes straight from its bytes in the memory-mapped shard
-  file (a memoryview: no record read, no copy, no protobuf parse); labels
-  are gathered from the index. Images the index could not place (not
-  stored in one piece) are read as records.
+  file (a memoryview: no record read, no copy, no protobuf parse; one copy
+  for the images that span a block header of the file); labels are
+  gathered from the index. Images the index could not place are read as
+  records.
   """
 
   def __init__(self, src: data.AffectNetSource, decoder: _Decoder,
@@ -370,17 +371,22 @@ class _IndexedRows:
         self._views.append(None)
     mapped = np.array([v is not None for v in self._views], bool)
     self._offset = np.where(mapped[index.shard], index.offset, -1)
+    self._whole = pixel_cache.contiguous(index.offset, index.length).tolist()
 
   def fill(self, indices: np.ndarray, image: np.ndarray) -> None:
     """Decodes the images at `indices` into `image[:len(indices)]`."""
     ix = self._index
     offset = self._offset[indices]
-    into, views = self._decoder.into, self._views
+    into, views, whole = self._decoder.into, self._views, self._whole
     for row, (s, o, n, i) in enumerate(zip(
         ix.shard[indices].tolist(), offset.tolist(),
         ix.length[indices].tolist(), indices.tolist())):
-      if o >= 0:
+      if o < 0:
+        continue
+      if whole[i]:
         into(views[s][o:o + n], image[row], i)
+      else:  # Spans a block header of the shard file.
+        into(pixel_cache.assemble(views[s], o, n), image[row], i)
     missing = np.flatnonzero(offset < 0)
     if missing.size:
       _decode_records(self._src, self._decoder, indices[missing],

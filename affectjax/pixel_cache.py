@@ -259,13 +259,40 @@ class RecordIndex:
     return len(self.shard)
 
 
+# ArrayRecord files are riegeli files: a 24-byte block header sits at every
+# multiple of 64 KiB of the file, inside whatever record spans it; the rest
+# of an uncompressed record's bytes lie in order.
+RIEGELI_BLOCK = 1 << 16
+RIEGELI_BLOCK_HEADER = 24
+
+
+def assemble(view, offset: int, length: int) -> bytes:
+  """The `length` stored bytes starting at file `offset`, skipping the block
+  headers they span."""
+  parts, pos, left = [], offset, length
+  while left:
+    boundary = (pos // RIEGELI_BLOCK + 1) * RIEGELI_BLOCK
+    take = min(boundary - pos, left)
+    parts.append(view[pos:pos + take])
+    pos, left = pos + take, left - take
+    if pos == boundary:
+      pos += RIEGELI_BLOCK_HEADER
+  return b"".join(parts)
+
+
+def contiguous(offset: np.ndarray, length: np.ndarray) -> np.ndarray:
+  """Whether each stored span [offset, offset + length) has no block header."""
+  return offset // RIEGELI_BLOCK == (offset + length - 1) // RIEGELI_BLOCK
+
+
 def _index_shard(path: str, start: int, stop: int, src, out: dict) -> None:
   """Fills `out[...][start:stop]` for one shard: reads its records in order
   and finds each image's bytes in the file, each after the previous one.
 
-  An image that is not stored in one piece (a riegeli block header falls
-  inside it) is not found and keeps offset -1. A byte-identical image
-  found instead would decode to the same pixels.
+  The first bytes of the image are looked for after the previous image;
+  the bytes found there (block headers skipped) must equal the image, else
+  the record keeps offset -1 and is read as a record (a layout this does
+  not know, e.g. compressed shards).
   """
   with open(path, "rb") as f, mmap.mmap(f.fileno(), 0,
                                         access=mmap.ACCESS_READ) as mm:
@@ -284,9 +311,10 @@ def _index_shard(path: str, start: int, stop: int, src, out: dict) -> None:
         out["arousal"][i] = aro
         length = len(image)
         out["length"][i] = length
-        pending += len(rec)
-        offset = mm.find(image, pos, pos + pending + _SEARCH_SLACK)
-        if length and offset >= 0:  # find() compared every byte.
+        pending += len(rec) + RIEGELI_BLOCK_HEADER * (
+            len(rec) // RIEGELI_BLOCK + 1)
+        offset = mm.find(image[:64], pos, pos + pending + _SEARCH_SLACK)
+        if length and offset >= 0 and assemble(mm, offset, length) == image:
           out["offset"][i] = offset
           pos, pending = offset + length, 0
 
@@ -394,14 +422,38 @@ class PixelCache:
     return out
 
 
-def _open_pixels(path: str, shape: tuple) -> np.ndarray | None:
+def _available_memory() -> int:
   try:
-    pixels = np.load(path, mmap_mode="r")
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 0
+
+
+def _open_pixels(path: str, shape: tuple) -> np.ndarray | None:
+  """The pixel file memory-mapped read-only (None if absent or not `shape`).
+
+  When it fits in half the available memory, the mapping is populated up
+  front (`MAP_POPULATE`: read into the page cache and mapped in one pass),
+  so batches never take a page fault.
+  """
+  try:
+    header = np.load(path, mmap_mode="r")
   except (OSError, ValueError):
     return None
-  if pixels.shape != shape or pixels.dtype != np.uint8:
+  if header.shape != shape or header.dtype != np.uint8:
     return None
-  return pixels
+  populate = getattr(mmap, "MAP_POPULATE", 0)
+  if not populate or header.nbytes > _available_memory() // 2:
+    return header
+  with open(path, "rb") as f:
+    mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | populate,
+                   prot=mmap.PROT_READ)
+  return np.frombuffer(mm, np.uint8, count=header.size,
+                       offset=header.offset).reshape(shape)
 
 
 def pixels(p: Plan, index: RecordIndex,
