@@ -181,7 +181,9 @@ case "$cmd" in
     if [[ ! -f "$prepared/manifest.json" ]]; then
       "$PY" -m data_prep.affectnet --input_dir="$raw" --output_dir="$prepared" --image_size=56
     fi
-    "$PY" -m affectjax.main --config=configs/custom_cnn.py:demo \
+    # exec: signals reach the trainer and its exit status (75 when stopped
+    # by a signal after a checkpoint) is the script's, as for train.
+    exec "$PY" -m affectjax.main --config=configs/custom_cnn.py:demo \
       --config.data.dir="$prepared" --workdir=runs/demo "$@"
     ;;
   test)

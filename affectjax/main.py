@@ -10,8 +10,16 @@ pods, SLURM, ...), or give ``--coordinator_address``, ``--num_processes`` and
 ``--process_id`` explicitly (one process per host, or several on one host);
 ``--local_device_ids`` picks this process's GPUs (see affectjax.distributed).
 
-SIGTERM or SIGINT finishes the current step, saves a checkpoint and exits 0
-with a line saying how to resume; a second one aborts at once (non-zero).
+Exit status, for schedulers and retry wrappers:
+  0   the run finished (``total_steps`` reached, or early stopping);
+  75  (EX_TEMPFAIL, ``--preempted_exit_code``) SIGTERM or SIGINT stopped it
+      after the current step and a synchronous checkpoint: rerun the same
+      command to resume;
+  128 + N  a second signal N, or no step finished within 5 minutes of the
+      first (aborted without saving; the last checkpoint is kept);
+  2   a config or flag that cannot work (one line, no traceback);
+  1   any other failure. A crash never exits with the preemption status, so a
+      requeue-on-75 rule never retries a broken run forever.
 """
 from __future__ import annotations
 
@@ -46,12 +54,30 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_string(
     "drives, among those it sees (default: JAX_LOCAL_DEVICE_IDS, else an even "
     "share of CUDA_VISIBLE_DEVICES by local rank, else all).")
 
+_PREEMPTED_EXIT_CODE = flags.DEFINE_integer(
+    "preempted_exit_code", 75, "Exit status after a signal stopped the run "
+    "and its checkpoint was saved (75 = EX_TEMPFAIL, 'try again'), so that "
+    "schedulers requeue it (SLURM --requeue, a Kubernetes podFailurePolicy "
+    "on exit code 75) instead of counting it as done. 0, or 3-125: 1 and 2 "
+    "are failures and usage errors, 126 and up the shell's and signals'.")
+
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Exit statuses other than the preemption one (see the module docstring).
+_EXIT_FAILURE = 1
+_EXIT_USAGE = 2
 
-def main(argv) -> None:
+
+def main(argv) -> int:
+  """Runs the training; returns the exit status (see the module docstring)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  preempted_code = _PREEMPTED_EXIT_CODE.value
+  if preempted_code != 0 and not 3 <= preempted_code <= 125:
+    raise app.UsageError(
+        f"--preempted_exit_code={preempted_code}: use 0 or 3-125 (1 and 2 "
+        "are failures and usage errors, 126 and up the shell's and "
+        "signals').")
   config = _CONFIG.value
   try:
     distributed.initialize(
@@ -63,25 +89,57 @@ def main(argv) -> None:
   distributed.enable_compilation_cache(config.compilation_cache_dir)
   distributed.check_devices()
   from affectjax import train  # pylint: disable=g-import-not-at-top
-  result = train.train_and_evaluate(config, _WORKDIR.value)
-  if jax.process_index() != 0:
-    return
+  try:
+    result = train.train_and_evaluate(config, _WORKDIR.value)
+  except train.ConfigError as e:
+    print(f"affectjax.main: {e}", file=sys.stderr, flush=True)
+    return _EXIT_USAGE
+  if jax.process_index() == 0:
+    if result.get("preempted"):
+      print(resume_message(result, preempted_code), flush=True)
+    else:
+      print(summary.table(result, workdir=_WORKDIR.value), flush=True)
   if result.get("preempted"):
-    print(resume_message(result), flush=True)
-  else:
-    print(summary.table(result, workdir=_WORKDIR.value), flush=True)
+    raise Preempted(preempted_code)  # Every process: each one is requeued.
+  return 0
 
 
-def resume_message(result: dict) -> str:
-  """The one line printed when a signal stopped the run after a checkpoint."""
+class Preempted(SystemExit):
+  """The exit of a run a signal stopped after its checkpoint was saved.
+
+  Its own type, so ``run`` tells it apart from a failure that happens to
+  raise ``SystemExit`` with the same status.
+  """
+
+
+def resume_message(result: dict, exit_code: int = 75) -> str:
+  """The line printed when a signal stopped the run after a checkpoint."""
   by = result.get("signal") or "a stop request"
   return (f"Stopped by {by} at step {result['step']} after saving a "
-          "checkpoint; rerun the same command to resume.")
+          "checkpoint; rerun the same command to resume (exit status "
+          f"{exit_code}).")
 
 
 def run() -> None:
-  app.run(cli.tool(main, "affectjax.main"))
+  """``app.run(main)``; only a checkpointed stop exits with the preemption status.
+
+  A failure whose ``SystemExit`` carries that status (a library calling
+  ``sys.exit(75)``) exits 1 instead, or a requeue-on-75 rule would retry a
+  broken run forever.
+  """
+  try:
+    app.run(cli.tool(main, "affectjax.main"))
+  except Preempted:
+    raise
+  except SystemExit as e:
+    code = _PREEMPTED_EXIT_CODE.value if flags.FLAGS.is_parsed() else 75
+    if code and e.code == code:
+      sys.stderr.write(
+          f"affectjax.main: exit status {code} from a failure, not from a "
+          f"stop request; exiting {_EXIT_FAILURE} instead.\n")
+      raise SystemExit(_EXIT_FAILURE) from None
+    raise
 
 
 if __name__ == "__main__":
-  sys.exit(run())
+  run()

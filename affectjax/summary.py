@@ -1,4 +1,10 @@
-"""The human-readable table printed at the end of a run."""
+"""The human-readable table printed at the end of a run.
+
+Two columns of validation metrics: the last step's (the weights the run ended
+with) and the best checkpoint's (the step ``best.json`` names, which
+``evaluate``/``predict``/``export`` open by default). Each heading says which
+step it is, so the last step is never passed off as the best.
+"""
 from __future__ import annotations
 
 import math
@@ -18,18 +24,43 @@ _ROWS = (
 )
 
 
+def _fmt(value) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "n/a"
+  return f"{value:.4f}"
+
+
 def table(result: dict, *, workdir: str | None = None) -> str:
-  """Formats a final evaluation record as an aligned two-column table."""
-  lines = [f"Validation at step {result.get('step', '?')} "
-           f"({result.get('num_examples', '?')} examples)"]
+  """Formats the final evaluation as an aligned table.
+
+  Args:
+    result: ``train.train_and_evaluate``'s return: the last step's ``val``
+      record, with ``best`` (``{"step", "metric", "split", "value", "val"}``,
+      ``val`` being that step's ``val`` record) when a checkpoint was ranked.
+    workdir: printed at the bottom, where the files are.
+  """
+  step = result.get("step", "?")
+  lines = [f"Validation at step {step} ({result.get('num_examples', '?')} "
+           "examples), the last step"]
+  best = result.get("best")
+  columns = [(f"last, step {step}", result)]
+  if best:
+    lines.append(
+        f"Best checkpoint: step {best['step']}, {best['metric']} "
+        f"{_fmt(best.get('value'))} on {best['split']}"
+        + (" (the last step)" if best["step"] == step else ""))
+    if best["step"] != step and best.get("val"):
+      columns.append((f"best, step {best['step']}", best["val"]))
   width = max(len(name) for name, _ in _ROWS)
-  lines.append("-" * (width + 12))
+  col = max(8, *(len(title) for title, _ in columns))
+  rule = "-" * (width + (col + 2) * len(columns))
+  lines.append(rule)
+  if len(columns) > 1:
+    lines.append(" " * width + "".join(f"  {t:>{col}}" for t, _ in columns))
   for name, key in _ROWS:
-    value = result.get(key)
-    text = "n/a" if value is None or (isinstance(value, float)
-                                      and math.isnan(value)) else f"{value:.4f}"
-    lines.append(f"{name:<{width}}  {text:>8}")
-  lines.append("-" * (width + 12))
+    lines.append(f"{name:<{width}}" + "".join(
+        f"  {_fmt(record.get(key)):>{col}}" for _, record in columns))
+  lines.append(rule)
   if workdir:
     lines.append(f"Workdir: {workdir} (metrics.jsonl, checkpoints/)")
   return "\n".join(lines)

@@ -24,6 +24,7 @@ not ``nnx.jit``), which keeps per-step host work to a dispatch.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import time
 
@@ -43,6 +44,7 @@ from affectjax import fileio
 from affectjax import input_pipeline
 from affectjax import losses
 from affectjax import metric_log
+from affectjax import metrics as metrics_lib
 from affectjax import optim
 from affectjax import preemption
 from affectjax import progress
@@ -57,8 +59,46 @@ State = train_state.State
 
 
 # --------------------------------------------------------------------------
-# Data checks.
+# Checks at start: a config that cannot work fails before any training.
 # --------------------------------------------------------------------------
+class ConfigError(ValueError):
+  """A config (or prepared data) that cannot work, found before training.
+
+  ``main`` prints it as one line, without a traceback (a user's mistake).
+  """
+
+
+def selection_metrics() -> tuple[str, ...]:
+  """The evaluation metrics a checkpoint can be ranked (and stopped) by."""
+  return ("loss", "accuracy", "macro_f1") + tuple(
+      f"{t}_{m}" for t in metrics_lib.TARGETS
+      for m in metrics_lib.REGRESSION_METRICS)
+
+
+def check_selection(config: ml_collections.ConfigDict) -> None:
+  """Refuses a ``best_metric`` no evaluation produces, before any training.
+
+  Otherwise the typo would surface at the first evaluation, possibly hours in.
+  An empty name keeps only the latest checkpoints, which early stopping
+  cannot work with.
+  """
+  name = config.checkpoint.best_metric
+  if not name:
+    if config.early_stopping_patience > 0:
+      raise ConfigError(
+          "--config.early_stopping_patience="
+          f"{config.early_stopping_patience} needs a metric to watch, but "
+          "--config.checkpoint.best_metric is empty; choose one of "
+          f"{', '.join(selection_metrics())}.")
+    return
+  if name not in selection_metrics():
+    close = difflib.get_close_matches(name, selection_metrics(), n=1)
+    raise ConfigError(
+        f"--config.checkpoint.best_metric={name!r} is not an evaluation "
+        + (f"metric (did you mean {close[0]!r}?); " if close else "metric; ")
+        + f"choose one of {', '.join(selection_metrics())}.")
+
+
 def check_prepared_data(config: ml_collections.ConfigDict,
                         manifest: dict) -> None:
   """Refuses a prepared dir that does not fit the config, instead of coping silently.
@@ -69,14 +109,14 @@ def check_prepared_data(config: ml_collections.ConfigDict,
   data_dir = config.data.dir
   prepared_classes = int(manifest.get("num_classes", config.num_classes))
   if prepared_classes != config.num_classes:
-    raise ValueError(
+    raise ConfigError(
         f"{data_dir} was prepared with {prepared_classes} classes but "
         f"--config.num_classes={config.num_classes}. Set "
         f"--config.num_classes={prepared_classes}, or prepare the data again "
         f"with `./launch.sh prep ... --classes={config.num_classes}`.")
   prepared_size = int(manifest["image_size"])
   if prepared_size < config.image_size:
-    raise ValueError(
+    raise ConfigError(
         f"{data_dir} holds {prepared_size} px images but "
         f"--config.image_size={config.image_size}: training would upsample "
         f"every face. Prepare the data again with `./launch.sh prep ... "
@@ -91,7 +131,7 @@ def selection_split(config: ml_collections.ConfigDict, manifest: dict) -> str:
   if choice == "auto":
     return "holdout" if "holdout" in manifest["splits"] else "val"
   if choice not in manifest["splits"]:
-    raise ValueError(
+    raise ConfigError(
         f"--config.data.selection_split={choice!r}, but {config.data.dir} has "
         f"the splits {sorted(manifest['splits'])}; prepare a holdout split "
         "with `./launch.sh prep ... --holdout_fraction=0.05` or use 'auto'.")
@@ -101,16 +141,25 @@ def selection_split(config: ml_collections.ConfigDict, manifest: dict) -> str:
 # --------------------------------------------------------------------------
 # Steps. Pure functions of the state; jitted in `make_steps`.
 # --------------------------------------------------------------------------
-def _augment_key(config) -> jax.Array:
-  # Its own stream, separate from dropout's fold_in(key(seed), step).
-  return jax.random.fold_in(jax.random.key(config.seed), 0x6175)
+def stream_keys(seed: int) -> dict[str, jax.Array]:
+  """The root keys of the training's random streams: ``dropout``, ``augment``.
+
+  One ``jax.random.split`` of ``key(seed)``, a branch each; the step (and, for
+  augmentation, the global row) is folded into its own branch only. Folding
+  both into the same root (dropout ``fold_in(key, step)``, augmentation
+  ``fold_in(key, constant)``) made the augmentation key equal dropout's at the
+  step that equals the constant.
+  """
+  dropout, augment_root = jax.random.split(jax.random.key(seed))
+  return {"dropout": dropout, "augment": augment_root}
 
 
 def train_step(state: State, batch: dict, *, graphdef, tx, config,
                class_weights, train_backbone: bool) -> tuple[State, dict]:
   """One optimizer step on a global batch of uint8 images (any stored size)."""
-  rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-  images = augment.train_images(batch["image"], key=_augment_key(config),
+  keys = stream_keys(config.seed)
+  rng = jax.random.fold_in(keys["dropout"], state["step"])
+  images = augment.train_images(batch["image"], key=keys["augment"],
                                 step=state["step"], augment=config.augment,
                                 size=config.image_size)
 
@@ -208,9 +257,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   """
   workdir = workdir_lib.path(workdir)
   if not config.data.dir:
-    raise ValueError("--config.data.dir is empty: point it at the --output_dir "
+    raise ConfigError("--config.data.dir is empty: point it at the --output_dir "
                      "of `./launch.sh prep` (`./launch.sh demo` prepares a "
                      "synthetic one in runs/demo/data/arrayrecord).")
+  check_selection(config)
   manifest = data.read_manifest(config.data.dir)
   check_prepared_data(config, manifest)
   select_split = selection_split(config, manifest)
@@ -239,10 +289,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     ckpt = workdir_lib.checkpointer(workdir, config)
     cleanup.callback(ckpt.close)
 
-    # Resume (every process restores the same step).
-    latest = _agreed_step(ckpt.latest_step())
+    # Resume (every process restores the same step, on any topology; an
+    # unreadable latest step falls back to the one before it).
+    _agreed_step(ckpt.latest_step())
+    try:
+      restored, latest = ckpt.restore_latest(ckpt_lib.abstract_like(state),
+                                             train_iter)
+    except ckpt_lib.IncompatibleCheckpointError as e:
+      raise ConfigError(str(e)) from None
     if latest is not None:
-      state = ckpt.restore(latest, ckpt_lib.abstract_like(state), train_iter)
+      state = restored
       logging.info("Resumed from %s at step %d", ckpt.directory, latest)
     step = int(jax.device_get(state["step"]))
     # Lines of steps after the restored one were written by a run that died
@@ -251,13 +307,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     cleanup.callback(log.close)
     bar = cleanup.enter_context(progress.TrainProgress(config.total_steps, step))
 
-    def run_evals(step: int) -> dict:
-      """Evaluates the selection split (and val): {split: metrics record}."""
-      records = {}
+    def run_evals(step: int) -> tuple[dict, dict | None]:
+      """Evaluates the selection split (and val).
+
+      Returns ({split: metrics record}, val's per-example arrays for the
+      report, which is refreshed only once the step is saved and ranked).
+      """
+      records, examples = {}, None
       for split in dict.fromkeys((select_split, "val")):
         result = scoring.evaluate(state, eval_fn, config, mesh, split=split,
                                      collect=split == "val")
-        examples = result.pop("examples", None)
+        if split == "val":
+          examples = result.pop("examples", None)
         records[split] = log.write(split, step, **result)
         bar.write(f"eval {split} at step {step}: {_short(records[split])}")
         logging.info("eval %s at step %d: %s", split, step,
@@ -266,9 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         names = data.label_names(config.num_classes)
         log.image("val/confusion_matrix", step, report.confusion_matrix_image(
             records["val"]["confusion_matrix"], names))
-        report.refresh(workdir, config, examples, manifest=manifest,
-                       selection_split=select_split)
-      return records
+      return records, examples
 
     stopper = EarlyStopping(
         config, [r for r in log.read() if r["step"] <= step], select_split)
@@ -298,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         history, t0 = [], time.perf_counter()
       records = None
       if step % config.eval_every_steps == 0 or step == config.total_steps:
-        records = run_evals(step)
+        records, examples = run_evals(step)
         last_eval = records["val"]
       # Every evaluated step is saved with its selection metrics, so the
       # best checkpoint is always one that exists.
@@ -306,6 +365,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         ckpt.save(step, state, train_iter,
                   metrics=records[select_split] if records else None)
         saved_step = step
+      if records and jax.process_index() == 0:
+        # After the save, which records this evaluation's rank in best.json:
+        # the report's "Best checkpoint" then includes this evaluation.
+        report.refresh(workdir, config, examples, manifest=manifest,
+                       selection_split=select_split)
       if records and stopper.update(step, records[select_split]):
         logging.warning(
             "Early stopping at step %d: %s on %s has not improved for %d "
@@ -327,7 +391,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       if not log.has("val", step):
         log.write("val", step, **{k: v for k, v in last_eval.items()
                                   if k not in ("split", "step")})
+    if jax.process_index() == 0:
+      best = _best_evaluation(ckpt, log.read(), select_split)
+      if best:
+        last_eval = {**last_eval, "best": best}
   return last_eval
+
+
+def _best_evaluation(ckpt, records: list[dict], split: str) -> dict | None:
+  """The best checkpoint, for the end-of-run summary (None if none is ranked).
+
+  ``{"step", "metric", "split", "value", "val"}``: the step ``best.json``
+  names, its value of the selection metric on ``split``, and its ``val``
+  line of ``metrics.jsonl``.
+  """
+  step = ckpt.best_step()
+  if step is None:
+    return None
+  at_step = {r["split"]: r for r in records if r["step"] == step}
+  metric = ckpt.best_metric
+  return {"step": step, "metric": metric, "split": split,
+          "value": at_step.get(split, {}).get(metric),
+          "val": at_step.get("val")}
 
 
 class EarlyStopping:

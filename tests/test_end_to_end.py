@@ -136,6 +136,7 @@ def test_missing_data_dir_names_the_flag(tmp_path):
 # one uninterrupted reference run.
 # --------------------------------------------------------------------------
 TOTAL = 8
+PREEMPTED = 75  # The exit status of a run stopped by a signal after its save.
 
 
 @pytest.fixture(scope="module")
@@ -287,18 +288,20 @@ def test_eval_coinciding_with_async_save_finishes_without_tfds(reference_run):
 def test_sigterm_saves_and_rerun_resumes_exactly(synthetic_arrayrecord,
                                                  compile_cache, reference_run,
                                                  tmp_path):
+  """Through launch.sh, as a scheduler's job script runs it: the trainer's
+  exit status (75, EX_TEMPFAIL: requeue me) must reach the scheduler."""
   workdir = str(tmp_path)
   args = _main_args(synthetic_arrayrecord, workdir, compile_cache)
-  proc = _start(args)
+  proc = _start(args, via_launch_sh=True)
   _wait_for_train_step(proc, workdir, 2)
   proc.send_signal(signal.SIGTERM)
   out, err = _finish(proc)
-  assert proc.returncode == 0, err[-3000:]
+  assert proc.returncode == PREEMPTED, err[-3000:]
   line = [l for l in out.splitlines() if l.startswith("Stopped by")]
   assert len(line) == 1, out[-2000:]
   assert line[0].startswith("Stopped by SIGTERM at step ")
   assert line[0].endswith(" after saving a checkpoint; rerun the same command "
-                          "to resume.")
+                          "to resume (exit status 75).")
   stopped = int(line[0].split(" at step ")[1].split()[0])
   assert 2 <= stopped < TOTAL
   assert str(stopped) in os.listdir(os.path.join(workdir, "checkpoints"))
@@ -347,17 +350,24 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(
   workdir = str(tmp_path / "wd")
   args = _main_args(synthetic_arrayrecord, "file://" + workdir, compile_cache)
   rng = random.Random(0)
-  for _ in range(2):
-    proc = _start(args)
-    seen = max([l["step"] for l in _metrics_lines(workdir)
+
+  def last_train_step():
+    return max([l["step"] for l in _metrics_lines(workdir)
                 if l["split"] == "train"] or [0])
-    if _wait_for_train_step(proc, workdir, min(seen + 1, TOTAL)) >= TOTAL:
-      _finish(proc)
-      break
-    time.sleep(rng.uniform(0, 0.5))
+
+  for cap in (TOTAL // 2 - 1, TOTAL - 2):
+    proc = _start(args)
+    _wait_for_train_step(proc, workdir, min(last_train_step() + 1, cap))
+    # A random moment, but early enough that the run is still going: a kill
+    # after the run finished would test nothing.
+    deadline = time.monotonic() + rng.uniform(0, 0.5)
+    while time.monotonic() < deadline and last_train_step() < cap:
+      time.sleep(0.01)
     children = _descendants(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)  # The trainer only, as `kill -9` does.
     proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert last_train_step() < TOTAL, "the run reached its last step"
     deadline = time.monotonic() + 10
     while any(_alive(c) for c in children) and time.monotonic() < deadline:
       time.sleep(0.1)
@@ -389,7 +399,7 @@ def _start_processes(args, n=2):
 @pytest.mark.slow
 def test_two_processes_stop_together_and_resume_as_one_process(
     synthetic_arrayrecord, compile_cache, reference_run, tmp_path):
-  """SIGTERM to one of 2 processes x 2 devices stops both cleanly (exit 0);
+  """SIGTERM to one of 2 processes x 2 devices stops both cleanly (exit 75);
   the rerun ends as 1 process x 4 devices (the reference run) does."""
   args = _main_args(synthetic_arrayrecord, tmp_path, compile_cache)
   procs = _start_processes(args)
@@ -397,7 +407,8 @@ def test_two_processes_stop_together_and_resume_as_one_process(
   procs[1].send_signal(signal.SIGTERM)
   outs = [_finish(p, timeout=120) for p in procs]
   for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+    # Both, not only the signalled one: a scheduler requeues each task.
+    assert p.returncode == PREEMPTED, err[-3000:]
   line = [l for l in outs[0][0].splitlines() if l.startswith("Stopped by")]
   assert len(line) == 1 and line[0].startswith(
       "Stopped by SIGTERM on process 1 at step "), outs[0][0][-2000:]

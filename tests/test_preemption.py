@@ -190,3 +190,49 @@ def test_compilation_cache_is_written_where_asked(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == [str(cache), "6.0"]
   assert os.listdir(cache), "nothing was cached"
+
+
+# affectjax.main with the training replaced by one outcome each: the exit
+# status schedulers see (no training needed for that).
+_MAIN_WITH_OUTCOME = """
+import os, sys
+from affectjax import main, train
+
+def outcome(config, workdir):
+  what = os.environ["OUTCOME"]
+  if what == "preempted":
+    return {"preempted": True, "step": 3, "signal": "SIGTERM"}
+  if what == "exit_75":  # A failure that happens to carry the status.
+    sys.exit(75)
+  raise RuntimeError("a crash")
+
+train.train_and_evaluate = outcome
+sys.argv[0] = "affectjax.main"
+main.run()
+"""
+
+
+@pytest.mark.parametrize("outcome, flags, status", [
+    # The default, 75, is what the SIGTERM tests of test_end_to_end.py see.
+    ("preempted", ["--preempted_exit_code=3"], 3),
+    ("exit_75", [], 1),
+    ("preempted", ["--preempted_exit_code=1"], 1),  # Refused: a failure's.
+])
+def test_exit_status_tells_preemption_from_failure(tmp_path, outcome, flags,
+                                                   status):
+  out = subprocess.run(
+      [sys.executable, "-c", _MAIN_WITH_OUTCOME,
+       "--config=configs/custom_cnn.py:tiny", f"--workdir={tmp_path}", *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+           "OUTCOME": outcome})
+  assert out.returncode == status, out.stderr[-2000:]
+  if flags == ["--preempted_exit_code=1"]:
+    assert "--preempted_exit_code=1: use 0 or 3-125" in out.stderr
+    assert "Stopped by" not in out.stdout
+  elif outcome == "preempted":
+    assert out.stdout.strip() == (
+        "Stopped by SIGTERM at step 3 after saving a checkpoint; rerun the "
+        "same command to resume (exit status 3).")
+  else:
+    assert "exit status 75 from a failure, not from a stop request" in out.stderr

@@ -1,4 +1,6 @@
-"""The trainer's refusals and bookkeeping that need no training step."""
+"""The trainer's refusals and bookkeeping (no training run), and its random streams."""
+import jax
+import numpy as np
 import pytest
 
 from affectjax import config_base
@@ -74,3 +76,93 @@ def test_early_stopping_counts_evaluations_and_resumes_from_the_log():
   for step, loss in enumerate((3.0, 2.0, 2.5, 2.6, 2.7)):
     assert not m.update(step, {"loss": loss})
   assert m.best == 2.0
+
+
+def test_best_metric_typo_is_refused_before_training(tmp_path):
+  train.check_selection(_config())
+  for name in train.selection_metrics():
+    train.check_selection(_config(**{"checkpoint.best_metric": name}))
+  c = _config(**{"checkpoint.best_metric": "macro_f"})
+  c.data.dir = str(tmp_path / "never_read")
+  workdir = tmp_path / "run"
+  with pytest.raises(train.ConfigError,
+                     match=r"best_metric='macro_f' is not an evaluation metric "
+                     r"\(did you mean 'macro_f1'\?\); choose one of loss, "
+                     r"accuracy, macro_f1, valence_rmse, .*arousal_sagr\."):
+    train.train_and_evaluate(c, str(workdir))
+  assert not workdir.exists()  # Refused before the data, the model, a step.
+  with pytest.raises(train.ConfigError, match="needs a metric to watch"):
+    train.check_selection(_config(**{"checkpoint.best_metric": "",
+                                     "early_stopping_patience": 2}))
+
+
+def _key_bits(keys):
+  return np.asarray(jax.random.key_data(keys))
+
+
+def test_augmentation_and_dropout_streams_are_split_not_folded():
+  seed = 3
+  keys = train.stream_keys(seed)
+  dropout_root, augment_root = jax.random.split(jax.random.key(seed))
+  np.testing.assert_array_equal(_key_bits(keys["dropout"]),
+                                _key_bits(dropout_root))
+  np.testing.assert_array_equal(_key_bits(keys["augment"]),
+                                _key_bits(augment_root))
+  # Dropout's key of every step below 2**18 differs from augmentation's.
+  steps = np.arange(2**18, dtype=np.uint32)
+  dropout = _key_bits(jax.vmap(
+      lambda s: jax.random.fold_in(keys["dropout"], s))(steps))
+  assert not np.all(dropout == _key_bits(keys["augment"]), axis=-1).any()
+  # What folding both into key(seed) did: 0x6175 is step 24,949.
+  base = jax.random.key(seed)
+  np.testing.assert_array_equal(
+      _key_bits(jax.random.fold_in(base, 0x6175)),
+      _key_bits(jax.random.fold_in(base, 24_949)))
+
+
+class _Seen(Exception):
+  """Stops the step once both keys are seen (before the model runs)."""
+
+
+def test_train_step_draws_from_the_split_streams(monkeypatch):
+  """The keys the real step hands to augmentation and dropout (run unjitted,
+  up to the model's call)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from affectjax import augment, sharding  # pylint: disable=g-import-not-at-top
+  from configs import custom_cnn  # pylint: disable=g-import-not-at-top
+  config = custom_cnn.get_config("tiny")
+  config.seed = 5
+  # Zeros of the right shapes (nothing compiled); the optimizer is never
+  # reached: the step stops at the model's call.
+  graphdef, abstract, _ = train_state.abstract_state(config,
+                                                     sharding.make_mesh())
+  zeros = lambda tree: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
+  state = {"step": np.int32(7), "params": zeros(abstract["params"]),
+           "rest": zeros(abstract["rest"]), "opt_state": None}
+  seen = {}
+
+  def images_spy(images, *, key, **kwargs):
+    del kwargs
+    seen["augment"] = key
+    return images
+
+  def rngs_spy(*args, **kwargs):
+    del args
+    seen["dropout"] = kwargs["dropout"]
+    raise _Seen()
+
+  monkeypatch.setattr(augment, "train_images", images_spy)
+  monkeypatch.setattr(nnx, "Rngs", rngs_spy)
+  n = config.batch_size
+  batch = {"image": np.zeros((n, 16, 16, 3), np.uint8),
+           "expression": np.arange(n, dtype=np.int32) % 8,
+           "valence": np.zeros(n, np.float32), "arousal": np.zeros(n, np.float32)}
+  with pytest.raises(_Seen):
+    train.train_step(state, batch, graphdef=graphdef, tx=None, config=config,
+                     class_weights=None, train_backbone=True)
+  keys = train.stream_keys(5)
+  np.testing.assert_array_equal(_key_bits(seen["augment"]),
+                                _key_bits(keys["augment"]))
+  np.testing.assert_array_equal(
+      _key_bits(seen["dropout"]),
+      _key_bits(jax.random.fold_in(keys["dropout"], 7)))
