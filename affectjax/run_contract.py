@@ -160,14 +160,16 @@ def normalization(model_name: str) -> dict[str, Any]:
 def from_manifest(config, manifest: dict) -> Contract:
   """The contract of ``config`` trained on the data ``manifest`` describes."""
   weights = train_state.class_weights(config, manifest)
+  names = manifest.get("label_names") or ()
+  if len(names) != int(config.num_classes):  # Manifests without the names.
+    names = data.label_names(int(config.num_classes))
   return Contract(
       prepared_size=int(manifest["image_size"]),
       host_size=int(input_pipeline.host_image_size(config, manifest)),
       model_size=int(config.image_size),
       encoding=str(manifest.get("encoding", "jpeg")),
       margin=float(manifest.get("options", {}).get("margin", _LEGACY_MARGIN)),
-      class_names=tuple(manifest.get("label_names") or
-                        data.label_names(int(config.num_classes))),
+      class_names=tuple(names),
       class_weighting=str(config.loss.class_weighting),
       class_weights=None if weights is None else tuple(
           float(w) for w in weights),
