@@ -166,15 +166,6 @@ class ClassMatch:
     """The model's logit columns of the compared classes, in compared order."""
     return np.asarray([self.model.index(n) for n in self.compared], np.int64)
 
-  def summary(self) -> str:
-    """One line: what was compared and what was left out."""
-    line = (f"{len(self.compared)} classes compared "
-            f"({', '.join(self.compared)})")
-    for reason in dict.fromkeys(self.left_out.values()):
-      names = [n for n, r in self.left_out.items() if r == reason]
-      line += f"; {reason}: {', '.join(names)}"
-    return line
-
 
 def data_classes(manifest: dict) -> tuple[str, ...]:
   """A prepared dir's class names in id order: the manifest's ``label_names``
@@ -186,7 +177,7 @@ def data_classes(manifest: dict) -> tuple[str, ...]:
   return tuple(str(n) for n in names)
 
 
-def match_classes(model_classes: Sequence[str], data_classes_: Sequence[str],
+def match_classes(model_classes: Sequence[str], data_names: Sequence[str],
                   *, classes: int | None = None,
                   data_dir: str = "the data") -> ClassMatch:
   """Matches classes by name; ``classes=7``/``8`` restricts the comparison
@@ -196,7 +187,7 @@ def match_classes(model_classes: Sequence[str], data_classes_: Sequence[str],
   to score), when either side names a class twice, or when ``classes`` asks
   for classes the two sides do not share.
   """
-  model, data_ = tuple(model_classes), tuple(data_classes_)
+  model, data_ = tuple(model_classes), tuple(data_names)
   for side, names in (("the model", model), (data_dir, data_)):
     if len(set(names)) != len(names):
       raise ValueError(f"{side} names a class twice: {list(names)}.")
