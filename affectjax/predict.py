@@ -248,6 +248,21 @@ def _is_image(path: epath.Path) -> bool:
   return path.suffix.lower() in face_crop.IMAGE_EXTENSIONS
 
 
+def _images_under(directory: epath.Path) -> list[epath.Path]:
+  """Image files under ``directory``, recursively.
+
+  Not ``Path.walk``: on gs:// etils yields its roots without the scheme
+  ('bucket/dir', a local relative path), so no file would be found.
+  """
+  found = []
+  for child in directory.iterdir():
+    if child.is_dir():
+      found += _images_under(child)
+    elif _is_image(child):
+      found.append(child)
+  return found
+
+
 def csv_items(csv_path, image_root=None) -> list[Item]:
   """Rows of an AffectNet-style CSV -> Items with face boxes.
 
@@ -288,8 +303,7 @@ def expand_inputs(inputs: Sequence[str], image_root=None) -> list[Item]:
   for arg in inputs:
     p = epath.Path(arg).expanduser()
     if p.is_dir():
-      found = sorted(root / name for root, _, files in p.walk()
-                     for name in files if _is_image(root / name))
+      found = sorted(_images_under(p))
       if not found:
         logging.warning("No images (%s) under %s",
                         ", ".join(face_crop.IMAGE_EXTENSIONS), p)
