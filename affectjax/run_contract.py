@@ -215,9 +215,9 @@ def infer(config) -> Contract:
     manifest = None
   if manifest is not None:
     margin = manifest.get("options", {}).get("margin")
-    notes = [f"input size, encoding, class names and weights and the data "
-             f"fingerprint from {where} (the data may have changed since "
-             "training)"]
+    notes = [f"input size, encoding, {'' if margin is None else 'crop margin, '}"
+             f"class names and weights and the data fingerprint from {where} "
+             "(the data may have changed since training)"]
     if margin is None:
       notes.append(f"crop margin {_LEGACY_MARGIN} (data_prep's default; "
                    f"{where} does not record it)")
