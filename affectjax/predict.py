@@ -2,7 +2,7 @@ r"""Predict expression and valence/arousal for face images with a trained run.
 
   python -m affectjax.predict --workdir=runs/demo INPUT... [--output=preds.csv]
       [--checkpoint=best|latest|STEP] [--batch_size=64] [--tta=none|flip]
-      [--image_root=DIR]
+      [--image_root=DIR] [--margin=M (default: the run's)] [--detect_faces]
 
 INPUT is any mix of image files, directories (searched recursively for
 images) and AffectNet-style CSV files with face boxes (columns
