@@ -74,9 +74,9 @@ def class_line(result: dict) -> str:
 
 def _other_data_name(run) -> str | None:
   """The name of the data dir evaluated when it is not the one the run was
-  trained on (its config.json's), else None."""
+  trained on (its contract's), else None."""
   evaluated = epath.Path(run.config.data.dir)
-  own = workdir_lib.load_config(run.workdir).data.dir
+  own = run.contract.data_dir
   if own and str(evaluated) == str(epath.Path(own)):
     return None
   return evaluated.name or "data"
