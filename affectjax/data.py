@@ -261,6 +261,10 @@ class AffectNetSource:
   encoding: str
   image_size: int
   split: str = ""
+  # The data dir's manifest.json the source was built from (read once by
+  # `source`, or passed down by the caller who read it).
+  manifest: dict[str, Any] = dataclasses.field(default_factory=dict,
+                                               repr=False, compare=False)
 
   def __post_init__(self):
     self.paths = [os.fspath(p) for p in self.paths]
@@ -369,9 +373,15 @@ class AffectNetSource:
             f"encoding={self.encoding!r}, image_size={self.image_size})")
 
 
-def source(data_dir: str | os.PathLike, split: str) -> AffectNetSource:
-  """Random-access source over any split listed in the dir's manifest.json."""
-  manifest = read_manifest(data_dir)
+def source(data_dir: str | os.PathLike, split: str,
+           manifest: dict[str, Any] | None = None) -> AffectNetSource:
+  """Random-access source over any split listed in the dir's manifest.json.
+
+  ``manifest``: that file's content when the caller has already read it (a
+  run reads it once and passes it down); None reads it.
+  """
+  if manifest is None:
+    manifest = read_manifest(data_dir)
   splits = manifest.get("splits", {})
   info = splits.get(split)
   if info is None:
@@ -386,4 +396,5 @@ def source(data_dir: str | os.PathLike, split: str) -> AffectNetSource:
         f"{missing[0]}. Rerun `python -m data_prep.affectnet` with the same "
         "flags to finish them.")
   return AffectNetSource(paths=paths, encoding=manifest["encoding"],
-                         image_size=int(manifest["image_size"]), split=split)
+                         image_size=int(manifest["image_size"]), split=split,
+                         manifest=manifest)

@@ -458,9 +458,8 @@ class _EvalBatches(grain.MapDataset):
 
 
 def _decoder(config, src: data.AffectNetSource) -> _Decoder:
-  manifest = data.read_manifest(config.data.dir)
   return _Decoder(encoding=src.encoding, stored_size=src.image_size,
-                  size=host_image_size(config, manifest), split=src.split)
+                  size=host_image_size(config, src.manifest), split=src.split)
 
 
 # Batch loaders already opened by this process, by cache plan: evaluation
@@ -515,7 +514,8 @@ def _check_split(process_index: int, process_count: int, local: int) -> None:
 
 
 def train_dataset(config, *, local_batch_size: int, process_index: int = 0,
-                  process_count: int = 1, order=None) -> grain.IterDataset:
+                  process_count: int = 1, order=None,
+                  manifest: dict | None = None) -> grain.IterDataset:
   """The infinite training stream of this process's uint8 batches.
 
   Args:
@@ -525,10 +525,11 @@ def train_dataset(config, *, local_batch_size: int, process_index: int = 0,
     process_index, process_count: this process's slice of every global batch.
     order: optional prebuilt `ShuffleOrder`/`BalancedOrder` (else built
       from the config; the balanced one reads every label once).
+    manifest: the data dir's manifest, if the caller has read it already.
   """
   _ensure_flags_parsed()
   _check_split(process_index, process_count, local_batch_size)
-  src = data.source(config.data.dir, "train")
+  src = data.source(config.data.dir, "train", manifest)
   global_batch = local_batch_size * process_count
   if len(src) < global_batch:
     raise ValueError(
@@ -548,18 +549,20 @@ def eval_num_batches(num_examples: int, global_batch: int) -> int:
 
 
 def eval_dataset(config, *, split: str = "val", local_batch_size: int,
-                 process_index: int = 0, process_count: int = 1
+                 process_index: int = 0, process_count: int = 1,
+                 manifest: dict | None = None
                  ) -> tuple[grain.IterDataset, int]:
   """One pass over ``split`` in padded global batches; returns (ds, num_examples).
 
   Each global batch ``b`` holds examples ``[b*B, (b+1)*B)``; process ``p``
   feeds rows ``[p*B/P, (p+1)*B/P)`` of it, so concatenating the gathered
   global batches recovers the split in order. Padding rows have ``mask`` 0,
-  ``index`` -1 and zeros elsewhere.
+  ``index`` -1 and zeros elsewhere. ``manifest``: the data dir's manifest,
+  if the caller has read it already.
   """
   _ensure_flags_parsed()
   _check_split(process_index, process_count, local_batch_size)
-  src = data.source(config.data.dir, split)
+  src = data.source(config.data.dir, split, manifest)
   rows, _ = _loader(config, src)
   ds = _EvalBatches(rows, len(src), local_batch_size * process_count,
                     process_index, process_count)

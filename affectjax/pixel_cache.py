@@ -93,10 +93,10 @@ def setting(config) -> str:
   return str(config.data.get("cache", "auto")).strip() or "none"
 
 
-def data_key(data_dir, split: str) -> str | None:
-  """Hash of the split's shard checksums and sizes, or None if the manifest
-  has no checksums (data prepared by an old data_prep)."""
-  manifest = data.read_manifest(data_dir)
+def data_key(manifest: dict, split: str) -> str | None:
+  """Hash of the split's shard checksums and sizes in the prepared dir's
+  ``manifest``, or None if it has no checksums (data prepared by an old
+  data_prep)."""
   shards = manifest.get("splits", {}).get(split, {}).get("shards", [])
   if not shards or any("sha256" not in s for s in shards):
     return None
@@ -125,7 +125,7 @@ def plan(config, src: data.AffectNetSource, size: int) -> Plan:
                 pixel_bytes=pixel_bytes)
   if value == "none":
     return Plan(None, False, reason="--config.data.cache=none", **common)
-  key = data_key(config.data.dir, src.split)
+  key = data_key(src.manifest, src.split)
   if key is None:
     reason = (f"{config.data.dir}/manifest.json has no shard checksums; "
               "re-prepare the data with `python -m data_prep.affectnet` to "

@@ -216,7 +216,8 @@ def match_classes(model_classes: Sequence[str], data_names: Sequence[str],
 def evaluate(state: dict, eval_fn, config, mesh, *, split: str = "val",
              collect: bool = False, classes: int | None = None,
              model_classes: Sequence[str] | None = None,
-             progress: bool | None = False) -> dict:
+             progress: bool | None = False,
+             manifest: dict | None = None) -> dict:
   """Metrics over every example of ``split`` exactly once.
 
   Args:
@@ -237,6 +238,8 @@ def evaluate(state: dict, eval_fn, config, mesh, *, split: str = "val",
       ``data.label_names(config.num_classes)``).
     progress: a batch bar (``progress.eval_bar``); None = on for a terminal
       on process 0; False (default, the trainer's periodic evals) = off.
+    manifest: ``config.data.dir``'s manifest when the caller has read it
+      (the trainer reads it once per run); None reads it.
 
   Returns:
     ``metrics.evaluate``'s dict (accuracy, macro-F1, confusion matrix,
@@ -252,7 +255,9 @@ def evaluate(state: dict, eval_fn, config, mesh, *, split: str = "val",
   if len(model_classes) != int(config.num_classes):
     raise ValueError(f"{len(model_classes)} class names for a "
                      f"{config.num_classes}-class model: {list(model_classes)}.")
-  data_names = data_classes(data.read_manifest(config.data.dir))
+  if manifest is None:
+    manifest = data.read_manifest(config.data.dir)
+  data_names = data_classes(manifest)
   match = match_classes(model_classes, data_names, classes=classes,
                         data_dir=str(config.data.dir))
   step_ids = match.step_ids()
@@ -261,7 +266,8 @@ def evaluate(state: dict, eval_fn, config, mesh, *, split: str = "val",
                                        flag="config.eval_batch_size")
   ds, n = input_pipeline.eval_dataset(
       config, split=split, local_batch_size=local_bs,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      manifest=manifest)
   outs, stats = [], []
   batches = input_pipeline.iterate(ds)
   if progress is not False:

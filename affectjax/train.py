@@ -284,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     stop = cleanup.enter_context(preemption.StopRequest())
     train_iter = input_pipeline.DevicePrefetch(iter(input_pipeline.train_dataset(
         config, local_batch_size=local_bs, process_index=jax.process_index(),
-        process_count=jax.process_count())), mesh)
+        process_count=jax.process_count(), manifest=manifest)), mesh)
     cleanup.callback(train_iter.close)
     ckpt = workdir_lib.checkpointer(workdir, config)
     cleanup.callback(ckpt.close)
@@ -316,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       records, examples = {}, None
       for split in dict.fromkeys((select_split, "val")):
         result = scoring.evaluate(state, eval_fn, config, mesh, split=split,
-                                     collect=split == "val")
+                                  collect=split == "val", manifest=manifest)
         if split == "val":
           examples = result.pop("examples", None)
         records[split] = log.write(split, step, **result)
@@ -387,7 +387,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
     if last_eval is None:  # Already finished before this run: evaluate only.
       last_eval = {"split": "val", "step": step,
-                   **scoring.evaluate(state, eval_fn, config, mesh)}
+                   **scoring.evaluate(state, eval_fn, config, mesh,
+                                      manifest=manifest)}
       if not log.has("val", step):
         log.write("val", step, **{k: v for k, v in last_eval.items()
                                   if k not in ("split", "step")})

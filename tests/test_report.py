@@ -6,7 +6,9 @@ import pytest
 from absl import logging
 from PIL import Image
 
+from affectjax import data
 from affectjax import report
+from affectjax import scoring
 from affectjax import workdir as workdir_lib
 from tests import use_fixtures
 
@@ -52,6 +54,25 @@ def test_refresh_uses_what_the_trainer_passes_and_opens_a_run_alone(
   page = (run_dir / "report.html").read_text()
   assert "passed-by-the-trainer" not in page and "Dataset" in page
   assert "at step 6" in page
+
+
+def test_an_evaluation_cycle_reads_no_manifest_when_given_one(run_dir,
+                                                               monkeypatch):
+  """The trainer reads manifest.json once per run and passes it down: the
+  evaluation (source, decoder, pixel cache) and the report use it as given."""
+  run = workdir_lib.open_run(run_dir, checkpoint="latest")
+  manifest = data.read_manifest(run.config.data.dir)
+
+  def read_again(*args, **kwargs):
+    raise AssertionError(f"manifest.json read again: {args}")
+
+  monkeypatch.setattr(data, "read_manifest", read_again)
+  result = scoring.evaluate(run.state, run.eval_fn(), run.config, run.mesh,
+                            collect=True, manifest=manifest)
+  assert result["num_examples"] == len(data.source(
+      run.config.data.dir, "val", manifest))
+  assert report.refresh(run_dir, run.config, result["examples"],
+                        manifest=manifest, selection_split="val")
 
 
 def test_refresh_never_raises(run_dir, monkeypatch):
