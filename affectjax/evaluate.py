@@ -82,9 +82,11 @@ def _other_data_name(run) -> str | None:
   return evaluated.name or "data"
 
 
-def split_paths(data_dir: str, split: str, indices: np.ndarray) -> list[str]:
-  """The ``path`` field of records ``indices`` of ``split`` (images not decoded)."""
-  src = data.source(data_dir, split)
+def split_paths(data_dir: str, split: str, indices: np.ndarray,
+                manifest: dict | None = None) -> list[str]:
+  """The ``path`` field of records ``indices`` of ``split`` (images not
+  decoded); ``manifest``: the data dir's, if already read."""
+  src = data.source(data_dir, split, manifest)
   from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
   reader = array_record_data_source.ArrayRecordDataSource(src.paths)
   try:
@@ -134,11 +136,12 @@ def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
                                data_dir=data_dir)
   config = run.config
   num_classes = int(config.num_classes)
+  manifest = data.read_manifest(config.data.dir)  # Once, passed down.
   result = scoring.evaluate(run.state, run.eval_fn(tta, use_ema), config,
                             run.mesh, split=split, collect=True,
                             classes=classes,
                             model_classes=run.contract.class_names,
-                            progress=None)
+                            progress=None, manifest=manifest)
   examples = result["examples"]
   result.update(step=run.step, checkpoint=run.label, split=split, tta=tta,
                 ema=bool(use_ema and "ema" in run.state),
@@ -150,7 +153,7 @@ def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
   if write_files and jax.process_index() == 0:
     names = result["class_names"]
     fileio.write_json(out / "metrics.json", scoring.metrics_subset(result))
-    paths = split_paths(config.data.dir, split, examples["index"])
+    paths = split_paths(config.data.dir, split, examples["index"], manifest)
     fileio.write_text(out / "predictions.csv",
                       predictions_csv(paths, examples, names))
     report.save_eval_plots(out, result, names, examples)
