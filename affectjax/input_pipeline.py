@@ -306,8 +306,40 @@ class _Decoder:
             "with `python -m data_prep.affectnet`.")
 
 
-def _empty_batch(batch: int, size: int) -> dict[str, np.ndarray]:
-  return {"image": np.empty((batch, size, size, 3), np.uint8),
+def _refcount(items: list, i: int) -> int:
+  return sys.getrefcount(items[i])
+
+
+class _ImageBuffers:
+  """Batch image buffers of one shape, reused once nothing refers to them.
+
+  A fresh (b, S, S, 3) buffer costs a page fault per 4 KiB page on its first
+  write (the kernel zeroes each page): as much CPU as the gather from the
+  pixel cache that fills it. A buffer is handed out again only when its
+  reference count shows that no batch, view of it or array aliasing it (a
+  CPU device may use host memory in place) is left; past `limit` buffers
+  in use, fresh ones are allocated as before.
+  """
+
+  def __init__(self, shape: tuple, limit: int = 64):
+    self._shape, self._limit = tuple(shape), limit
+    self._buffers: list[np.ndarray] = []
+    self._lock = threading.Lock()
+    self._idle = _refcount([np.empty(0)], 0)  # Held by the list alone.
+
+  def get(self) -> np.ndarray:
+    with self._lock:
+      for i in range(len(self._buffers)):
+        if _refcount(self._buffers, i) == self._idle:
+          return self._buffers[i]
+      buf = np.empty(self._shape, np.uint8)
+      if len(self._buffers) < self._limit:
+        self._buffers.append(buf)
+      return buf
+
+
+def _empty_batch(buffers: _ImageBuffers, batch: int) -> dict[str, np.ndarray]:
+  return {"image": buffers.get(),
           "expression": np.zeros((batch,), np.int32),
           "valence": np.zeros((batch,), np.float32),
           "arousal": np.zeros((batch,), np.float32)}
@@ -335,14 +367,36 @@ def _decode_records(src: data.AffectNetSource, decoder: _Decoder,
     decoder.into(img, image[row], index)
 
 
+def _buffers(pools: dict, batch: int, size: int) -> _ImageBuffers:
+  """The buffer pool for (batch, size) in `pools` (train and eval differ)."""
+  key = (batch, size)
+  if key not in pools:
+    pools.setdefault(key, _ImageBuffers((batch, size, size, 3)))
+  return pools[key]
+
+
+class _CachedRows:
+  """Batches gathered from the pixel cache (`pixel_cache.PixelCache`)."""
+
+  def __init__(self, cache: pixel_cache.PixelCache):
+    self.cache = cache
+    self._buffers = {}
+
+  def load(self, indices: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    return self.cache.load(indices, batch, _buffers(
+        self._buffers, batch, self.cache.pixels.shape[1]).get())
+
+
 class _RecordRows:
   """Batches straight from the ArrayRecords: read, parse, decode (no cache)."""
 
   def __init__(self, src: data.AffectNetSource, decoder: _Decoder):
     self._src, self._decoder = src, decoder
+    self._buffers = {}
 
   def load(self, indices: np.ndarray, batch: int) -> dict[str, np.ndarray]:
-    out = _empty_batch(batch, self._decoder.size)
+    out = _empty_batch(_buffers(self._buffers, batch, self._decoder.size),
+                       batch)
     _decode_records(self._src, self._decoder, indices, out)
     out["image"][len(indices):] = 0
     return out
@@ -361,6 +415,7 @@ class _IndexedRows:
   def __init__(self, src: data.AffectNetSource, decoder: _Decoder,
                index: pixel_cache.RecordIndex):
     self._src, self._decoder, self._index = src, decoder, index
+    self._buffers = {}
     self._views = []
     for path in src.paths:
       if os.path.isfile(path) and os.path.getsize(path):
@@ -394,7 +449,8 @@ class _IndexedRows:
 
   def load(self, indices: np.ndarray, batch: int) -> dict[str, np.ndarray]:
     idx = np.asarray(indices, np.int64)
-    out = _empty_batch(batch, self._decoder.size)
+    out = _empty_batch(_buffers(self._buffers, batch, self._decoder.size),
+                       batch)
     self.fill(idx, out["image"])
     out["image"][len(idx):] = 0
     for name in ("expression", "valence", "arousal"):
@@ -471,7 +527,7 @@ _LOADERS_LOCK = threading.Lock()
 def _loader(config, src: data.AffectNetSource):
   """(batch loader, record index or None) for `src` under `config.data.cache`.
 
-  The loader is a `pixel_cache.PixelCache` (gather from decoded pixels), an
+  The loader is a `_CachedRows` (gather from the decoded pixels), an
   `_IndexedRows` (decode from the memory-mapped shards) or a `_RecordRows`
   (read, parse and decode records); all deliver identical batches.
   """
@@ -489,7 +545,8 @@ def _loader(config, src: data.AffectNetSource):
       index = pixel_cache.record_index(plan, src, threads, config.data.dir)
       rows = _IndexedRows(src, decoder, index)
       if plan.pixels:
-        loaded = pixel_cache.pixels(plan, index, rows.fill, threads), index
+        loaded = _CachedRows(pixel_cache.pixels(plan, index, rows.fill,
+                                                threads)), index
       else:
         loaded = rows, index
     logging.info(pixel_cache.describe(plan, time.perf_counter() - t))
@@ -499,7 +556,7 @@ def _loader(config, src: data.AffectNetSource):
 
 def _threaded(ds: grain.MapDataset, config, rows) -> grain.IterDataset:
   threads = host_threads(
-      config, cached=isinstance(rows, pixel_cache.PixelCache))
+      config, cached=isinstance(rows, _CachedRows))
   buffer = max(int(config.data.prefetch_buffer_size), threads)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=buffer))

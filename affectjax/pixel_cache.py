@@ -390,9 +390,10 @@ def record_index(p: Plan, src: data.AffectNetSource, threads: int,
 class PixelCache:
   """A split's decoded uint8 pixels (memory-mapped) and labels.
 
-  `load(indices, batch)` is the batch loader of the input pipeline: the
-  same dict of arrays the decoding loaders return, rows past
-  `len(indices)` zero.
+  `load(indices, batch, image)` is the batch loader of the input pipeline:
+  the same dict of arrays the decoding loaders return, rows past
+  `len(indices)` zero; `image` is the (batch, S, S, 3) buffer to gather
+  into (a fresh one if None).
   """
 
   def __init__(self, pixels: np.ndarray, index: RecordIndex):
@@ -404,12 +405,14 @@ class PixelCache:
   def __len__(self) -> int:
     return len(self.pixels)
 
-  def load(self, indices: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+  def load(self, indices: np.ndarray, batch: int,
+           image: np.ndarray | None = None) -> dict[str, np.ndarray]:
     idx = np.asarray(indices, np.int64)
     k = idx.size
     if k and (idx.min() < 0 or idx.max() >= len(self.pixels)):
       raise IndexError(f"index out of range for a cache of {len(self)} images")
-    image = np.empty((batch,) + self.pixels.shape[1:], np.uint8)
+    if image is None:
+      image = np.empty((batch,) + self.pixels.shape[1:], np.uint8)
     # mode='clip' (the indices are checked above): numpy buffers `out` for
     # the default mode='raise', an extra copy of the batch.
     np.take(self.pixels, idx, axis=0, out=image[:k], mode="clip")

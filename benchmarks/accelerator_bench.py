@@ -9,8 +9,14 @@ jitted step (`train.make_steps`, device augmentation included) two ways:
              `DevicePrefetch`) over a prepared directory: what the trainer
              gets, with the share of wall time spent waiting for input.
 
-MFU = (model FLOPs per step, from XLA's cost analysis of the compiled step) /
-(step time x the device's peak dense FLOP/s for the dtype x device count).
+Both rows run the same compiled step on batches of the same shape: the
+synthetic batch has the side the host path delivers for the data dir
+(`input_pipeline.host_image_size`), so the on-device crop and resize do the
+same work in both.
+
+MFU = (FLOPs per step per device, from XLA's cost analysis of the compiled
+sharded step, which is already one device's share) / (step time x the
+device's peak dense FLOP/s for the dtype).
 Peaks are the vendors' dense (no sparsity) numbers; an unknown device prints
 FLOP/s without MFU (pass --peak_tflops to set one).
 
@@ -19,6 +25,8 @@ FLOP/s without MFU (pass --peak_tflops to set one).
   # Quick check of the script itself on a CPU (tiny widths, few steps):
   JAX_PLATFORMS=cpu python benchmarks/accelerator_bench.py --smoke \
       --data_dir=runs/demo/data/arrayrecord
+  # Train-step GFLOPs per image of the shipped configs (any backend):
+  JAX_PLATFORMS=cpu python benchmarks/accelerator_bench.py --flops_only
 
 Prints one JSON line per measurement and a Markdown table at the end
 (docs/BENCHMARKS.md, "Accelerator").
@@ -51,6 +59,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats (median reported).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak dense TFLOP/s per device "
                            "for the dtype (0 = from the table).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "CPU check: tiny variants, 3 steps.")
+_FLOPS_ONLY = flags.DEFINE_bool(
+    "flops_only", False, "Only print each model's train-step GFLOPs per "
+    "image from XLA's cost analysis (any backend; docs/BENCHMARKS.md's "
+    "cores-per-GPU table).")
 
 # Dense peak TFLOP/s per device: (bfloat16, float32). float32 on NVIDIA is
 # the non-tensor-core rate (XLA's default precision uses TF32 tensor cores
@@ -106,6 +118,36 @@ def _time_steps(train_fn, state, next_batch, steps):
   return statistics.median(times), state
 
 
+def _input_size(config) -> int:
+  """Side of the uint8 batches the real host path delivers for `config`
+  (`host_image_size`: the stored size, or its DCT-scaled size), so the
+  synthetic batch makes the step do the same work (the on-device resize
+  runs from the same size); `image_size` without a data dir."""
+  from affectjax import data, input_pipeline  # pylint: disable=g-import-not-at-top
+  if not _DATA_DIR.value:
+    return int(config.image_size)
+  return input_pipeline.host_image_size(config, data.read_manifest(
+      _DATA_DIR.value))
+
+
+def _step_flops(train_fn, state, batch) -> float:
+  """FLOPs of one step on one device, from XLA's cost analysis of the
+  compiled program (for a program sharded over N devices, the analysis is
+  already of one device's share: it is not divided by N again)."""
+  cost = train_fn.lower(state, batch, train_backbone=True).compile(
+  ).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _host_batch(b: int, s: int) -> dict:
+  rng = np.random.default_rng(0)
+  return {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+          "expression": rng.integers(0, 8, (b,)).astype(np.int32),
+          "valence": rng.uniform(-1, 1, (b,)).astype(np.float32),
+          "arousal": rng.uniform(-1, 1, (b,)).astype(np.float32)}
+
+
 def bench_one(name: str, size: int, dtype: str) -> list[dict]:
   from affectjax import input_pipeline, sharding, train, train_state  # pylint: disable=g-import-not-at-top
   config = _config(name, size, dtype)
@@ -113,28 +155,26 @@ def bench_one(name: str, size: int, dtype: str) -> list[dict]:
   graphdef, state, tx = train_state.init_state(config, mesh)
   train_fn, _ = train.make_steps(graphdef, tx, config, mesh)
   b, s = config.batch_size, config.image_size
-  rng = np.random.default_rng(0)
-  host = {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
-          "expression": rng.integers(0, 8, (b,)).astype(np.int32),
-          "valence": rng.uniform(-1, 1, (b,)).astype(np.float32),
-          "arousal": rng.uniform(-1, 1, (b,)).astype(np.float32)}
-  batch = sharding.shard_batch(host, mesh)
-  compiled = train_fn.lower(state, batch, train_backbone=True).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get("flops", float("nan")))
+  batch = sharding.shard_batch(_host_batch(b, _input_size(config)), mesh)
+  flops = _step_flops(train_fn, state, batch)  # Per device.
   steps = 3 if _SMOKE.value else _STEPS.value
+  peak = _peak_tflops(dtype)
+  common = {"model": name, "image_size": s,
+            "input_size": int(batch["image"].shape[1]), "dtype": dtype,
+            "batch_size": b, "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind,
+            "gflops_per_image": flops * jax.device_count() / b / 1e9}
+
+  def row(kind, sec, wait_share):
+    tflops = flops / sec / 1e12
+    return {**common, "input": kind, "images_per_sec": b / sec,
+            "step_ms": 1e3 * sec, "tflops_per_device": tflops,
+            "mfu": tflops / peak if peak else None,
+            "input_wait_share": wait_share}
+
   state, _ = train_fn(state, batch, train_backbone=True)  # Warm-up.
   sec, state = _time_steps(train_fn, state, lambda: batch, steps)
-  peak = _peak_tflops(dtype)
-  common = {"model": name, "image_size": s, "dtype": dtype, "batch_size": b,
-            "devices": jax.device_count(),
-            "device_kind": jax.devices()[0].device_kind}
-  rows = [{**common, "input": "synthetic (device-resident)",
-           "images_per_sec": b / sec, "step_ms": 1e3 * sec,
-           "tflops_per_device": flops / sec / 1e12 / jax.device_count(),
-           "mfu": (flops / sec / 1e12 / jax.device_count() / peak
-                   if peak else None), "input_wait_share": 0.0}]
+  rows = [row("synthetic (device-resident)", sec, 0.0)]
   if _DATA_DIR.value:
     local = sharding.local_batch_size(b, mesh, flag="batch_size")
     it = input_pipeline.DevicePrefetch(iter(input_pipeline.train_dataset(
@@ -145,31 +185,49 @@ def bench_one(name: str, size: int, dtype: str) -> list[dict]:
       wait0, t0 = it.wait_seconds, time.perf_counter()
       sec_in, state = _time_steps(train_fn, state, lambda: next(it), steps)
       wall = time.perf_counter() - t0
-      rows.append({**common, "input": "real host path",
-                   "images_per_sec": b / sec_in, "step_ms": 1e3 * sec_in,
-                   "tflops_per_device": None, "mfu": None,
-                   "input_wait_share": (it.wait_seconds - wait0) / wall})
+      rows.append(row("real host path", sec_in,
+                      (it.wait_seconds - wait0) / wall))
     finally:
       it.close()
   return rows
 
 
+def flops_per_image(name: str, size: int, batch: int = 8) -> float:
+  """Train-step GFLOPs per image of a shipped config at `size`, from XLA's
+  cost analysis (no timing; runs on any backend, a CPU included)."""
+  from affectjax import sharding, train, train_state  # pylint: disable=g-import-not-at-top
+  config = _config(name, size, "bfloat16")
+  config.batch_size = batch
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  graphdef, state, tx = train_state.init_state(config, mesh)
+  train_fn, _ = train.make_steps(graphdef, tx, config, mesh)
+  batch_arrays = sharding.shard_batch(_host_batch(batch, size), mesh)
+  return _step_flops(train_fn, state, batch_arrays) / batch / 1e9
+
+
 def _table(rows: list[dict]) -> str:
-  out = ["| model | px | dtype | batch | input | images/s | step ms | "
-         "TFLOP/s/device | MFU | input wait |", "|" + "---|" * 10]
+  out = ["| model | px (input) | dtype | batch | input | images/s | step ms | "
+         "GFLOP/img | TFLOP/s/device | MFU | input wait |", "|" + "---|" * 11]
   for r in rows:
-    tf = "" if r["tflops_per_device"] is None else f"{r['tflops_per_device']:.1f}"
     mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
     out.append(
-        f"| {r['model']} | {r['image_size']} | {r['dtype']} | "
-        f"{r['batch_size']} | {r['input']} | {r['images_per_sec']:.0f} | "
-        f"{r['step_ms']:.1f} | {tf} | {mfu} | "
+        f"| {r['model']} | {r['image_size']} ({r['input_size']}) | "
+        f"{r['dtype']} | {r['batch_size']} | {r['input']} | "
+        f"{r['images_per_sec']:.0f} | {r['step_ms']:.1f} | "
+        f"{r['gflops_per_image']:.1f} | {r['tflops_per_device']:.1f} | {mfu} | "
         f"{100 * r['input_wait_share']:.0f}% |")
   return "\n".join(out)
 
 
 def main(argv):
   del argv
+  if _FLOPS_ONLY.value:
+    for spec in _MODELS.value:
+      name, size = spec.split(":")
+      print(json.dumps({"model": name, "image_size": int(size),
+                        "train_gflops_per_image": flops_per_image(
+                            name, int(size))}), flush=True)
+    return
   rows = []
   for spec in _MODELS.value:
     name, size = spec.split(":")

@@ -261,3 +261,19 @@ def test_no_tfds_no_worker_processes_nothing_left_after_sigkill(
     if proc.poll() is None:
       proc.kill()
       proc.wait()
+
+
+def test_batch_buffers_are_reused_only_when_nothing_refers_to_them():
+  """Batch image buffers come back only once no batch, view or aliasing
+  array holds them (a reused buffer still in use would change its pixels)."""
+  buffers = input_pipeline._ImageBuffers((2, 4, 4, 3))  # pylint: disable=protected-access
+  a = buffers.get()
+  b = buffers.get()
+  assert a.ctypes.data != b.ctypes.data
+  address = a.ctypes.data
+  view = a[1:]  # A view (its base is `a`) keeps the buffer in use...
+  del a
+  c = buffers.get()
+  assert c.ctypes.data not in (address, b.ctypes.data)
+  del view  # ...until it goes.
+  assert buffers.get().ctypes.data == address

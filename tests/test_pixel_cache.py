@@ -88,7 +88,7 @@ def test_batches_are_bit_identical_with_and_without_the_cache(prepared,
           assert a[k].dtype == b[k].dtype, (name, k)
           np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} {k}")
   assert loaders == {"none": "_RecordRows", "index": "_IndexedRows",
-                     "cache": "PixelCache"}
+                     "cache": "_CachedRows"}
   # The index placed every image in its shard file; some span a block
   # header of the file (reassembled), most do not (decoded in place).
   [path] = glob.glob(str(tmp_path / "index" / "*" / "train.index.npz"))
