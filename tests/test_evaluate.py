@@ -271,6 +271,51 @@ def test_seven_class_model_on_eight_class_data_leaves_out_contempt_rows(
                                      for r in rows)
 
 
+def _val_with_class_order(src_dir: str, dst, names) -> str:
+  """``src_dir``'s val split rewritten with its labels coded in the class
+  order ``names`` (the same faces: a data set that orders its classes like
+  FER2013 but names them like affectjax)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  manifest = data.read_manifest(src_dir)
+  old = manifest["label_names"]
+  src = data.source(src_dir, "val")
+  dst.mkdir()
+  shard = dst / data.shard_filename("val", 0, 1)
+  writer = array_record_module.ArrayRecordWriter(str(shard),
+                                                 "group_size:1,uncompressed")
+  for record in src.read_records(range(len(src))):
+    ex = data.decode_record(record, decode_image=False)
+    writer.write(data.encode_record(
+        image=ex["image"], expression=names.index(old[ex["expression"]]),
+        valence=ex["valence"], arousal=ex["arousal"],
+        landmarks=ex["landmarks"], path=ex["path"]))
+  writer.close()
+  blob = shard.read_bytes()
+  manifest["label_names"] = list(names)
+  manifest["splits"] = {"val": {"shards": [{
+      "file": shard.name, "num_examples": len(src), "num_bytes": len(blob),
+      "sha256": hashlib.sha256(blob).hexdigest()}]}}
+  (dst / data.MANIFEST_NAME).write_text(json.dumps(manifest))
+  return str(dst)
+
+
+def test_same_classes_in_another_order_score_as_the_own_data(
+    run7, eval7, data7, tmp_path):
+  fer_order = ("anger", "disgust", "fear", "happy", "sad", "surprise",
+               "neutral")  # FER2013's order in affectjax's names.
+  other = _val_with_class_order(data7, tmp_path / "fer_order", fer_order)
+  run = workdir_lib.open_run(run7[0], checkpoint="latest", data_dir=other)
+  result = scoring.evaluate(run.state, run.eval_fn(), run.config, run.mesh,
+                            collect=True,
+                            model_classes=run.contract.class_names)
+  own, _ = eval7
+  _assert_same_scores(result, own)  # Matched by name, not by position.
+  # The same classes: the loss is reported, with the run's class weights.
+  assert result["loss"] == pytest.approx(own["loss"], rel=1e-6)
+  assert result["rows_left_out"] == 0 and result["classes_left_out"] == {}
+
+
 def test_classes_are_matched_by_name_not_position():
   fer_order = ("anger", "disgust", "fear", "happy", "sad", "surprise",
                "neutral")  # FER2013's order in affectjax's names.
