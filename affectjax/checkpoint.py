@@ -196,6 +196,7 @@ class Checkpointer:
     # is still being written.
     self._metrics: dict[int, dict | None] = {}
     self._pending: int | None = None  # The step an async save is writing.
+    self._operations: list[str] = []  # Orbax's ids of this manager's saves.
     self._failed = False
 
   def latest_step(self) -> int | None:
@@ -271,6 +272,7 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**items), force=True,
                            metrics=saved_metrics if self.best_metric else None)
       self._pending = step
+      self._operations.append(_current_operation())
       self._metrics[step] = saved_metrics
       if wait:
         self._manager.wait_until_finished()
@@ -293,6 +295,7 @@ class Checkpointer:
       self._failed = True
       failed = self._pending if self._pending is not None else step
       self._pending = None
+      _release_waiting_writers(self._operations)
       committed = self._committed_steps()
       kept = (f"The checkpoints already there (steps {committed}) are intact. "
               if committed else "")
@@ -477,6 +480,38 @@ class Checkpointer:
       with (contextlib.suppress(Exception) if reported
             else contextlib.nullcontext()):
         self._manager.close()
+
+
+def _current_operation() -> str:
+  from orbax.checkpoint._src.futures import synchronization  # pylint: disable=g-import-not-at-top
+  return synchronization.OperationIdGenerator.get_current_operation_id()
+
+
+def _release_waiting_writers(operations: list[str]) -> None:
+  """Lets the writer threads of a failed save finish instead of waiting.
+
+  Orbax's writers wait for a "directory created" signal before writing; when
+  the directory cannot be created (a full or read-only disk) the signal never
+  comes and they wait out Orbax's async timeout (minutes). They are not
+  daemon threads, so the process could not exit with its error until then.
+  Sending the signal lets them run, fail on the same disk and end. (Orbax
+  internals; there is no public API for this.)
+  """
+  try:
+    from orbax.checkpoint._src.futures import future  # pylint: disable=g-import-not-at-top
+    from orbax.checkpoint._src.futures import signaling_client  # pylint: disable=g-import-not-at-top
+    from orbax.checkpoint._src.futures import synchronization  # pylint: disable=g-import-not-at-top
+    client = signaling_client.get_signaling_client()
+    for operation in dict.fromkeys([*operations, _current_operation()]):
+      for signal in (
+          synchronization.HandlerAwaitableSignal.STEP_DIRECTORY_CREATION,
+          synchronization.HandlerAwaitableSignal.ITEM_DIRECTORY_CREATION):
+        client.key_value_set(
+            future.AwaitableSignalsContract.get_unique_awaitable_singal_key(
+                signal, operation), "released after a failed save",
+            allow_overwrite=True)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not release the writers of the failed save: %s", e)
 
 
 def _legacy_position(data_dir: epath.Path) -> dict:
