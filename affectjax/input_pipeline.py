@@ -1,9 +1,8 @@
 """Host input path: ArrayRecord bytes -> uint8 batches, in threads; device prefetch.
 
-Host reads, device computes: the host reads records, parses the four fields
-a step needs and decodes the image into a preallocated batch buffer; crops,
-resizes, flips and every other pixel op run on the device
-(`affectjax.augment`). Batches are
+Host reads, device computes: the host gathers or decodes each image into
+a batch buffer and gathers its three labels; crops, resizes, flips and
+every other pixel op run on the device (`affectjax.augment`). Batches are
 
   train: {"image": uint8 (b, S, S, 3), "expression": int32 (b,),
           "valence": float32 (b,), "arousal": float32 (b,)}
@@ -22,13 +21,23 @@ batch is positions [k*B, (k+1)*B) of it, and process p of P delivers rows
 number of processes or threads. Evaluation does the same over the split in
 order, padded to whole global batches.
 
+Where the pixels come from (`--config.data.cache`, `affectjax.pixel_cache`):
+  cached   the split decoded once at S into a memory-mapped uint8 file on
+           this host; a batch is one `np.take` gather (no Python per image);
+  index    the cache does not fit: each JPEG decodes straight from its bytes
+           in the memory-mapped shard file (no record read, copy or parse);
+  records  `cache=none`: read, parse and decode the ArrayRecords.
+All three deliver bit-identical batches (the cache is built by the same
+decoder), so resuming, or changing the process count, never changes them.
+
 Threads, not processes. Each batch is one element of a `grain.MapDataset`
 (`__getitem__(k)` builds batch k); `to_iter_dataset` runs them on a pool of
-threads. ArrayRecord reads and libjpeg-turbo decodes release the GIL, so
-threads use the cores without worker processes, pickling, shared memory or
-per-evaluation start-up, and nothing can outlive a killed trainer. About 1/6
-of a JPEG image's time holds the GIL (parse, glue), which caps threads at
-roughly 6 cores' worth of decoding (docs/BENCHMARKS.md has the profile).
+threads. The gather and libjpeg-turbo's decode release the GIL, so threads
+use the cores without worker processes, pickling, shared memory or
+per-evaluation start-up, and nothing can outlive a killed trainer. What
+holds the GIL per image is a few microseconds of Python around each decode
+call (none on the cached path), so one process orchestrates far more images
+per second than a GPU host consumes (docs/BENCHMARKS.md has the figures).
 The iterator is Grain's, so its state (`{"next_index": k}`) goes into the
 Orbax checkpoint via `grain.checkpoint.CheckpointSave`, and a resumed run
 sees exactly the batches an uninterrupted one would.

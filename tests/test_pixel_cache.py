@@ -172,6 +172,8 @@ def test_a_killed_build_is_never_read(prepared, tmp_path):
   try:
     deadline = time.monotonic() + 60
     while not glob.glob(str(cache / "*" / ".train-24px.npy.tmp-*")):
+      assert not glob.glob(str(cache / "*" / "train-24px.npy")), (
+          "written under the name that is read")
       assert proc.poll() is None, proc.communicate()[1][-2000:]
       assert time.monotonic() < deadline, "the build never started"
       time.sleep(0.05)
