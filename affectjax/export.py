@@ -2,10 +2,10 @@ r"""Export a trained model as a serving artifact that needs neither affectjax
 nor a GPU build of jax.
 
   python -m affectjax.export --workdir=runs/demo [--checkpoint=best|latest|STEP]
-      [--format=jax_export] [--output_dir=WORKDIR/export/<checkpoint>]
+      [--format=jax_export|onnx] [--output_dir=WORKDIR/export/<checkpoint>]
       [--platforms=cpu,cuda,tpu]
 
-Format ``jax_export`` (the one there is; see docs/USING.md for why): the
+Format ``jax_export`` (the default): the
 model as a serialized ``jax.export.Exported`` (StableHLO plus calling
 convention, weights baked in as constants), lowered for every platform in
 ``--platforms``, batch size symbolic. It runs with a plain ``pip install jax
@@ -19,6 +19,13 @@ output directory holds:
                        input size and how to make inputs, provenance;
   run_exported.py      a standalone runner (jax, numpy, Pillow): images in,
                        JSON lines out.
+
+Format ``onnx``: the same function as an ONNX model (``model.onnx``, opset
+21, batch size symbolic, weights inside) that ONNX Runtime runs without jax
+(``pip install onnxruntime numpy pillow``), converted by jax2onnx (the
+``onnx`` extra; see affectjax/export_onnx.py). The directory holds
+model.onnx, signature.json and the same run_exported.py, which then runs it
+with onnxruntime. TFLite is not offered: docs/USING.md says why.
 
 Input: uint8 face crops (N, S, S, 3) RGB, S = the size data_prep stored faces
 at (crop the face box with data_prep's margin, resize to S x S bilinear;
@@ -43,7 +50,7 @@ from affectjax import fileio
 from affectjax import scoring
 from affectjax import workdir as workdir_lib
 
-FORMATS = ("jax_export",)
+FORMATS = ("jax_export", "onnx")
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 MODEL_FILE = "model.jaxexport"
 RUNNER = "run_exported.py"
@@ -71,10 +78,20 @@ def export_model(graphdef, weights: dict, *, input_size: int, image_size: int,
 
 def write_artifact(exported: jax.export.Exported, output_dir, *,
                    signature: dict) -> epath.Path:
-  """Writes the artifact files (each under a temporary name, then renamed)."""
+  """Writes the jax_export files (each under a temporary name, renamed)."""
+  return write_files(output_dir, {
+      MODEL_FILE: bytes(exported.serialize()),
+      "model.stablehlo.mlir": exported.mlir_module().encode()},
+                     signature=signature)
+
+
+def write_files(output_dir, files: dict[str, bytes], *,
+                signature: dict) -> epath.Path:
+  """Writes `files`, signature.json and the runner (each under a temporary
+  name, then renamed)."""
   out = epath.Path(output_dir)
-  fileio.write_bytes(out / MODEL_FILE, bytes(exported.serialize()))
-  fileio.write_text(out / "model.stablehlo.mlir", exported.mlir_module())
+  for name, data in files.items():
+    fileio.write_bytes(out / name, data)
   fileio.write_json(out / "signature.json", signature)
   runner = epath.Path(__file__).parent / "export_runner.py"
   fileio.write_text(out / RUNNER, runner.read_text())
@@ -92,15 +109,8 @@ def run_export(workdir, *, checkpoint: str = "best", fmt: str = "jax_export",
   # The run's own input contract: the same artifact wherever the run is.
   contract = run.contract
   input_size = contract.prepared_size
-  exported = export_model(run.graphdef, run.weights(use_ema),
-                          input_size=input_size,
-                          image_size=contract.model_size,
-                          platforms=platforms, tta=tta)
   names = list(contract.class_names)
   signature = {
-      "format": "jax.export (StableHLO), serialization version "
-                f"{exported.calling_convention_version}",
-      "platforms": list(exported.platforms),
       "inputs": [{"name": "images", "dtype": "uint8",
                   "shape": ["batch", input_size, input_size, 3],
                   "layout": "NHWC, RGB, 0..255"}],
@@ -125,13 +135,39 @@ def run_export(workdir, *, checkpoint: str = "best", fmt: str = "jax_export",
                  "checkpoint": run.label, "model": run.config.model.name,
                  "ema": bool(use_ema and "ema" in run.state),
                  "jax_version": jax.__version__},
-      "usage": ("from jax import export; exp = export.deserialize(open("
-                "'model.jaxexport','rb').read()); logits, va = exp.call(images)"),
   }
   out = epath.Path(output_dir) if output_dir else (
       run.workdir / "export" / run.label)
-  write_artifact(exported, out, signature=signature)
-  logging.info("Exported step %d to %s", run.step, out)
+  if fmt == "onnx":
+    from affectjax import export_onnx  # pylint: disable=g-import-not-at-top
+    model = export_onnx.convert(
+        serving_fn(run.graphdef, run.weights(use_ema),
+                   image_size=contract.model_size, tta=tta),
+        input_size=input_size)
+    signature.update({
+        "format": f"onnx, opset {export_onnx.OPSET}",
+        "platforms": ["onnxruntime"],
+        "onnx_ops": export_onnx.op_types(model),
+        "usage": ("import onnxruntime as ort; s = ort.InferenceSession("
+                  "'model.onnx'); logits, va = s.run(None, {'images': "
+                  "images})")})
+    signature["source"]["jax2onnx_version"] = export_onnx.converter_version()
+    write_files(out, {export_onnx.MODEL_FILE: model.SerializeToString()},
+                signature=signature)
+  else:
+    exported = export_model(run.graphdef, run.weights(use_ema),
+                            input_size=input_size,
+                            image_size=contract.model_size,
+                            platforms=platforms, tta=tta)
+    signature.update({
+        "format": "jax.export (StableHLO), serialization version "
+                  f"{exported.calling_convention_version}",
+        "platforms": list(exported.platforms),
+        "usage": ("from jax import export; exp = export.deserialize(open("
+                  "'model.jaxexport','rb').read()); logits, va = "
+                  "exp.call(images)")})
+    write_artifact(exported, out, signature=signature)
+  logging.info("Exported step %d to %s (%s)", run.step, out, fmt)
   return out
 
 
@@ -158,8 +194,9 @@ def main(argv) -> None:
   out = run_export(f.workdir, checkpoint=f.checkpoint, fmt=f.format,
                    output_dir=f.output_dir, platforms=f.platforms, tta=f.tta,
                    use_ema=f.use_ema)
-  print(f"Wrote {out}/ ({MODEL_FILE}, model.stablehlo.mlir, signature.json, "
-        f"{RUNNER})", flush=True)
+  model = ("model.onnx" if f.format == "onnx" else
+           f"{MODEL_FILE}, model.stablehlo.mlir")
+  print(f"Wrote {out}/ ({model}, signature.json, {RUNNER})", flush=True)
 
 
 def run() -> None:

@@ -1,8 +1,11 @@
-"""Runs an affectjax export without affectjax: plain JAX, numpy and Pillow.
+"""Runs an affectjax export without affectjax: plain JAX (or ONNX Runtime),
+numpy and Pillow.
 
 Copied next to every export as run_exported.py. Install the runtime with
-`pip install jax flatbuffers numpy pillow` (CPU is enough; a CUDA or TPU
-build of jax runs the same file on that accelerator), then:
+`pip install jax flatbuffers numpy pillow` for a jax_export artifact (CPU is
+enough; a CUDA or TPU build of jax runs the same file on that accelerator),
+or `pip install onnxruntime numpy pillow` for an ONNX one (model.onnx; jax is
+then never imported), then:
 
   python run_exported.py face1.jpg face2.png ...   # JSON lines on stdout
 
@@ -29,11 +32,18 @@ class ExportedModel:
   """The exported model: call with uint8 (N, S, S, 3); returns numpy arrays."""
 
   def __init__(self, directory):
-    from jax import export  # pylint: disable=g-import-not-at-top
     directory = pathlib.Path(directory)
     self.signature = json.loads((directory / "signature.json").read_text())
-    self.exported = export.deserialize(
-        bytearray((directory / "model.jaxexport").read_bytes()))
+    if (directory / "model.onnx").exists():
+      import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+      session = ort.InferenceSession(str(directory / "model.onnx"),
+                                     providers=["CPUExecutionProvider"])
+      self._call = lambda x: session.run(None, {"images": x})
+    else:
+      from jax import export  # pylint: disable=g-import-not-at-top
+      exported = export.deserialize(
+          bytearray((directory / "model.jaxexport").read_bytes()))
+      self._call = exported.call
     self.input_size = int(self.signature["input_size"])
     self.class_names = list(self.signature["class_names"])
 
@@ -43,7 +53,7 @@ class ExportedModel:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != want:
       raise ValueError(f"images must be uint8 (N, {want[0]}, {want[1]}, 3), "
                        f"got {images.dtype} {images.shape}")
-    logits, va = self.exported.call(images)
+    logits, va = self._call(images)
     return np.asarray(logits), np.asarray(va)
 
 

@@ -80,5 +80,5 @@ def test_exported_model_equals_jax_in_a_process_without_affectjax(
 
 
 def test_unknown_format_names_the_flag(run_dir):
-  with pytest.raises(ValueError, match="--format='onnx'"):
-    export.run_export(run_dir, fmt="onnx")
+  with pytest.raises(ValueError, match="--format='tflite'"):
+    export.run_export(run_dir, fmt="tflite")
