@@ -198,7 +198,9 @@ case "$cmd" in
     exec "$PY" -m affectjax.main "$@"
     ;;
   evaluate|predict|export)
-    bootstrap ""
+    # export --format=onnx needs the converter (the onnx extra), on demand.
+    case "$cmd $* " in export*" --format=onnx "*|export*" --format onnx "*) bootstrap onnx ;;
+      *) bootstrap "" ;; esac
     check_backend
     exec "$PY" -m "affectjax.$cmd" "$@"
     ;;
