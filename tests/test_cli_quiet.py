@@ -60,6 +60,7 @@ def outputs(tmp_path_factory, synthetic_arrayrecord):
   return out
 
 
+@pytest.mark.slow  # Four tool processes, each importing JAX and Orbax.
 def test_library_info_lines_only_when_asked_for(outputs):
   _, quiet = outputs["quiet"]
   _, verbose = outputs["verbose"]
@@ -67,6 +68,7 @@ def test_library_info_lines_only_when_asked_for(outputs):
   assert [f for f in _INFO.findall(quiet) if f not in _OURS] == [], quiet
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, needle", [
     ("quiet", "holds no checkpoint yet"),
     ("no_config", "nope.py"),
