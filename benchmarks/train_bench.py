@@ -4,13 +4,18 @@ Each framework runs in its own subprocess (so thread pools and allocators
 don't interfere), repeated and reported as a median:
 
   step   model compute only: one fixed uint8 batch already in memory, full
-         train step (normalize, forward, multitask loss, backward, AdamW).
-         Frameworks: affectjax (`jax.jit` over the nnx.split state -- the real
-         `affectjax.train` step), affectjax with `nnx.jit` (the convenient
-         alternative the trainer avoids), PyTorch (eager, and torch.compile is
-         not used: it needs a C++ toolchain warm-up longer than the run), Keras 3
-         on TensorFlow (`train_on_batch`, compiled with XLA off/jit_compile
-         default).
+         train step. Frameworks: affectjax (`jax.jit` over the nnx.split
+         state -- the real `affectjax.train` step, which also runs the
+         device augmentation: random resized crop, flip), affectjax with
+         `nnx.jit` (normalize, forward, loss, backward, AdamW: no
+         augmentation), PyTorch (eager; torch.compile is not used: it needs a
+         C++ toolchain warm-up longer than the run), Keras 3 on TensorFlow
+         (`train_on_batch`, `jit_compile="auto"`, Keras 3's default: XLA
+         where the model allows it).
+
+The peers' steps do not augment, so `step/affectjax` against them is not
+like for like (`step/affectjax_nnx_jit` is closer); docs/BENCHMARKS.md
+therefore carries no table from this script.
 
 The input pipeline has its own benchmark, `benchmarks/input_bench.py`.
 
@@ -21,7 +26,7 @@ global average pooling, Dense(256)-ReLU, then 8 logits and 2 tanh outputs.
   .venv-bench/bin/python benchmarks/train_bench.py --data_dir=runs/demo/data/arrayrecord
 
 needs the `bench` extra (`pip install -e '.[bench]'`: tensorflow-cpu, torch).
-Results go to docs/BENCHMARKS.md.
+Prints the medians and ratios; nothing is recorded in docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
