@@ -17,7 +17,9 @@ Exit status, for schedulers and retry wrappers:
       command to resume;
   128 + N  a second signal N, or no step finished within 5 minutes of the
       first (aborted without saving; the last checkpoint is kept);
-  2   a config or flag that cannot work (one line, no traceback);
+  2   a config or flag that cannot work, or a file or directory that is
+      missing or cannot be written (one line naming it, no traceback; see
+      ``affectjax.cli``);
   1   any other failure. A crash never exits with the preemption status, so a
       requeue-on-75 rule never retries a broken run forever.
 """
