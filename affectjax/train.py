@@ -250,10 +250,13 @@ def _write_config(config, workdir: epath.Path) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   """Trains to ``config.total_steps`` (resuming if possible); returns final eval.
 
+  The final eval is the last step's ``val`` record; on process 0 it carries
+  ``best`` (see ``_best_evaluation``) once a checkpoint has been ranked.
   ``workdir`` is any ``etils.epath`` path that every host sees (a local
   directory, a shared filesystem, ``gs://bucket/run``). A run stopped by
   SIGTERM/SIGINT returns ``{"preempted": True, "step", "signal"}`` after a
-  synchronous checkpoint; rerunning the same call resumes it.
+  synchronous checkpoint; rerunning the same call resumes it. A config that
+  cannot work raises ``ConfigError`` before any training.
   """
   workdir = workdir_lib.path(workdir)
   if not config.data.dir:

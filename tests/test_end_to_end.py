@@ -115,6 +115,13 @@ def test_command_line_overrides_and_summary(synthetic_arrayrecord,
   assert "Expression accuracy" in out.stdout and "Valence CCC" in out.stdout
   written = json.load(open(tmp_path / "config.json"))
   assert (written["total_steps"], written["eval_every_steps"]) == (TOTAL, 4)
+  # The summary says which step each column is: the last, and the best.
+  best = json.load(open(tmp_path / "checkpoints" / "best.json"))
+  assert f"Validation at step {TOTAL} (52 examples), the last step" in out.stdout
+  assert (f"Best checkpoint: step {best['step']}, macro_f1 "
+          f"{best['value']:.4f} on val") in out.stdout
+  if best["step"] != TOTAL:
+    assert f"best, step {best['step']}" in out.stdout
 
   bad = subprocess.run(
       [sys.executable, "-m", "affectjax.main",
@@ -122,6 +129,18 @@ def test_command_line_overrides_and_summary(synthetic_arrayrecord,
        f"--workdir={tmp_path}"],
       cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "batch_sizes" in bad.stderr
+
+  # A misspelt best_metric: one line naming the valid ones, before training.
+  typo = subprocess.run(
+      [sys.executable, "-m", "affectjax.main",
+       *_main_args(synthetic_arrayrecord, tmp_path / "typo", compile_cache),
+       "--config.checkpoint.best_metric=accuracyy"],
+      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
+  assert typo.returncode == 2, typo.stderr[-3000:]
+  assert ("best_metric='accuracyy' is not an evaluation metric (did you mean "
+          "'accuracy'?); choose one of loss, accuracy, macro_f1") in typo.stderr
+  assert "Traceback" not in typo.stderr
+  assert not (tmp_path / "typo").exists()
 
 
 def test_missing_data_dir_names_the_flag(tmp_path):

@@ -222,7 +222,8 @@ def test_exit_status_tells_preemption_from_failure(tmp_path, outcome, flags,
                                                    status):
   out = subprocess.run(
       [sys.executable, "-c", _MAIN_WITH_OUTCOME,
-       "--config=configs/custom_cnn.py:tiny", f"--workdir={tmp_path}", *flags],
+       "--config=configs/custom_cnn.py:tiny", f"--workdir={tmp_path}",
+       "--config.compilation_cache_dir=", *flags],
       cwd=REPO, capture_output=True, text=True, timeout=120,
       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
            "OUTCOME": outcome})

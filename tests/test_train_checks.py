@@ -166,3 +166,21 @@ def test_train_step_draws_from_the_split_streams(monkeypatch):
   np.testing.assert_array_equal(
       _key_bits(seen["dropout"]),
       _key_bits(jax.random.fold_in(keys["dropout"], 7)))
+
+
+def test_summary_names_the_last_step_and_shows_the_best_one():
+  from affectjax import summary  # pylint: disable=g-import-not-at-top
+  last = {"step": 8, "num_examples": 52, "accuracy": 0.25, "macro_f1": 0.5}
+  best = {"step": 4, "metric": "macro_f1", "split": "holdout", "value": 0.75,
+          "val": {"step": 4, "accuracy": 0.375, "macro_f1": 0.625}}
+  lines = summary.table({**last, "best": best}).splitlines()
+  assert lines[0] == "Validation at step 8 (52 examples), the last step"
+  assert lines[1] == "Best checkpoint: step 4, macro_f1 0.7500 on holdout"
+  assert lines[3].split() == ["last,", "step", "8", "best,", "step", "4"]
+  row = next(l for l in lines if l.startswith("Expression macro-F1"))
+  assert row.split()[-2:] == ["0.5000", "0.6250"]
+  # The last step is the best: one column, and the heading says so.
+  same = summary.table({**last, "best": {**best, "step": 8, "val": last}})
+  assert "step 8, macro_f1 0.7500 on holdout (the last step)" in same
+  row = next(l for l in same.splitlines() if l.startswith("Expression macro"))
+  assert row.split()[-1] == "0.5000" and len(row.split()) == 3
