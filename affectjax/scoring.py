@@ -9,7 +9,7 @@ the same computation.
       -> jitted (state, batch) -> (out, stats), outputs replicated.
   evaluate(state, eval_fn, config, mesh, *, split="val", collect=False,
            classes=None, model_classes=None) -> dict
-  match_classes(model_classes, data_classes, *, classes=None) -> ClassMatch
+  match_classes(model_classes, data_names, *, classes=None) -> ClassMatch
 
 Batches are uint8 (B, S, S, 3) at the prepared size S; the step resizes to
 ``config.image_size`` on the device (``augment.resize_images``), then applies
