@@ -196,7 +196,7 @@ class Checkpointer:
     # is still being written.
     self._metrics: dict[int, dict | None] = {}
     self._pending: int | None = None  # The step an async save is writing.
-    self._operations: list[str] = []  # Orbax's ids of this manager's saves.
+    self._operations: list[str] = []  # Orbax's ids of the last saves.
     self._failed = False
 
   def latest_step(self) -> int | None:
@@ -272,7 +272,8 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**items), force=True,
                            metrics=saved_metrics if self.best_metric else None)
       self._pending = step
-      self._operations.append(_current_operation())
+      # Those of the last saves are enough: one may still be in flight.
+      self._operations = [*self._operations[-1:], _current_operation()]
       self._metrics[step] = saved_metrics
       if wait:
         self._manager.wait_until_finished()
@@ -297,14 +298,14 @@ class Checkpointer:
       self._pending = None
       _release_waiting_writers(self._operations)
       committed = self._committed_steps()
-      kept = (f"The checkpoints already there (steps {committed}) are intact. "
-              if committed else "")
+      kept = (f"The checkpoints already there (steps {committed}) are "
+              "intact. " if committed else "")
+      resume = (" to resume from the latest of them" if committed else "")
       raise CheckpointWriteError(
           f"Could not save the checkpoint of step {failed} to "
           f"{self.directory}: {type(e).__name__}: {e}. {kept}Free space on "
           "that filesystem or make it writable (or pass another --workdir), "
-          "then rerun the same command to resume from the latest of them."
-      ) from e
+          f"then rerun the same command{resume}.") from e
 
   def _committed_steps(self) -> list[int]:
     """The committed step directories on disk now (an uncached listing)."""
@@ -399,8 +400,9 @@ class Checkpointer:
     a warning naming it, and moved aside as ``<step>.corrupt`` (so the run
     can save that step again); the next older one is tried. Every process
     takes the same decision. ``IncompatibleCheckpointError`` is raised, not
-    skipped; so is the first error when no step can be read at all (a
-    changed model config, typically), rather than silently starting over.
+    skipped; when no step can be read at all (a changed model config,
+    typically) a ``RuntimeError`` names the newest step's error, rather than
+    the run silently starting over.
     """
     bad: list[tuple[int, Exception]] = []
     for step in sorted(self._manager.all_steps(), reverse=True):
