@@ -225,3 +225,20 @@ def test_reads_checkpoints_with_per_process_grain_files(tmp_path):
                      r"\{'next_index': 9\}"):
     c.restore_latest(ckpt_lib.abstract_like(_state(0)), _iterator())
   c.close()
+
+
+def test_no_readable_step_stops_instead_of_starting_over(tmp_path):
+  """A changed model (here: another weight shape) fails every step: an
+  error, and the steps stay where they are (none is set aside)."""
+  c = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=2)
+  for step in (1, 2):
+    c.save(step, _state(step), _iterator())
+  c.wait()
+  other = _state(0)
+  other["params"]["w"] = jnp.zeros((5, 4))
+  with pytest.raises(RuntimeError, match=r"No checkpoint in .* can be "
+                     r"restored \(steps \[2, 1\]\); the newest, step 2"):
+    c.restore_latest(ckpt_lib.abstract_like(other), _iterator())
+  assert c.all_steps() == [1, 2]
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+  c.close()
