@@ -154,6 +154,10 @@ class ShuffleOrder:
 
   def indices(self, start: int, stop: int) -> np.ndarray:
     """Source indices at global positions [start, stop)."""
+    first, last = start // self.num_examples, (stop - 1) // self.num_examples
+    if first == last:  # Within one epoch, as nearly every batch is.
+      base = first * self.num_examples
+      return self._perm(first)[start - base:stop - base].astype(np.int64)
     pos = np.arange(start, stop, dtype=np.int64)
     epoch, offset = np.divmod(pos, self.num_examples)
     out = np.empty_like(pos)
