@@ -65,9 +65,8 @@ _PREEMPTED_EXIT_CODE = flags.DEFINE_integer(
 
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Exit statuses other than the preemption one (see the module docstring).
+# A failure's exit status (see the module docstring).
 _EXIT_FAILURE = 1
-_EXIT_USAGE = 2
 
 
 def main(argv) -> int:
@@ -91,11 +90,9 @@ def main(argv) -> int:
   distributed.enable_compilation_cache(config.compilation_cache_dir)
   distributed.check_devices()
   from affectjax import train  # pylint: disable=g-import-not-at-top
-  try:
-    result = train.train_and_evaluate(config, _WORKDIR.value)
-  except train.ConfigError as e:
-    print(f"affectjax.main: {e}", file=sys.stderr, flush=True)
-    return _EXIT_USAGE
+  # A ConfigError (refused before training) is reported by cli.tool: one
+  # line, exit 2.
+  result = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0:
     if result.get("preempted"):
       print(resume_message(result, preempted_code), flush=True)
