@@ -69,6 +69,9 @@ def class_line(result: dict) -> str:
   line += f". Rows left out: {result.get('rows_left_out', 0)}"
   if by_class:
     line += " (" + ", ".join(f"{n} {c}" for n, c in by_class.items()) + ")"
+  if left:
+    line += (". No loss: the model's loss is defined on its own classes, "
+             "not on these")
   return line + "."
 
 

@@ -204,7 +204,8 @@ def match_classes(model_classes: Sequence[str], data_names: Sequence[str],
         f"{data_dir} shares {len(match.compared)} class(es) with the model "
         f"({', '.join(match.compared) or 'none'}); at least 2 are needed to "
         f"score it. The model's classes: {', '.join(model)}; the data's: "
-        f"{', '.join(data_)}. Evaluate on data prepared with these names.")
+        f"{', '.join(data_)} (manifest.json's label_names, which data_prep "
+        "writes in affectjax's class names).")
   if allowed is not None and set(match.compared) != set(allowed):
     raise ValueError(
         f"--classes={classes}: the model ({len(model)} classes) and "
