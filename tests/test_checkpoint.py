@@ -1,5 +1,6 @@
 """Real Orbax checkpoints of a train-state-shaped pytree and a Grain iterator."""
 import json
+import logging
 import os
 
 import grain
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl import logging as absl_logging
 
 from affectjax import checkpoint as ckpt_lib
 
@@ -134,31 +136,35 @@ def test_tied_evaluations_best_json_names_the_step_orbax_keeps(tmp_path, mode,
   c.close()
 
 
+class AbslWarnings(logging.Handler):
+  """Collects the warnings logged through absl (Orbax's, affectjax's) while
+  installed: ``with AbslWarnings() as w: ...; w.messages``."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+  def __enter__(self):
+    absl_logging.get_absl_logger().addHandler(self)
+    return self
+
+  def __exit__(self, *exc):
+    absl_logging.get_absl_logger().removeHandler(self)
+
+
 def test_save_without_metrics_logs_no_warning(tmp_path):
   """A periodic save (no evaluation) while best-keeping is on is normal."""
-  import logging  # pylint: disable=g-import-not-at-top
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-
-  class Collect(logging.Handler):
-    def __init__(self):
-      super().__init__(logging.WARNING)
-      self.records = []
-
-    def emit(self, record):
-      self.records.append(record.getMessage())
-
-  collect = Collect()
-  absl_logging.get_absl_logger().addHandler(collect)
-  try:
+  with AbslWarnings() as warnings:
     c = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=2,
                               best_metric="macro_f1")
     c.save(1, _state(1))
     c.save(2, _state(2), metrics={"macro_f1": 0.3})
     c.save(3, _state(3), wait=True)
     c.close()
-  finally:
-    absl_logging.get_absl_logger().removeHandler(collect)
-  assert collect.records == []
+  assert warnings.messages == []
   assert c.metrics(2) == {"macro_f1": 0.3}  # Metrics are still saved.
 
 

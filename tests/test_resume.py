@@ -9,16 +9,15 @@ resumes chain (8 devices -> 1 x 4 -> 2 x 2 -> 1 x 4), so each one starts from
 a step written by the topology before it, and one reference serves all.
 """
 import json
-import logging
 import os
 import shutil
 
 import numpy as np
 import pytest
-from absl import logging as absl_logging
 
 from affectjax import train
 from configs import custom_cnn
+from test_checkpoint import AbslWarnings
 from test_end_to_end import (  # pylint: disable=unused-import
     _kill_leftovers, _final_params, _finish, _metrics_lines, _start,
     _start_processes)
@@ -50,24 +49,6 @@ def _args(data_dir, workdir, cache):
           *(f"--config.{k}={v}" for k, v in _overrides(data_dir).items())]
 
 
-class _Warnings(logging.Handler):
-  """Collects the absl warnings logged while installed."""
-
-  def __init__(self):
-    super().__init__(logging.WARNING)
-    self.messages = []
-
-  def emit(self, record):
-    self.messages.append(record.getMessage())
-
-  def __enter__(self):
-    absl_logging.get_absl_logger().addHandler(self)
-    return self
-
-  def __exit__(self, *exc):
-    absl_logging.get_absl_logger().removeHandler(self)
-
-
 @pytest.fixture(scope="module")
 def reference(synthetic_arrayrecord, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("reference")
@@ -97,8 +78,12 @@ def _written_by(workdir, step):
   return position["process_count"], position["device_count"]
 
 
-def _resume(workdir, data_dir, cache, *, processes, devices):
-  """Runs the trainer CLI on ``workdir``; returns process 0's stderr."""
+def _resume(source, workdir, step, data_dir, cache, *, written_by, processes,
+            devices):
+  """Resumes a copy of ``source`` cut after ``step`` (which the ``written_by``
+  topology saved) with the trainer CLI on ``processes`` x ``devices``."""
+  workdir = _cut(source, workdir, step)
+  assert _written_by(workdir, step) == written_by
   args = _args(data_dir, workdir, cache)
   if processes == 1:
     procs = [_start(args, devices=devices)]
@@ -108,7 +93,9 @@ def _resume(workdir, data_dir, cache, *, processes, devices):
   outs = [_finish(p) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  return outs[0][1]
+  resumed = outs[0][1].split("Resumed from")[1].splitlines()[0]
+  assert resumed.endswith(f" at step {step}"), resumed
+  return workdir
 
 
 def _assert_same_run(workdir, reference, tol=TOL):
@@ -131,21 +118,17 @@ def _assert_same_run(workdir, reference, tol=TOL):
 @pytest.fixture(scope="module")
 def resumed_1x4(reference, synthetic_arrayrecord, cache, tmp_path_factory):
   """Saved at step 1 on 8 devices, resumed by 1 process x 4 devices."""
-  workdir = _cut(reference, tmp_path_factory.mktemp("r") / "wd", 1)
-  assert _written_by(workdir, 1) == (1, 8)
-  err = _resume(workdir, synthetic_arrayrecord, cache, processes=1, devices=4)
-  assert "at step 1" in err.split("Resumed from")[1].splitlines()[0]
-  return workdir
+  return _resume(reference, tmp_path_factory.mktemp("r") / "wd", 1,
+                 synthetic_arrayrecord, cache, written_by=(1, 8), processes=1,
+                 devices=4)
 
 
 @pytest.fixture(scope="module")
 def resumed_2x2(resumed_1x4, synthetic_arrayrecord, cache, tmp_path_factory):
   """Saved at step 2 by 1 x 4, resumed by 2 processes x 2 devices."""
-  workdir = _cut(resumed_1x4, tmp_path_factory.mktemp("r") / "wd", 2)
-  assert _written_by(workdir, 2) == (1, 4)
-  err = _resume(workdir, synthetic_arrayrecord, cache, processes=2, devices=2)
-  assert "at step 2" in err.split("Resumed from")[1].splitlines()[0]
-  return workdir
+  return _resume(resumed_1x4, tmp_path_factory.mktemp("r") / "wd", 2,
+                 synthetic_arrayrecord, cache, written_by=(1, 4), processes=2,
+                 devices=2)
 
 
 @pytest.mark.slow
@@ -163,10 +146,8 @@ def test_1_process_resumes_as_2_processes(reference, resumed_2x2):
 def test_2_processes_resume_as_1_process(reference, resumed_2x2,
                                          synthetic_arrayrecord, cache,
                                          tmp_path):
-  workdir = _cut(resumed_2x2, tmp_path / "wd", 3)
-  assert _written_by(workdir, 3) == (2, 4)
-  err = _resume(workdir, synthetic_arrayrecord, cache, processes=1, devices=4)
-  assert "at step 3" in err.split("Resumed from")[1].splitlines()[0]
+  workdir = _resume(resumed_2x2, tmp_path / "wd", 3, synthetic_arrayrecord,
+                    cache, written_by=(2, 4), processes=1, devices=4)
   _assert_same_run(workdir, reference)
 
 
@@ -174,7 +155,7 @@ def test_another_global_batch_is_refused(reference, synthetic_arrayrecord,
                                          tmp_path):
   workdir = _cut(reference, tmp_path / "wd", 2)
   config = _config(synthetic_arrayrecord, batch_size=8)
-  with pytest.raises(ValueError, match=r"saved with a global batch of 16 "
+  with pytest.raises(train.ConfigError, match=r"saved with a global batch of 16 "
                      r"\(--config.batch_size=16\), but this run has "
                      r"--config.batch_size=8"):
     train.train_and_evaluate(config, str(workdir))
@@ -194,7 +175,7 @@ def test_unreadable_latest_step_falls_back_to_the_one_before(
         os.truncate(path, size // 2)
         truncated += 1
   assert truncated
-  with _Warnings() as warnings:
+  with AbslWarnings() as warnings:
     train.train_and_evaluate(_config(synthetic_arrayrecord), str(workdir))
   bad = [m for m in warnings.messages
          if m.startswith(f"Checkpoint step {TOTAL} in {ckpt} cannot be read")]
