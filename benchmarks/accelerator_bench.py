@@ -194,15 +194,21 @@ def bench_one(name: str, size: int, dtype: str) -> list[dict]:
 
 def flops_per_image(name: str, size: int, batch: int = 8) -> float:
   """Train-step GFLOPs per image of a shipped config at `size`, from XLA's
-  cost analysis (no timing; runs on any backend, a CPU included)."""
+  cost analysis of the lowered step on abstract inputs (nothing is
+  initialized, compiled or timed, so it runs on any backend, a CPU too)."""
   from affectjax import sharding, train, train_state  # pylint: disable=g-import-not-at-top
   config = _config(name, size, "bfloat16")
   config.batch_size = batch
   mesh = sharding.make_mesh(jax.devices()[:1])
-  graphdef, state, tx = train_state.init_state(config, mesh)
+  graphdef, state, tx = train_state.abstract_state(config, mesh)
   train_fn, _ = train.make_steps(graphdef, tx, config, mesh)
-  batch_arrays = sharding.shard_batch(_host_batch(batch, size), mesh)
-  return _step_flops(train_fn, state, batch_arrays) / batch / 1e9
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_spec = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec),
+      _host_batch(batch, size))
+  cost = train_fn.lower(state, batch_spec, train_backbone=True).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) / batch / 1e9
 
 
 def _table(rows: list[dict]) -> str:
