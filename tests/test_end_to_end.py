@@ -363,8 +363,10 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(
     synthetic_arrayrecord, compile_cache, reference_run, tmp_path):
   """Repeated kill -9 (mid-step, mid-save, mid-eval), then a plain rerun.
 
-  The workdir is a file:// URL; the final rerun goes through launch.sh, as
-  a user's would.
+  Each kill must land in a running run: the process dies of SIGKILL and its
+  last logged step is short of the total (a run that finished before the
+  kill would test nothing). The workdir is a file:// URL; the final rerun
+  goes through launch.sh, as a user's would.
   """
   workdir = str(tmp_path / "wd")
   args = _main_args(synthetic_arrayrecord, "file://" + workdir, compile_cache)
