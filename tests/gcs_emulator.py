@@ -19,6 +19,9 @@ block) ends it at once.
   ends at an unreachable metadata server).
 - ``CLOUD_STORAGE_EMULATOR_ENDPOINT``: google-cloud-cpp, which ArrayRecord's
   reader links for ``gs://`` shards.
+- ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: gcsfs's plain filesystem.
+  Its default asks the Storage Control gRPC API (which the emulator lacks)
+  for each bucket's layout and, failing, asks again on every call.
 
 Run as a script (``python tests/gcs_emulator.py --deadline_s=N``) it is the
 child: it prints ``{"port": P}`` on one line once the server listens.
@@ -43,9 +46,10 @@ HOST = "127.0.0.1"
 
 def _generation(storage, bucket: str, name: str) -> str | None:
   """The live object's generation, or None when there is none."""
+  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
   try:
     return str(storage.get_file_obj(bucket, name)["generation"])
-  except Exception:  # pylint: disable=broad-except  # The emulator's NotFound.
+  except NotFound:
     return None
 
 
@@ -113,6 +117,20 @@ def _complete_emulator(emu_server, emu_objects) -> None:
       for regex, handlers in emu_server.HANDLERS)
 
 
+class _HTTPServer(http.server.HTTPServer):
+  """One request at a time (the emulator's storage is not thread-safe), but a
+  deep accept queue: tensorstore opens dozens of connections at once, and
+  the default backlog of 5 would make the rest wait for SYN retries."""
+  request_queue_size = 256
+
+  def handle_error(self, request, client_address):
+    # A client that stops reading once it has the bytes it wanted (a ranged
+    # read of a shard) is normal, not an error worth a traceback in the log.
+    if not isinstance(sys.exc_info()[1], (BrokenPipeError,
+                                          ConnectionResetError)):
+      super().handle_error(request, client_address)
+
+
 def _serve(deadline_s: float, buckets: list[str]) -> None:
   """Child process: serve until the parent is gone or the deadline passes."""
   # pylint: disable=g-import-not-at-top
@@ -126,7 +144,7 @@ def _serve(deadline_s: float, buckets: list[str]) -> None:
   storage = Storage(use_memory_fs=True, data_dir=os.getcwd())
   for name in buckets:
     emu_buckets.create_bucket(name, storage)
-  httpd = http.server.HTTPServer(
+  httpd = _HTTPServer(
       (HOST, 0), functools.partial(emu_server.RequestHandler, storage))
   thread = threading.Thread(target=httpd.serve_forever, daemon=True)
   thread.start()
@@ -158,7 +176,8 @@ class Emulator:
           [sys.executable, os.path.abspath(__file__),
            f"--deadline_s={self.deadline_s}",
            *(f"--bucket={b}" for b in self.buckets)],
-          stdout=subprocess.PIPE, stderr=log, text=True)
+          stdout=subprocess.PIPE, stderr=log, text=True,
+          cwd=os.path.dirname(os.path.abspath(self.log_path)))
     ready, _, _ = select.select([self.proc.stdout], [], [],
                                 self.start_timeout_s)
     line = self.proc.stdout.readline() if ready else ""
@@ -178,7 +197,6 @@ class Emulator:
         "TENSORSTORE_GCS_HTTP_URL": self.url,
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
         "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
-        "GOOGLE_CLOUD_PROJECT": "test-project",
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
 
