@@ -181,7 +181,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("output_dir", None,
                       "Default: WORKDIR/export/<checkpoint>.")
   flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
-                    "Platforms the artifact is lowered for.")
+                    "Platforms the jax_export artifact is lowered for (an "
+                    "ONNX model runs wherever ONNX Runtime does).")
   flags.DEFINE_enum("tta", "none", scoring.TTA_MODES,
                     "flip: bake mirror averaging into the artifact.")
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when present.")

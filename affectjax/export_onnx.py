@@ -114,8 +114,8 @@ def convert(fn, *, input_size: int, model_name: str = "affectjax"):
   """
   try:
     from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
+  except ImportError as e:  # A ValueError: the tools print it as one line.
+    raise ValueError(
         "--format=onnx needs jax2onnx and onnxruntime: `pip install -e "
         "'.[onnx]'` (./launch.sh export --format=onnx installs them).") from e
   batch, = jax.export.symbolic_shape("batch")
