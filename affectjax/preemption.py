@@ -9,7 +9,8 @@
         ...save synchronously, close, return {"preempted": True, ...}
 
 The first SIGTERM or SIGINT asks the run to stop; the loop finishes the step it
-is in, saves and returns, and ``main`` exits 0 saying how to resume. A second
+is in, saves and returns, and ``main`` exits 75 (EX_TEMPFAIL, so schedulers
+requeue it) saying how to resume. A second
 signal aborts at once (exit 128 + signal number), so a user is never stuck
 behind a slow save or a hung peer; so does a run that reaches no step boundary
 within ``abort_after_s`` of the first signal (a hung collective).
