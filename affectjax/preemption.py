@@ -10,10 +10,10 @@
 
 The first SIGTERM or SIGINT asks the run to stop; the loop finishes the step it
 is in, saves and returns, and ``main`` exits 75 (EX_TEMPFAIL, so schedulers
-requeue it) saying how to resume. A second
-signal aborts at once (exit 128 + signal number), so a user is never stuck
-behind a slow save or a hung peer; so does a run that reaches no step boundary
-within ``abort_after_s`` of the first signal (a hung collective).
+requeue it) saying how to resume. A second signal aborts at once (exit 128 +
+signal number), so a user is never stuck behind a slow save or a hung peer;
+so does a run that reaches no step boundary within ``abort_after_s`` of the
+first signal (a hung collective).
 
 Why not Python's ``signal.signal`` alone: a handler registered that way runs
 only when the main thread is back in Python, which a hung collective never
