@@ -4,6 +4,7 @@ r"""AffectNet (any layout) or a public expression set -> ArrayRecord + manifest.
         [--layout=auto|official|npy|folders|fer2013|ferplus|rafdb] \
         [--image_size=320] [--encoding=jpeg|raw] [--jpeg_quality=90] \
         [--margin=0.1] [--classes=8|7 (default: the dataset's)] \
+        [--folder_numbers=auto|affectnet|fer2013|rafdb] \
         [--num_shards=0 | --examples_per_shard=2048] \
         [--holdout_fraction=0.05 --holdout_seed=0] [--follow_symlinks] \
         [--num_workers=N] [--overwrite] [--[no]progress]
@@ -231,7 +232,7 @@ def _run_tasks(tasks: Sequence[shards.ShardTask], total_rows: int,
 def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
             image_size: int = DEFAULT_IMAGE_SIZE, encoding: str = "jpeg",
             jpeg_quality: int = 90, margin: float = 0.1,
-            classes: int | None = None,
+            classes: int | None = None, folder_numbers: str = "auto",
             num_shards: int = 0, examples_per_shard: int = 2048,
             holdout_fraction: float = 0.0, holdout_seed: int = 0,
             follow_symlinks: bool = False, num_workers: int = 1,
@@ -252,6 +253,10 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
     classes: 8, or 7 for the protocol without Contempt; None = the
       dataset's own (`layouts.natural_classes`: 7 for FER2013, RAF-DB and
       class trees without a Contempt folder, else 8).
+    folder_numbers: folders layout: whose label order numeric class folders
+      follow: 'affectnet' (0-7), 'fer2013' (0 angry ... 6 neutral) or
+      'rafdb' (1 surprise ... 7 neutral); 'auto' = affectnet, but folders
+      numbered 1-7 without 0 (RAF-DB's numbering) are refused.
     num_shards: shards per split; 0 = size them by `examples_per_shard`.
     examples_per_shard: target rows per shard when num_shards is 0.
     holdout_fraction: in [0, 1): the class-stratified fraction of the train
@@ -295,12 +300,15 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   source_splits = layouts.source_splits(resolved)
   for split in source_splits:
     idx = layouts.index_split(resolved, input_dir, split,
-                              follow_symlinks=follow_symlinks)
+                              follow_symlinks=follow_symlinks,
+                              folder_numbers=folder_numbers)
     if idx is not None:
       indexes[split] = idx
   if "train" not in indexes and "val" not in indexes:
     raise layouts.LayoutError(f"{input_dir} has no train or val split in the "
                               f"{resolved!r} layout.")
+  if resolved == "folders" and folder_numbers == "auto":
+    layouts.check_folder_numbers(indexes)
   missing_splits = [s for s in source_splits if s not in indexes]
   for s in missing_splits:
     print(f"note: {input_dir} has no {s!r} split ({resolved} layout); it is "
@@ -351,6 +359,8 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
       "num_shards": shard_counts,
       "rows": {s: len(idx) for s, idx in indexes.items()},
   }
+  if resolved == "folders" and folder_numbers in ("fer2013", "rafdb"):
+    fingerprint["folder_numbers"] = folder_numbers  # Other class codes.
   os.makedirs(output_dir, exist_ok=True)
   _check_or_write_options(output_dir, fingerprint, overwrite)
   _remove_leftover_temps(output_dir)
@@ -380,7 +390,7 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   manifest = _manifest(output_dir, input_dir, resolved, opts, indexes,
                        shard_counts, num_shards, examples_per_shard,
                        missing_splits, unused, follow_symlinks,
-                       holdout_fraction, holdout_seed)
+                       holdout_fraction, holdout_seed, folder_numbers)
   _fail_on_empty_splits(output_dir, manifest, indexes)
   tfds_metadata.write(
       output_dir, image_size=image_size, encoding=encoding,
@@ -467,8 +477,8 @@ def _fail_on_empty_splits(output_dir: str, manifest: dict,
 
 def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
               num_shards, examples_per_shard, missing_splits, unused,
-              follow_symlinks, holdout_fraction, holdout_seed
-              ) -> dict[str, Any]:
+              follow_symlinks, holdout_fraction, holdout_seed,
+              folder_numbers="auto") -> dict[str, Any]:
   """Aggregates the per-shard stats into manifest.json's content."""
   splits = {}
   for split in indexes:
@@ -496,6 +506,7 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
                   "num_shards": num_shards,
                   "examples_per_shard": examples_per_shard,
                   "follow_symlinks": follow_symlinks,
+                  "folder_numbers": folder_numbers,
                   "holdout_fraction": holdout_fraction,
                   "holdout_seed": holdout_seed},
       "num_classes": opts.num_classes,
@@ -612,6 +623,12 @@ def define_flags() -> None:
       "the dataset's own (8 for AffectNet and FERPlus; 7 for FER2013, RAF-DB "
       "and class trees without a Contempt folder).", lower_bound=7,
       upper_bound=8)
+  flags.DEFINE_enum(
+      "folder_numbers", "auto", layouts.FOLDER_NUMBERS,
+      "folders layout: whose label order numeric class folders follow: "
+      "affectnet (0 neutral ... 7 contempt), fer2013 (0 angry ... 6 neutral), "
+      "rafdb (1 surprise ... 7 neutral). auto = affectnet, but folders 1-7 "
+      "without 0 (RAF-DB's) are refused.")
   flags.DEFINE_integer("num_shards", 0,
                        "Shards per split; 0 = use --examples_per_shard.",
                        lower_bound=0)
@@ -648,6 +665,7 @@ def main(argv: Sequence[str]) -> None:
     prepare(f.input_dir, f.output_dir, layout=f.layout,
             image_size=f.image_size, encoding=f.encoding,
             jpeg_quality=f.jpeg_quality, margin=f.margin, classes=f.classes,
+            folder_numbers=f.folder_numbers,
             num_shards=f.num_shards, examples_per_shard=f.examples_per_shard,
             holdout_fraction=f.holdout_fraction,
             holdout_seed=f.holdout_seed, follow_symlinks=f.follow_symlinks,

@@ -549,8 +549,41 @@ def _files_below(top: str) -> Iterator[str]:
       yield os.path.join(dirpath, f)
 
 
-def _index_folders(input_dir: str, split: str,
-                   follow_symlinks: bool = False) -> FolderIndex | None:
+# --folder_numbers: whose label order numeric class folders follow.
+FOLDER_NUMBERS = ("auto", "affectnet", "fer2013", "rafdb")
+
+
+def _numbered_class(name: str, folder_numbers: str) -> int | None:
+  """A numeric class folder's code under `folder_numbers` (None: unknown)."""
+  from data_prep import public_sets  # pylint: disable=g-import-not-at-top
+  key = name.strip()
+  if folder_numbers == "fer2013":
+    return public_sets.FER2013_MAPPING.get(key)
+  if folder_numbers == "rafdb":
+    return public_sets.RAFDB_MAPPING.get(key)
+  return int(key)
+
+
+def check_folder_numbers(indexes: dict) -> None:
+  """Refuses numeric class folders that look like RAF-DB's numbering.
+
+  Folders named 1-7 with no 0 are how RAF-DB redistributions number its
+  classes (1 surprise ... 7 neutral); read as AffectNet codes they would turn
+  Neutral into Contempt, silently. `--folder_numbers` says which it is.
+  """
+  numbers = {n.strip() for idx in indexes.values()
+             for n in getattr(idx, "class_folders", {}) if n.strip().isdigit()}
+  if "7" in numbers and "0" not in numbers and numbers <= set("1234567"):
+    raise LayoutError(
+        f"The class folders are numbered {', '.join(sorted(numbers))} with "
+        "no 0: that is RAF-DB's numbering (1 surprise, 2 fear, 3 disgust, "
+        "4 happy, 5 sad, 6 anger, 7 neutral), not AffectNet's (0 neutral ... "
+        "7 contempt). Pass --folder_numbers=rafdb, or --folder_numbers="
+        "affectnet if they are AffectNet codes.")
+
+
+def _index_folders(input_dir: str, split: str, follow_symlinks: bool = False,
+                   folder_numbers: str = "auto") -> FolderIndex | None:
   split_dir = _find(input_dir, _FOLDER_SPLIT[split])
   if split_dir is None and split == "val":
     # Kaggle's FER2013 and RAF-DB trees: train/ + test/, no val/.
@@ -564,10 +597,13 @@ def _index_folders(input_dir: str, split: str,
       entries.append((top.name, None))
       continue
     code = labels.folder_class(top.name)
+    if code is not None and top.name.strip().isdigit():
+      code = _numbered_class(top.name, folder_numbers)
     if code is None:
       raise LayoutError(
           f"Unknown class folder {top.path}: name class folders 0-7 or one of "
-          f"{', '.join(affect_data.LABEL_NAMES_8)} (any case).")
+          f"{', '.join(affect_data.LABEL_NAMES_8)} (any case); numbers follow "
+          f"--folder_numbers={folder_numbers} (fer2013: 0-6, rafdb: 1-7).")
     class_folders[top.name] = code
     # Files anywhere below a class folder belong to it; sorted for a stable
     # order independent of the file system.
@@ -583,7 +619,7 @@ _INDEXERS = {"official": _index_official, "npy": _index_npy,
 
 
 def index_split(layout: str, input_dir: str, split: str, *,
-                follow_symlinks: bool = False):
+                follow_symlinks: bool = False, folder_numbers: str = "auto"):
   """The split's row index, or None if the tree has no such split.
 
   An index has `len()`, `.part(start, stop)` (a picklable block of rows to
@@ -596,6 +632,11 @@ def index_split(layout: str, input_dir: str, split: str, *,
   if layout not in indexers:
     raise LayoutError(f"--layout must be one of auto, {', '.join(LAYOUTS)}; "
                       f"got {layout!r}.")
+  if layout == "folders":
+    if folder_numbers not in FOLDER_NUMBERS:
+      raise LayoutError(f"--folder_numbers must be one of "
+                        f"{', '.join(FOLDER_NUMBERS)}; got {folder_numbers!r}.")
+    return _index_folders(input_dir, split, follow_symlinks, folder_numbers)
   return indexers[layout](input_dir, split, follow_symlinks)
 
 

@@ -220,3 +220,25 @@ def write_fer2013_folders(root: str) -> dict:
       "val": {"rows": 7, "written": 7, "skipped": {},
               "class_counts": counts["val"]},
   }
+
+
+def write_rafdb_folders(root: str) -> dict:
+  """A Kaggle redistribution of RAF-DB: `DATASET/train/<1-7>/` and
+  `DATASET/test/<1-7>/` (RAF-DB's label numbers as folder names), aligned
+  100x100 faces named as in RAF-DB."""
+  counts = {"train": [0] * 7, "val": [0] * 7}
+  n = 0
+  for split, prefix in (("train", "train_"), ("test", "test_")):
+    for label in range(1, 8):
+      n += 1
+      name = f"{prefix}{n:05d}_aligned.jpg"
+      img = np.stack([face_pixels(600 + n, 100)] * 3, axis=-1)
+      _write(os.path.join(root, "DATASET", split, str(label), name),
+             _jpeg(img))
+      counts["val" if split == "test" else split][RAFDB_TO_ID[label]] += 1
+  return {
+      "train": {"rows": 7, "written": 7, "skipped": {},
+                "class_counts": counts["train"]},
+      "val": {"rows": 7, "written": 7, "skipped": {},
+              "class_counts": counts["val"]},
+  }

@@ -185,3 +185,27 @@ def test_ambiguous_trees_ask_for_layout(tmp_path):
                         image_size=24, progress=False)
   assert m["splits"]["val"]["written"] == 7
   assert m["unused_inputs"] == ["fer2013.csv"]
+
+
+def test_rafdb_numbered_folders_are_not_read_as_affectnet_codes(tmp_path):
+  """RAF-DB redistributions name class folders 1-7 in RAF-DB's order; read as
+  AffectNet codes, 7 (neutral) would become Contempt. Refused unless
+  --folder_numbers says which numbering it is."""
+  want = public_fixtures.write_rafdb_folders(str(tmp_path / "raf"))
+  root = str(tmp_path / "raf" / "DATASET")
+  with pytest.raises(layouts.LayoutError, match="--folder_numbers=rafdb"):
+    affectnet.prepare(root, str(tmp_path / "o1"), image_size=24,
+                      progress=False)
+  m = affectnet.prepare(root, str(tmp_path / "o2"), image_size=24,
+                        folder_numbers="rafdb", progress=False)
+  _check_splits(m, want)
+  assert m["num_classes"] == 7
+  assert m["class_folders"]["train"] == {
+      "1": 3, "2": 4, "3": 5, "4": 1, "5": 2, "6": 6, "7": 0}
+  src = affect_data.source(str(tmp_path / "o2"), "val")
+  by_path = {src[i]["path"]: int(src[i]["expression"]) for i in range(len(src))}
+  assert by_path["7/test_00014_aligned.jpg"] == 0  # RAF-DB 7 = neutral.
+  # --folder_numbers=affectnet reads them as AffectNet codes, on request.
+  m = affectnet.prepare(root, str(tmp_path / "o3"), image_size=24,
+                        folder_numbers="affectnet", progress=False)
+  assert m["num_classes"] == 8 and m["class_folders"]["val"]["7"] == 7
