@@ -83,6 +83,10 @@ def _committed(step: int) -> bool:
           "commit_success.txt").exists()
 
 
+def _partial() -> epath.Path:
+  return epath.Path(RUN) / "checkpoints" / str(TOTAL) / "state" / "partial"
+
+
 @pytest.fixture(scope="module")
 def gcs_run(gcs, synthetic_arrayrecord, tmp_path_factory):
   """Trains on gs://, kill -9 after the first checkpoint, reruns to the end.
@@ -119,6 +123,9 @@ def gcs_run(gcs, synthetic_arrayrecord, tmp_path_factory):
   assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
   train_steps = [l["step"] for l in _metric_lines() if l["split"] == "train"]
   assert max(train_steps, default=0) < TOTAL, "the run reached its last step"
+  # A save cut short as well: the last step's directory, without the
+  # commit_success.txt that Orbax writes last on GCS (no atomic rename there).
+  _partial().write_text("cut short")
 
   # The rerun reads every batch from the shards on gs:// (no pixel cache),
   # as a job that comes back on a host without the first one's cache does.
@@ -142,7 +149,7 @@ def test_train_killed_and_resumed_on_gcs(gcs_run):
   assert sorted(k for k in keys if k[0] == "train") == [
       ("train", s) for s in range(1, TOTAL + 1)], keys
   assert [k for k in keys if k[0] == "val"] == [("val", EVERY), ("val", TOTAL)]
-  assert _committed(TOTAL)
+  assert _committed(TOTAL) and not _partial().exists()
   best = json.loads((epath.Path(RUN) / "checkpoints" / "best.json").read_text())
   assert best["step"] in (EVERY, TOTAL)
   config = json.loads((epath.Path(RUN) / "config.json").read_text())
