@@ -13,10 +13,10 @@ block) ends it at once.
   hierarchical namespace before deleting an old checkpoint). Both send no
   credentials when it is set.
 - ``TENSORSTORE_GCS_HTTP_URL``: tensorstore's ``gcs`` kvstore (Orbax's array
-  data). It still sends Google credentials if it finds any, so
-  ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` gives it a fixed dummy token instead of
-  a search for application-default credentials (which, with no network,
-  ends at an unreachable metadata server).
+  data). It still looks for Google credentials and sends any it finds, so
+  ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` gives it a fixed dummy token: the test
+  neither depends on nor sends the machine's own (an ADC file, a VM's
+  metadata server).
 - ``CLOUD_STORAGE_EMULATOR_ENDPOINT``: google-cloud-cpp, which ArrayRecord's
   reader links for ``gs://`` shards.
 - ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: gcsfs's plain filesystem.
