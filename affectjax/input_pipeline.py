@@ -531,9 +531,11 @@ def _decoder(config, src: data.AffectNetSource) -> _Decoder:
                   size=host_image_size(config, src.manifest), split=src.split)
 
 
-# Batch loaders already opened by this process, by cache plan: evaluation
-# opens its split's loader once, not at every evaluation, and logs once.
-_LOADERS: dict[Any, tuple[Any, Any]] = {}
+# Batch loaders already opened by this process, by cache plan (whose
+# directory is named by the data's checksums): evaluation opens its split's
+# cache once, not at every evaluation, and logs once. Uncached plans only
+# remember that they were logged.
+_LOADERS: dict[Any, tuple[Any, Any] | None] = {}
 _LOADERS_LOCK = threading.Lock()
 
 
@@ -548,20 +550,22 @@ def _loader(config, src: data.AffectNetSource):
   plan = pixel_cache.plan(config, src, decoder.size)
   key = (plan, os.path.abspath(os.fspath(config.data.dir)), decoder)
   with _LOADERS_LOCK:
-    if key in _LOADERS:
+    if plan.directory is None:  # Nothing to reuse: read the data as it is.
+      if key not in _LOADERS:
+        logging.info(pixel_cache.describe(plan, 0.0))
+        _LOADERS[key] = None
+      return _RecordRows(src, decoder), None
+    if key in _LOADERS:  # The key holds the data's checksums.
       return _LOADERS[key]
     t = time.perf_counter()
-    if plan.directory is None:
-      loaded = _RecordRows(src, decoder), None
+    threads = host_threads(config)
+    index = pixel_cache.record_index(plan, src, threads, config.data.dir)
+    rows = _IndexedRows(src, decoder, index)
+    if plan.pixels:
+      loaded = _CachedRows(pixel_cache.pixels(plan, index, rows.fill,
+                                              threads)), index
     else:
-      threads = host_threads(config)
-      index = pixel_cache.record_index(plan, src, threads, config.data.dir)
-      rows = _IndexedRows(src, decoder, index)
-      if plan.pixels:
-        loaded = _CachedRows(pixel_cache.pixels(plan, index, rows.fill,
-                                                threads)), index
-      else:
-        loaded = rows, index
+      loaded = rows, index
     logging.info(pixel_cache.describe(plan, time.perf_counter() - t))
     _LOADERS[key] = loaded
     return loaded

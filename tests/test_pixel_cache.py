@@ -128,8 +128,11 @@ def test_built_once_reused_and_rebuilt_when_the_data_changes(prepared,
   assert (os.stat(pixels).st_mtime_ns, os.stat(pixels).st_ino) == stamp
   np.testing.assert_array_equal(first["image"], again["image"])
 
+  uncached = _config(data_dir, "none")
+  _take(input_pipeline.train_dataset(uncached, local_batch_size=16), 1)
+
   # Prepare other faces into the same dir: a new key, a new cache, the old
-  # one removed.
+  # one removed; the uncached path reads the new files too.
   synthetic.generate(str(tmp_path / "raw2"), num_train=160, num_val=52, seed=5)
   shutil.rmtree(data_dir)
   affectnet.prepare(str(tmp_path / "raw2"), str(data_dir), image_size=24,
@@ -140,8 +143,11 @@ def test_built_once_reused_and_rebuilt_when_the_data_changes(prepared,
   assert not os.path.exists(pixels)
   src = data.source(data_dir, "train")
   order = input_pipeline.ShuffleOrder(len(src), c.seed)
+  fresh = _take(input_pipeline.train_dataset(uncached, local_batch_size=16),
+                1)[0]
   for row, i in enumerate(order.indices(0, 16)):
     np.testing.assert_array_equal(changed["image"][row], src[int(i)]["image"])
+    np.testing.assert_array_equal(fresh["image"][row], src[int(i)]["image"])
   assert not np.array_equal(changed["image"], first["image"])
 
 
