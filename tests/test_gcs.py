@@ -103,7 +103,7 @@ def gcs_run(gcs, synthetic_arrayrecord, tmp_path_factory):
           "--config.log_every_steps=1", f"--config.eval_every_steps={EVERY}",
           f"--config.checkpoint_every_steps={EVERY}",
           f"--config.data.cache={tmp / 'pixels'}",
-          f"--config.compilation_cache_dir={tmp / 'jax_cache'}"]
+          "--config.compilation_cache_dir=gs://bucket/jax_cache"]
   killed_log, rerun_log = tmp / "killed.log", tmp / "rerun.log"
   proc = _start(args, gcs.env(), killed_log)
   try:
@@ -123,6 +123,8 @@ def gcs_run(gcs, synthetic_arrayrecord, tmp_path_factory):
   assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
   train_steps = [l["step"] for l in _metric_lines() if l["split"] == "train"]
   assert max(train_steps, default=0) < TOTAL, "the run reached its last step"
+  assert list((epath.Path("gs://bucket/jax_cache")).iterdir()), (
+      "no compiled program in the gs:// compilation cache")
   # A save cut short as well: the last step's directory, without the
   # commit_success.txt that Orbax writes last on GCS (no atomic rename there).
   _partial().write_text("cut short")
