@@ -135,6 +135,17 @@ def plan(config, src: data.AffectNetSource, size: int) -> Plan:
     return Plan(None, False, reason=reason, **common)
   forced = value != "auto"
   base = os.path.expanduser(value if forced else DEFAULT_LOCATION)
+  try:
+    os.makedirs(base, exist_ok=True)
+    writable = os.access(base, os.W_OK | os.X_OK)
+  except OSError:
+    writable = False
+  if not writable:
+    if forced:
+      raise ValueError(f"--config.data.cache={value}: cannot create or write "
+                       "that directory; choose a writable local directory, "
+                       "or use --config.data.cache=none.")
+    return Plan(None, False, reason=f"{base} is not writable", **common)
   directory = os.path.join(base, key[:24])
   pixels_path = os.path.join(directory, f"{src.split}-{size}px.npy")
   if os.path.exists(pixels_path):

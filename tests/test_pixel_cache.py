@@ -236,6 +236,14 @@ def test_auto_follows_free_space_and_says_why(prepared, tmp_path, monkeypatch,
   free["bytes"] = need - 1  # A directory given explicitly: an error.
   with pytest.raises(ValueError, match="config.data.cache=.*needs"):
     pixel_cache.plan(_config(data_dir, tmp_path / "forced"), src, size)
+  # A location that cannot be written: off under auto, an error if named.
+  (tmp_path / "a_file").write_text("")
+  monkeypatch.setattr(pixel_cache, "DEFAULT_LOCATION",
+                      str(tmp_path / "a_file" / "pixels"))
+  unwritable = pixel_cache.plan(c, src, size)
+  assert unwritable.directory is None and "not writable" in unwritable.reason
+  with pytest.raises(ValueError, match="cannot create or write"):
+    pixel_cache.plan(_config(data_dir, tmp_path / "a_file" / "x"), src, size)
   # Once built, a cache is reused whatever the free space says.
   free["bytes"] = 100 << 30
   _take(input_pipeline.train_dataset(_config(data_dir, tmp_path / "f2"),
