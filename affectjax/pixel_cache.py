@@ -5,7 +5,8 @@ image again, although AffectNet decoded at the host size fits the RAM or the
 local disk of a GPU host. `--config.data.cache` chooses:
 
   auto  (default) a cache under ~/.cache/affectjax/pixels when it fits the
-        free space there with a margin; otherwise only the record index;
+        free space there with a margin; otherwise only the record index
+        (and nothing if that location cannot be written);
   none  no files: read and decode the ArrayRecords every epoch;
   DIR   a cache under DIR, whatever its size (an error if it cannot fit).
 
