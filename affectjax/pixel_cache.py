@@ -4,7 +4,8 @@ Every epoch of a JPEG dataset would otherwise read, parse and decode every
 image again, although AffectNet decoded at the host size fits the RAM or the
 local disk of a GPU host. `--config.data.cache` chooses:
 
-  auto  (default) a cache under ~/.cache/affectjax/pixels when it fits the
+  auto  (default) a cache under ~/.cache/affectjax/pixels (or
+        $AFFECTJAX_CACHE_DIR/pixels) when it fits the
         free space there with a margin; otherwise only the record index
         (and nothing if that location cannot be written);
   none  no files: read and decode the ArrayRecords every epoch;
@@ -54,7 +55,10 @@ from absl import logging
 
 from affectjax import data
 
-DEFAULT_LOCATION = "~/.cache/affectjax/pixels"
+# `auto`'s location; the environment variable AFFECTJAX_CACHE_DIR moves it
+# (the test suite points it at a temporary directory of its own).
+DEFAULT_LOCATION = os.path.join(
+    os.environ.get("AFFECTJAX_CACHE_DIR", "~/.cache/affectjax"), "pixels")
 # Bump when the layout of either file changes: old caches are then ignored.
 FORMAT_VERSION = 1
 # `auto` leaves at least this much of the location's file system free.

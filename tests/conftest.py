@@ -4,6 +4,8 @@ These must be set before jax (or keras) is first imported, which is why they
 live at module top level of the root conftest rather than in a fixture.
 """
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -11,7 +13,21 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+# The decoded-image cache goes to a directory of this test run, never the
+# user's ~/.cache: set here, in the process that starts the xdist workers, so
+# every worker and every subprocess a test starts shares it.
+if "AFFECTJAX_CACHE_DIR" not in os.environ:
+  os.environ["AFFECTJAX_CACHE_DIR"] = _OWN_CACHE = tempfile.mkdtemp(
+      prefix="affectjax-test-cache-")
+else:
+  _OWN_CACHE = None
+
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+  if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
