@@ -119,6 +119,17 @@ def predictions_csv(paths, examples: dict, names) -> str:
   return buf.getvalue()
 
 
+def heading(result: dict) -> str:
+  """The table's first line: which split, step and checkpoint, how many rows."""
+  extras = [f"{result['checkpoint']} checkpoint"] if (
+      result["checkpoint"] != str(result["step"])) else []
+  if result.get("tta", "none") != "none":
+    extras.append(f"TTA {result['tta']}")
+  return (f"Split {result['split']!r} of {result['data_dir']} at step "
+          f"{result['step']}" + (f" ({', '.join(extras)})" if extras else "")
+          + f": {result['num_examples']} examples")
+
+
 def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
                    data_dir: str | None = None, split: str = "val",
                    tta: str = "none", classes: int | None = None,
@@ -203,7 +214,7 @@ def main(argv) -> None:
       use_ema=f.use_ema, output_dir=f.output_dir)
   if jax.process_index() == 0:
     from affectjax import summary  # pylint: disable=g-import-not-at-top
-    print(summary.table(result), flush=True)
+    print(summary.table(result, heading=heading(result)), flush=True)
     print(class_line(result), flush=True)
     print(f"Wrote {out}/ (metrics.json, predictions.csv, *.png)", flush=True)
 

@@ -30,18 +30,22 @@ def _fmt(value) -> str:
   return f"{value:.4f}"
 
 
-def table(result: dict, *, workdir: str | None = None) -> str:
+def table(result: dict, *, workdir: str | None = None,
+          heading: str | None = None) -> str:
   """Formats the final evaluation as an aligned table.
 
   Args:
     result: ``train.train_and_evaluate``'s return: the last step's ``val``
       record, with ``best`` (``{"step", "metric", "split", "value", "val"}``,
-      ``val`` being that step's ``val`` record) when a checkpoint was ranked.
+      ``val`` being that step's ``val`` record) when a checkpoint was ranked;
+      or any evaluation record with ``heading`` saying what it is.
     workdir: printed at the bottom, where the files are.
+    heading: the first line; default: the trainer's ("Validation at step N
+      (k examples), the last step").
   """
   step = result.get("step", "?")
-  lines = [f"Validation at step {step} ({result.get('num_examples', '?')} "
-           "examples), the last step"]
+  lines = [heading or f"Validation at step {step} "
+           f"({result.get('num_examples', '?')} examples), the last step"]
   best = result.get("best")
   columns = [(f"last, step {step}", result)]
   if best:

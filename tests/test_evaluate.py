@@ -66,6 +66,11 @@ def test_evaluate_writes_files_equal_to_trainer_eval(run_dir, run):
     probs = [float(r[f"prob_{n}"]) for n in data.LABEL_NAMES_8]
     assert abs(sum(probs) - 1) < 1e-4 and int(np.argmax(probs)) == int(r["pred_class"])
   np.testing.assert_array_equal(recount, cm)
+  # The printed table says what was evaluated (not the trainer's "last step").
+  from affectjax import summary  # pylint: disable=g-import-not-at-top
+  first = summary.table(result, heading=evaluate_lib.heading(result)).splitlines()[0]
+  assert first == (f"Split 'val' of {run.config.data.dir} at step 6 (latest "
+                   "checkpoint): 52 examples"), first
   # The plots are real PNGs of a sensible size.
   for name in ("confusion_matrix.png", "confusion_matrix_normalized.png",
                "circumplex.png", "per_class_f1.png"):
