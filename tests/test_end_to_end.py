@@ -21,6 +21,7 @@ import pytest
 from affectjax import checkpoint as ckpt_lib
 from affectjax import sharding, train, train_state
 from configs import custom_cnn
+from tests import use_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAL_KEYS = ("loss", "accuracy", "macro_f1", "valence_ccc", "arousal_ccc",
@@ -243,31 +244,10 @@ def _wait_for_train_step(proc, workdir, min_step, timeout=300):
     time.sleep(0.02)
 
 
-def _final_params(workdir) -> tuple[int, list[np.ndarray]]:
-  """The params and BatchNorm statistics of the latest checkpoint, as numpy.
-
-  Read with Orbax alone, onto one device (the run may have had several
-  processes), so the check does not lean on the trainer's own restore.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  path = os.path.join(ckpt_dir, str(step), "state")
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as c:
-    meta = c.metadata(path)
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
-        getattr(meta, "item_metadata", meta))
-    tree = c.restore(path, target)
-  return step, [np.asarray(x) for x in
-                jax.tree.leaves({k: tree[k] for k in ("params", "rest")})]
-
-
 def _assert_same_run(workdir, reference, tol=1e-6):
   """Same final checkpoint and same metrics lines as the uninterrupted run."""
-  step, params = _final_params(workdir)
-  ref_step, ref_params = _final_params(reference)
+  step, params = use_fixtures.final_params(workdir)
+  ref_step, ref_params = use_fixtures.final_params(reference)
   assert step == ref_step == TOTAL
   for x, y in zip(params, ref_params, strict=True):
     np.testing.assert_allclose(x, y, rtol=tol, atol=tol)

@@ -45,6 +45,16 @@ def _child_env():
   return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
+def _assert_matches_jax(run_dir, x, got):
+  """The exported model's outputs ``got`` equal JAX's on ``x``, within 1e-4."""
+  run = workdir_lib.open_run(run_dir, checkpoint="latest")
+  logits, va = jax.jit(lambda x: scoring.predict_images(
+      run.graphdef, run.weights(), x, image_size=run.config.image_size))(x)
+  np.testing.assert_allclose(got["logits"], logits, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got["va"], va, atol=1e-4, rtol=0)
+  return logits, va
+
+
 def test_exported_model_equals_jax_in_a_process_without_affectjax(
     run_dir, tmp_path):
   out = export.run_export(run_dir, checkpoint="latest",
@@ -65,11 +75,7 @@ def test_exported_model_equals_jax_in_a_process_without_affectjax(
   assert info["foreign_modules"] == []
   assert set(info["platforms"]) == {"cpu", "cuda", "tpu"}
   got = np.load(tmp_path / "y.npz")
-  run = workdir_lib.open_run(run_dir, checkpoint="latest")
-  logits, va = jax.jit(lambda x: scoring.predict_images(
-      run.graphdef, run.weights(), x, image_size=run.config.image_size))(x)
-  np.testing.assert_allclose(got["logits"], logits, atol=1e-4, rtol=0)
-  np.testing.assert_allclose(got["va"], va, atol=1e-4, rtol=0)
+  logits, va = _assert_matches_jax(run_dir, x, got)
   assert got["logits"].shape == (5, 8) and np.ptp(got["logits"]) > 1e-3
 
   # The shipped runner works on an image file, standalone.
@@ -137,11 +143,7 @@ def test_onnx_model_equals_jax_in_a_process_without_jax(run_dir, tmp_path):
   assert info["foreign_modules"] == []
   assert info["inputs"] == [["images", ["batch", s, s, 3]]]
   got = np.load(tmp_path / "y.npz")
-  run = workdir_lib.open_run(run_dir, checkpoint="latest")
-  logits, va = jax.jit(lambda x: scoring.predict_images(
-      run.graphdef, run.weights(), x, image_size=run.config.image_size))(x)
-  np.testing.assert_allclose(got["logits"], logits, atol=1e-4, rtol=0)
-  np.testing.assert_allclose(got["va"], va, atol=1e-4, rtol=0)
+  logits, va = _assert_matches_jax(run_dir, x, got)
   np.testing.assert_allclose(got["logits2"], logits[:2], atol=1e-4, rtol=0)
   np.testing.assert_allclose(got["va2"], va[:2], atol=1e-4, rtol=0)
   assert got["logits"].shape == (5, 8) and np.ptp(got["logits"]) > 1e-3

@@ -5,18 +5,13 @@ import simplejpeg
 
 from affectjax import data, input_pipeline
 from configs import custom_cnn
+from tests import use_fixtures
 
 
 def _config(data_dir, **overrides):
   c = custom_cnn.get_config("tiny")
   c.data.dir = data_dir
-  for k, v in overrides.items():
-    node, *rest = k.split(".")
-    if rest:
-      setattr(getattr(c, node), rest[0], v)
-    else:
-      setattr(c, k, v)
-  return c
+  return use_fixtures.override(c, **overrides)
 
 
 def _take(ds, n, state=None):

@@ -19,6 +19,7 @@ import pytest
 
 from affectjax import data, input_pipeline, pixel_cache
 from configs import custom_cnn
+from tests import use_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,13 +28,7 @@ def _config(data_dir, cache, **overrides):
   c = custom_cnn.get_config("tiny")
   c.data.dir = str(data_dir)
   c.data.cache = str(cache)
-  for k, v in overrides.items():
-    node, *rest = k.split(".")
-    if rest:
-      setattr(getattr(c, node), rest[0], v)
-    else:
-      setattr(c, k, v)
-  return c
+  return use_fixtures.override(c, **overrides)
 
 
 def _take(ds, n):
@@ -257,23 +252,6 @@ def test_auto_follows_free_space_and_says_why(prepared, tmp_path, monkeypatch,
 # Training: the same parameters with and without the cache; 2 processes with
 # the cache equal 1 process without it.
 # --------------------------------------------------------------------------
-def _final_params(workdir):
-  """The latest checkpoint's params and BatchNorm statistics, via Orbax alone."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  path = os.path.join(ckpt_dir, str(step), "state")
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as c:
-    meta = c.metadata(path)
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
-        getattr(meta, "item_metadata", meta))
-    tree = c.restore(path, target)
-  return step, [np.asarray(x) for x in
-                jax.tree.leaves({k: tree[k] for k in ("params", "rest")})]
-
-
 @pytest.fixture(scope="module")
 def uncached_run(prepared, tmp_path_factory):
   from affectjax import train  # pylint: disable=g-import-not-at-top
@@ -296,8 +274,8 @@ def test_training_with_the_cache_equals_training_without(prepared,
   train.train_and_evaluate(_config(prepared / "prepared", tmp_path / "cache"),
                            workdir)
   assert glob.glob(str(tmp_path / "cache" / "*" / "val-24px.npy"))  # Eval too.
-  step, params = _final_params(workdir)
-  ref_step, ref = _final_params(uncached_run)
+  step, params = use_fixtures.final_params(workdir)
+  ref_step, ref = use_fixtures.final_params(uncached_run)
   assert step == ref_step
   for x, y in zip(params, ref, strict=True):
     np.testing.assert_array_equal(x, y)  # Exactly.

@@ -17,9 +17,10 @@ import pytest
 
 from affectjax import train
 from configs import custom_cnn
+from tests import use_fixtures
 from test_checkpoint import AbslWarnings
 from test_end_to_end import (  # pylint: disable=unused-import
-    _kill_leftovers, _final_params, _finish, _metrics_lines, _start,
+    _kill_leftovers, _finish, _metrics_lines, _start,
     _start_processes)
 
 TOTAL = 4
@@ -33,14 +34,8 @@ def _overrides(data_dir):
 
 
 def _config(data_dir, **changes):
-  c = custom_cnn.get_config("tiny")
-  for key, value in {**_overrides(data_dir), **changes}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return use_fixtures.override(custom_cnn.get_config("tiny"),
+                               **{**_overrides(data_dir), **changes})
 
 
 def _args(data_dir, workdir, cache):
@@ -100,8 +95,8 @@ def _resume(source, workdir, step, data_dir, cache, *, written_by, processes,
 
 def _assert_same_run(workdir, reference, tol=TOL):
   """Same final weights and the same metrics lines as the reference."""
-  step, params = _final_params(str(workdir))
-  ref_step, ref_params = _final_params(str(reference))
+  step, params = use_fixtures.final_params(str(workdir))
+  ref_step, ref_params = use_fixtures.final_params(str(reference))
   assert step == ref_step == TOTAL
   for x, y in zip(params, ref_params, strict=True):
     np.testing.assert_allclose(x, y, rtol=tol, atol=tol)

@@ -28,6 +28,40 @@ def tiny_config(data_dir: str):
   return c
 
 
+def override(config, **fields):
+  """``config`` with dotted ``fields`` set: ``override(c, **{"data.cache": "none"})``."""
+  for key, value in fields.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def final_params(workdir):
+  """(step, params and BatchNorm statistics as numpy) of the latest checkpoint.
+
+  Read with Orbax alone, onto one device (the run may have had several
+  processes), so the check does not lean on the trainer's own restore.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  path = os.path.join(ckpt_dir, str(step), "state")
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as c:
+    meta = c.metadata(path)
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+        getattr(meta, "item_metadata", meta))
+    tree = c.restore(path, target)
+  return step, [np.asarray(x) for x in
+                jax.tree.leaves({k: tree[k] for k in ("params", "rest")})]
+
+
 def trained_workdir(tmp_path_factory, data_dir: str) -> pathlib.Path:
   """Trains the tiny model for 6 steps (checkpoints and evals at 3 and 6).
 
