@@ -6,18 +6,13 @@ import pytest
 from affectjax import config_base
 from affectjax import train
 from affectjax import train_state
+from tests import use_fixtures
 
 
 def _config(**overrides):
   c = config_base.get_base_config()
   c.data.dir = "/data/prepared"
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return use_fixtures.override(c, **overrides)
 
 
 def _manifest(num_classes=8, image_size=320, splits=("train", "val")):
