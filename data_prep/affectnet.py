@@ -297,7 +297,7 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
                      f"{holdout_fraction}.")
   resolved = layouts.detect(input_dir) if layout == "auto" else layout
   indexes = {}
-  source_splits = layouts.source_splits(resolved)
+  source_splits = layouts.source_splits(resolved, input_dir)
   for split in source_splits:
     idx = layouts.index_split(resolved, input_dir, split,
                               follow_symlinks=follow_symlinks,
@@ -316,6 +316,11 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   if getattr(indexes.get("val"), "source", None) == "test/":
     print(f"note: {input_dir} has no val/ folder: test/ is the evaluation "
           "split ('val').", file=sys.stderr)
+  if getattr(indexes.get("val"), "usage_prefix", None):
+    print(f"note: {input_dir} has no val/ folder and test/'s file names "
+          "carry FER2013's Usage: PublicTest_* is the holdout (model "
+          "selection) and PrivateTest_* the evaluation split ('val'), as "
+          "from fer2013.csv.", file=sys.stderr)
   if classes is None:
     classes = layouts.natural_classes(resolved, indexes)
     if classes == 7 and resolved not in public_sets.NUM_CLASSES:
@@ -329,9 +334,9 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   if holdout_fraction > 0:
     if layouts.HOLDOUT in source_splits:
       raise ValueError(
-          f"--holdout_fraction={holdout_fraction}: the {resolved} layout "
-          "has its own holdout split (Usage=PublicTest, the standard "
-          "model-selection set); drop the flag.")
+          f"--holdout_fraction={holdout_fraction}: {input_dir} has its own "
+          "holdout split (FER2013's PublicTest, the standard model-selection "
+          "set); drop the flag.")
     if "train" not in indexes:
       raise ValueError(f"--holdout_fraction={holdout_fraction} needs a train "
                        f"split, and {input_dir} has none.")
@@ -432,7 +437,8 @@ def _summary(output_dir: str, manifest: dict, todo_rows: int,
   # FER2013's Usage values).
   sources = [f"{s} = {src}" + (" (no val/)" if src == "test/" else "")
              for s, src in manifest["split_sources"].items()
-             if manifest["layout"] in public_sets.SPLITS or src == "test/"]
+             if manifest["layout"] in public_sets.SPLITS
+             or src.startswith("test/")]
   if sources:
     line += f"; {', '.join(sources)}"
   if manifest["unused_inputs"]:
@@ -541,9 +547,13 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
       # Top-level entries of input_dir that no split reads (e.g. test/).
       "unused_inputs": unused,
       # `holdout` (if any) is drawn from the train rows: never in train.
-      "holdout": ({"from": "train", "fraction": holdout_fraction,
-                   "seed": holdout_seed, "stratified_by": "expression"}
-                  if layouts.HOLDOUT in indexes else None),
+      # The dataset's own holdout (FER2013's PublicTest) is named by its
+      # source; otherwise it is drawn from train.
+      "holdout": (None if layouts.HOLDOUT not in indexes else
+                  {"from": indexes[layouts.HOLDOUT].source}
+                  if not holdout_fraction else
+                  {"from": "train", "fraction": holdout_fraction,
+                   "seed": holdout_seed, "stratified_by": "expression"}),
       "splits": splits,
   }
 
@@ -554,7 +564,8 @@ _DATASETS = {"fer2013": "FER2013", "ferplus": "FERPlus", "rafdb": "RAF-DB",
 
 def _default_source(split: str, idx, input_dir: str, layout: str) -> str:
   """Where a split was read from: its first input, relative to input_dir."""
-  if split == layouts.HOLDOUT and split not in layouts.source_splits(layout):
+  if split == layouts.HOLDOUT and split not in layouts.source_splits(
+      layout, input_dir):
     return "train (--holdout_fraction)"
   first = idx.inputs()[0]
   rel = os.path.relpath(first, input_dir)

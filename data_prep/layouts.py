@@ -10,7 +10,11 @@ npy       `train_set|val_set/images/N.jpg` + `annotations/N_exp.npy`,
 folders   `train|val/<class>/*.jpg`, class = 0-7 or a name (any case). No
           valence/arousal: written as -2 ("no value"). Without `val/`, a
           `test/` folder is the evaluation split (Kaggle's FER2013 and
-          RAF-DB redistributions ship `train/` + `test/`).
+          RAF-DB redistributions ship `train/` + `test/`). Kaggle's FER2013
+          image tree names its `test/` files for their fer2013.csv Usage
+          (`PublicTest_*`, `PrivateTest_*`): then, exactly as from the CSV,
+          PublicTest is the `holdout` split and PrivateTest `val`; a file
+          there with neither prefix is a counted `unknown_split` skip.
 fer2013, ferplus, rafdb
           The public expression sets, as published: see `public_sets`.
 
@@ -56,6 +60,9 @@ _NPY_SPLIT = {"train": "train_set", "val": "val_set"}
 _FOLDER_SPLIT = {"train": ("train",), "val": ("val", "validation")}
 # The evaluation split of a class tree that has no val/ (Kaggle's FER2013).
 _FOLDER_TEST = ("test",)
+# Kaggle's FER2013 image tree: the file-name prefix of a test/ file is its
+# fer2013.csv Usage, which picks its split as the CSV's does.
+FOLDER_USAGE = {"PublicTest_": HOLDOUT, "PrivateTest_": "val"}
 
 
 @dataclasses.dataclass
@@ -475,12 +482,22 @@ class FolderPart:
   entries: Sequence[tuple[str, int | None]]  # (relative path, class code).
   numbers: Sequence[int]
   follow_symlinks: bool = False
+  # Usage-named test/ (Kaggle's FER2013): the file-name prefix the split
+  # reads; an image with no Usage prefix is an `unknown_split` skip.
+  usage_prefix: str | None = None
 
   def __iter__(self) -> Iterator[Item]:
     for (rel, code), number in zip(self.entries, self.numbers):
       number = int(number)
       if not is_image_name(rel):
         yield Skip(labels.NOT_AN_IMAGE, number, rel, "not an image file name")
+        continue
+      if (self.usage_prefix is not None and
+          not os.path.basename(rel).startswith(self.usage_prefix)):
+        yield Skip(labels.UNKNOWN_SPLIT, number, rel,
+                   "the other files of this folder are named for their "
+                   f"FER2013 Usage ({', '.join(FOLDER_USAGE)}); this name "
+                   "carries none")
         continue
       if code is None:
         yield Skip(labels.MALFORMED_ROW, number, rel,
@@ -509,13 +526,15 @@ class FolderIndex:
   numbers: np.ndarray  # 1-based position in the file listing.
   follow_symlinks: bool = False
   source: str = ""  # The folder the split is read from, e.g. 'test/'.
+  usage_prefix: str | None = None  # See FolderPart.
 
   def __len__(self) -> int:
     return len(self.entries)
 
   def part(self, start: int, stop: int) -> FolderPart:
     return FolderPart(self.split_dir, self.entries[start:stop],
-                      self.numbers[start:stop].tolist(), self.follow_symlinks)
+                      self.numbers[start:stop].tolist(), self.follow_symlinks,
+                      self.usage_prefix)
 
   def subset(self, positions: np.ndarray) -> "FolderIndex":
     return dataclasses.replace(
@@ -582,12 +601,49 @@ def check_folder_numbers(indexes: dict) -> None:
         "affectnet if they are AffectNet codes.")
 
 
+def _folder_test_dir(input_dir: str) -> str | None:
+  """test/, when it is the evaluation split (the tree has no val/)."""
+  if _find(input_dir, _FOLDER_SPLIT["val"]) is not None:
+    return None
+  test = _find(input_dir, _FOLDER_TEST)
+  return test if test is not None and os.path.isdir(test) else None
+
+
+def folder_usage(input_dir: str) -> bool:
+  """Whether test/ (with no val/) names its files for their FER2013 Usage.
+
+  Kaggle's FER2013 image tree does (`PublicTest_123.jpg`,
+  `PrivateTest_456.jpg`): one such image name is enough, and the split then
+  follows the names; the images without one are counted skips.
+  """
+  test = _folder_test_dir(input_dir)
+  return test is not None and any(
+      os.path.basename(p).startswith(tuple(FOLDER_USAGE)) and is_image_name(p)
+      for p in _files_below(test))
+
+
+def _usage_split(rel: str) -> str:
+  """The split of a file in a Usage-named test/: an image named for a Usage
+  goes to that Usage's split; anything else to val (skipped there)."""
+  name = os.path.basename(rel)
+  return next((s for p, s in FOLDER_USAGE.items()
+               if name.startswith(p) and is_image_name(name)), "val")
+
+
 def _index_folders(input_dir: str, split: str, follow_symlinks: bool = False,
                    folder_numbers: str = "auto") -> FolderIndex | None:
-  split_dir = _find(input_dir, _FOLDER_SPLIT[split])
-  if split_dir is None and split == "val":
-    # Kaggle's FER2013 and RAF-DB trees: train/ + test/, no val/.
-    split_dir = _find(input_dir, _FOLDER_TEST)
+  usage_prefix = None
+  if split in (HOLDOUT, "val") and folder_usage(input_dir):
+    # Kaggle's FER2013 tree: test/'s file names pick holdout and val.
+    split_dir = _folder_test_dir(input_dir)
+    usage_prefix = next(p for p, s in FOLDER_USAGE.items() if s == split)
+  elif split == HOLDOUT:
+    return None  # Only a Usage-named test/ holds one.
+  else:
+    split_dir = _find(input_dir, _FOLDER_SPLIT[split])
+    if split_dir is None and split == "val":
+      # Kaggle's FER2013 and RAF-DB trees: train/ + test/, no val/.
+      split_dir = _folder_test_dir(input_dir)
   if split_dir is None or not os.path.isdir(split_dir):
     return None
   entries: list[tuple[str, int | None]] = []
@@ -609,9 +665,18 @@ def _index_folders(input_dir: str, split: str, follow_symlinks: bool = False,
     # order independent of the file system.
     for path in _files_below(top.path):
       entries.append((os.path.relpath(path, split_dir), code))
-  return FolderIndex(split_dir, entries, class_folders,
-                     np.arange(1, len(entries) + 1), follow_symlinks,
-                     os.path.basename(split_dir) + "/")
+  source = os.path.basename(split_dir) + "/"
+  numbers = np.arange(1, len(entries) + 1)
+  if usage_prefix is not None:
+    # Holdout: the PublicTest_ images. Val: the PrivateTest_ images, plus
+    # every other file of test/ (skipped and counted there, never dropped).
+    keep = [i for i, (rel, _) in enumerate(entries)
+            if _usage_split(rel) == split]
+    entries = [entries[i] for i in keep]
+    numbers = numbers[keep]
+    source += f"{usage_prefix}*"
+  return FolderIndex(split_dir, entries, class_folders, numbers,
+                     follow_symlinks, source, usage_prefix)
 
 
 _INDEXERS = {"official": _index_official, "npy": _index_npy,
@@ -640,9 +705,14 @@ def index_split(layout: str, input_dir: str, split: str, *,
   return indexers[layout](input_dir, split, follow_symlinks)
 
 
-def source_splits(layout: str) -> tuple[str, ...]:
-  """The splits `layout`'s files can define (FER2013's include `holdout`)."""
+def source_splits(layout: str, input_dir: str | None = None
+                  ) -> tuple[str, ...]:
+  """The splits `layout`'s files can define (FER2013's include `holdout`;
+  so does a class tree whose test/ files carry FER2013's Usage names)."""
   from data_prep import public_sets  # pylint: disable=g-import-not-at-top
+  if layout == "folders" and input_dir is not None and folder_usage(
+      input_dir):
+    return SOURCE_SPLITS + (HOLDOUT,)
   return public_sets.SPLITS.get(layout, SOURCE_SPLITS)
 
 

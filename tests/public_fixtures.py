@@ -195,30 +195,68 @@ def write_rafdb(root: str, *, aligned: bool = True) -> dict:
 
 KAGGLE_FOLDERS = ("angry", "disgust", "fear", "happy", "neutral", "sad",
                   "surprise")
+# Kaggle's FER2013 image tree: images per (folder, class folder, Usage), a
+# different count for every class so that two swapped classes show.
+_KAGGLE_TREE = {
+    "train": {"angry": 3, "disgust": 1, "fear": 2, "happy": 5, "neutral": 4,
+              "sad": 6, "surprise": 7},
+    "PublicTest": {"angry": 2, "happy": 1, "surprise": 3},
+    "PrivateTest": {"disgust": 1, "fear": 4, "neutral": 2, "sad": 3},
+}
 
 
-def write_fer2013_folders(root: str) -> dict:
-  """Kaggle's FER2013 image tree (train/ + test/, no val/)."""
-  from data_prep import labels  # pylint: disable=g-import-not-at-top
-  counts = {"train": [0] * 7, "val": [0] * 7}
+def write_fer2013_folders(root: str, *, usage_names: bool = True) -> dict:
+  """Kaggle's FER2013 image tree: `train/<class>/Training_<id>.jpg` and
+  `test/<class>/PublicTest_<id>.jpg` or `PrivateTest_<id>.jpg` (48x48
+  grayscale JPEGs), plus a `desktop.ini` in train/happy/.
+
+  With `usage_names`, test/ also holds `sad/im_extra.jpg`, an image whose
+  name carries no Usage. Without, test/'s files are named `im<id>.jpg` (a
+  tree that does not carry the Usage) and test/ is the evaluation split.
+
+  Returns what preparing it must give, every number written out by hand in
+  affectjax's ids (0 neutral, 1 happy, 2 sad, 3 surprise, 4 fear,
+  5 disgust, 6 anger), and `paths`: {split: {path: id}} for some images.
+  """
   n = 0
-  for split, prefixes in (("train", ("Training",)),
-                          ("test", ("PublicTest", "PrivateTest"))):
-    for c, folder in enumerate(KAGGLE_FOLDERS):
-      for k in range(2 if split == "train" else 1):
-        prefix = prefixes[(c + k) % len(prefixes)]
-        _write(os.path.join(root, split, folder,
-                            f"{prefix}_{10000000 + n}.jpg"),
+  for usage, per_class in _KAGGLE_TREE.items():
+    top = "train" if usage == "train" else "test"
+    prefix = "Training" if usage == "train" else usage
+    for folder, count in per_class.items():
+      for _ in range(count):
+        name = (f"{prefix}_{10000000 + n}.jpg"
+                if usage_names or top == "train" else f"im{n}.jpg")
+        _write(os.path.join(root, top, folder, name),
                _jpeg(face_pixels(500 + n)))
         n += 1
-        counts["val" if split == "test" else split][
-            labels.folder_class(folder)] += 1
   _write(os.path.join(root, "train", "happy", "desktop.ini"), b"[x]\n")
+  train = {"rows": 29, "written": 28, "skipped": {"not_an_image": 1},
+           #               neu hap sad sur fea dis ang
+           "class_counts": [4, 5, 6, 7, 2, 1, 3]}
+  if not usage_names:
+    return {"train": train,
+            "val": {"rows": 16, "written": 16, "skipped": {},
+                    "class_counts": [2, 1, 3, 3, 4, 1, 2]},
+            "paths": {"val": {"angry/im28.jpg": 6, "neutral/im40.jpg": 0,
+                              "sad/im42.jpg": 2, "surprise/im31.jpg": 3}}}
+  _write(os.path.join(root, "test", "sad", "im_extra.jpg"),
+         _jpeg(face_pixels(499)))
   return {
-      "train": {"rows": 15, "written": 14, "skipped": {"not_an_image": 1},
-                "class_counts": counts["train"]},
-      "val": {"rows": 7, "written": 7, "skipped": {},
-              "class_counts": counts["val"]},
+      "train": train,
+      "holdout": {"rows": 6, "written": 6, "skipped": {},
+                  "class_counts": [0, 1, 0, 3, 0, 0, 2]},
+      "val": {"rows": 11, "written": 10, "skipped": {"unknown_split": 1},
+              "class_counts": [2, 0, 3, 0, 4, 1, 0]},
+      "paths": {
+          "train": {"angry/Training_10000000.jpg": 6,
+                    "disgust/Training_10000003.jpg": 5,
+                    "surprise/Training_10000027.jpg": 3},
+          "holdout": {"angry/PublicTest_10000028.jpg": 6,
+                      "happy/PublicTest_10000030.jpg": 1,
+                      "surprise/PublicTest_10000033.jpg": 3},
+          "val": {"disgust/PrivateTest_10000034.jpg": 5,
+                  "fear/PrivateTest_10000035.jpg": 4,
+                  "sad/PrivateTest_10000043.jpg": 2}},
   }
 
 

@@ -19,15 +19,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = public_fixtures.SIDE  # FER2013's own size: no resize, exact pixels.
 
 
+_NOT_SPLITS = ("faces", "paths")
+
+
 def _check_splits(manifest, want):
   for split, w in want.items():
-    if split == "faces":
+    if split in _NOT_SPLITS:
       continue
     got = manifest["splits"][split]
     assert (got["rows"], got["written"], got["skipped"],
             got["class_counts"]) == (w["rows"], w["written"], w["skipped"],
                                      w["class_counts"]), split
-  assert set(manifest["splits"]) == {s for s in want if s != "faces"}
+  assert set(manifest["splits"]) == {s for s in want if s not in _NOT_SPLITS}
+
+
+def _check_paths(out, want):
+  """The records of the images `want['paths']` names carry the ids written
+  out by hand there."""
+  for split, paths in want["paths"].items():
+    got = {p: int(e["expression"]) for p, e in _by_path(out, split).items()}
+    assert {p: got.get(p) for p in paths} == paths, split
 
 
 def _by_path(out, split):
@@ -150,9 +161,11 @@ def _cli(*args):
       capture_output=True, text=True, timeout=120)
 
 
-def test_kaggle_tree_test_folder_is_the_evaluation_split(tmp_path):
-  """train/ + test/ and no val/: test/ is prepared as 'val', the run says so,
-  and with no Contempt folder the dataset has 7 classes."""
+def test_kaggle_tree_splits_test_by_the_usage_in_its_file_names(tmp_path):
+  """Kaggle's FER2013 tree (train/ + test/, files named Training_*,
+  PublicTest_*, PrivateTest_*): PublicTest is the holdout and PrivateTest
+  val, as from fer2013.csv; a test/ image with no Usage name is a counted
+  skip; the run and the manifest say where each split came from."""
   root, out = tmp_path / "fer2013", tmp_path / "out"
   want = public_fixtures.write_fer2013_folders(str(root))
   assert layouts.detect(str(root)) == "folders"
@@ -160,19 +173,50 @@ def test_kaggle_tree_test_folder_is_the_evaluation_split(tmp_path):
   assert res.returncode == 0, res.stderr
   m = json.loads((out / "manifest.json").read_text())
   _check_splits(m, want)
+  _check_paths(str(out), want)
+  assert m["num_classes"] == 7 and m["unused_inputs"] == []
+  assert m["split_sources"] == {"train": "train/",
+                                "val": "test/PrivateTest_*",
+                                "holdout": "test/PublicTest_*"}
+  assert m["holdout"] == {"from": "test/PublicTest_*"}
+  assert m["missing_splits"] == []
+  ex = m["splits"]["val"]["skip_examples"]["unknown_split"][0]
+  assert ex["path"] == "sad/im_extra.jpg"
+  summary = res.stderr.strip().splitlines()[-1]
+  assert "holdout 6" in summary and "val 10" in summary, summary
+  assert ("val = test/PrivateTest_*" in summary and
+          "holdout = test/PublicTest_*" in summary), summary
+  assert "PublicTest_* is the holdout" in res.stderr
+  assert "no Contempt class folder" in res.stderr
+  # The tree's own holdout is the published protocol's: no second one.
+  res = _cli(f"--input_dir={root}", f"--output_dir={tmp_path / 'o2'}",
+             "--holdout_fraction=0.2")
+  assert res.returncode == 1 and "own holdout" in res.stderr, res.stderr
+
+
+def test_kaggle_tree_without_usage_names_reads_test_as_val(tmp_path):
+  """train/ + test/ and no val/, file names without a Usage: test/ is
+  prepared as 'val', the run says so, and with no Contempt folder the
+  dataset has 7 classes."""
+  root, out = tmp_path / "fer2013", tmp_path / "out"
+  want = public_fixtures.write_fer2013_folders(str(root), usage_names=False)
+  res = _cli(f"--input_dir={root}", f"--output_dir={out}")
+  assert res.returncode == 0, res.stderr
+  m = json.loads((out / "manifest.json").read_text())
+  _check_splits(m, want)
+  _check_paths(str(out), want)
   assert m["num_classes"] == 7 and m["unused_inputs"] == []
   assert m["split_sources"] == {"train": "train/", "val": "test/"}
+  assert m["holdout"] is None and m["missing_splits"] == []
   summary = res.stderr.strip().splitlines()[-1]
-  assert "val 7" in summary and "val = test/ (no val/)" in summary, summary
+  assert "val 16" in summary and "val = test/ (no val/)" in summary, summary
   assert "test/ is the evaluation split" in res.stderr
-  assert "no Contempt class folder" in res.stderr
   # --classes=8 keeps AffectNet's 8 ids (an empty Contempt class).
   res = _cli(f"--input_dir={root}", f"--output_dir={tmp_path / 'o8'}",
              "--classes=8")
   assert res.returncode == 0, res.stderr
   m8 = json.loads((tmp_path / "o8" / "manifest.json").read_text())
-  assert m8["splits"]["train"]["class_counts"] == want["train"][
-      "class_counts"] + [0]
+  assert m8["splits"]["train"]["class_counts"] == [4, 5, 6, 7, 2, 1, 3, 0]
 
 
 def test_ambiguous_trees_ask_for_layout(tmp_path):
@@ -183,7 +227,7 @@ def test_ambiguous_trees_ask_for_layout(tmp_path):
     layouts.detect(root)
   m = affectnet.prepare(root, str(tmp_path / "out"), layout="folders",
                         image_size=24, progress=False)
-  assert m["splits"]["val"]["written"] == 7
+  assert m["splits"]["val"]["written"] == 10
   assert m["unused_inputs"] == ["fer2013.csv"]
 
 
