@@ -1,7 +1,8 @@
 r"""AffectNet (any layout) or a public expression set -> ArrayRecord + manifest.
 
     python -m data_prep.affectnet --input_dir=DIR --output_dir=OUT \
-        [--layout=auto|official|npy|folders|fer2013|ferplus|rafdb] \
+        [--layout=auto|official|npy|folders|fer2013|ferplus|ferplus_folders|
+                 rafdb] \
         [--image_size=320] [--encoding=jpeg|raw] [--jpeg_quality=90] \
         [--margin=0.1] [--classes=8|7 (default: the dataset's)] \
         [--folder_numbers=auto|affectnet|fer2013|rafdb] \
@@ -19,8 +20,9 @@ Output (OUT):
                                               tool version, shard checksums
   .prep_state/                                per-shard completion markers
 
-The public sets (FER2013's fer2013.csv, FERPlus's fer2013new.csv, RAF-DB
-basic, and class-folder trees with train/ + test/) are read as published; see
+The public sets (FER2013's fer2013.csv, FERPlus's fer2013new.csv or its
+FER2013Train/Valid/Test folders with label.csv, RAF-DB basic, and
+class-folder trees with train/ + test/) are read as published; see
 data_prep/public_sets.py. Their labels are mapped to AffectNet's class ids by
 name; FER2013 and RAF-DB have 7 classes (no Contempt), FERPlus 8.
 
@@ -558,7 +560,8 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
   }
 
 
-_DATASETS = {"fer2013": "FER2013", "ferplus": "FERPlus", "rafdb": "RAF-DB",
+_DATASETS = {"fer2013": "FER2013", "ferplus": "FERPlus",
+             "ferplus_folders": "FERPlus", "rafdb": "RAF-DB",
              "folders": "class folders"}
 
 

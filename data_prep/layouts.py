@@ -15,7 +15,7 @@ folders   `train|val/<class>/*.jpg`, class = 0-7 or a name (any case). No
           (`PublicTest_*`, `PrivateTest_*`): then, exactly as from the CSV,
           PublicTest is the `holdout` split and PrivateTest `val`; a file
           there with neither prefix is a counted `unknown_split` skip.
-fer2013, ferplus, rafdb
+fer2013, ferplus, ferplus_folders, rafdb
           The public expression sets, as published: see `public_sets`.
 
 Paths. A path that a CSV row (or a file name) makes leave its root (`..`,
@@ -44,7 +44,8 @@ from affectjax import data as affect_data
 from affectjax import face_crop
 from data_prep import labels
 
-LAYOUTS = ("official", "npy", "folders", "fer2013", "ferplus", "rafdb")
+LAYOUTS = ("official", "npy", "folders", "fer2013", "ferplus",
+           "ferplus_folders", "rafdb")
 # Splits a source tree can hold; `holdout` is carved out of `train` (see
 # `split_holdout`), never read from the input.
 SOURCE_SPLITS = ("train", "val")
@@ -192,8 +193,8 @@ def detect(input_dir: str) -> str:
       "training.csv/validation.csv + Manually_Annotated_Images/ (official), "
       "train_set/images + train_set/annotations (npy), train/<class>/ "
       "(folders), fer2013.csv (fer2013), fer2013new.csv + fer2013.csv "
-      "(ferplus) or EmoLabel/list_patition_label.txt (rafdb). Pass --layout "
-      "to force one.")
+      "(ferplus), FER2013Train/label.csv (ferplus_folders) or "
+      "EmoLabel/list_patition_label.txt (rafdb). Pass --layout to force one.")
 
 
 def _detect_affectnet(input_dir: str) -> str:

@@ -15,6 +15,15 @@ ferplus   Microsoft's `fer2013new.csv` beside the same `fer2013.csv`:
           (`NF`), `unknown`, or a tie are skipped, each under its own reason;
           rows with an empty `Image name` are the faces FERPlus removed.
           Same 8 classes as AffectNet, Contempt included.
+ferplus_folders
+          FERPlus as its own generate_training_data.py writes it (and as it
+          is redistributed): `FER2013Train/`, `FER2013Valid/`,
+          `FER2013Test/`, each with its 48 px PNGs and a `label.csv` (no
+          header) of rows `fer0000000.png,"(0, 0, 48, 48)",<10 votes>`: the
+          image name, the face box as (left, top, right, bottom), then the
+          votes in fer2013new.csv's order. Train -> train, Valid -> holdout
+          (PublicTest), Test -> val (PrivateTest). The same majority vote as
+          `ferplus`; the faces FERPlus removed are not listed.
 rafdb     RAF-DB "basic": `EmoLabel/list_patition_label.txt` (lines such as
           `train_00001.jpg 5`; the misspelling is the published name), images
           in `Image/aligned/` (`train_00001_aligned.jpg`, preferred) or
@@ -34,6 +43,7 @@ The indexes follow `layouts`' contract: `len()`, `.part(start, stop)`,
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 from typing import Iterator, Sequence
@@ -62,6 +72,13 @@ FERPLUS_COLUMNS = ("Usage", "Image name", "neutral", "happiness", "surprise",
                    "sadness", "anger", "disgust", "fear", "contempt",
                    "unknown", "NF")
 FERPLUS_EMOTIONS = FERPLUS_COLUMNS[2:10]
+FERPLUS_VOTES = FERPLUS_COLUMNS[2:]
+# FERPlus's image folders (one per FER2013 Usage) and their label files.
+FERPLUS_FOLDERS = {"train": "FER2013Train", layouts.HOLDOUT: "FER2013Valid",
+                   "val": "FER2013Test"}
+FERPLUS_LABEL_FILE = "label.csv"
+FERPLUS_LABEL_COLUMNS = ("Image name", "face box") + FERPLUS_VOTES
+_FERPLUS_FOLDER_DIRS = ("", "data")
 RAFDB_LABELS = {1: "surprise", 2: "fear", 3: "disgust", 4: "happy", 5: "sad",
                 6: "anger", 7: "neutral"}
 # FER2013/FERPlus `Usage` -> prepared split.
@@ -82,11 +99,12 @@ def class_id(name: str) -> int:
 FER2013_MAPPING = {str(i): class_id(n) for i, n in enumerate(FER2013_LABELS)}
 FERPLUS_MAPPING = {n: class_id(n) for n in FERPLUS_EMOTIONS}
 RAFDB_MAPPING = {str(i): class_id(n) for i, n in RAFDB_LABELS.items()}
-NUM_CLASSES = {"fer2013": 7, "ferplus": 8, "rafdb": 7}
+NUM_CLASSES = {"fer2013": 7, "ferplus": 8, "ferplus_folders": 8, "rafdb": 7}
 LABEL_MAPPINGS = {"fer2013": FER2013_MAPPING, "ferplus": FERPLUS_MAPPING,
-                  "rafdb": RAFDB_MAPPING}
+                  "ferplus_folders": FERPLUS_MAPPING, "rafdb": RAFDB_MAPPING}
 SOURCE_LABELS = {"fer2013": dict(enumerate(FER2013_LABELS)),
                  "ferplus": dict(enumerate(FERPLUS_EMOTIONS)),
+                 "ferplus_folders": dict(enumerate(FERPLUS_EMOTIONS)),
                  "rafdb": RAFDB_LABELS}
 
 
@@ -102,10 +120,17 @@ def detect(input_dir: str) -> list[str]:
   """The public layouts whose marker files `input_dir` holds (maybe none).
 
   `fer2013new.csv` means FERPlus (which reads fer2013.csv too), so fer2013
-  is not listed beside it.
+  is not listed beside it. `FER2013Train/label.csv` (or Valid, Test) means
+  FERPlus's image folders.
   """
   found = []
-  if _find(input_dir, _FER_DIRS, FERPLUS_CSV):
+  folders = _ferplus_folders_root(input_dir) is not None
+  if folders:
+    found.append("ferplus_folders")
+  if _find(input_dir, _FER_DIRS, FERPLUS_CSV) and (
+      not folders or _find(input_dir, _FER_DIRS, FER2013_CSV)):
+    # fer2013new.csv without fer2013.csv beside FERPlus's folders (e.g. a
+    # clone of a repository that ships both) is only their label source.
     found.append("ferplus")
   elif _find(input_dir, _FER_DIRS, FER2013_CSV):
     found.append("fer2013")
@@ -124,11 +149,11 @@ def pgm(pixels: np.ndarray) -> bytes:
 # ------------------------------------------------------ line-indexed CSVs
 
 
-def _data_lines(path: str, header_first_field: str):
+def _data_lines(path: str, header_first_field: str | None):
   """(starts, ends, numbers, last fields) of the data lines of a CSV.
 
   Blank lines and the header (a first line whose first field is
-  `header_first_field`) are not rows. The last field is read cheaply (after
+  `header_first_field`; None: the file has no header) are not rows. The last field is read cheaply (after
   the last comma) for FER2013's `Usage`; FERPlus's first field comes with
   `first`.
   """
@@ -138,8 +163,8 @@ def _data_lines(path: str, header_first_field: str):
     for number, line in enumerate(fp, start=1):
       stripped = line.strip()
       head = stripped.lstrip(b"\xef\xbb\xbf").split(b",", 1)[0].strip()
-      if stripped and not (number == 1 and
-                           head == header_first_field.encode()):
+      if stripped and not (number == 1 and header_first_field is not None
+                           and head == header_first_field.encode()):
         starts.append(offset)
         ends.append(offset + len(line))
         numbers.append(number)
@@ -331,6 +356,24 @@ def majority_vote(votes: Sequence[int]) -> tuple[int | None, str | None]:
   return w, None
 
 
+def ferplus_label(votes_text: Sequence[str], number: int, name: str
+                  ) -> tuple[int | None, layouts.Skip | None]:
+  """FERPlus's 10 vote counts (as text) -> (affectjax class id, None), or
+  (None, the Skip that replaces the row): the one place both FERPlus layouts
+  turn votes into a label (`majority_vote`)."""
+  try:
+    votes = [labels.parse_int(v) for v in votes_text]
+    if min(votes) < 0:
+      raise ValueError(f"negative vote count in {list(votes_text)}")
+  except ValueError as e:
+    return None, layouts.Skip(labels.MALFORMED_ROW, number, name, str(e))
+  column, reason = majority_vote(votes)
+  if reason is not None:
+    return None, layouts.Skip(reason, number, name, "votes " + ", ".join(
+        f"{c}={v}" for c, v in zip(FERPLUS_VOTES, votes) if v))
+  return FERPLUS_MAPPING[FERPLUS_EMOTIONS[column]], None
+
+
 def _ferplus_item(vote_raw: bytes, pixel_raw: bytes, number: int,
                   pixel_number: int, csv_path: str, fer_path: str
                   ) -> layouts.Item:
@@ -353,16 +396,9 @@ def _ferplus_item(vote_raw: bytes, pixel_raw: bytes, number: int,
                         f"empty 'Image name': FERPlus removed this face "
                         f"({os.path.basename(fer_path)} line "
                         f"{pixel_number})")
-  try:
-    votes = [labels.parse_int(v) for v in fields[2:]]
-    if min(votes) < 0:
-      raise ValueError(f"negative vote count in {fields[2:]}")
-  except ValueError as e:
-    return layouts.Skip(labels.MALFORMED_ROW, number, name, str(e))
-  column, reason = majority_vote(votes)
-  if reason is not None:
-    return layouts.Skip(reason, number, name, "votes " + ", ".join(
-        f"{c}={v}" for c, v in zip(FERPLUS_COLUMNS[2:], votes) if v))
+  code, skip = ferplus_label(fields[2:], number, name)
+  if skip is not None:
+    return skip
   try:
     pixel_fields = _fields(pixel_raw)
   except UnicodeDecodeError as e:
@@ -379,8 +415,7 @@ def _ferplus_item(vote_raw: bytes, pixel_raw: bytes, number: int,
         f"Usage {fields[0]!r} but {os.path.basename(fer_path)} line "
         f"{pixel_number} says {pixel_fields[2]!r}: the two files are not "
         "row-aligned (use the original fer2013.csv)")
-  return layouts.Row(number, name, csv_path,
-                     FERPLUS_MAPPING[FERPLUS_EMOTIONS[column]],
+  return layouts.Row(number, name, csv_path, code,
                      affect_data.NO_VALUE, affect_data.NO_VALUE, None, None,
                      image=pgm(pixels))
 
@@ -439,11 +474,11 @@ class FerPlusIndex:
                                         self.ends)):
       try:
         fields = _fields(raw)
-        column, _ = majority_vote([labels.parse_int(v) for v in fields[2:]])
-        if column is not None and fields[1]:
-          codes[i] = FERPLUS_MAPPING[FERPLUS_EMOTIONS[column]]
-      except (ValueError, UnicodeDecodeError, IndexError):
-        pass
+      except UnicodeDecodeError:
+        continue
+      code, _ = ferplus_label(fields[2:], 0, "")
+      if code is not None and len(fields) > 1 and fields[1]:
+        codes[i] = code
     return codes
 
   def inputs(self) -> list[str]:
@@ -476,6 +511,146 @@ def index_ferplus(input_dir: str, split: str,
                       numbers[rows], f_starts[rows], f_ends[rows],
                       f_numbers[rows],
                       f"{FERPLUS_CSV} Usage={_usage_source(split)}")
+
+
+# -------------------------------------------------------- ferplus_folders
+
+
+def _ferplus_folders_root(input_dir: str) -> str | None:
+  """The folder that holds FER2013Train/ ... with their label.csv, if any."""
+  for d in _FERPLUS_FOLDER_DIRS:
+    root = os.path.join(input_dir, d)
+    if any(os.path.isfile(os.path.join(root, f, FERPLUS_LABEL_FILE))
+           for f in FERPLUS_FOLDERS.values()):
+      return root
+  return None
+
+
+def _csv_fields(raw: bytes) -> list[str]:
+  """One CSV line's fields, quotes honoured (label.csv quotes its box)."""
+  line = raw.decode("utf-8").strip("\r\n\ufeff")
+  (fields,) = list(csv.reader([line]))
+  return [f.strip() for f in fields]
+
+
+def _ferplus_box(text: str) -> tuple[float, float, float, float]:
+  """'(0, 0, 48, 48)' (left, top, right, bottom) -> (x, y, w, h)."""
+  values = [float(v) for v in text.strip().strip("()").split(",")]
+  if len(values) != 4:
+    raise ValueError(f"face box {text!r} is not (left, top, right, bottom)")
+  left, top, right, bottom = values
+  return left, top, right - left, bottom - top
+
+
+def _ferplus_folder_item(raw: bytes, number: int, label_path: str,
+                         follow_symlinks: bool) -> layouts.Item:
+  name = os.path.basename(label_path)
+  try:
+    fields = _csv_fields(raw)
+  except (UnicodeDecodeError, csv.Error, ValueError) as e:
+    return layouts.Skip(labels.MALFORMED_ROW, number, "",
+                        f"{name}: unreadable line: {e}")
+  image = fields[0] if fields else ""
+  if len(fields) != len(FERPLUS_LABEL_COLUMNS):
+    return layouts.Skip(
+        labels.MALFORMED_ROW, number, image,
+        f"{name}: expected {len(FERPLUS_LABEL_COLUMNS)} fields (image name, "
+        f"face box, {len(FERPLUS_VOTES)} votes), got {len(fields)}")
+  code, skip = ferplus_label(fields[2:], number, image)
+  if skip is not None:
+    return skip
+  try:
+    box = _ferplus_box(fields[1])
+  except ValueError as e:
+    return layouts.Skip(labels.BAD_FACE_BOX, number, image, str(e))
+  if not all(np.isfinite(box)) or box[2] <= 0 or box[3] <= 0:
+    return layouts.Skip(labels.BAD_FACE_BOX, number, image,
+                        f"face box {fields[1]}")
+  try:
+    full = layouts.resolve(os.path.dirname(label_path), image,
+                           follow_symlinks=follow_symlinks)
+  except layouts.PathRefused as e:
+    return layouts.Skip(e.reason, number, image, str(e))
+  return layouts.Row(number, image, full, code, affect_data.NO_VALUE,
+                     affect_data.NO_VALUE, box, None)
+
+
+@dataclasses.dataclass
+class FerPlusFolderPart:
+  label_path: str
+  starts: np.ndarray
+  ends: np.ndarray
+  numbers: np.ndarray
+  follow_symlinks: bool = False
+
+  def __iter__(self) -> Iterator[layouts.Item]:
+    for raw, n in zip(_read_lines(self.label_path, self.starts, self.ends),
+                      self.numbers):
+      yield _ferplus_folder_item(raw, int(n), self.label_path,
+                                 self.follow_symlinks)
+
+
+@dataclasses.dataclass
+class FerPlusFolderIndex:
+  label_path: str
+  starts: np.ndarray
+  ends: np.ndarray
+  numbers: np.ndarray
+  source: str
+  follow_symlinks: bool = False
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def part(self, start: int, stop: int) -> FerPlusFolderPart:
+    s = slice(start, stop)
+    return FerPlusFolderPart(self.label_path, self.starts[s], self.ends[s],
+                             self.numbers[s], self.follow_symlinks)
+
+  def subset(self, positions: np.ndarray) -> "FerPlusFolderIndex":
+    return dataclasses.replace(
+        self, starts=self.starts[positions], ends=self.ends[positions],
+        numbers=self.numbers[positions])
+
+  def expression_codes(self) -> np.ndarray:
+    codes = np.full(len(self), -1, np.int64)
+    for i, raw in enumerate(_read_lines(self.label_path, self.starts,
+                                        self.ends)):
+      try:
+        fields = _csv_fields(raw)
+      except (UnicodeDecodeError, csv.Error, ValueError):
+        continue
+      code, _ = ferplus_label(fields[2:], 0, "")
+      if code is not None and len(fields) == len(FERPLUS_LABEL_COLUMNS):
+        codes[i] = code
+    return codes
+
+  def inputs(self) -> list[str]:
+    return [os.path.dirname(self.label_path)]
+
+
+def index_ferplus_folders(input_dir: str, split: str,
+                          follow_symlinks: bool = False
+                          ) -> FerPlusFolderIndex | None:
+  root = _ferplus_folders_root(input_dir)
+  if root is None:
+    raise layouts.LayoutError(
+        f"{input_dir} has no {'/, '.join(FERPLUS_FOLDERS.values())}/ folder "
+        f"with a {FERPLUS_LABEL_FILE}.")
+  folder = FERPLUS_FOLDERS[split]
+  label_path = os.path.join(root, folder, FERPLUS_LABEL_FILE)
+  if not os.path.isfile(label_path):
+    if os.path.isdir(os.path.join(root, folder)):
+      raise layouts.LayoutError(
+          f"{os.path.join(root, folder)} has no {FERPLUS_LABEL_FILE}: its "
+          "images have no labels. Copy it from the FERPlus release (or "
+          "rerun FERPlus's generate_training_data.py).")
+    return None
+  starts, ends, numbers, _, _ = _data_lines(label_path, None)
+  return FerPlusFolderIndex(
+      label_path, starts, ends, numbers,
+      f"{folder}/{FERPLUS_LABEL_FILE} (Usage={_usage_source(split)})",
+      follow_symlinks)
 
 
 # ------------------------------------------------------------------ rafdb
@@ -592,8 +767,9 @@ def index_rafdb(input_dir: str, split: str,
 
 
 INDEXERS = {"fer2013": index_fer2013, "ferplus": index_ferplus,
-            "rafdb": index_rafdb}
+            "ferplus_folders": index_ferplus_folders, "rafdb": index_rafdb}
 # Splits each layout's files define; `holdout` is native to FER2013/FERPlus.
 SPLITS = {"fer2013": ("train", "val", layouts.HOLDOUT),
           "ferplus": ("train", "val", layouts.HOLDOUT),
+          "ferplus_folders": ("train", "val", layouts.HOLDOUT),
           "rafdb": ("train", "val")}

@@ -161,6 +161,64 @@ def write_ferplus(root: str) -> dict:
   return want
 
 
+def _png(img: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def write_ferplus_folders(root: str) -> dict:
+  """FERPlus's image folders as its generate_training_data.py writes them:
+  `root/FER2013Train/`, `FER2013Valid/`, `FER2013Test/`, each with 48x48
+  grayscale PNGs `fer<row:07d>.png` and a `label.csv` without a header,
+  rows `fer0000000.png,"(0, 0, 48, 48)",4,0,0,1,3,2,0,0,0,0`. The faces
+  FERPlus removed are not listed. Plus, in train: a row whose image is
+  missing, one with 9 votes, and one with a box that is not a box."""
+  folders = {"Training": "FER2013Train", "PublicTest": "FER2013Valid",
+             "PrivateTest": "FER2013Test"}
+  splits = {"Training": "train", "PublicTest": "holdout",
+            "PrivateTest": "val"}
+  lines = {f: [] for f in folders.values()}
+  want = {s: {"rows": 0, "written": 0, "skipped": {}, "ids": []}
+          for s in splits.values()}
+  faces = {}
+  for i, (usage, named, votes, outcome) in enumerate(_FERPLUS_ROWS):
+    if not named:
+      continue  # generate_training_data.py leaves them out.
+    name = f"fer{i:07d}.png"
+    px = face_pixels(700 + i)
+    _write(os.path.join(root, folders[usage], name), _png(px))
+    lines[folders[usage]].append(
+        f'{name},"(0, 0, 48, 48)",' + ",".join(str(v) for v in votes))
+    w = want[splits[usage]]
+    w["rows"] += 1
+    if isinstance(outcome, int):
+      w["written"] += 1
+      w["ids"].append(outcome)
+      faces[name] = (outcome, px)
+    else:
+      w["skipped"][outcome] = w["skipped"].get(outcome, 0) + 1
+  lines["FER2013Train"] += [
+      'fer0000090.png,"(0, 0, 48, 48)",0,9,0,0,0,0,0,0,1,0',  # missing_file
+      'fer0000091.png,"(0, 0, 48, 48)",0,9,0,0,0,0,0,0,1',  # malformed_row
+      'fer0000092.png,"(0, 0, 48)",0,9,0,0,0,0,0,0,1,0',  # bad_face_box
+  ]
+  for n in (91, 92):
+    _write(os.path.join(root, "FER2013Train", f"fer00000{n}.png"),
+           _png(face_pixels(n)))
+  train = want["train"]
+  train["rows"] += 3
+  for reason in ("missing_file", "malformed_row", "bad_face_box"):
+    train["skipped"][reason] = 1
+  for folder, rows in lines.items():
+    _write(os.path.join(root, folder, "label.csv"), "\n".join(rows) + "\n")
+  for w in want.values():
+    w["class_counts"] = _counts(w.pop("ids"))
+    w["skipped"] = dict(sorted(w["skipped"].items()))
+  want["faces"] = faces
+  return want
+
+
 def write_rafdb(root: str, *, aligned: bool = True) -> dict:
   """RAF-DB basic under `root/basic`; returns the expectations."""
   base = os.path.join(root, "basic")

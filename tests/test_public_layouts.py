@@ -112,6 +112,54 @@ def test_ferplus_majority_vote(tmp_path):
   assert "contempt" not in m7["label_mapping"]
 
 
+def test_ferplus_folders_with_label_csv(tmp_path):
+  """FERPlus's FER2013Train/Valid/Test folders of PNGs, each with its
+  label.csv (image name, quoted face box, 10 votes; no header): the same
+  majority vote as fer2013new.csv, Train -> train, Valid -> holdout, Test ->
+  val, every bad row counted."""
+  root, out = str(tmp_path / "FERPlus" / "data"), str(tmp_path / "out")
+  want = public_fixtures.write_ferplus_folders(root)
+  # Detected from the folder itself or its parent (a clone of a repository
+  # that keeps them under data/, with fer2013new.csv but no fer2013.csv).
+  (tmp_path / "FERPlus" / "fer2013new.csv").write_text(
+      public_fixtures.FERPLUS_HEADER + "\n")
+  assert layouts.detect(root) == "ferplus_folders"
+  assert layouts.detect(str(tmp_path / "FERPlus")) == "ferplus_folders"
+  m = affectnet.prepare(root, out, image_size=S, encoding="raw",
+                        progress=False)
+  _check_splits(m, want)
+  #                                          neu hap sad sur fea dis ang con
+  assert m["splits"]["train"]["class_counts"] == [2, 1, 0, 0, 0, 0, 0, 1]
+  assert m["splits"]["holdout"]["class_counts"] == [0, 0, 0, 1, 1, 0, 0, 0]
+  assert m["splits"]["val"]["class_counts"] == [0, 0, 1, 0, 0, 1, 1, 0]
+  assert m["num_classes"] == 8 and m["dataset"] == "FERPlus"
+  assert m["layout"] == "ferplus_folders"
+  assert m["label_mapping"]["contempt"] == 7
+  assert m["split_sources"] == {
+      "train": "FER2013Train/label.csv (Usage=Training)",
+      "holdout": "FER2013Valid/label.csv (Usage=PublicTest)",
+      "val": "FER2013Test/label.csv (Usage=PrivateTest)"}
+  assert m["holdout"] == {"from": "FER2013Valid/label.csv (Usage=PublicTest)"}
+  assert m["unused_inputs"] == []
+  ex = m["splits"]["train"]["skip_examples"]
+  assert ex["vote_tied"][0] == {"row": 5, "path": "fer0000004.png",
+                                "detail": "votes happiness=5, surprise=5"}
+  assert ex["missing_file"][0]["path"] == "fer0000090.png"
+  assert "12 fields" in ex["malformed_row"][0]["detail"]
+  assert ex["bad_face_box"][0]["row"] == 10
+  seen = set()
+  for split in ("train", "holdout", "val"):
+    for name, e in _by_path(out, split).items():
+      label, px = want["faces"][name]
+      assert int(e["expression"]) == label, name
+      np.testing.assert_array_equal(e["image"][..., 0], px)
+      seen.add(name)
+  assert seen == set(want["faces"])
+  with pytest.raises(ValueError, match="own holdout"):
+    affectnet.prepare(root, str(tmp_path / "o2"), image_size=S,
+                      holdout_fraction=0.1, progress=False)
+
+
 def test_majority_vote_rule():
   vote = public_sets.majority_vote
   assert vote((4, 0, 0, 1, 3, 2, 0, 0, 0, 0)) == (0, None)
