@@ -1,13 +1,15 @@
-r"""Predict expression and valence/arousal for face images with a trained run.
+r"""Predict expression and valence/arousal for face images and videos with a trained run.
 
   python -m affectjax.predict --workdir=runs/demo INPUT... [--output=preds.csv]
       [--checkpoint=best|latest|STEP] [--batch_size=64] [--tta=none|flip]
       [--image_root=DIR] [--margin=M (default: the run's)] [--detect_faces]
+      [--fps=N] [--smooth=SECONDS] [--annotate]
 
 INPUT is any mix of image files, directories (searched recursively for
 images) and AffectNet-style CSV files with face boxes (columns
 ``subDirectory_filePath, face_x, face_y, face_width, face_height``; image
-paths relative to ``--image_root``, default the CSV's folder).
+paths relative to ``--image_root``, default the CSV's folder), and video
+files (``.mp4 .mkv .avi .webm .mov``, named one by one).
 
 Everything about the model's input comes from the run itself (its
 ``run_contract.json``; the data it was trained on is not needed): images are
@@ -29,8 +31,24 @@ reason), ``class``, ``name``, one ``prob_<name>`` per class, ``valence``,
 ``arousal``. An unreadable image is reported with its reason and never stops
 the run.
 
+Videos (``affectjax.video``; OpenCV decodes them, the ``detect`` extra):
+each sampled frame (``--fps``, default every frame) goes through the face
+detector, faces are linked into tracks by IoU, and the crops run through
+the same crop and compiled forward as photos, in batches. One row per
+(frame, face), with ``frame``, ``time`` and ``track`` columns added to the
+table (empty on photo rows); a frame without a face or unreadable gets a row
+saying so (``no_face``, ``unreadable_frame``); a video that cannot be
+opened gets one ``unreadable_video`` row naming it, and the other inputs
+still run. ``--smooth=S`` adds an EMA over time (``*_smooth`` columns)
+beside the raw values. Each video's pictures (``track_<id>.png``: the
+expression timeline and the valence/arousal trace of one track) and, with
+``--annotate``, its annotated copy (``<stem>_annotated.mp4``) go into a
+folder beside ``--output`` named after the video (``<stem>``, ``<stem>-2``
+for a second video of the same name); the table stays one file for the
+whole call, photos and videos in input order.
+
 Python: ``Predictor.from_workdir("runs/demo").predict(["a.jpg", array, ...])``
-returns the same rows as dicts.
+returns the same rows as dicts; ``.predict_video("clip.mp4")`` a video's.
 """
 from __future__ import annotations
 
@@ -54,6 +72,7 @@ from affectjax import fileio
 from affectjax import run_contract
 from affectjax import scoring
 from affectjax import sharding
+from affectjax import video
 from affectjax import workdir as workdir_lib
 
 CSV_COLUMNS = face_crop.BOX_COLUMNS
@@ -99,6 +118,7 @@ class Predictor:
     self.names = contract.class_names
     self.margin = contract.margin if margin is None else float(margin)
     self.face_detector = face_detector
+    self._opencv_detector = None
     self._weights = jax.device_put(weights, sharding.replicated(self.mesh))
     self._fn = jax.jit(
         lambda w, x: scoring.predict_images(graphdef, w, x,
@@ -193,14 +213,39 @@ class Predictor:
     return np.concatenate(logits), np.concatenate(va)
 
   def predict(self, inputs: Iterable, *, progress: bool = False,
-              num_threads: int = 4) -> list[dict]:
+              num_threads: int = 4, fps: float | None = None,
+              smooth: float | None = None) -> list[dict]:
     """Rows (dicts, see the module docstring) for ``inputs``, in order.
 
-    ``inputs``: ``Item``s, file paths, bytes or uint8 (H, W, 3) arrays.
+    ``inputs``: ``Item``s, file paths, bytes or uint8 (H, W, 3) arrays. A
+    video file (``video.VIDEO_EXTENSIONS``) gives its ``predict_video``
+    rows in its place (``fps``, ``smooth`` apply to it), or one error row
+    when it cannot be opened; the other inputs still run.
     """
     items = [x if isinstance(x, Item) else Item(
         path=(str(x) if isinstance(x, (str, os.PathLike)) else f"<input {i}>"),
         source=x) for i, x in enumerate(inputs)]
+    rows, photos = [], []
+    for item in items + [None]:
+      if item is not None and not _is_video_item(item):
+        photos.append(item)
+        continue
+      if photos:  # The photos before this video (or the end), in one go.
+        rows += self._predict_photos(photos, progress, num_threads)
+        photos = []
+      if item is not None:
+        try:
+          rows += self.predict_video(item.path if item.source is None
+                                     else item.source, fps=fps, smooth=smooth,
+                                     progress=progress, name=item.path)
+        except video.VideoError as e:
+          logging.warning("Could not predict %s: %s", item.path, e)
+          rows.append({"path": item.path, "face_box": "", "status": "error",
+                       "error": f"unreadable_video: {e}"})
+    return rows
+
+  def _predict_photos(self, items: list[Item], progress: bool,
+                      num_threads: int) -> list[dict]:
     if self.face_detector is not None:
       items = self.detect(items)
     rows = []
@@ -218,27 +263,117 @@ class Predictor:
         k = 0
         for item, (_, err) in zip(batch, loaded):
           row = {"path": item.path,
-                 "face_box": "" if item.box is None else
-                             " ".join(f"{v:g}" for v in item.box)}
+                 "face_box": "" if item.box is None else _box_text(item.box)}
           if err is not None:
             row.update(status="error", error=err)
             logging.warning("Could not predict %s: %s", item.path, err)
           else:
-            c = int(probs[k].argmax())
-            row.update(status="ok", error="", **{"class": c},
-                       name=self.names[c],
-                       **{f"prob_{n}": float(p)
-                          for n, p in zip(self.names, probs[k])},
-                       valence=float(va[k, 0]), arousal=float(va[k, 1]))
+            self._fill(row, probs[k], va[k])
             k += 1
           rows.append(row)
         bar.update(len(batch))
     bar.close()
     return rows
 
-  def columns(self) -> list[str]:
-    return ["path", "face_box", "status", "error", "class", "name",
-            *[f"prob_{n}" for n in self.names], "valence", "arousal"]
+  def _fill(self, row: dict, probs: np.ndarray, va: np.ndarray) -> dict:
+    """The model's outputs for one face, into its row."""
+    c = int(probs.argmax())
+    row.update(status="ok", error="", **{"class": c}, name=self.names[c],
+               **{f"prob_{n}": float(p) for n, p in zip(self.names, probs)},
+               valence=float(va[0]), arousal=float(va[1]))
+    return row
+
+  # ---------------------------------------------------------------- videos
+  def video_detector(self):
+    """The detector videos use: ``face_detector``, else OpenCV's cascade
+    (made once; photos still use ``face_detector`` only)."""
+    if self.face_detector is not None:
+      return self.face_detector
+    if self._opencv_detector is None:
+      self._opencv_detector = opencv_face_detector()
+    return self._opencv_detector
+
+  def predict_video(self, path, *, fps: float | None = None,
+                    smooth: float | None = None, progress: bool = False,
+                    name: str | None = None) -> list[dict]:
+    """Rows of one video: one per (sampled frame, face), in frame order.
+
+    Each sampled frame (``fps``: see ``affectjax.video``) goes through the
+    face detector (``video_detector()``); its faces are linked to tracks
+    (``video.IouTracker``), cropped exactly as a photo with that box would
+    be (``load``) and run through the compiled model ``batch_size`` crops at
+    a time. Row keys: the photo rows' plus ``frame`` (index), ``time``
+    (seconds) and ``track`` (id); with ``smooth`` (seconds), also
+    ``video.SMOOTH_COLUMNS``. A frame without a face, or unreadable, gets
+    one row with ``status=error`` and the reason (``no_face``,
+    ``unreadable_frame``). Raises ``video.VideoError`` naming the file when
+    it cannot be opened at all.
+    """
+    name = str(path) if name is None else name
+    detector = self.video_detector()
+    tracker = video.IouTracker()
+    rows, pending = [], []  # pending: (row, crop) waiting for the model.
+
+    def flush():
+      if pending:
+        logits, va = self.predict_arrays(np.stack([c for _, c in pending]))
+        for (row, _), p, v in zip(pending, scoring.softmax(logits), va):
+          self._fill(row, p, v)
+        pending.clear()
+
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    with video.VideoReader(path, fps) as reader:
+      bar = tqdm(total=reader.count, unit="frame", desc=os.path.basename(name),
+                 disable=None if progress else True)
+      for frame in reader:
+        bar.update(frame.index + 1 - bar.n)
+        base = {"path": name, "frame": frame.index,
+                "time": round(frame.time, 6), "track": "", "face_box": ""}
+        if frame.image is None:
+          rows.append({**base, "status": "error", "error": frame.error})
+          continue
+        boxes = [tuple(float(v) for v in b) for b in detector(frame.image)]
+        if not boxes:
+          rows.append({**base, "status": "error", "error":
+                       "no_face: the face detector found no face in this frame"})
+          continue
+        for box, track in zip(boxes, tracker.update(boxes, frame.time)):
+          row = {**base, "track": track, "face_box": _box_text(box)}
+          crop, err = self._load_or_error(
+              Item(path=name, source=frame.image, box=box))
+          rows.append(row)
+          if err is not None:
+            row.update(status="error", error=err)
+            continue
+          pending.append((row, crop))
+          if len(pending) >= self.batch_size:
+            flush()
+      flush()
+      bar.close()
+    if smooth:
+      video.smooth_rows(rows, smooth, self.names)
+    bad = sum(r["status"] != "ok" for r in rows)
+    logging.info("%s: %d rows, %d without a prediction", name, len(rows), bad)
+    return rows
+
+  def columns(self, videos: bool = False, smooth: bool = False) -> list[str]:
+    """Output columns; ``videos`` adds frame, time and track (empty on photo
+    rows), ``smooth`` the smoothed columns after the raw ones."""
+    return ["path", *(("frame", "time", "track") if videos else ()),
+            "face_box", "status", "error", "class", "name",
+            *[f"prob_{n}" for n in self.names], "valence", "arousal",
+            *(video.SMOOTH_COLUMNS if videos and smooth else ())]
+
+
+def _box_text(box) -> str:
+  return " ".join(f"{v:g}" for v in box)
+
+
+def _is_video_item(item: Item) -> bool:
+  """A video file: by name, when it is a file (not an array or bytes)."""
+  return (item.error is None and item.box is None
+          and (item.source is None or isinstance(item.source, (str, os.PathLike)))
+          and video.is_video(item.path))
 
 
 # --------------------------------------------------------------------------
@@ -305,7 +440,8 @@ def expand_inputs(inputs: Sequence[str], image_root=None) -> list[Item]:
     if p.is_dir():
       found = sorted(_images_under(p))
       if not found:
-        logging.warning("No images (%s) under %s",
+        logging.warning("No images (%s) under %s (videos are taken when "
+                        "named one by one, not from directories)",
                         ", ".join(face_crop.IMAGE_EXTENSIONS), p)
       items += [Item(path=str(f), source=f) for f in found]
     elif p.suffix.lower() == ".csv" and p.exists():
@@ -322,14 +458,7 @@ def opencv_face_detector(min_size: int = 24):
 
   Returns a callable RGB uint8 image -> [(x, y, w, h), ...], largest first.
   """
-  try:
-    import cv2  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError(
-        "--detect_faces needs OpenCV 4: pip install 'affectjax[detect]' (or "
-        "'opencv-python-headless>=4.8,<5'). Or pass a boxes CSV instead "
-        "(docs/USING.md)."
-        ) from None
+  cv2 = video.cv2_module()
   path = os.path.join(cv2.data.haarcascades,
                       "haarcascade_frontalface_default.xml")
   cascade = cv2.CascadeClassifier(path)
@@ -385,27 +514,58 @@ def _define_flags() -> None:
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when present.")
   flags.DEFINE_bool("detect_faces", False, "Treat image inputs as whole "
                     "photos: find faces with OpenCV's Haar cascade (needs "
-                    "affectjax[detect]); one row per face.")
+                    "affectjax[detect]); one row per face. Videos always "
+                    "find faces.")
+  flags.DEFINE_float("fps", None, "Videos: frames sampled per second (the "
+                     "first frame of each 1/fps s slot); default every frame.")
+  flags.DEFINE_float("smooth", None, "Videos: also write an EMA over time "
+                     "with this time constant in seconds, per track, beside "
+                     "the raw values (*_smooth columns).")
+  flags.DEFINE_bool("annotate", False, "Videos: also write a copy with "
+                    "boxes, labels and a valence/arousal dial into the "
+                    "video's folder beside --output.")
 
 
 def main(argv) -> None:
   inputs = argv[1:]
   if not inputs:
-    raise app.UsageError("Give at least one INPUT: image files, directories "
-                         "or a boxes CSV.")
+    raise app.UsageError("Give at least one INPUT: image files, directories, "
+                         "a boxes CSV or video files.")
   f = flags.FLAGS
+  for name in ("fps", "smooth"):
+    if f[name].value is not None and not f[name].value > 0:
+      raise app.UsageError(f"--{name} must be > 0, got {f[name].value}")
   items = expand_inputs(inputs, f.image_root)
+  videos = [it.path for it in items if _is_video_item(it)]
   detector = opencv_face_detector() if f.detect_faces else None
+  if videos:
+    video.cv2_module()  # Before the model loads: say what to install.
   predictor = Predictor.from_workdir(f.workdir, checkpoint=f.checkpoint,
                                      use_ema=f.use_ema,
                                      batch_size=f.batch_size, tta=f.tta,
                                      margin=f.margin, face_detector=detector)
-  rows = predictor.predict(items, progress=True)
-  write_rows(rows, predictor.columns(), f.output)
+  rows = predictor.predict(items, progress=True, fps=f.fps, smooth=f.smooth)
+  write_rows(rows, predictor.columns(videos=bool(videos),
+                                     smooth=bool(f.smooth)), f.output)
   bad = sum(r["status"] != "ok" for r in rows)
   print(f"Wrote {len(rows)} predictions to {f.output}"
         + (f" ({bad} could not be read; see their 'error' column)" if bad
            else ""), flush=True)
+  taken = set()
+  for path in videos:
+    own = [r for r in rows if r["path"] == path]
+    folder = video.output_dir(f.output, path, taken)
+    if not any(r["status"] == "ok" for r in own):
+      print(f"{path}: no face predicted, no pictures "
+            f"({own[0]['error'] if own else 'no frames'})", flush=True)
+      continue
+    written = video.plot_tracks(own, predictor.names, folder,
+                                title=os.path.basename(path))
+    if f.annotate:
+      written.append(video.write_annotated(
+          path, own, folder / (epath.Path(path).stem + video.ANNOTATED_SUFFIX),
+          f.fps))
+    print(f"{path}: {len(written)} file(s) in {folder}", flush=True)
 
 
 def run() -> None:

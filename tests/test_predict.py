@@ -146,10 +146,15 @@ def test_face_detector_gives_one_row_per_face(run_dir, tmp_path):
       [rows[1][f"prob_{n}"] for n in data.LABEL_NAMES_8], probs[0], atol=1e-5)
 
 
-def test_opencv_detector_runs_when_installed():
-  pytest.importorskip("cv2", reason="OpenCV is the optional [detect] extra")
+def test_opencv_detector_finds_drawn_faces_and_nothing_in_a_blank_frame():
+  """OpenCV is in the `test` extra (the `detect` extra's pin): never skipped."""
+  from tests import video_fixtures  # pylint: disable=g-import-not-at-top
   detect = predict.opencv_face_detector()
   assert detect(np.zeros((64, 64, 3), np.uint8)) == []
+  frame = video_fixtures.compose(160, 88, [
+      video_fixtures.Placed(video_fixtures.face(1, 3, 72), 40, 12)])
+  (x, y, w, h), = detect(frame)  # One face, centred in the pasted image.
+  assert 40 < x + w / 2 < 112 and 12 < y + h / 2 < 84 and 36 <= w <= 90
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,221 @@
+"""Videos in `affectjax.predict`: frames read back with OpenCV equal what was
+encoded, per-frame predictions equal the photo path's, tracks keep their ids,
+the timeline changes class where the video does, bad frames and bad files get
+rows that say why, and the CLI writes the table, the pictures and the
+annotated copy (real OpenCV encode/decode, the tiny trained run)."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from affectjax import data
+from affectjax import predict
+from affectjax import video
+from tests import use_fixtures
+from tests import video_fixtures as vf
+
+cv2 = pytest.importorskip("cv2")  # The `test` extra installs it: never skips there.
+
+W, H, FPS = 96, 56, 10.0
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, synthetic_arrayrecord):
+  return use_fixtures.trained_workdir(tmp_path_factory, synthetic_arrayrecord)
+
+
+def _inner_box_detector(margin, tol=0):
+  """Boxes whose crop (grown by ``margin``, as predict crops) is exactly the
+  pasted face: the model then sees the face's own pixels."""
+  def detect(rgb):
+    out = []
+    for x, y, w, h in vf.find_patches(rgb, tol=tol):
+      s = w / (1 + 2 * margin)
+      out.append((x + (w - s) / 2, y + (h - s) / 2, s, s))
+    return out
+  return detect
+
+
+@pytest.fixture(scope="module")
+def setting(run_dir):
+  """The predictor, two faces whose predicted classes differ, and a third."""
+  detector = _inner_box_detector(0.1)
+  p = predict.Predictor.from_workdir(run_dir, checkpoint="latest",
+                                     batch_size=8, face_detector=detector)
+  assert p.margin == 0.1 and p.input_size == 24
+  src = data.source(use_fixtures.run_data(run_dir), "val")
+  faces = np.stack([src[i]["image"] for i in range(len(src))])
+  logits, _ = p.predict_arrays(faces)
+  cls = logits.argmax(1)
+  common = np.bincount(cls).argmax()
+  odd = np.flatnonzero(cls != common)
+  assert len(odd), ("the tiny run predicts one class for every val face; the "
+                    "timeline check needs two faces it tells apart")
+  same = np.flatnonzero(cls == common)
+  return p, faces[odd[0]], faces[same[0]], faces[same[1]]
+
+
+def _clip(face_a1, face_a2, face_b, n=12, switch=6, empty=4):
+  """Face A moves right (expression a1, then a2 from frame ``switch``), face
+  B moves left; frame ``empty`` shows no face."""
+  frames = []
+  for i in range(n):
+    placed = [] if i == empty else [
+        vf.Placed(face_a1 if i < switch else face_a2, 2 + 2 * i, 4),
+        vf.Placed(face_b, W - 26 - 2 * i, 28)]
+    frames.append(vf.compose(W, H, placed))
+  return frames
+
+
+def test_video_rows_equal_photo_path_tracks_keep_ids_timeline_follows(
+    setting, tmp_path):
+  p, face_a1, face_a2, face_b = setting
+  frames = _clip(face_a1, face_a2, face_b)
+  path = tmp_path / "two_faces.mkv"
+  vf.write(path, frames, fps=FPS)  # FFV1: lossless.
+  decoded = vf.decode(path)
+  assert len(decoded) == len(frames)
+  assert all(np.array_equal(a, b) for a, b in zip(decoded, frames))
+
+  rows = p.predict_video(path, smooth=0.25)
+  assert [r["frame"] for r in rows] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 5, 6, 6,
+                                        7, 7, 8, 8, 9, 9, 10, 10, 11, 11]
+  assert rows[8]["status"] == "error" and rows[8]["error"].startswith("no_face")
+  ok = [r for r in rows if r["status"] == "ok"]
+  assert len(ok) == 22
+  for r in rows:
+    assert math.isclose(r["time"], r["frame"] / FPS, abs_tol=1e-6)
+
+  # The photo path on the same frames (PNG files: the decoded pixels).
+  names = []
+  for i, f in enumerate(frames):
+    names.append(str(tmp_path / f"frame{i:02d}.png"))
+    Image.fromarray(f).save(names[-1])
+  photo = [r for r in p.predict(names) if r["status"] == "ok"]
+  assert [(r["path"], r["face_box"]) for r in photo] == [
+      (names[r["frame"]], r["face_box"]) for r in ok]
+  for v, ph in zip(ok, photo):
+    np.testing.assert_allclose(
+        [v[f"prob_{n}"] for n in p.names] + [v["valence"], v["arousal"]],
+        [ph[f"prob_{n}"] for n in p.names] + [ph["valence"], ph["arousal"]],
+        atol=1e-6)
+    assert v["class"] == ph["class"]
+
+  # Tracks: A (top, moving right) and B (bottom, moving left) keep their
+  # ids across every frame, the faceless frame 4 included.
+  a = [r for r in ok if float(r["face_box"].split()[1]) < 20]
+  b = [r for r in ok if float(r["face_box"].split()[1]) >= 20]
+  assert len(a) == len(b) == 11
+  assert {r["track"] for r in a} == {1} and {r["track"] for r in b} == {2}
+
+  # The timeline: A's class is its first face's until frame 6, then the other's.
+  before = {r["class"] for r in a if r["frame"] < 6}
+  after = {r["class"] for r in a if r["frame"] >= 6}
+  assert len(before) == len(after) == 1 and before != after
+  assert len({r["class"] for r in b}) == 1
+
+  # Smoothing: an EMA over time, per track, beside the raw values.
+  s = [r["valence"] for r in a]
+  ema = [s[0]]
+  times = [r["time"] for r in a]
+  for k in range(1, len(s)):
+    alpha = 1 - math.exp(-(times[k] - times[k - 1]) / 0.25)
+    ema.append(ema[-1] + alpha * (s[k] - ema[-1]))
+  np.testing.assert_allclose([r["valence_smooth"] for r in a], ema, atol=1e-9)
+  assert a[5]["valence_smooth"] != a[5]["valence"]  # First frame after the switch.
+
+  # --fps: the first frame of each 1/fps slot.
+  sampled = p.predict_video(path, fps=4.0)
+  assert sorted({r["frame"] for r in sampled}) == [0, 3, 5, 8, 10]
+
+
+def test_unreadable_frame_gets_a_row_and_the_run_goes_on(setting, tmp_path):
+  p, face_a1, _, face_b = setting
+  frames = _clip(face_a1, face_a1, face_b, n=5, empty=-1)
+  path = tmp_path / "damaged.avi"
+  vf.write(path, frames, fps=FPS, fourcc="MJPG")
+  vf.corrupt_jpeg_frame(path, 2)
+  exact, p.face_detector = p.face_detector, _inner_box_detector(0.1, tol=60)
+  try:  # JPEG frames: the canvas rings around the faces.
+    rows = p.predict_video(path)
+  finally:
+    p.face_detector = exact
+  assert [(r["frame"], r["status"]) for r in rows] == [
+      (0, "ok"), (0, "ok"), (1, "ok"), (1, "ok"), (2, "error"), (3, "ok"),
+      (3, "ok"), (4, "ok"), (4, "ok")]
+  assert rows[4]["error"].startswith("unreadable_frame")
+  assert {r["track"] for r in rows if r["status"] == "ok"} == {1, 2}
+
+
+def test_a_corrupt_video_is_named_and_the_other_inputs_run(setting, tmp_path):
+  p, face_a1, _, face_b = setting
+  bad = tmp_path / "broken.mp4"
+  bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
+  with pytest.raises(video.VideoError, match="broken.mp4"):
+    p.predict_video(bad)
+  good = tmp_path / "good.mkv"
+  vf.write(good, _clip(face_a1, face_a1, face_b, n=2, empty=-1), fps=FPS)
+  Image.fromarray(vf.compose(W, H, [vf.Placed(face_b, 5, 5)])).save(
+      tmp_path / "photo.png")
+  rows = p.predict([str(bad), str(tmp_path / "photo.png"), str(good)])
+  assert [(r["path"], r["status"]) for r in rows] == [
+      (str(bad), "error"), (str(tmp_path / "photo.png"), "ok"),
+      (str(good), "ok"), (str(good), "ok"), (str(good), "ok"),
+      (str(good), "ok")]
+  assert "unreadable_video" in rows[0]["error"] and "broken.mp4" in rows[0]["error"]
+
+
+def test_iou_tracker_links_by_overlap_and_ends_stale_tracks():
+  t = video.IouTracker(min_iou=0.3, max_gap=1.0)
+  assert t.update([(0, 0, 10, 10), (50, 0, 10, 10)], 0.0) == [1, 2]
+  # Listed in the other order, each moved a little: the same ids.
+  assert t.update([(52, 1, 10, 10), (2, 1, 10, 10)], 0.1) == [2, 1]
+  # A box overlapping neither enough is a new person.
+  assert t.update([(2, 1, 10, 10), (30, 30, 10, 10)], 0.2) == [1, 3]
+  # Track 2 unseen for over 1 s: a face at its place gets a new id.
+  assert t.update([(52, 1, 10, 10)], 1.5) == [4]
+
+
+def test_cli_writes_table_pictures_and_annotated_copy(run_dir, tmp_path):
+  """The real default detector (OpenCV's cascade) on drawn faces it finds,
+  a photo and a corrupt video in the same call."""
+  f1, f2 = vf.face(1, 3, 72), vf.face(2, 6, 72)
+  frames = [vf.compose(240, 96, [vf.Placed(f1, 4 + 3 * i, 8),
+                                 vf.Placed(f2, 160 - 3 * i, 12)])
+            for i in range(5)]
+  clip = tmp_path / "in" / "talk.mkv"
+  clip.parent.mkdir()
+  vf.write(clip, frames, fps=FPS)
+  Image.fromarray(data.source(use_fixtures.run_data(run_dir), "val")[3][
+      "image"]).save(tmp_path / "in" / "face.png")
+  (tmp_path / "in" / "broken.webm").write_bytes(b"not a video")
+  out = tmp_path / "out" / "table.csv"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "affectjax.predict", f"--workdir={run_dir}",
+       "--checkpoint=latest", f"--output={out}", "--smooth=0.5",
+       "--annotate", str(tmp_path / "in" / "face.png"), str(clip),
+       str(tmp_path / "in" / "broken.webm")],
+      capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = list(csv.DictReader(open(out)))
+  assert list(rows[0])[:4] == ["path", "frame", "time", "track"]
+  assert "valence_smooth" in rows[0] and rows[0]["frame"] == ""  # The photo.
+  vid = [r for r in rows if r["path"] == str(clip)]
+  assert [r["status"] for r in vid] == ["ok"] * 10, vid
+  assert sorted({r["track"] for r in vid}) == ["1", "2"]
+  assert rows[-1]["path"].endswith("broken.webm")
+  assert "unreadable_video" in rows[-1]["error"]
+  assert "1 could not be read" in proc.stdout
+  folder = tmp_path / "out" / "talk"
+  assert sorted(os.listdir(folder)) == ["talk_annotated.mp4", "track_1.png",
+                                        "track_2.png"]
+  assert Image.open(folder / "track_1.png").size[0] > 300
+  annotated = vf.decode(folder / "talk_annotated.mp4")
+  assert len(annotated) == 5 and annotated[0].shape == (96, 240, 3)
+  assert not (tmp_path / "out" / "broken").exists()
