@@ -25,13 +25,21 @@ the later step, in Orbax's ``BestN`` and in ``best_step()`` alike, so the step
 ``best.json`` names (beside the step directories, for people and scripts)
 is always one Orbax keeps.
 
-Faults. Orbax writes each step under a temporary name and renames it when
-complete, so a run killed mid-save, or a save that fails (a full disk, a
-read-only workdir), leaves the previous checkpoint intact; a failed save
-raises ``CheckpointWriteError`` naming the directory and the cause. On
-resume, ``restore_latest`` skips a step that cannot be read (truncated,
-corrupt), warns with its number, moves it aside as ``<step>.corrupt`` and
-restores the newest readable one.
+Faults. Orbax commits a step atomically: on a local or shared filesystem it
+writes the step under a temporary name and renames it when complete; on
+gs:// (no directory renames) it writes the step in place and marks it
+complete last (``commit_success.txt``), and a step without the mark is not
+listed. So a run killed mid-save, or a save that fails (a full disk, a
+read-only workdir, a storage timeout), leaves the previous checkpoints
+intact; a save that fails on storage raises ``CheckpointWriteError`` naming
+the directory and the cause (exit 1; Orbax's own tracebacks of it go to the
+log at INFO). On resume, ``restore_latest`` tells bad bytes from a bad
+moment: a step whose files are truncated or corrupt (``bytes_are_bad``) is
+skipped with a warning naming it, moved aside as ``<step>.corrupt`` (never
+deleted) and the newest readable one restored; any other error (a storage
+timeout, an out-of-memory device, a changed model config) fails the run and
+leaves every step where it is. With several processes, each reads on its own
+(no Orbax barrier) and all of them then agree on the outcome.
 
 The directory is any ``etils.epath`` path (local, ``gs://...``); nothing here
 uses ``os.path`` or ``open()`` on it.
@@ -42,6 +50,8 @@ import contextlib
 import json
 import logging as std_logging
 import math
+import os
+import re
 from typing import Any, Mapping
 
 import jax
@@ -52,9 +62,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from affectjax import cli
 from affectjax import fileio
-
-from affectjax import fileio
+from affectjax import orbax_internals
 
 BEST_RECORD = "best.json"
 POSITION = "position"
@@ -67,8 +77,54 @@ class IncompatibleCheckpointError(ValueError):
   was saved with another global batch size)."""
 
 
-class CheckpointWriteError(OSError):
-  """A save that failed (full disk, read-only or vanished directory)."""
+class CheckpointWriteError(cli.ReportedFailure, OSError):
+  """A save that failed on storage (full disk, read-only or vanished
+  directory, a storage timeout); its message says what is kept and what to do.
+  """
+
+
+class UnreadableCheckpointError(ValueError):
+  """A step whose files are incomplete (an item or the data position missing)."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A step that could not be read for a reason other than bad bytes (a
+  storage timeout, an out-of-memory device, a changed model): the run stops
+  and the step stays where it is."""
+
+
+# tensorstore (Orbax's array storage) raises every failure as a ValueError
+# whose message starts with the absl status code ("DATA_LOSS: ..."), except
+# INVALID_ARGUMENT, which has no prefix. These codes, on reading a committed
+# step, mean its bytes are bad: a checksum or decoder rejected them, a file
+# is shorter than its index says, or a file the index names is gone.
+_BAD_BYTES_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+_STATUS_CODE = re.compile(r"^([A-Z][A-Z_]+): ")
+
+
+def bytes_are_bad(error: BaseException) -> bool:
+  """Whether reading a committed step failed because its files are corrupt.
+
+  True for: tensorstore's DATA_LOSS, OUT_OF_RANGE (truncated) and NOT_FOUND
+  (a data file gone); its unprefixed INVALID_ARGUMENT when a decoder
+  rejected stored bytes ("Error decoding ...": a failed decompression); a
+  metadata file that is not JSON; an item directory or the data position
+  missing (``UnreadableCheckpointError``, Orbax's "was not found in the
+  checkpoint"). False for everything else, so a storage timeout
+  (UNAVAILABLE, DEADLINE_EXCEEDED, ``TimeoutError``), a permission glitch,
+  a device out of memory or a changed model shape never sets a step aside.
+  """
+  if isinstance(error, (UnreadableCheckpointError, json.JSONDecodeError)):
+    return True
+  message = str(error)
+  if isinstance(error, KeyError):
+    return "was not found in the checkpoint" in message
+  if type(error) is not ValueError:  # pylint: disable=unidiomatic-typecheck
+    return False
+  code = _STATUS_CODE.match(message)
+  if code:
+    return code.group(1) in _BAD_BYTES_CODES
+  return "Error decoding" in message
 
 
 def _as_path(directory) -> epath.Path:
@@ -122,6 +178,56 @@ class _DropUntrackedSaveWarning(std_logging.Filter):
     return "did not provide metrics" not in record.getMessage()
 
 
+# Failures of the storage rather than of the code: tensorstore's status codes
+# that a write or read of a reachable, healthy store does not produce.
+_UNREACHABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
+
+
+def _storage_failure(error: BaseException) -> bool:
+  """An ``OSError`` (full or read-only disk, ``ConnectionError``,
+  ``TimeoutError``) or a tensorstore error with a status code; not a bug."""
+  return isinstance(error, OSError) or (
+      type(error) is ValueError  # pylint: disable=unidiomatic-typecheck
+      and _STATUS_CODE.match(str(error)) is not None)
+
+
+def _unreachable(error: BaseException) -> bool:
+  """A storage that did not answer (as opposed to one that refused)."""
+  if isinstance(error, (ConnectionError, TimeoutError)):
+    return True
+  code = _STATUS_CODE.match(str(error))
+  return bool(code) and code.group(1) in _UNREACHABLE_CODES
+
+
+def _first_line(error: BaseException) -> str:
+  """The message without tensorstore's spec dump (hundreds of characters)."""
+  text = str(error).split(" [tensorstore_spec", 1)[0].strip()
+  return text.splitlines()[0] if text else repr(error)
+
+
+class _OrbaxTracebacksAtInfo(std_logging.Filter):
+  """Logs Orbax's tracebacks of a failed save or restore at INFO.
+
+  Orbax logs an ERROR with a traceback from each background thread of a
+  failed save (30 lines for one full disk), then raises the error where the
+  save is waited for; ``Checkpointer`` turns that into one clear message
+  (``CheckpointWriteError``), so the tracebacks are detail: at INFO they
+  show with ``--verbosity=0`` (see ``affectjax.cli``).
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if (record.levelno == std_logging.ERROR and record.exc_info
+        and f"{os.sep}orbax{os.sep}" in (record.pathname or "")):
+      record.levelno, record.levelname = std_logging.INFO, "INFO"
+    return True
+
+
+def _orbax_tracebacks_at_info() -> None:
+  logger = logging.get_absl_logger()
+  if not any(isinstance(f, _OrbaxTracebacksAtInfo) for f in logger.filters):
+    logger.addFilter(_OrbaxTracebacksAtInfo())
+
+
 @contextlib.contextmanager
 def _without_untracked_save_warning():
   logger = logging.get_absl_logger()
@@ -133,11 +239,17 @@ def _without_untracked_save_warning():
     logger.removeFilter(quiet)
 
 
-def _everywhere(ok: bool) -> bool:
-  """True when ``ok`` holds on every process (a collective when several)."""
+# A process's outcome of reading a step, for the agreement.
+_READ, _BAD_BYTES, _FAILED = 0, 1, 2
+
+
+def _gather(value: int) -> list[int]:
+  """``value`` from every process, in process order (a collective when
+  several)."""
   if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+    return [value]
+  return [int(v) for v in np.asarray(
+      multihost_utils.process_allgather(np.int32(value))).reshape(-1)]
 
 
 class Checkpointer:
@@ -189,14 +301,16 @@ class Checkpointer:
         step_name_format=self._step_format,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(
             policies=policies))
+    _orbax_tracebacks_at_info()
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", POSITION))
+    self._reader_manager: ocp.CheckpointManager | None = None
     # step -> saved metrics (None: saved without). Orbax reads metrics from
     # committed step directories only; this also covers an async save that
     # is still being written.
     self._metrics: dict[int, dict | None] = {}
     self._pending: int | None = None  # The step an async save is writing.
-    self._operations: list[str] = []  # Orbax's ids of the last saves.
+    self._operations: list[str | None] = []  # Orbax's ids of the last saves.
     self._failed = False
 
   def latest_step(self) -> int | None:
@@ -273,7 +387,8 @@ class Checkpointer:
                            metrics=saved_metrics if self.best_metric else None)
       self._pending = step
       # Those of the last saves are enough: one may still be in flight.
-      self._operations = [*self._operations[-1:], _current_operation()]
+      self._operations = [*self._operations[-1:],
+                          orbax_internals.current_operation_id()]
       self._metrics[step] = saved_metrics
       if wait:
         self._manager.wait_until_finished()
@@ -283,7 +398,8 @@ class Checkpointer:
 
   @contextlib.contextmanager
   def _writing(self, step: int | None):
-    """Turns a failed write into a ``CheckpointWriteError`` naming the path.
+    """Turns a save that failed on storage into a ``CheckpointWriteError``
+    naming the path (any other error, a bug, is raised as it is).
 
     An asynchronous save fails in the background and surfaces at the next
     save or wait, so the message names the step still being written, if any.
@@ -296,16 +412,20 @@ class Checkpointer:
       self._failed = True
       failed = self._pending if self._pending is not None else step
       self._pending = None
-      _release_waiting_writers(self._operations)
+      orbax_internals.release_waiting_writers(self._operations)
+      if not _storage_failure(e):
+        raise
+      fix = ("The storage did not answer; once it does," if _unreachable(e)
+             else "Free space on that filesystem or make it writable (or "
+             "pass another --workdir),")
       committed = self._committed_steps()
       kept = (f"The checkpoints already there (steps {committed}) are "
               "intact. " if committed else "")
       resume = (" to resume from the latest of them" if committed else "")
       raise CheckpointWriteError(
           f"Could not save the checkpoint of step {failed} to "
-          f"{self.directory}: {type(e).__name__}: {e}. {kept}Free space on "
-          "that filesystem or make it writable (or pass another --workdir), "
-          f"then rerun the same command{resume}.") from e
+          f"{self.directory}: {type(e).__name__}: {_first_line(e)}. {kept}"
+          f"{fix} then rerun the same command{resume}.") from e
 
   def _committed_steps(self) -> list[int]:
     """The committed step directories on disk now (an uncached listing)."""
@@ -332,6 +452,32 @@ class Checkpointer:
               "value": m.get(self.best_metric)}
     fileio.write_json(path, record)
 
+  def _reader(self) -> ocp.CheckpointManager:
+    """The manager restores go through: this process alone, no barrier.
+
+    Orbax's restore ends in a barrier of every process; a process that
+    fails to read a step never reaches it, and the others would wait there
+    (and its next collective would pair with theirs). With several
+    processes, each restores through a read-only manager of its own
+    (``active_processes={this one}``: Orbax skips the barrier), and
+    ``restore_latest`` then agrees on the outcome. Reading needs no
+    collective: each process reads the shards its devices hold.
+    """
+    if jax.process_count() == 1:
+      return self._manager
+    if self._reader_manager is not None:
+      self._reader_manager.reload()  # Steps saved since it listed them.
+    else:
+      me = jax.process_index()
+      self._reader_manager = ocp.CheckpointManager(
+          self.directory, item_names=("state", POSITION),
+          options=ocp.CheckpointManagerOptions(
+              create=False, step_name_format=self._step_format,
+              multiprocessing_options=ocp.options.MultiprocessingOptions(
+                  primary_host=me, active_processes={me},
+                  barrier_sync_key_prefix=f"affectjax_read_{me}")))
+    return self._reader_manager
+
   def _step_path(self, step: int) -> epath.Path:
     return ocp.step.find_step_path(self.directory, self._step_format,
                                    step=step)
@@ -344,7 +490,7 @@ class Checkpointer:
     """
     step_dir = self._step_path(step)
     if (step_dir / POSITION).exists():
-      position = self._manager.restore(
+      position = self._reader().restore(
           step, args=ocp.args.Composite(**{POSITION: ocp.args.JsonRestore()})
       )[POSITION]
     elif (step_dir / _LEGACY_DATA).exists():
@@ -382,10 +528,10 @@ class Checkpointer:
     if data_iterator is not None:
       position = self._position(step)
       if position is None:
-        raise FileNotFoundError(
+        raise UnreadableCheckpointError(
             f"{self._step_path(step)} holds no data position (it was saved "
             "without the train iterator), so training cannot resume from it.")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
+    restored = self._reader().restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     if position is not None:
       data_iterator.set_state(position["iterator"])
@@ -396,15 +542,19 @@ class Checkpointer:
     """Restores the newest readable step: ``(state, step)``; ``(None, None)``
     when there is no checkpoint yet.
 
-    A step that cannot be read (truncated or corrupt files) is skipped with
-    a warning naming it, and moved aside as ``<step>.corrupt`` (so the run
-    can save that step again); the next older one is tried. Every process
-    takes the same decision. ``IncompatibleCheckpointError`` is raised, not
-    skipped; when no step can be read at all (a changed model config,
-    typically) a ``RuntimeError`` names the newest step's error, rather than
-    the run silently starting over.
+    A step whose bytes are bad (``bytes_are_bad``: truncated or corrupt
+    files) is skipped with a warning naming it and moved aside as
+    ``<step>.corrupt`` (so the run can save that step again; never
+    deleted); the next older one is tried. Any other error raises
+    ``CheckpointReadError`` and leaves every step in place: a storage
+    timeout or a full device memory says nothing about the checkpoint.
+    Every process reads on its own, then all take the same decision: if any
+    process hit another error, all raise; else if any found bad bytes, all
+    fall back. ``IncompatibleCheckpointError`` is raised, not skipped; when
+    every step's bytes are bad a ``RuntimeError`` names the newest step's
+    error, rather than the run silently starting over.
     """
-    bad: list[tuple[int, Exception]] = []
+    bad: list[tuple[int, Exception | None]] = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       error = None
       try:
@@ -413,12 +563,28 @@ class Checkpointer:
         raise
       except Exception as e:  # pylint: disable=broad-except
         error = e
-      if not _everywhere(error is None):
+      outcome = (_READ if error is None else
+                 _BAD_BYTES if bytes_are_bad(error) else _FAILED)
+      outcomes = _gather(outcome)
+      if _FAILED in outcomes:
+        where = ("" if outcome == _FAILED else " on process "
+                 f"{outcomes.index(_FAILED)} (its log names the error)")
+        raise CheckpointReadError(
+            f"Could not read checkpoint step {step} in {self.directory}"
+            f"{where}"
+            + (f": {type(error).__name__}: {_first_line(error)}"
+               if outcome == _FAILED else "")
+            + ". That is not a sign of damaged files, so every step stays "
+            "where it is: rerun once the storage or device is healthy"
+            + ("" if error is not None and _storage_failure(error) else
+               " (or, if the model or optimizer config changed since the "
+               "step was saved, train in a new --workdir)") + ".") from error
+      if _BAD_BYTES in outcomes:
         logging.warning(
             "Checkpoint step %d in %s cannot be read (%s); falling back to "
             "the one before it.", step, self.directory,
-            f"{type(error).__name__}: {error}" if error else
-            "it failed on another process")
+            f"{type(error).__name__}: {_first_line(error)}" if error else
+            f"its files are damaged on process {outcomes.index(_BAD_BYTES)}")
         bad.append((step, error))
         continue
       if bad:
@@ -428,15 +594,20 @@ class Checkpointer:
       step, error = bad[0]
       raise RuntimeError(
           f"No checkpoint in {self.directory} can be restored (steps "
-          f"{[s for s, _ in bad]}); the newest, step {step}, failed with "
-          f"{type(error).__name__}: {error}. If the model or optimizer config "
-          "changed since they were saved, train in a new --workdir."
+          f"{[s for s, _ in bad]}: their files are damaged); the newest, "
+          f"step {step}, failed with "
+          + (f"{type(error).__name__}: {_first_line(error)}" if error else
+             "an error on another process")
+          + ". Move them away to start over, or train in a new --workdir."
       ) from error
     return None, None
 
   def _set_aside(self, steps: list[int]) -> None:
     """Moves unreadable steps to ``<step>.corrupt`` (process 0), out of
-    Orbax's sight, keeping their files for inspection."""
+    Orbax's sight, keeping their files for inspection. Never deletes: where
+    the storage cannot rename a directory (gs://), the run stops with a
+    message saying which step to move away."""
+    failed = None
     if jax.process_index() == 0:
       for step in steps:
         path = self._step_path(step)
@@ -446,15 +617,19 @@ class Checkpointer:
           aside = path.parent / f"{path.name}.corrupt{n}"
         try:
           path.rename(aside)
-          logging.warning("Moved the unreadable checkpoint step %d to %s.",
-                          step, aside)
-        except OSError:  # e.g. no directory renames on this storage.
-          path.rmtree()
-          logging.warning("Deleted the unreadable checkpoint step %d (%s "
-                          "cannot rename it).", step, self.directory)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("affectjax_checkpoint_set_aside")
+        except OSError as e:  # e.g. no directory renames on this storage.
+          failed = (f"Checkpoint step {step} in {self.directory} is damaged "
+                    f"and could not be moved aside to {aside} ({e}); move or "
+                    "copy it away yourself, then rerun the same command.")
+          break
+        logging.warning("Moved the unreadable checkpoint step %d to %s.",
+                        step, aside)
+    if _FAILED in _gather(_FAILED if failed else _READ):
+      raise CheckpointReadError(failed or "Process 0 could not move a damaged "
+                                "checkpoint step aside (its log says which).")
     self._manager.reload()
+    if self._reader_manager is not None:
+      self._reader_manager.reload()
     for step in steps:
       self._metrics.pop(step, None)
     if self.best_metric:
@@ -481,39 +656,9 @@ class Checkpointer:
     finally:
       with (contextlib.suppress(Exception) if reported
             else contextlib.nullcontext()):
+        if self._reader_manager is not None:
+          self._reader_manager.close()
         self._manager.close()
-
-
-def _current_operation() -> str:
-  from orbax.checkpoint._src.futures import synchronization  # pylint: disable=g-import-not-at-top
-  return synchronization.OperationIdGenerator.get_current_operation_id()
-
-
-def _release_waiting_writers(operations: list[str]) -> None:
-  """Lets the writer threads of a failed save finish instead of waiting.
-
-  Orbax's writers wait for a "directory created" signal before writing; when
-  the directory cannot be created (a full or read-only disk) the signal never
-  comes and they wait out Orbax's async timeout (minutes). They are not
-  daemon threads, so the process could not exit with its error until then.
-  Sending the signal lets them run, fail on the same disk and end. (Orbax
-  internals; there is no public API for this.)
-  """
-  try:
-    from orbax.checkpoint._src.futures import future  # pylint: disable=g-import-not-at-top
-    from orbax.checkpoint._src.futures import signaling_client  # pylint: disable=g-import-not-at-top
-    from orbax.checkpoint._src.futures import synchronization  # pylint: disable=g-import-not-at-top
-    client = signaling_client.get_signaling_client()
-    for operation in dict.fromkeys([*operations, _current_operation()]):
-      for signal in (
-          synchronization.HandlerAwaitableSignal.STEP_DIRECTORY_CREATION,
-          synchronization.HandlerAwaitableSignal.ITEM_DIRECTORY_CREATION):
-        client.key_value_set(
-            future.AwaitableSignalsContract.get_unique_awaitable_singal_key(
-                signal, operation), "released after a failed save",
-            allow_overwrite=True)
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning("Could not release the writers of the failed save: %s", e)
 
 
 def _legacy_position(data_dir: epath.Path) -> dict:
@@ -526,7 +671,7 @@ def _legacy_position(data_dir: epath.Path) -> dict:
   states = {f.name: json.loads(f.read_text()) for f in files}
   first = [n for n in states if n.startswith("process_0-of-")]
   if not first:
-    raise FileNotFoundError(
+    raise UnreadableCheckpointError(
         f"{data_dir} holds no process_0-of-N.json (it has "
         f"{sorted(states)}): its data position is lost.")
   if len({json.dumps(s, sort_keys=True) for s in states.values()}) > 1:

@@ -1,4 +1,5 @@
-"""What the command-line tools share: quiet library logs, mistakes in one line.
+"""What the command-line tools share: quiet library logs, exit statuses a
+failure policy can trust.
 
 Every entry point (``main``, ``evaluate``, ``predict``, ``export``) runs its
 ``main(argv)`` through ``tool``::
@@ -12,32 +13,63 @@ which, once the flags are parsed:
   stores closing); a tool's output is its own progress and its result. Their
   WARNINGs and errors still show. ``--verbosity=N`` (any N, 0 included) or
   ``--alsologtostderr`` brings their INFO lines back.
-* prints a user's mistake as one line, ``<tool>: <message>``, with no
-  traceback, and exits with status 2 (``USAGE_ERROR``). A mistake is an
-  ``OSError`` (a missing config file, workdir or manifest, a full disk), or a
-  ``ValueError`` raised by affectjax's or data_prep's own code (those carry
-  a message naming the flag or file and what to do). A ``ValueError`` from
-  inside a library is most likely a bug and keeps its traceback; with
-  ``--verbosity`` given, every error keeps it.
+* exits with a status that says what to do next:
+
+  - 2 (``USAGE_ERROR``), "fix the command": a deliberate report of a mistake
+    in the command, printed as one line ``<tool>: <message>`` without a
+    traceback. That is an ``absl.app.UsageError``; a ``ValueError`` that
+    affectjax's or data_prep's own code raised with a ``raise`` statement
+    (``ConfigError`` and the other messages naming a flag or file and what
+    to do); or a path that does not exist (``FileNotFoundError``,
+    ``NotADirectoryError``, ``IsADirectoryError``: a config file, workdir or
+    manifest named by a flag).
+  - 1 (``FAILURE``), "read the log": everything else. A ``ReportedFailure``
+    (a checkpoint save onto a full disk, say) is printed as its one-line
+    message, which says what failed, what is kept and what to do; its
+    traceback (Orbax's, typically) goes to the log at INFO, which
+    ``--verbosity=0`` shows. Any other exception keeps its traceback: an I/O
+    error (``PermissionError``, ``ConnectionError``, ``TimeoutError`` from
+    storage) or a bug (a ``ValueError`` from ``int()`` or a reshape, even on
+    a line of affectjax's, or from inside a library).
+
+  ``--verbosity`` changes what is printed, never the status: with it, the
+  one-line cases print their traceback too.
 """
 from __future__ import annotations
 
+import dis
 import functools
 import logging as std_logging
 import os
 import sys
+import textwrap
 import traceback
 from typing import Callable
 
+from absl import app
 from absl import flags
 from absl import logging
 
 USAGE_ERROR = 2
-# Source trees whose INFO lines are a tool's own progress.
+FAILURE = 1
+# Source trees whose INFO lines are a tool's own progress, and whose ``raise``
+# statements report a user's mistake.
 _OWN_CODE = tuple(
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                  package) + os.sep
     for package in ("affectjax", "data_prep"))
+_RAISE = dis.opmap["RAISE_VARARGS"]
+# A path named in the command that does not exist, or is of the wrong kind.
+_MISSING_PATH = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+class ReportedFailure(Exception):
+  """A failure (exit 1) whose message is all a user needs: one line.
+
+  Mixed into errors whose message says what failed, what was kept and what
+  to do (``checkpoint.CheckpointWriteError``); ``tool`` prints that line and
+  logs the traceback at INFO instead of printing it.
+  """
 
 
 def _own(filename: str | None) -> bool:
@@ -73,20 +105,58 @@ def quiet_libraries() -> QuietLibraries | None:
   return quiet
 
 
+def raised_by_own_code(error: BaseException) -> bool:
+  """Whether a ``raise`` statement in affectjax or data_prep created ``error``.
+
+  The innermost frame of its traceback is where it started. A ``raise``
+  there is a deliberate report; a call there (``int("x")``, ``x.reshape``)
+  means a builtin or a library raised it, which is a bug's signature.
+  """
+  tb = error.__traceback__
+  if tb is None:
+    return False
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  code = tb.tb_frame.f_code
+  return (_own(code.co_filename) and 0 <= tb.tb_lasti < len(code.co_code)
+          and code.co_code[tb.tb_lasti] == _RAISE)
+
+
 def is_user_error(error: BaseException) -> bool:
-  """An ``OSError``, or a ``ValueError`` our own code raised (see the module doc)."""
-  if isinstance(error, OSError):
+  """Whether ``error`` means "fix the command" (exit 2; see the module doc)."""
+  if isinstance(error, ReportedFailure):
+    return False
+  if isinstance(error, (app.UsageError, *_MISSING_PATH)):
     return True
-  if isinstance(error, ValueError):
-    frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and _own(frames[-1].filename)
-  return False
+  return isinstance(error, ValueError) and raised_by_own_code(error)
+
+
+def exit_status(error: BaseException) -> int:
+  """``USAGE_ERROR`` or ``FAILURE`` for an exception a tool's main raised."""
+  return USAGE_ERROR if is_user_error(error) else FAILURE
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad or missing flag exiting ``USAGE_ERROR``.
+
+  For ``app.run(..., flags_parser=cli.parse_flags)``: absl's own parser
+  exits 1, the status of a failure.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if "\n" in message:
+      message = "\n" + textwrap.indent(message, "  ")
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(USAGE_ERROR)
 
 
 def tool(main: Callable[[list[str]], int | None], name: str
          ) -> Callable[[list[str]], int | None]:
-  """``main`` with quiet library logs and one-line user mistakes (for
-  ``app.run``)."""
+  """``main`` with quiet library logs and trustworthy exit statuses (for
+  ``app.run``; see the module doc)."""
 
   @functools.wraps(main)
   def wrapped(argv):
@@ -94,10 +164,15 @@ def tool(main: Callable[[list[str]], int | None], name: str
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
-      if _verbose() or not is_user_error(e):
-        raise
+      one_line = is_user_error(e) or isinstance(e, ReportedFailure)
+      if not one_line:
+        raise  # absl prints the traceback; the status is 1.
       sys.stdout.flush()
+      if _verbose():
+        traceback.print_exc()
+      elif isinstance(e, ReportedFailure):
+        logging.info("%s: the traceback of: %s", name, e, exc_info=e)
       print(f"{name}: {e}", file=sys.stderr, flush=True)
-      return USAGE_ERROR
+      return exit_status(e)
 
   return wrapped
