@@ -6,7 +6,9 @@
 * 8 (None), 9 (Uncertain), 10 (No-Face) are skipped, each under its own
   reason; with `--classes=7`, Contempt rows are skipped as `excluded_class`.
 * The public sets (FER2013, FERPlus, RAF-DB; see `public_sets`) map their
-  own label order to these codes by class name.
+  own label order to these codes by class name: the numbering maps below
+  (`FER2013_MAPPING`, `FERPLUS_MAPPING`, `RAFDB_MAPPING`), which numbered
+  class folders (`--folder_numbers`) use too.
 * Valence/arousal: -2 means "no value" and is kept as -2 (the loss masks it).
   Anything else outside [-1, 1] (or NaN) makes the row invalid.
 """
@@ -79,3 +81,27 @@ def folder_class(name: str) -> int | None:
   if key.isdigit():
     return int(key)
   return FOLDER_ALIASES.get(key)
+
+
+def class_id(name: str) -> int:
+  """A dataset's class name -> affectjax's class id (e.g. 'angry' -> 6)."""
+  code = folder_class(name)
+  if code is None or not 0 <= code <= 7:
+    raise ValueError(f"no affectjax class for label name {name!r}")
+  return code
+
+
+# The public sets' own label orders, by name.
+FER2013_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise",
+                  "neutral")
+# FERPlus's vote columns: eight emotions, then `unknown` and `NF` (not a
+# face), in fer2013new.csv's (and label.csv's) order.
+FERPLUS_VOTES = ("neutral", "happiness", "surprise", "sadness", "anger",
+                 "disgust", "fear", "contempt", "unknown", "NF")
+FERPLUS_EMOTIONS = FERPLUS_VOTES[:8]
+RAFDB_LABELS = {1: "surprise", 2: "fear", 3: "disgust", 4: "happy", 5: "sad",
+                6: "anger", 7: "neutral"}
+# Source label (as the file writes it) -> affectjax class id.
+FER2013_MAPPING = {str(i): class_id(n) for i, n in enumerate(FER2013_LABELS)}
+FERPLUS_MAPPING = {n: class_id(n) for n in FERPLUS_EMOTIONS}
+RAFDB_MAPPING = {str(i): class_id(n) for i, n in RAFDB_LABELS.items()}

@@ -1,4 +1,5 @@
-"""The AffectNet layouts data_prep reads, and how each becomes a row stream.
+"""AffectNet's layouts, as data_prep reads them (the public sets' are in
+`public_sets`; `registry` lists both).
 
 official  `Manually_Annotated_Images/<subdir>/<file>` + `training.csv` and
           `validation.csv` (9 columns; 68 landmarks as 136 ';'-separated
@@ -15,20 +16,9 @@ folders   `train|val/<class>/*.jpg`, class = 0-7 or a name (any case). No
           (`PublicTest_*`, `PrivateTest_*`): then, exactly as from the CSV,
           PublicTest is the `holdout` split and PrivateTest `val`; a file
           there with neither prefix is a counted `unknown_split` skip.
-fer2013, ferplus, ferplus_folders, rafdb
-          The public expression sets, as published: see `public_sets`.
 
-Paths. A path that a CSV row (or a file name) makes leave its root (`..`,
-absolute) is never opened (`path_escapes_root`). A symlink placed in the
-tree that points outside the root is refused too (`symlink_outside_root`)
-unless `follow_symlinks` is set: datasets assembled from symlinks are common,
-but following them is the user's explicit choice (`--follow_symlinks`).
-
-Each split is first *indexed* cheaply (CSV line offsets or a sorted file
-list; no image is opened), so that shard i is always the same contiguous
-block of rows whatever the worker count, which is what makes a resumed run
-identical to an uninterrupted one. A block (`Part`) is small and picklable;
-iterating it yields `Row`s to convert or `Skip`s to count.
+Each layout has a `detect_*(input_dir) -> bool` and an
+`index_*(input_dir, split, options) -> RowIndex | None` (see `rows`).
 """
 from __future__ import annotations
 
@@ -36,22 +26,18 @@ import csv
 import dataclasses
 import math
 import os
-from typing import Iterator, Sequence, Union
+from typing import Iterator
 
 import numpy as np
 
 from affectjax import data as affect_data
 from affectjax import face_crop
 from data_prep import labels
+from data_prep import rows
+from data_prep.rows import HOLDOUT, Item, LayoutError, PathRefused, ReadOptions
+from data_prep.rows import Row, Skip
 
-LAYOUTS = ("official", "npy", "folders", "fer2013", "ferplus",
-           "ferplus_folders", "rafdb")
-# Splits a source tree can hold; `holdout` is carved out of `train` (see
-# `split_holdout`), never read from the input.
-SOURCE_SPLITS = ("train", "val")
-HOLDOUT = "holdout"
 # Shared with predict (one definition, in affectjax).
-IMAGE_EXTENSIONS = face_crop.IMAGE_EXTENSIONS
 OFFICIAL_COLUMNS = face_crop.OFFICIAL_COLUMNS
 _OFFICIAL_CSV = {"train": "training.csv", "val": "validation.csv"}
 _OFFICIAL_IMAGE_DIRS = ("Manually_Annotated_Images",
@@ -64,199 +50,56 @@ _FOLDER_TEST = ("test",)
 # Kaggle's FER2013 image tree: the file-name prefix of a test/ file is its
 # fer2013.csv Usage, which picks its split as the CSV's does.
 FOLDER_USAGE = {"PublicTest_": HOLDOUT, "PrivateTest_": "val"}
+# --folder_numbers: whose label order numeric class folders follow.
+FOLDER_NUMBERS = ("auto", "affectnet", "fer2013", "rafdb")
 
 
-@dataclasses.dataclass
-class Row:
-  """One face to convert. Coordinates are source-image pixels."""
-  number: int  # 1-based CSV line, or 1-based position in the file listing.
-  path: str  # As the source names it (relative to the image root).
-  file: str  # Absolute file path, already checked by `resolve`.
-  expression: int
-  valence: float
-  arousal: float
-  box: tuple[float, float, float, float] | None  # x, y, w, h; None = whole.
-  landmarks: np.ndarray | None  # (68, 2) or None.
-  # The encoded image itself, for sources that store pixels in the
-  # annotation file (FER2013's CSV); None = read `file`.
-  image: bytes | None = None
+def detect_official(input_dir: str) -> bool:
+  return any(_official_csv(input_dir, s) for s in _OFFICIAL_CSV)
 
 
-@dataclasses.dataclass
-class Skip:
-  """A row or file that is not written, and why."""
-  reason: str
-  number: int
-  path: str
-  detail: str = ""
+def detect_npy(input_dir: str) -> bool:
+  return any(os.path.isdir(os.path.join(input_dir, d, "images"))
+             for d in _NPY_SPLIT.values())
 
 
-Item = Union[Row, Skip]
-
-
-class LayoutError(ValueError):
-  """The input directory does not look like the requested layout."""
-
-
-class PathRefused(ValueError):
-  """A row's path is not read; `reason` is the skip-reason key."""
-
-  def __init__(self, reason: str, detail: str):
-    super().__init__(detail)
-    self.reason = reason
-
-
-def is_image_name(name: str) -> bool:
-  return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _inside(root: str, path: str) -> bool:
-  return os.path.commonpath([root, path]) == root
-
-
-def resolve(root: str, rel: str, *, follow_symlinks: bool = False) -> str:
-  """The file to read for `root/rel`; raises PathRefused if it is not read.
-
-  `rel` itself must stay inside `root` (no absolute path, no `..` that climbs
-  out): otherwise `path_escapes_root`, whatever `follow_symlinks` says, since
-  a CSV row must never point the reader elsewhere. `..` is resolved on the
-  string, and the returned path is the one checked. Without
-  `follow_symlinks`, the file's real path (after symlinks) must stay inside
-  the real root too, else `symlink_outside_root`. A file whose name differs
-  only in extension case is found (see `find_case_variant`). Only paths are
-  examined here (stat, never open), so a refused file is never read.
-  """
-  if not rel or os.path.isabs(rel) or "\x00" in rel:
-    raise PathRefused(labels.PATH_ESCAPES_ROOT,
-                      f"path {rel!r} is empty or absolute; paths are read "
-                      f"relative to {root}")
-  root_abs = os.path.abspath(root)
-  lexical = os.path.normpath(os.path.join(root_abs, rel))
-  if not _inside(root_abs, lexical):
-    raise PathRefused(labels.PATH_ESCAPES_ROOT,
-                      f"path {rel!r} leaves {root}")
-  path = find_case_variant(lexical) or lexical
-  if follow_symlinks:
-    return path
-  real = os.path.realpath(path)
-  if not _inside(os.path.realpath(root_abs), real):
-    raise PathRefused(labels.SYMLINK_OUTSIDE_ROOT,
-                      f"{rel} is a symlink to {real}, outside {root}; pass "
-                      "--follow_symlinks to follow symlinks in your tree")
-  return real
-
-
-def find_case_variant(path: str) -> str | None:
-  """AffectNet mixes `.jpg` and `.JPG`: find the file if only case differs."""
-  if os.path.exists(path):
-    return path
-  stem, ext = os.path.splitext(path)
-  for alt in {ext.lower(), ext.upper(), ".jpg", ".JPG", ".jpeg", ".JPEG",
-              ".png", ".PNG"}:
-    if os.path.exists(stem + alt):
-      return stem + alt
-  return None
-
-
-def _find(input_dir: str, candidates: Sequence[str]) -> str | None:
-  for c in candidates:
-    p = os.path.join(input_dir, c)
-    if os.path.exists(p):
-      return p
-  return None
+def detect_folders(input_dir: str) -> bool:
+  return any(os.path.isdir(os.path.join(input_dir, d))
+             for names in _FOLDER_SPLIT.values() for d in names + _FOLDER_TEST)
 
 
 def detect(input_dir: str) -> str:
-  """Returns the layout name of `input_dir` (see module docstring).
-
-  A public set's marker file (fer2013.csv, fer2013new.csv, RAF-DB's label
-  list) beside another layout's files is ambiguous: the error asks for
-  --layout rather than guessing.
-  """
-  if not os.path.isdir(input_dir):
-    raise LayoutError(f"--input_dir={input_dir} is not a directory.")
-  from data_prep import public_sets  # pylint: disable=g-import-not-at-top
-  public = public_sets.detect(input_dir)
-  try:
-    other = [_detect_affectnet(input_dir)]
-  except LayoutError:
-    other = []
-  found = public + other
-  if len(found) > 1:
-    raise LayoutError(
-        f"{input_dir} holds the files of several layouts ({', '.join(found)}"
-        f"); pass --layout={found[0]} (or one of the others) to choose.")
-  if found:
-    return found[0]
-  raise LayoutError(
-      f"Cannot detect the layout of {input_dir}: expected "
-      "training.csv/validation.csv + Manually_Annotated_Images/ (official), "
-      "train_set/images + train_set/annotations (npy), train/<class>/ "
-      "(folders), fer2013.csv (fer2013), fer2013new.csv + fer2013.csv "
-      "(ferplus), FER2013Train/label.csv (ferplus_folders) or "
-      "EmoLabel/list_patition_label.txt (rafdb). Pass --layout to force one.")
-
-
-def _detect_affectnet(input_dir: str) -> str:
-  """The AffectNet layout (official, npy or folders) of `input_dir`."""
-  for name in _OFFICIAL_CSV.values():
-    if _find(input_dir, [os.path.join(d, name) for d in _OFFICIAL_CSV_DIRS]):
-      return "official"
-  if any(os.path.isdir(os.path.join(input_dir, d, "images"))
-         for d in _NPY_SPLIT.values()):
-    return "npy"
-  if any(os.path.isdir(os.path.join(input_dir, d))
-         for names in _FOLDER_SPLIT.values() for d in names + _FOLDER_TEST):
-    return "folders"
+  """The AffectNet layout of `input_dir` (official, then npy, then folders:
+  the first whose files are there); `registry.detect` weighs the public sets
+  too."""
+  for name, found in (("official", detect_official), ("npy", detect_npy),
+                      ("folders", detect_folders)):
+    if found(input_dir):
+      return name
   raise LayoutError(f"no AffectNet layout in {input_dir}")
 
 
 # ----------------------------------------------------------------- official
 
 
-@dataclasses.dataclass
-class OfficialPart:
-  """Rows of one shard of an official CSV: byte ranges of its lines."""
-  csv_path: str
-  image_root: str
-  starts: np.ndarray  # Byte offset where each row's line starts.
-  ends: np.ndarray  # Byte offset just past each row's line.
-  numbers: np.ndarray  # 1-based line numbers (for error reports).
-  follow_symlinks: bool = False
-
-  def __iter__(self) -> Iterator[Item]:
-    if not len(self.starts):
-      return
-    # One read for the whole block (rows are in file order; lines of rows
-    # that belong to another split, e.g. the holdout, are read and ignored).
-    with open(self.csv_path, "rb") as fp:
-      fp.seek(int(self.starts[0]))
-      block = fp.read(int(self.ends[-1] - self.starts[0]))
-    base = int(self.starts[0])
-    for s, e, n in zip(self.starts, self.ends, self.numbers):
-      yield _official_row(block[s - base:e - base], int(n), self.image_root,
-                          self.follow_symlinks)
-
-
-def _official_fields(raw: bytes) -> list[str]:
-  line = raw.decode("utf-8").strip("\r\n\ufeff")
-  (fields,) = list(csv.reader([line]))
-  return fields
+def _official_csv(input_dir: str, split: str) -> str | None:
+  return rows.find(input_dir, [os.path.join(d, _OFFICIAL_CSV[split])
+                               for d in _OFFICIAL_CSV_DIRS])
 
 
 def _official_row(raw: bytes, number: int, image_root: str,
                   follow_symlinks: bool = False) -> Item:
   try:
-    fields = _official_fields(raw)
+    fields = rows.csv_fields(raw)
   except (UnicodeDecodeError, csv.Error, ValueError) as e:
     return Skip(labels.MALFORMED_ROW, number, "", f"unreadable line: {e}")
-  rel = fields[0].strip() if fields else ""
+  rel = fields[0] if fields else ""
   if len(fields) != len(OFFICIAL_COLUMNS):
     return Skip(labels.MALFORMED_ROW, number, rel,
                 f"expected {len(OFFICIAL_COLUMNS)} fields, got {len(fields)}")
   try:
     box = tuple(float(v) for v in fields[1:5])
-    lm_text = fields[5].strip()
+    lm_text = fields[5]
     landmarks = None
     if lm_text:
       lm = np.asarray([float(v) for v in lm_text.split(";")], np.float32)
@@ -274,79 +117,59 @@ def _official_row(raw: bytes, number: int, image_root: str,
     return Skip(reason, number, rel,
                 f"expression={expression} valence={valence} arousal={arousal}")
   try:
-    full = resolve(image_root, rel, follow_symlinks=follow_symlinks)
+    full = rows.resolve(image_root, rel, follow_symlinks=follow_symlinks)
   except PathRefused as e:
     return Skip(e.reason, number, rel, str(e))
   return Row(number, rel, full, expression, valence, arousal, box, landmarks)
 
 
 @dataclasses.dataclass
-class OfficialIndex:
+class OfficialRows(rows.RowIndex):
+  """Rows of an official CSV: the byte range of each row's line."""
   csv_path: str
   image_root: str
-  starts: np.ndarray
-  ends: np.ndarray
-  numbers: np.ndarray
+  starts: np.ndarray = rows.per_row()
+  ends: np.ndarray = rows.per_row()
+  numbers: np.ndarray = rows.per_row()  # 1-based line numbers.
   follow_symlinks: bool = False
 
-  def __len__(self) -> int:
-    return len(self.starts)
-
-  def part(self, start: int, stop: int) -> OfficialPart:
-    return OfficialPart(self.csv_path, self.image_root, self.starts[start:stop],
-                        self.ends[start:stop], self.numbers[start:stop],
-                        self.follow_symlinks)
-
-  def subset(self, positions: np.ndarray) -> "OfficialIndex":
-    """The rows at `positions` (increasing), keeping their line numbers."""
-    return dataclasses.replace(self, starts=self.starts[positions],
-                               ends=self.ends[positions],
-                               numbers=self.numbers[positions])
+  def __iter__(self) -> Iterator[Item]:
+    for raw, n in zip(rows.read_lines(self.csv_path, self.starts, self.ends),
+                      self.numbers):
+      yield _official_row(raw, int(n), self.image_root, self.follow_symlinks)
 
   def expression_codes(self) -> np.ndarray:
     """Each row's expression column (-1 if unreadable); reads the CSV once."""
     codes = np.full(len(self), -1, np.int64)
-    with open(self.csv_path, "rb") as fp:
-      for i, (s, e) in enumerate(zip(self.starts, self.ends)):
-        fp.seek(int(s))
-        try:
-          fields = _official_fields(fp.read(int(e - s)))
-          if len(fields) == len(OFFICIAL_COLUMNS):
-            codes[i] = labels.parse_int(fields[6])
-        except (UnicodeDecodeError, csv.Error, ValueError):
-          pass
+    for i, raw in enumerate(rows.read_lines(self.csv_path, self.starts,
+                                            self.ends)):
+      try:
+        fields = rows.csv_fields(raw)
+        if len(fields) == len(OFFICIAL_COLUMNS):
+          codes[i] = labels.parse_int(fields[6])
+      except (UnicodeDecodeError, csv.Error, ValueError):
+        pass
     return codes
 
   def inputs(self) -> list[str]:
     return [self.csv_path, self.image_root]
 
 
-def _index_official(input_dir: str, split: str,
-                    follow_symlinks: bool = False) -> OfficialIndex | None:
-  csv_path = _find(input_dir, [os.path.join(d, _OFFICIAL_CSV[split])
-                               for d in _OFFICIAL_CSV_DIRS])
+def index_official(input_dir: str, split: str,
+                   options: ReadOptions = ReadOptions()
+                   ) -> OfficialRows | None:
+  csv_path = _official_csv(input_dir, split)
   if csv_path is None:
     return None
-  image_root = _find(input_dir, _OFFICIAL_IMAGE_DIRS)
+  image_root = rows.find(input_dir, _OFFICIAL_IMAGE_DIRS)
   if image_root is None:
     raise LayoutError(
         f"{input_dir} has {os.path.basename(csv_path)} but no image folder; "
         f"expected one of {list(_OFFICIAL_IMAGE_DIRS)}.")
-  starts, ends, numbers = [], [], []
-  offset = 0
-  with open(csv_path, "rb") as fp:
-    for number, line in enumerate(fp, start=1):
-      stripped = line.strip()
-      # Blank lines are not rows. The header (optional) names column 0.
-      if stripped and not (number == 1 and stripped.lstrip(
-          b"\xef\xbb\xbf").startswith(b"subDirectory_filePath")):
-        starts.append(offset)
-        ends.append(offset + len(line))
-        numbers.append(number)
-      offset += len(line)
-  return OfficialIndex(csv_path, image_root, np.asarray(starts, np.int64),
-                       np.asarray(ends, np.int64),
-                       np.asarray(numbers, np.int64), follow_symlinks)
+  # The header (optional) names column 0.
+  lines = rows.csv_lines(csv_path, OFFICIAL_COLUMNS[0])
+  return OfficialRows(csv_path, image_root, lines.starts, lines.ends,
+                      lines.numbers, options.follow_symlinks)
 
 
 # ---------------------------------------------------------------------- npy
@@ -374,10 +197,11 @@ def _npy_code(path: str) -> int:
 
 
 @dataclasses.dataclass
-class NpyPart:
+class NpyRows(rows.RowIndex):
+  """Images of `<split_dir>/images/`, each with its annotations/*.npy."""
   split_dir: str
-  names: Sequence[str]  # File names inside images/.
-  numbers: Sequence[int]
+  names: list[str] = rows.per_row()  # File names inside images/.
+  numbers: np.ndarray = rows.per_row()  # 1-based position in the listing.
   follow_symlinks: bool = False
 
   def __iter__(self) -> Iterator[Item]:
@@ -386,11 +210,12 @@ class NpyPart:
     for name, number in zip(self.names, self.numbers):
       number = int(number)
       rel = f"images/{name}"
-      if not is_image_name(name):
+      if not rows.is_image_name(name):
         yield Skip(labels.NOT_AN_IMAGE, number, rel, "not an image file name")
         continue
       try:
-        full = resolve(image_root, name, follow_symlinks=self.follow_symlinks)
+        full = rows.resolve(image_root, name,
+                            follow_symlinks=self.follow_symlinks)
       except PathRefused as e:
         yield Skip(e.reason, number, rel, str(e))
         continue
@@ -422,25 +247,6 @@ class NpyPart:
       yield Row(number, rel, full, expression, valence, arousal, None,
                 landmarks)
 
-
-@dataclasses.dataclass
-class NpyIndex:
-  split_dir: str
-  names: list[str]
-  numbers: np.ndarray  # 1-based position in the sorted file listing.
-  follow_symlinks: bool = False
-
-  def __len__(self) -> int:
-    return len(self.names)
-
-  def part(self, start: int, stop: int) -> NpyPart:
-    return NpyPart(self.split_dir, self.names[start:stop],
-                   self.numbers[start:stop].tolist(), self.follow_symlinks)
-
-  def subset(self, positions: np.ndarray) -> "NpyIndex":
-    return dataclasses.replace(self, names=[self.names[i] for i in positions],
-                               numbers=self.numbers[positions])
-
   def expression_codes(self) -> np.ndarray:
     """Each image's `_exp.npy` value (-1 if absent or unreadable)."""
     ann = os.path.join(self.split_dir, "annotations")
@@ -462,27 +268,31 @@ def _numeric_first(name: str):
   return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
 
 
-def _index_npy(input_dir: str, split: str,
-               follow_symlinks: bool = False) -> NpyIndex | None:
+def index_npy(input_dir: str, split: str,
+              options: ReadOptions = ReadOptions()) -> NpyRows | None:
   split_dir = os.path.join(input_dir, _NPY_SPLIT[split])
   images = os.path.join(split_dir, "images")
   if not os.path.isdir(images):
     return None
   names = sorted((e.name for e in os.scandir(images) if not e.is_dir()),
                  key=_numeric_first)
-  return NpyIndex(split_dir, names, np.arange(1, len(names) + 1),
-                  follow_symlinks)
+  return NpyRows(split_dir, names, np.arange(1, len(names) + 1),
+                 options.follow_symlinks)
 
 
 # ------------------------------------------------------------------ folders
 
 
 @dataclasses.dataclass
-class FolderPart:
+class FolderRows(rows.RowIndex):
+  """Files below a split folder's class folders."""
   split_dir: str
-  entries: Sequence[tuple[str, int | None]]  # (relative path, class code).
-  numbers: Sequence[int]
+  class_folders: dict[str, int]  # Folder name -> expression code.
+  # (path relative to split_dir, class code; None = not in a class folder).
+  entries: list[tuple[str, int | None]] = rows.per_row()
+  numbers: np.ndarray = rows.per_row()  # 1-based position in the listing.
   follow_symlinks: bool = False
+  source: str = ""  # The folder the split is read from, e.g. 'test/'.
   # Usage-named test/ (Kaggle's FER2013): the file-name prefix the split
   # reads; an image with no Usage prefix is an `unknown_split` skip.
   usage_prefix: str | None = None
@@ -490,7 +300,7 @@ class FolderPart:
   def __iter__(self) -> Iterator[Item]:
     for (rel, code), number in zip(self.entries, self.numbers):
       number = int(number)
-      if not is_image_name(rel):
+      if not rows.is_image_name(rel):
         yield Skip(labels.NOT_AN_IMAGE, number, rel, "not an image file name")
         continue
       if (self.usage_prefix is not None and
@@ -510,37 +320,13 @@ class FolderPart:
         yield Skip(reason, number, rel, f"class folder code {code}")
         continue
       try:
-        full = resolve(self.split_dir, rel,
-                       follow_symlinks=self.follow_symlinks)
+        full = rows.resolve(self.split_dir, rel,
+                            follow_symlinks=self.follow_symlinks)
       except PathRefused as e:
         yield Skip(e.reason, number, rel, str(e))
         continue
       yield Row(number, rel, full, code, affect_data.NO_VALUE,
                 affect_data.NO_VALUE, None, None)
-
-
-@dataclasses.dataclass
-class FolderIndex:
-  split_dir: str
-  entries: list[tuple[str, int | None]]
-  class_folders: dict[str, int]  # Folder name -> expression code.
-  numbers: np.ndarray  # 1-based position in the file listing.
-  follow_symlinks: bool = False
-  source: str = ""  # The folder the split is read from, e.g. 'test/'.
-  usage_prefix: str | None = None  # See FolderPart.
-
-  def __len__(self) -> int:
-    return len(self.entries)
-
-  def part(self, start: int, stop: int) -> FolderPart:
-    return FolderPart(self.split_dir, self.entries[start:stop],
-                      self.numbers[start:stop].tolist(), self.follow_symlinks,
-                      self.usage_prefix)
-
-  def subset(self, positions: np.ndarray) -> "FolderIndex":
-    return dataclasses.replace(
-        self, entries=[self.entries[i] for i in positions],
-        numbers=self.numbers[positions])
 
   def expression_codes(self) -> np.ndarray:
     return np.asarray([-1 if c is None else c for _, c in self.entries],
@@ -550,47 +336,28 @@ class FolderIndex:
     return [self.split_dir]
 
 
-def _files_below(top: str) -> Iterator[str]:
-  """Files below `top` in sorted order, through symlinked folders too.
-
-  Symlinked folders are listed (never opened as images here) so that their
-  files are counted: `resolve` then refuses or follows each one. Each real
-  folder is listed once, which also stops symlink cycles.
-  """
-  seen = set()
-  for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-    real = os.path.realpath(dirpath)
-    if real in seen:
-      dirnames[:] = []
-      continue
-    seen.add(real)
-    dirnames.sort()
-    for f in sorted(filenames):
-      yield os.path.join(dirpath, f)
-
-
-# --folder_numbers: whose label order numeric class folders follow.
-FOLDER_NUMBERS = ("auto", "affectnet", "fer2013", "rafdb")
+_NUMBERINGS = {"fer2013": labels.FER2013_MAPPING,
+               "rafdb": labels.RAFDB_MAPPING}
 
 
 def _numbered_class(name: str, folder_numbers: str) -> int | None:
   """A numeric class folder's code under `folder_numbers` (None: unknown)."""
-  from data_prep import public_sets  # pylint: disable=g-import-not-at-top
   key = name.strip()
-  if folder_numbers == "fer2013":
-    return public_sets.FER2013_MAPPING.get(key)
-  if folder_numbers == "rafdb":
-    return public_sets.RAFDB_MAPPING.get(key)
+  if folder_numbers in _NUMBERINGS:
+    return _NUMBERINGS[folder_numbers].get(key)
   return int(key)
 
 
-def check_folder_numbers(indexes: dict) -> None:
+def check_folder_numbers(indexes: dict, options: ReadOptions) -> None:
   """Refuses numeric class folders that look like RAF-DB's numbering.
 
   Folders named 1-7 with no 0 are how RAF-DB redistributions number its
   classes (1 surprise ... 7 neutral); read as AffectNet codes they would turn
-  Neutral into Contempt, silently. `--folder_numbers` says which it is.
+  Neutral into Contempt, silently. `--folder_numbers` (anything but auto)
+  says which it is.
   """
+  if options.folder_numbers != "auto":
+    return
   numbers = {n.strip() for idx in indexes.values()
              for n in getattr(idx, "class_folders", {}) if n.strip().isdigit()}
   if "7" in numbers and "0" not in numbers and numbers <= set("1234567"):
@@ -604,9 +371,9 @@ def check_folder_numbers(indexes: dict) -> None:
 
 def _folder_test_dir(input_dir: str) -> str | None:
   """test/, when it is the evaluation split (the tree has no val/)."""
-  if _find(input_dir, _FOLDER_SPLIT["val"]) is not None:
+  if rows.find(input_dir, _FOLDER_SPLIT["val"]) is not None:
     return None
-  test = _find(input_dir, _FOLDER_TEST)
+  test = rows.find(input_dir, _FOLDER_TEST)
   return test if test is not None and os.path.isdir(test) else None
 
 
@@ -619,8 +386,23 @@ def folder_usage(input_dir: str) -> bool:
   """
   test = _folder_test_dir(input_dir)
   return test is not None and any(
-      os.path.basename(p).startswith(tuple(FOLDER_USAGE)) and is_image_name(p)
-      for p in _files_below(test))
+      os.path.basename(p).startswith(tuple(FOLDER_USAGE))
+      and rows.is_image_name(p) for p in rows.files_below(test))
+
+
+def folder_splits(input_dir: str) -> tuple[str, ...]:
+  """The splits a class tree defines: train and val, and holdout when its
+  test/ names carry FER2013's Usage."""
+  if folder_usage(input_dir):
+    return rows.SOURCE_SPLITS + (HOLDOUT,)
+  return rows.SOURCE_SPLITS
+
+
+def folder_classes(indexes: dict) -> int:
+  """7 for a class tree without a Contempt folder, else 8."""
+  if any(7 in idx.class_folders.values() for idx in indexes.values()):
+    return 8
+  return 7
 
 
 def _usage_split(rel: str) -> str:
@@ -628,11 +410,15 @@ def _usage_split(rel: str) -> str:
   goes to that Usage's split; anything else to val (skipped there)."""
   name = os.path.basename(rel)
   return next((s for p, s in FOLDER_USAGE.items()
-               if name.startswith(p) and is_image_name(name)), "val")
+               if name.startswith(p) and rows.is_image_name(name)), "val")
 
 
-def _index_folders(input_dir: str, split: str, follow_symlinks: bool = False,
-                   folder_numbers: str = "auto") -> FolderIndex | None:
+def index_folders(input_dir: str, split: str,
+                  options: ReadOptions = ReadOptions()) -> FolderRows | None:
+  if options.folder_numbers not in FOLDER_NUMBERS:
+    raise LayoutError(f"--folder_numbers must be one of "
+                      f"{', '.join(FOLDER_NUMBERS)}; got "
+                      f"{options.folder_numbers!r}.")
   usage_prefix = None
   if split in (HOLDOUT, "val") and folder_usage(input_dir):
     # Kaggle's FER2013 tree: test/'s file names pick holdout and val.
@@ -641,7 +427,7 @@ def _index_folders(input_dir: str, split: str, follow_symlinks: bool = False,
   elif split == HOLDOUT:
     return None  # Only a Usage-named test/ holds one.
   else:
-    split_dir = _find(input_dir, _FOLDER_SPLIT[split])
+    split_dir = rows.find(input_dir, _FOLDER_SPLIT[split])
     if split_dir is None and split == "val":
       # Kaggle's FER2013 and RAF-DB trees: train/ + test/, no val/.
       split_dir = _folder_test_dir(input_dir)
@@ -655,16 +441,17 @@ def _index_folders(input_dir: str, split: str, follow_symlinks: bool = False,
       continue
     code = labels.folder_class(top.name)
     if code is not None and top.name.strip().isdigit():
-      code = _numbered_class(top.name, folder_numbers)
+      code = _numbered_class(top.name, options.folder_numbers)
     if code is None:
       raise LayoutError(
           f"Unknown class folder {top.path}: name class folders 0-7 or one of "
           f"{', '.join(affect_data.LABEL_NAMES_8)} (any case); numbers follow "
-          f"--folder_numbers={folder_numbers} (fer2013: 0-6, rafdb: 1-7).")
+          f"--folder_numbers={options.folder_numbers} (fer2013: 0-6, "
+          "rafdb: 1-7).")
     class_folders[top.name] = code
     # Files anywhere below a class folder belong to it; sorted for a stable
     # order independent of the file system.
-    for path in _files_below(top.path):
+    for path in rows.files_below(top.path):
       entries.append((os.path.relpath(path, split_dir), code))
   source = os.path.basename(split_dir) + "/"
   numbers = np.arange(1, len(entries) + 1)
@@ -676,103 +463,5 @@ def _index_folders(input_dir: str, split: str, follow_symlinks: bool = False,
     entries = [entries[i] for i in keep]
     numbers = numbers[keep]
     source += f"{usage_prefix}*"
-  return FolderIndex(split_dir, entries, class_folders, numbers,
-                     follow_symlinks, source, usage_prefix)
-
-
-_INDEXERS = {"official": _index_official, "npy": _index_npy,
-             "folders": _index_folders}
-
-
-def index_split(layout: str, input_dir: str, split: str, *,
-                follow_symlinks: bool = False, folder_numbers: str = "auto"):
-  """The split's row index, or None if the tree has no such split.
-
-  An index has `len()`, `.part(start, stop)` (a picklable block of rows to
-  iterate), `.subset(positions)`, `.expression_codes()` and `.inputs()` (the
-  files and folders it reads); some have `.source` (where the split comes
-  from when that is not obvious, e.g. `test/` or a CSV's Usage value).
-  """
-  from data_prep import public_sets  # pylint: disable=g-import-not-at-top
-  indexers = {**_INDEXERS, **public_sets.INDEXERS}
-  if layout not in indexers:
-    raise LayoutError(f"--layout must be one of auto, {', '.join(LAYOUTS)}; "
-                      f"got {layout!r}.")
-  if layout == "folders":
-    if folder_numbers not in FOLDER_NUMBERS:
-      raise LayoutError(f"--folder_numbers must be one of "
-                        f"{', '.join(FOLDER_NUMBERS)}; got {folder_numbers!r}.")
-    return _index_folders(input_dir, split, follow_symlinks, folder_numbers)
-  return indexers[layout](input_dir, split, follow_symlinks)
-
-
-def source_splits(layout: str, input_dir: str | None = None
-                  ) -> tuple[str, ...]:
-  """The splits `layout`'s files can define (FER2013's include `holdout`;
-  so does a class tree whose test/ files carry FER2013's Usage names)."""
-  from data_prep import public_sets  # pylint: disable=g-import-not-at-top
-  if layout == "folders" and input_dir is not None and folder_usage(
-      input_dir):
-    return SOURCE_SPLITS + (HOLDOUT,)
-  return public_sets.SPLITS.get(layout, SOURCE_SPLITS)
-
-
-def natural_classes(layout: str, indexes: dict) -> int:
-  """The class count a dataset has: 7 for FER2013, RAF-DB and class trees
-  without a Contempt folder; 8 for AffectNet and FERPlus."""
-  from data_prep import public_sets  # pylint: disable=g-import-not-at-top
-  if layout in public_sets.NUM_CLASSES:
-    return public_sets.NUM_CLASSES[layout]
-  if layout == "folders" and not any(
-      7 in idx.class_folders.values() for idx in indexes.values()):
-    return 7
-  return 8
-
-
-def split_holdout(index, fraction: float, seed: int):
-  """Carves a class-stratified `holdout` out of a train index.
-
-  For each expression code c in 0-7, round(fraction * n_c) of its n_c rows
-  (at most n_c - 1, so train keeps every class it has) are drawn with
-  `np.random.default_rng([seed, c])`. Rows with another or an unreadable
-  code stay in train (where they are skipped and counted as usual). The
-  choice depends only on (seed, fraction, the rows and their codes): not on
-  the worker count, the shard count or earlier runs.
-
-  Returns:
-    (train_index, holdout_index), both in source order, disjoint, together
-    every row of `index`.
-  """
-  codes = index.expression_codes()
-  chosen = []
-  for c in range(len(affect_data.LABEL_NAMES_8)):
-    rows = np.flatnonzero(codes == c)
-    n = len(rows)
-    k = min(int(math.floor(fraction * n + 0.5)), max(n - 1, 0))
-    if k:
-      rng = np.random.default_rng([seed, c])
-      chosen.append(rows[rng.permutation(n)[:k]])
-  held = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
-  keep = np.setdiff1d(np.arange(len(index)), held, assume_unique=True)
-  return index.subset(keep), index.subset(held)
-
-
-def unused_inputs(input_dir: str, indexes: dict, ignore: Sequence[str] = ()
-                  ) -> list[str]:
-  """Top-level entries of `input_dir` no split reads (`test/`, extra CSVs).
-
-  Folders end with '/'. Hidden names and the paths in `ignore` (e.g. an
-  output folder inside the input) are left out.
-  """
-  root = os.path.abspath(input_dir)
-  used = set()
-  for idx in indexes.values():
-    for p in list(idx.inputs()) + list(ignore):
-      rel = os.path.relpath(os.path.abspath(p), root)
-      if rel != "." and not rel.startswith(".."):
-        used.add(rel.split(os.sep)[0])
-  out = []
-  for e in sorted(os.scandir(root), key=lambda e: e.name):
-    if e.name not in used and not e.name.startswith("."):
-      out.append(e.name + ("/" if e.is_dir() else ""))
-  return out
+  return FolderRows(split_dir, class_folders, entries, numbers,
+                    options.follow_symlinks, source, usage_prefix)

@@ -1,4 +1,8 @@
-r"""AffectNet (any layout) or a public expression set -> ArrayRecord + manifest.
+r"""The data_prep driver: any dataset it reads -> ArrayRecord + manifest.
+
+AffectNet (any layout) or a public expression set (FER2013, FERPlus, RAF-DB,
+class-folder trees). `python -m data_prep.affectnet` (the documented entry
+point) and `python -m data_prep.prepare` are the same program.
 
     python -m data_prep.affectnet --input_dir=DIR --output_dir=OUT \
         [--layout=auto|official|npy|folders|fer2013|ferplus|ferplus_folders|
@@ -23,8 +27,9 @@ Output (OUT):
 The public sets (FER2013's fer2013.csv, FERPlus's fer2013new.csv or its
 FER2013Train/Valid/Test folders with label.csv, RAF-DB basic, and
 class-folder trees with train/ + test/) are read as published; see
-data_prep/public_sets.py. Their labels are mapped to AffectNet's class ids by
-name; FER2013 and RAF-DB have 7 classes (no Contempt), FERPlus 8.
+data_prep/public_sets.py (data_prep/registry.py lists every layout). Their
+labels are mapped to AffectNet's class ids by name; FER2013 and RAF-DB have
+7 classes (no Contempt), FERPlus 8.
 
 Every bad row or file is skipped and counted by reason, never fatal for the
 run; but a split that ends with zero examples is (exit status 3, naming the
@@ -60,10 +65,14 @@ from absl import flags
 
 from affectjax import data as affect_data
 from data_prep import labels
-from data_prep import layouts
-from data_prep import public_sets
+from data_prep import registry
+from data_prep import rows
 from data_prep import shards
 from data_prep import tfds_metadata
+
+__all__ = ["DEFAULT_IMAGE_SIZE", "ENCODINGS", "EXIT_EMPTY_SPLIT",
+           "EmptySplitError", "TOOL_VERSION", "define_flags", "main",
+           "prepare", "run_app"]
 
 TOOL_VERSION = "1.1.0"
 ENCODINGS = ("jpeg", "raw")
@@ -96,7 +105,7 @@ _ADVICE = {
         "check the npy tree",
     labels.NOT_AN_IMAGE:
         "no file has an image extension "
-        f"({', '.join(layouts.IMAGE_EXTENSIONS)})",
+        f"({', '.join(rows.IMAGE_EXTENSIONS)})",
     labels.UNKNOWN_SPLIT:
         "the rows' Usage (FER2013/FERPlus) or image name (RAF-DB: train_*, "
         "test_*) names no split; check that the file is the published one",
@@ -253,7 +262,7 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
     margin: official layout: extra context around the face box, as a
       fraction of the box side on each side (clipped to the image).
     classes: 8, or 7 for the protocol without Contempt; None = the
-      dataset's own (`layouts.natural_classes`: 7 for FER2013, RAF-DB and
+      dataset's own (`registry.natural_classes`: 7 for FER2013, RAF-DB and
       class trees without a Contempt folder, else 8).
     folder_numbers: folders layout: whose label order numeric class folders
       follow: 'affectnet' (0-7), 'fer2013' (0 angry ... 6 neutral) or
@@ -263,7 +272,7 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
     examples_per_shard: target rows per shard when num_shards is 0.
     holdout_fraction: in [0, 1): the class-stratified fraction of the train
       rows written as a separate `holdout` split (for model selection), never
-      in train; 0 = no holdout. See `layouts.split_holdout`.
+      in train; 0 = no holdout. See `registry.split_holdout`.
     holdout_seed: which rows the holdout draws (fixed for a given seed).
     follow_symlinks: read symlinks in the input tree that point outside it
       (without it they are skipped as `symlink_outside_root`). Rows whose own
@@ -297,20 +306,20 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   if not 0.0 <= holdout_fraction < 1.0:
     raise ValueError(f"--holdout_fraction must be in [0, 1), got "
                      f"{holdout_fraction}.")
-  resolved = layouts.detect(input_dir) if layout == "auto" else layout
+  resolved = registry.detect(input_dir) if layout == "auto" else layout
+  registry.get(resolved)  # A clear error for an unknown name.
   indexes = {}
-  source_splits = layouts.source_splits(resolved, input_dir)
+  source_splits = registry.source_splits(resolved, input_dir)
   for split in source_splits:
-    idx = layouts.index_split(resolved, input_dir, split,
+    idx = registry.index_split(resolved, input_dir, split,
                               follow_symlinks=follow_symlinks,
                               folder_numbers=folder_numbers)
     if idx is not None:
       indexes[split] = idx
   if "train" not in indexes and "val" not in indexes:
-    raise layouts.LayoutError(f"{input_dir} has no train or val split in the "
+    raise rows.LayoutError(f"{input_dir} has no train or val split in the "
                               f"{resolved!r} layout.")
-  if resolved == "folders" and folder_numbers == "auto":
-    layouts.check_folder_numbers(indexes)
+  registry.check(resolved, indexes, folder_numbers=folder_numbers)
   missing_splits = [s for s in source_splits if s not in indexes]
   for s in missing_splits:
     print(f"note: {input_dir} has no {s!r} split ({resolved} layout); it is "
@@ -324,8 +333,8 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
           "selection) and PrivateTest_* the evaluation split ('val'), as "
           "from fer2013.csv.", file=sys.stderr)
   if classes is None:
-    classes = layouts.natural_classes(resolved, indexes)
-    if classes == 7 and resolved not in public_sets.NUM_CLASSES:
+    classes = registry.natural_classes(resolved, indexes)
+    if classes == 7 and resolved == "folders":
       print(f"note: no Contempt class folder in {input_dir}: 7 classes "
             "(pass --classes=8 to keep 8).", file=sys.stderr)
   for split, idx in indexes.items():
@@ -334,7 +343,7 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
           f"split {split!r} has no rows: {idx.inputs()[0]} is empty. Add its "
           "rows or images, or remove it, then rerun.")
   if holdout_fraction > 0:
-    if layouts.HOLDOUT in source_splits:
+    if rows.HOLDOUT in source_splits:
       raise ValueError(
           f"--holdout_fraction={holdout_fraction}: {input_dir} has its own "
           "holdout split (FER2013's PublicTest, the standard model-selection "
@@ -343,14 +352,14 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
       raise ValueError(f"--holdout_fraction={holdout_fraction} needs a train "
                        f"split, and {input_dir} has none.")
     n_train = len(indexes["train"])
-    indexes["train"], indexes[layouts.HOLDOUT] = layouts.split_holdout(
+    indexes["train"], indexes[rows.HOLDOUT] = registry.split_holdout(
         indexes["train"], holdout_fraction, holdout_seed)
-    if not len(indexes[layouts.HOLDOUT]):
+    if not len(indexes[rows.HOLDOUT]):
       raise ValueError(
           f"--holdout_fraction={holdout_fraction} selects no row of the "
           f"{n_train} train rows (per class, round(fraction * rows) is 0, or "
           "no row has a readable expression code); raise it.")
-  unused = layouts.unused_inputs(input_dir, indexes, ignore=[output_dir])
+  unused = registry.unused_inputs(input_dir, indexes, ignore=[output_dir])
   shard_counts = {s: _num_shards(len(idx), num_shards, examples_per_shard)
                   for s, idx in indexes.items()}
   opts = shards.ConvertOptions(image_size=image_size, encoding=encoding,
@@ -439,7 +448,7 @@ def _summary(output_dir: str, manifest: dict, todo_rows: int,
   # FER2013's Usage values).
   sources = [f"{s} = {src}" + (" (no val/)" if src == "test/" else "")
              for s, src in manifest["split_sources"].items()
-             if manifest["layout"] in public_sets.SPLITS
+             if not registry.get(manifest["layout"]).affectnet
              or src.startswith("test/")]
   if sources:
     line += f"; {', '.join(sources)}"
@@ -502,14 +511,15 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
     splits[split] = _aggregate(stats, opts.num_classes, len(indexes[split]))
   names = affect_data.label_names(opts.num_classes)
   # Source label -> class id, for the labels the run keeps.
-  mapping = public_sets.LABEL_MAPPINGS.get(
-      layout, {str(c): c for c in range(len(affect_data.LABEL_NAMES_8))})
+  spec = registry.get(layout)
+  mapping = spec.label_mapping or {
+      str(c): c for c in range(len(affect_data.LABEL_NAMES_8))}
   return {
       "tool": "data_prep.affectnet",
       "tool_version": TOOL_VERSION,
       "input_dir": input_dir,
       "layout": layout,
-      "dataset": _DATASETS.get(layout, "AffectNet"),
+      "dataset": spec.dataset,
       "options": {**dataclasses.asdict(opts), "layout": layout,
                   "num_shards": num_shards,
                   "examples_per_shard": examples_per_shard,
@@ -527,8 +537,8 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
                         if v < opts.num_classes},
       # The public sets' own names for their labels (None for AffectNet).
       "source_label_names": ({str(k): v for k, v in
-                              public_sets.SOURCE_LABELS[layout].items()}
-                             if layout in public_sets.SOURCE_LABELS else None),
+                              spec.source_labels.items()}
+                             if spec.source_labels else None),
       # Where each split was read from (a folder, or a CSV's Usage value).
       "split_sources": {s: getattr(idx, "source", "") or _default_source(
           s, idx, input_dir, layout) for s, idx in indexes.items()},
@@ -551,8 +561,8 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
       # `holdout` (if any) is drawn from the train rows: never in train.
       # The dataset's own holdout (FER2013's PublicTest) is named by its
       # source; otherwise it is drawn from train.
-      "holdout": (None if layouts.HOLDOUT not in indexes else
-                  {"from": indexes[layouts.HOLDOUT].source}
+      "holdout": (None if rows.HOLDOUT not in indexes else
+                  {"from": indexes[rows.HOLDOUT].source}
                   if not holdout_fraction else
                   {"from": "train", "fraction": holdout_fraction,
                    "seed": holdout_seed, "stratified_by": "expression"}),
@@ -560,14 +570,9 @@ def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
   }
 
 
-_DATASETS = {"fer2013": "FER2013", "ferplus": "FERPlus",
-             "ferplus_folders": "FERPlus", "rafdb": "RAF-DB",
-             "folders": "class folders"}
-
-
 def _default_source(split: str, idx, input_dir: str, layout: str) -> str:
   """Where a split was read from: its first input, relative to input_dir."""
-  if split == layouts.HOLDOUT and split not in layouts.source_splits(
+  if split == rows.HOLDOUT and split not in registry.source_splits(
       layout, input_dir):
     return "train (--holdout_fraction)"
   first = idx.inputs()[0]
@@ -618,7 +623,7 @@ def define_flags() -> None:
                       "AffectNet root in any supported layout, or a public "
                       "set (FER2013, FERPlus, RAF-DB) as published.")
   flags.DEFINE_string("output_dir", None, "Destination directory.")
-  flags.DEFINE_enum("layout", "auto", ("auto",) + layouts.LAYOUTS,
+  flags.DEFINE_enum("layout", "auto", ("auto",) + registry.NAMES,
                     "Input layout; 'auto' detects it.")
   flags.DEFINE_integer(
       "image_size", DEFAULT_IMAGE_SIZE,
@@ -638,7 +643,7 @@ def define_flags() -> None:
       "and class trees without a Contempt folder).", lower_bound=7,
       upper_bound=8)
   flags.DEFINE_enum(
-      "folder_numbers", "auto", layouts.FOLDER_NUMBERS,
+      "folder_numbers", "auto", registry.FOLDER_NUMBERS,
       "folders layout: whose label order numeric class folders follow: "
       "affectnet (0 neutral ... 7 contempt), fer2013 (0 angry ... 6 neutral), "
       "rafdb (1 surprise ... 7 neutral). auto = affectnet, but folders 1-7 "
@@ -697,6 +702,11 @@ def main(argv: Sequence[str]) -> None:
 _RENAMED = {"--no_progress": "--noprogress"}
 
 
+def run_app() -> None:
+  """Parses the command line (flags defined) and runs `main`."""
+  app.run(main, argv=[_RENAMED.get(a, a) for a in sys.argv])
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main, argv=[_RENAMED.get(a, a) for a in sys.argv])
+  run_app()

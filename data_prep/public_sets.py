@@ -37,9 +37,10 @@ names. These sets have no valence/arousal: written as -2 ("no value").
 FER2013 rows carry their pixels, so their `Row.image` holds the face as
 (lossless) PGM bytes instead of a file to read.
 
-The indexes follow `layouts`' contract: `len()`, `.part(start, stop)`,
-`.subset(positions)`, `.expression_codes()`, `.inputs()`, plus `.source`
-(where the split comes from, for the manifest and the summary line).
+Each layout has a `detect_*(input_dir) -> bool` and an
+`index_*(input_dir, split, options) -> RowIndex | None` (see `rows`); the
+indexes set `.source` (where the split comes from, for the manifest and the
+summary line). The label orders and their maps are in `labels`.
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ import numpy as np
 
 from affectjax import data as affect_data
 from data_prep import labels
-from data_prep import layouts
+from data_prep import rows
+from data_prep.rows import HOLDOUT, Item, LayoutError, PathRefused, ReadOptions
+from data_prep.rows import Row, Skip
 
 FER2013_CSV = "fer2013.csv"
 FERPLUS_CSV = "fer2013new.csv"
@@ -65,78 +68,46 @@ _RAFDB_IMAGE_DIRS = (("aligned", os.path.join("Image", "aligned")),
 
 FER2013_COLUMNS = ("emotion", "pixels", "Usage")
 FER2013_SIDE = 48
-# FER2013's label order, by name; mapped to affectjax ids below.
-FER2013_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise",
-                  "neutral")
-FERPLUS_COLUMNS = ("Usage", "Image name", "neutral", "happiness", "surprise",
-                   "sadness", "anger", "disgust", "fear", "contempt",
-                   "unknown", "NF")
-FERPLUS_EMOTIONS = FERPLUS_COLUMNS[2:10]
-FERPLUS_VOTES = FERPLUS_COLUMNS[2:]
+FERPLUS_COLUMNS = ("Usage", "Image name") + labels.FERPLUS_VOTES
 # FERPlus's image folders (one per FER2013 Usage) and their label files.
-FERPLUS_FOLDERS = {"train": "FER2013Train", layouts.HOLDOUT: "FER2013Valid",
+FERPLUS_FOLDERS = {"train": "FER2013Train", HOLDOUT: "FER2013Valid",
                    "val": "FER2013Test"}
 FERPLUS_LABEL_FILE = "label.csv"
-FERPLUS_LABEL_COLUMNS = ("Image name", "face box") + FERPLUS_VOTES
+FERPLUS_LABEL_COLUMNS = ("Image name", "face box") + labels.FERPLUS_VOTES
 _FERPLUS_FOLDER_DIRS = ("", "data")
-RAFDB_LABELS = {1: "surprise", 2: "fear", 3: "disgust", 4: "happy", 5: "sad",
-                6: "anger", 7: "neutral"}
 # FER2013/FERPlus `Usage` -> prepared split.
-USAGE_SPLITS = {"Training": "train", "PublicTest": layouts.HOLDOUT,
+USAGE_SPLITS = {"Training": "train", "PublicTest": HOLDOUT,
                 "PrivateTest": "val"}
+# The splits FER2013's Usage defines (PublicTest is the native holdout).
+USAGE_SPLIT_NAMES = ("train", "val", HOLDOUT)
 _RAFDB_PREFIX = {"train": "train_", "val": "test_"}
 
 
-def class_id(name: str) -> int:
-  """A dataset's class name -> affectjax's class id (e.g. 'angry' -> 6)."""
-  code = labels.folder_class(name)
-  if code is None or not 0 <= code <= 7:
-    raise ValueError(f"no affectjax class for label name {name!r}")
-  return code
-
-
-# Source label (as the file writes it) -> affectjax class id.
-FER2013_MAPPING = {str(i): class_id(n) for i, n in enumerate(FER2013_LABELS)}
-FERPLUS_MAPPING = {n: class_id(n) for n in FERPLUS_EMOTIONS}
-RAFDB_MAPPING = {str(i): class_id(n) for i, n in RAFDB_LABELS.items()}
-NUM_CLASSES = {"fer2013": 7, "ferplus": 8, "ferplus_folders": 8, "rafdb": 7}
-LABEL_MAPPINGS = {"fer2013": FER2013_MAPPING, "ferplus": FERPLUS_MAPPING,
-                  "ferplus_folders": FERPLUS_MAPPING, "rafdb": RAFDB_MAPPING}
-SOURCE_LABELS = {"fer2013": dict(enumerate(FER2013_LABELS)),
-                 "ferplus": dict(enumerate(FERPLUS_EMOTIONS)),
-                 "ferplus_folders": dict(enumerate(FERPLUS_EMOTIONS)),
-                 "rafdb": RAFDB_LABELS}
-
-
 def _find(input_dir: str, dirs: Sequence[str], name: str) -> str | None:
-  for d in dirs:
-    p = os.path.join(input_dir, d, name)
-    if os.path.isfile(p):
-      return p
-  return None
+  return rows.find(input_dir, [os.path.join(d, name) for d in dirs],
+                   os.path.isfile)
 
 
-def detect(input_dir: str) -> list[str]:
-  """The public layouts whose marker files `input_dir` holds (maybe none).
+def detect_fer2013(input_dir: str) -> bool:
+  """fer2013.csv without fer2013new.csv (that is FERPlus, which reads it)."""
+  return bool(_find(input_dir, _FER_DIRS, FER2013_CSV)
+              and not _find(input_dir, _FER_DIRS, FERPLUS_CSV))
 
-  `fer2013new.csv` means FERPlus (which reads fer2013.csv too), so fer2013
-  is not listed beside it. `FER2013Train/label.csv` (or Valid, Test) means
-  FERPlus's image folders.
-  """
-  found = []
-  folders = _ferplus_folders_root(input_dir) is not None
-  if folders:
-    found.append("ferplus_folders")
-  if _find(input_dir, _FER_DIRS, FERPLUS_CSV) and (
-      not folders or _find(input_dir, _FER_DIRS, FER2013_CSV)):
-    # fer2013new.csv without fer2013.csv beside FERPlus's folders (e.g. a
-    # clone of a repository that ships both) is only their label source.
-    found.append("ferplus")
-  elif _find(input_dir, _FER_DIRS, FER2013_CSV):
-    found.append("fer2013")
-  if _find(input_dir, _RAFDB_DIRS, RAFDB_LIST):
-    found.append("rafdb")
-  return found
+
+def detect_ferplus(input_dir: str) -> bool:
+  """fer2013new.csv; beside FERPlus's folders only with fer2013.csv too (a
+  clone of a repository that ships both holds the CSV as their source)."""
+  return bool(_find(input_dir, _FER_DIRS, FERPLUS_CSV) and (
+      not detect_ferplus_folders(input_dir)
+      or _find(input_dir, _FER_DIRS, FER2013_CSV)))
+
+
+def detect_ferplus_folders(input_dir: str) -> bool:
+  return _ferplus_folders_root(input_dir) is not None
+
+
+def detect_rafdb(input_dir: str) -> bool:
+  return _find(input_dir, _RAFDB_DIRS, RAFDB_LIST) is not None
 
 
 def pgm(pixels: np.ndarray) -> bytes:
@@ -146,50 +117,7 @@ def pgm(pixels: np.ndarray) -> bytes:
       pixels, np.uint8).tobytes()
 
 
-# ------------------------------------------------------ line-indexed CSVs
-
-
-def _data_lines(path: str, header_first_field: str | None):
-  """(starts, ends, numbers, last fields) of the data lines of a CSV.
-
-  Blank lines and the header (a first line whose first field is
-  `header_first_field`; None: the file has no header) are not rows. The last field is read cheaply (after
-  the last comma) for FER2013's `Usage`; FERPlus's first field comes with
-  `first`.
-  """
-  starts, ends, numbers, first, last = [], [], [], [], []
-  offset = 0
-  with open(path, "rb") as fp:
-    for number, line in enumerate(fp, start=1):
-      stripped = line.strip()
-      head = stripped.lstrip(b"\xef\xbb\xbf").split(b",", 1)[0].strip()
-      if stripped and not (number == 1 and header_first_field is not None
-                           and head == header_first_field.encode()):
-        starts.append(offset)
-        ends.append(offset + len(line))
-        numbers.append(number)
-        first.append(head.decode("utf-8", "replace"))
-        last.append(stripped.rsplit(b",", 1)[-1].strip().decode(
-            "utf-8", "replace"))
-      offset += len(line)
-  return (np.asarray(starts, np.int64), np.asarray(ends, np.int64),
-          np.asarray(numbers, np.int64), first, last)
-
-
-def _read_lines(path: str, starts: np.ndarray, ends: np.ndarray
-                ) -> list[bytes]:
-  """The lines at [starts, ends) of `path` (increasing), in one read."""
-  if not len(starts):
-    return []
-  with open(path, "rb") as fp:
-    fp.seek(int(starts[0]))
-    block = fp.read(int(ends[-1] - starts[0]))
-  base = int(starts[0])
-  return [block[s - base:e - base] for s, e in zip(starts, ends)]
-
-
-def _fields(raw: bytes) -> list[str]:
-  return [f.strip() for f in raw.decode("utf-8").strip("\r\n\ufeff").split(",")]
+_UNREADABLE = (UnicodeDecodeError, csv.Error, ValueError)
 
 
 def _fer_pixels(text: str) -> np.ndarray:
@@ -204,46 +132,66 @@ def _fer_pixels(text: str) -> np.ndarray:
 
 
 def _fer_row(fields: list[str], number: int, csv_path: str, path: str,
-             ) -> tuple[np.ndarray | None, layouts.Skip | None]:
+             ) -> tuple[np.ndarray | None, Skip | None]:
   """The pixels of a fer2013.csv row, or the Skip that replaces it."""
   if len(fields) != len(FER2013_COLUMNS):
-    return None, layouts.Skip(
+    return None, Skip(
         labels.MALFORMED_ROW, number, path,
         f"{os.path.basename(csv_path)}: expected {len(FER2013_COLUMNS)} "
         f"fields ({','.join(FER2013_COLUMNS)}), got {len(fields)}")
   try:
     return _fer_pixels(fields[1]), None
   except ValueError as e:
-    return None, layouts.Skip(labels.MALFORMED_ROW, number, path,
-                              f"{os.path.basename(csv_path)}: {e}")
+    return None, Skip(labels.MALFORMED_ROW, number, path,
+                      f"{os.path.basename(csv_path)}: {e}")
+
+
+def _split_of_usage(usage: list[str], split: str) -> tuple[np.ndarray,
+                                                           np.ndarray]:
+  """Positions of the rows whose Usage maps to `split`, and which are known.
+
+  Rows with an unknown Usage go to train, where each is a counted skip
+  (`unknown_split`) instead of silently belonging to no split.
+  """
+  known = np.asarray([u in USAGE_SPLITS for u in usage], bool)
+  mine = np.asarray([USAGE_SPLITS.get(u) == split for u in usage], bool)
+  if split == "train":
+    mine |= ~known
+  return np.flatnonzero(mine), known
+
+
+def _usage_source(split: str) -> str:
+  return next(u for u, s in USAGE_SPLITS.items() if s == split)
 
 
 # ---------------------------------------------------------------- fer2013
 
 
 @dataclasses.dataclass
-class Fer2013Part:
+class Fer2013Rows(rows.RowIndex):
+  """Lines of fer2013.csv (each holds its face's pixels)."""
   csv_path: str
-  starts: np.ndarray
-  ends: np.ndarray
-  numbers: np.ndarray
-  usage_ok: np.ndarray  # bool: the row's Usage names a known split.
+  source: str
+  starts: np.ndarray = rows.per_row()
+  ends: np.ndarray = rows.per_row()
+  numbers: np.ndarray = rows.per_row()
+  usage_ok: np.ndarray = rows.per_row()  # The Usage names a known split.
 
-  def __iter__(self) -> Iterator[layouts.Item]:
+  def __iter__(self) -> Iterator[Item]:
     name = os.path.basename(self.csv_path)
-    for raw, n, ok in zip(_read_lines(self.csv_path, self.starts, self.ends),
+    for raw, n, ok in zip(rows.read_lines(self.csv_path, self.starts,
+                                          self.ends),
                           self.numbers, self.usage_ok):
       n = int(n)
       path = f"{name}:{n}"
       try:
-        fields = _fields(raw)
-      except UnicodeDecodeError as e:
-        yield layouts.Skip(labels.MALFORMED_ROW, n, path, f"unreadable: {e}")
+        fields = rows.csv_fields(raw)
+      except _UNREADABLE as e:
+        yield Skip(labels.MALFORMED_ROW, n, path, f"unreadable: {e}")
         continue
       if not ok:
-        yield layouts.Skip(
-            labels.UNKNOWN_SPLIT, n, path,
-            f"Usage {fields[-1]!r} is none of {', '.join(USAGE_SPLITS)}")
+        yield Skip(labels.UNKNOWN_SPLIT, n, path,
+                   f"Usage {fields[-1]!r} is none of {', '.join(USAGE_SPLITS)}")
         continue
       pixels, skip = _fer_row(fields, n, self.csv_path, path)
       if skip is not None:
@@ -252,45 +200,22 @@ class Fer2013Part:
       try:
         label = labels.parse_int(fields[0])
       except ValueError as e:
-        yield layouts.Skip(labels.MALFORMED_ROW, n, path, str(e))
+        yield Skip(labels.MALFORMED_ROW, n, path, str(e))
         continue
-      if str(label) not in FER2013_MAPPING:
-        yield layouts.Skip(labels.LABEL_OUT_OF_RANGE, n, path,
-                           f"emotion {label} is not a FER2013 label (0-6)")
+      if str(label) not in labels.FER2013_MAPPING:
+        yield Skip(labels.LABEL_OUT_OF_RANGE, n, path,
+                   f"emotion {label} is not a FER2013 label (0-6)")
         continue
-      yield layouts.Row(n, path, self.csv_path, FER2013_MAPPING[str(label)],
-                        affect_data.NO_VALUE, affect_data.NO_VALUE, None,
-                        None, image=pgm(pixels))
-
-
-@dataclasses.dataclass
-class Fer2013Index:
-  csv_path: str
-  starts: np.ndarray
-  ends: np.ndarray
-  numbers: np.ndarray
-  usage_ok: np.ndarray
-  source: str
-
-  def __len__(self) -> int:
-    return len(self.starts)
-
-  def part(self, start: int, stop: int) -> Fer2013Part:
-    return Fer2013Part(self.csv_path, self.starts[start:stop],
-                       self.ends[start:stop], self.numbers[start:stop],
-                       self.usage_ok[start:stop])
-
-  def subset(self, positions: np.ndarray) -> "Fer2013Index":
-    return dataclasses.replace(
-        self, starts=self.starts[positions], ends=self.ends[positions],
-        numbers=self.numbers[positions], usage_ok=self.usage_ok[positions])
+      yield Row(n, path, self.csv_path, labels.FER2013_MAPPING[str(label)],
+                affect_data.NO_VALUE, affect_data.NO_VALUE, None, None,
+                image=pgm(pixels))
 
   def expression_codes(self) -> np.ndarray:
     codes = np.full(len(self), -1, np.int64)
-    for i, raw in enumerate(_read_lines(self.csv_path, self.starts,
-                                        self.ends)):
+    for i, raw in enumerate(rows.read_lines(self.csv_path, self.starts,
+                                            self.ends)):
       try:
-        codes[i] = FER2013_MAPPING.get(
+        codes[i] = labels.FER2013_MAPPING.get(
             str(labels.parse_int(raw.split(b",", 1)[0].decode())), -1)
       except (ValueError, UnicodeDecodeError):
         pass
@@ -300,42 +225,25 @@ class Fer2013Index:
     return [self.csv_path]
 
 
-def _split_of_usage(usage: list[str], split: str, *, unknown_to_train: bool
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """Positions of the rows whose Usage maps to `split`, and which are known.
-
-  Rows with an unknown Usage go to train, where each is a counted skip
-  (`unknown_split`) instead of silently belonging to no split.
-  """
-  known = np.asarray([u in USAGE_SPLITS for u in usage], bool)
-  mine = np.asarray([USAGE_SPLITS.get(u) == split for u in usage], bool)
-  if unknown_to_train and split == "train":
-    mine |= ~known
-  return np.flatnonzero(mine), known
-
-
-def _usage_source(split: str) -> str:
-  return next(u for u, s in USAGE_SPLITS.items() if s == split)
-
-
 def index_fer2013(input_dir: str, split: str,
-                  follow_symlinks: bool = False) -> Fer2013Index | None:
-  del follow_symlinks  # Pixels are inside the CSV: no path to follow.
+                  options: ReadOptions = ReadOptions()
+                  ) -> Fer2013Rows | None:
+  del options  # Pixels are inside the CSV: no path to follow.
   csv_path = _find(input_dir, _FER_DIRS, FER2013_CSV)
   if csv_path is None:
-    raise layouts.LayoutError(
+    raise LayoutError(
         f"{input_dir} has no {FER2013_CSV} (looked in "
         f"{[os.path.join(input_dir, d) for d in _FER_DIRS]}).")
-  starts, ends, numbers, _, usage = _data_lines(csv_path, "emotion")
-  rows, known = _split_of_usage(usage, split, unknown_to_train=True)
-  if not len(rows):
+  lines = rows.csv_lines(csv_path, FER2013_COLUMNS[0])
+  mine, known = _split_of_usage(lines.last, split)
+  if not len(mine):
     return None
-  return Fer2013Index(csv_path, starts[rows], ends[rows], numbers[rows],
-                      known[rows],
-                      f"{FER2013_CSV} Usage={_usage_source(split)}")
+  return Fer2013Rows(csv_path, f"{FER2013_CSV} Usage={_usage_source(split)}",
+                     lines.starts[mine], lines.ends[mine],
+                     lines.numbers[mine], known[mine])
 
 
-# ---------------------------------------------------------------- ferplus
+# ------------------------------------------------------- FERPlus' votes
 
 
 def majority_vote(votes: Sequence[int]) -> tuple[int | None, str | None]:
@@ -349,132 +257,107 @@ def majority_vote(votes: Sequence[int]) -> tuple[int | None, str | None]:
   if len(winners) > 1:
     return None, labels.VOTE_TIED
   w = winners[0]
-  if FERPLUS_COLUMNS[2 + w] == "NF":
+  if labels.FERPLUS_VOTES[w] == "NF":
     return None, labels.VOTE_NOT_A_FACE
-  if FERPLUS_COLUMNS[2 + w] == "unknown":
+  if labels.FERPLUS_VOTES[w] == "unknown":
     return None, labels.VOTE_UNKNOWN
   return w, None
 
 
 def ferplus_label(votes_text: Sequence[str], number: int, name: str
-                  ) -> tuple[int | None, layouts.Skip | None]:
+                  ) -> tuple[int | None, Skip | None]:
   """FERPlus's 10 vote counts (as text) -> (affectjax class id, None), or
   (None, the Skip that replaces the row): the one place both FERPlus layouts
   turn votes into a label (`majority_vote`)."""
   try:
+    if len(votes_text) != len(labels.FERPLUS_VOTES):
+      raise ValueError(f"{len(votes_text)} vote counts, expected "
+                       f"{len(labels.FERPLUS_VOTES)}")
     votes = [labels.parse_int(v) for v in votes_text]
     if min(votes) < 0:
       raise ValueError(f"negative vote count in {list(votes_text)}")
   except ValueError as e:
-    return None, layouts.Skip(labels.MALFORMED_ROW, number, name, str(e))
+    return None, Skip(labels.MALFORMED_ROW, number, name, str(e))
   column, reason = majority_vote(votes)
   if reason is not None:
-    return None, layouts.Skip(reason, number, name, "votes " + ", ".join(
-        f"{c}={v}" for c, v in zip(FERPLUS_VOTES, votes) if v))
-  return FERPLUS_MAPPING[FERPLUS_EMOTIONS[column]], None
+    return None, Skip(reason, number, name, "votes " + ", ".join(
+        f"{c}={v}" for c, v in zip(labels.FERPLUS_VOTES, votes) if v))
+  return labels.FERPLUS_MAPPING[labels.FERPLUS_EMOTIONS[column]], None
+
+
+# ---------------------------------------------------------------- ferplus
 
 
 def _ferplus_item(vote_raw: bytes, pixel_raw: bytes, number: int,
-                  pixel_number: int, csv_path: str, fer_path: str
-                  ) -> layouts.Item:
+                  pixel_number: int, csv_path: str, fer_path: str) -> Item:
   try:
-    fields = _fields(vote_raw)
-  except UnicodeDecodeError as e:
-    return layouts.Skip(labels.MALFORMED_ROW, number, "", f"unreadable: {e}")
+    fields = rows.csv_fields(vote_raw)
+  except _UNREADABLE as e:
+    return Skip(labels.MALFORMED_ROW, number, "", f"unreadable: {e}")
   name = fields[1] if len(fields) > 1 else ""
   if len(fields) != len(FERPLUS_COLUMNS):
-    return layouts.Skip(
+    return Skip(
         labels.MALFORMED_ROW, number, name,
         f"{FERPLUS_CSV}: expected {len(FERPLUS_COLUMNS)} fields, got "
         f"{len(fields)}")
   if fields[0] not in USAGE_SPLITS:
-    return layouts.Skip(labels.UNKNOWN_SPLIT, number, name,
-                        f"Usage {fields[0]!r} is none of "
-                        f"{', '.join(USAGE_SPLITS)}")
+    return Skip(labels.UNKNOWN_SPLIT, number, name,
+                f"Usage {fields[0]!r} is none of {', '.join(USAGE_SPLITS)}")
   if not name:
-    return layouts.Skip(labels.DROPPED_BY_FERPLUS, number, "",
-                        f"empty 'Image name': FERPlus removed this face "
-                        f"({os.path.basename(fer_path)} line "
-                        f"{pixel_number})")
+    return Skip(labels.DROPPED_BY_FERPLUS, number, "",
+                f"empty 'Image name': FERPlus removed this face "
+                f"({os.path.basename(fer_path)} line {pixel_number})")
   code, skip = ferplus_label(fields[2:], number, name)
   if skip is not None:
     return skip
   try:
-    pixel_fields = _fields(pixel_raw)
-  except UnicodeDecodeError as e:
-    return layouts.Skip(labels.MALFORMED_ROW, number, name,
-                        f"{os.path.basename(fer_path)} line {pixel_number}: "
-                        f"unreadable: {e}")
+    pixel_fields = rows.csv_fields(pixel_raw)
+  except _UNREADABLE as e:
+    return Skip(labels.MALFORMED_ROW, number, name,
+                f"{os.path.basename(fer_path)} line {pixel_number}: "
+                f"unreadable: {e}")
   pixels, skip = _fer_row(pixel_fields, number, fer_path, name)
   if skip is not None:
     skip.detail += f" (line {pixel_number})"
     return skip
   if pixel_fields[2] != fields[0]:
-    return layouts.Skip(
+    return Skip(
         labels.MALFORMED_ROW, number, name,
         f"Usage {fields[0]!r} but {os.path.basename(fer_path)} line "
         f"{pixel_number} says {pixel_fields[2]!r}: the two files are not "
         "row-aligned (use the original fer2013.csv)")
-  return layouts.Row(number, name, csv_path, code,
-                     affect_data.NO_VALUE, affect_data.NO_VALUE, None, None,
-                     image=pgm(pixels))
+  return Row(number, name, csv_path, code, affect_data.NO_VALUE,
+             affect_data.NO_VALUE, None, None, image=pgm(pixels))
 
 
 @dataclasses.dataclass
-class FerPlusPart:
+class FerPlusRows(rows.RowIndex):
+  """Lines of fer2013new.csv (votes), each with its fer2013.csv line
+  (pixels)."""
   csv_path: str
   fer_path: str
-  starts: np.ndarray  # Lines of fer2013new.csv ...
-  ends: np.ndarray
-  numbers: np.ndarray
-  fer_starts: np.ndarray  # ... and of fer2013.csv, row for row.
-  fer_ends: np.ndarray
-  fer_numbers: np.ndarray
+  source: str
+  starts: np.ndarray = rows.per_row()  # Lines of fer2013new.csv ...
+  ends: np.ndarray = rows.per_row()
+  numbers: np.ndarray = rows.per_row()
+  fer_starts: np.ndarray = rows.per_row()  # ... and of fer2013.csv.
+  fer_ends: np.ndarray = rows.per_row()
+  fer_numbers: np.ndarray = rows.per_row()
 
-  def __iter__(self) -> Iterator[layouts.Item]:
-    votes = _read_lines(self.csv_path, self.starts, self.ends)
-    pixels = _read_lines(self.fer_path, self.fer_starts, self.fer_ends)
+  def __iter__(self) -> Iterator[Item]:
+    votes = rows.read_lines(self.csv_path, self.starts, self.ends)
+    pixels = rows.read_lines(self.fer_path, self.fer_starts, self.fer_ends)
     for v, p, n, pn in zip(votes, pixels, self.numbers, self.fer_numbers):
       yield _ferplus_item(v, p, int(n), int(pn), self.csv_path,
                           self.fer_path)
 
-
-@dataclasses.dataclass
-class FerPlusIndex:
-  csv_path: str
-  fer_path: str
-  starts: np.ndarray
-  ends: np.ndarray
-  numbers: np.ndarray
-  fer_starts: np.ndarray
-  fer_ends: np.ndarray
-  fer_numbers: np.ndarray
-  source: str
-
-  def __len__(self) -> int:
-    return len(self.starts)
-
-  def part(self, start: int, stop: int) -> FerPlusPart:
-    s = slice(start, stop)
-    return FerPlusPart(self.csv_path, self.fer_path, self.starts[s],
-                       self.ends[s], self.numbers[s], self.fer_starts[s],
-                       self.fer_ends[s], self.fer_numbers[s])
-
-  def subset(self, positions: np.ndarray) -> "FerPlusIndex":
-    return dataclasses.replace(
-        self, starts=self.starts[positions], ends=self.ends[positions],
-        numbers=self.numbers[positions],
-        fer_starts=self.fer_starts[positions],
-        fer_ends=self.fer_ends[positions],
-        fer_numbers=self.fer_numbers[positions])
-
   def expression_codes(self) -> np.ndarray:
     codes = np.full(len(self), -1, np.int64)
-    for i, raw in enumerate(_read_lines(self.csv_path, self.starts,
-                                        self.ends)):
+    for i, raw in enumerate(rows.read_lines(self.csv_path, self.starts,
+                                            self.ends)):
       try:
-        fields = _fields(raw)
-      except UnicodeDecodeError:
+        fields = rows.csv_fields(raw)
+      except _UNREADABLE:
         continue
       code, _ = ferplus_label(fields[2:], 0, "")
       if code is not None and len(fields) > 1 and fields[1]:
@@ -486,31 +369,33 @@ class FerPlusIndex:
 
 
 def index_ferplus(input_dir: str, split: str,
-                  follow_symlinks: bool = False) -> FerPlusIndex | None:
-  del follow_symlinks  # Pixels come from fer2013.csv: no path to follow.
+                  options: ReadOptions = ReadOptions()
+                  ) -> FerPlusRows | None:
+  del options  # Pixels come from fer2013.csv: no path to follow.
   csv_path = _find(input_dir, _FER_DIRS, FERPLUS_CSV)
   if csv_path is None:
-    raise layouts.LayoutError(f"{input_dir} has no {FERPLUS_CSV}.")
+    raise LayoutError(f"{input_dir} has no {FERPLUS_CSV}.")
   fer_path = _find(input_dir, _FER_DIRS, FER2013_CSV)
   if fer_path is None:
-    raise layouts.LayoutError(
+    raise LayoutError(
         f"{csv_path} holds FERPlus's votes but not the faces: put Kaggle's "
         f"original {FER2013_CSV} (35887 rows) beside it; FERPlus row i is "
         f"{FER2013_CSV} row i.")
-  starts, ends, numbers, usage, _ = _data_lines(csv_path, "Usage")
-  f_starts, f_ends, f_numbers, _, _ = _data_lines(fer_path, "emotion")
-  if len(starts) != len(f_starts):
-    raise layouts.LayoutError(
-        f"{csv_path} has {len(starts)} rows but {fer_path} has "
-        f"{len(f_starts)}: FERPlus pairs its rows with {FER2013_CSV}'s by "
-        "position, so both must be the complete published files.")
-  rows, _ = _split_of_usage(usage, split, unknown_to_train=True)
-  if not len(rows):
+  votes = rows.csv_lines(csv_path, FERPLUS_COLUMNS[0])
+  faces = rows.csv_lines(fer_path, FER2013_COLUMNS[0])
+  if len(votes.starts) != len(faces.starts):
+    raise LayoutError(
+        f"{csv_path} has {len(votes.starts)} rows but {fer_path} has "
+        f"{len(faces.starts)}: FERPlus pairs its rows with {FER2013_CSV}'s "
+        "by position, so both must be the complete published files.")
+  mine, _ = _split_of_usage(votes.first, split)
+  if not len(mine):
     return None
-  return FerPlusIndex(csv_path, fer_path, starts[rows], ends[rows],
-                      numbers[rows], f_starts[rows], f_ends[rows],
-                      f_numbers[rows],
-                      f"{FERPLUS_CSV} Usage={_usage_source(split)}")
+  return FerPlusRows(csv_path, fer_path,
+                     f"{FERPLUS_CSV} Usage={_usage_source(split)}",
+                     votes.starts[mine], votes.ends[mine], votes.numbers[mine],
+                     faces.starts[mine], faces.ends[mine],
+                     faces.numbers[mine])
 
 
 # -------------------------------------------------------- ferplus_folders
@@ -526,13 +411,6 @@ def _ferplus_folders_root(input_dir: str) -> str | None:
   return None
 
 
-def _csv_fields(raw: bytes) -> list[str]:
-  """One CSV line's fields, quotes honoured (label.csv quotes its box)."""
-  line = raw.decode("utf-8").strip("\r\n\ufeff")
-  (fields,) = list(csv.reader([line]))
-  return [f.strip() for f in fields]
-
-
 def _ferplus_box(text: str) -> tuple[float, float, float, float]:
   """'(0, 0, 48, 48)' (left, top, right, bottom) -> (x, y, w, h)."""
   values = [float(v) for v in text.strip().strip("()").split(",")]
@@ -543,82 +421,60 @@ def _ferplus_box(text: str) -> tuple[float, float, float, float]:
 
 
 def _ferplus_folder_item(raw: bytes, number: int, label_path: str,
-                         follow_symlinks: bool) -> layouts.Item:
+                         follow_symlinks: bool) -> Item:
   name = os.path.basename(label_path)
   try:
-    fields = _csv_fields(raw)
-  except (UnicodeDecodeError, csv.Error, ValueError) as e:
-    return layouts.Skip(labels.MALFORMED_ROW, number, "",
-                        f"{name}: unreadable line: {e}")
+    fields = rows.csv_fields(raw)
+  except _UNREADABLE as e:
+    return Skip(labels.MALFORMED_ROW, number, "",
+                f"{name}: unreadable line: {e}")
   image = fields[0] if fields else ""
   if len(fields) != len(FERPLUS_LABEL_COLUMNS):
-    return layouts.Skip(
+    return Skip(
         labels.MALFORMED_ROW, number, image,
         f"{name}: expected {len(FERPLUS_LABEL_COLUMNS)} fields (image name, "
-        f"face box, {len(FERPLUS_VOTES)} votes), got {len(fields)}")
+        f"face box, {len(labels.FERPLUS_VOTES)} votes), got {len(fields)}")
   code, skip = ferplus_label(fields[2:], number, image)
   if skip is not None:
     return skip
   try:
     box = _ferplus_box(fields[1])
   except ValueError as e:
-    return layouts.Skip(labels.BAD_FACE_BOX, number, image, str(e))
+    return Skip(labels.BAD_FACE_BOX, number, image, str(e))
   if not all(np.isfinite(box)) or box[2] <= 0 or box[3] <= 0:
-    return layouts.Skip(labels.BAD_FACE_BOX, number, image,
-                        f"face box {fields[1]}")
+    return Skip(labels.BAD_FACE_BOX, number, image, f"face box {fields[1]}")
   try:
-    full = layouts.resolve(os.path.dirname(label_path), image,
-                           follow_symlinks=follow_symlinks)
-  except layouts.PathRefused as e:
-    return layouts.Skip(e.reason, number, image, str(e))
-  return layouts.Row(number, image, full, code, affect_data.NO_VALUE,
-                     affect_data.NO_VALUE, box, None)
+    full = rows.resolve(os.path.dirname(label_path), image,
+                        follow_symlinks=follow_symlinks)
+  except PathRefused as e:
+    return Skip(e.reason, number, image, str(e))
+  return Row(number, image, full, code, affect_data.NO_VALUE,
+             affect_data.NO_VALUE, box, None)
 
 
 @dataclasses.dataclass
-class FerPlusFolderPart:
+class FerPlusFolderRows(rows.RowIndex):
+  """Lines of one FERPlus folder's label.csv (its PNGs sit beside it)."""
   label_path: str
-  starts: np.ndarray
-  ends: np.ndarray
-  numbers: np.ndarray
+  source: str
+  starts: np.ndarray = rows.per_row()
+  ends: np.ndarray = rows.per_row()
+  numbers: np.ndarray = rows.per_row()
   follow_symlinks: bool = False
 
-  def __iter__(self) -> Iterator[layouts.Item]:
-    for raw, n in zip(_read_lines(self.label_path, self.starts, self.ends),
-                      self.numbers):
+  def __iter__(self) -> Iterator[Item]:
+    for raw, n in zip(rows.read_lines(self.label_path, self.starts,
+                                      self.ends), self.numbers):
       yield _ferplus_folder_item(raw, int(n), self.label_path,
                                  self.follow_symlinks)
 
-
-@dataclasses.dataclass
-class FerPlusFolderIndex:
-  label_path: str
-  starts: np.ndarray
-  ends: np.ndarray
-  numbers: np.ndarray
-  source: str
-  follow_symlinks: bool = False
-
-  def __len__(self) -> int:
-    return len(self.starts)
-
-  def part(self, start: int, stop: int) -> FerPlusFolderPart:
-    s = slice(start, stop)
-    return FerPlusFolderPart(self.label_path, self.starts[s], self.ends[s],
-                             self.numbers[s], self.follow_symlinks)
-
-  def subset(self, positions: np.ndarray) -> "FerPlusFolderIndex":
-    return dataclasses.replace(
-        self, starts=self.starts[positions], ends=self.ends[positions],
-        numbers=self.numbers[positions])
-
   def expression_codes(self) -> np.ndarray:
     codes = np.full(len(self), -1, np.int64)
-    for i, raw in enumerate(_read_lines(self.label_path, self.starts,
-                                        self.ends)):
+    for i, raw in enumerate(rows.read_lines(self.label_path, self.starts,
+                                            self.ends)):
       try:
-        fields = _csv_fields(raw)
-      except (UnicodeDecodeError, csv.Error, ValueError):
+        fields = rows.csv_fields(raw)
+      except _UNREADABLE:
         continue
       code, _ = ferplus_label(fields[2:], 0, "")
       if code is not None and len(fields) == len(FERPLUS_LABEL_COLUMNS):
@@ -630,100 +486,79 @@ class FerPlusFolderIndex:
 
 
 def index_ferplus_folders(input_dir: str, split: str,
-                          follow_symlinks: bool = False
-                          ) -> FerPlusFolderIndex | None:
+                          options: ReadOptions = ReadOptions()
+                          ) -> FerPlusFolderRows | None:
   root = _ferplus_folders_root(input_dir)
   if root is None:
-    raise layouts.LayoutError(
+    raise LayoutError(
         f"{input_dir} has no {'/, '.join(FERPLUS_FOLDERS.values())}/ folder "
         f"with a {FERPLUS_LABEL_FILE}.")
   folder = FERPLUS_FOLDERS[split]
   label_path = os.path.join(root, folder, FERPLUS_LABEL_FILE)
   if not os.path.isfile(label_path):
     if os.path.isdir(os.path.join(root, folder)):
-      raise layouts.LayoutError(
+      raise LayoutError(
           f"{os.path.join(root, folder)} has no {FERPLUS_LABEL_FILE}: its "
           "images have no labels. Copy it from the FERPlus release (or "
           "rerun FERPlus's generate_training_data.py).")
     return None
-  starts, ends, numbers, _, _ = _data_lines(label_path, None)
-  return FerPlusFolderIndex(
-      label_path, starts, ends, numbers,
+  lines = rows.csv_lines(label_path, None)  # label.csv has no header.
+  return FerPlusFolderRows(
+      label_path,
       f"{folder}/{FERPLUS_LABEL_FILE} (Usage={_usage_source(split)})",
-      follow_symlinks)
+      lines.starts, lines.ends, lines.numbers, options.follow_symlinks)
 
 
 # ------------------------------------------------------------------ rafdb
 
 
 @dataclasses.dataclass
-class RafdbPart:
+class RafdbRows(rows.RowIndex):
+  """Lines of RAF-DB's label list, each naming an image and its label."""
+  list_path: str
   image_root: str
   aligned: bool
-  entries: Sequence[tuple[str, str]]  # (image name as listed, label text).
-  numbers: Sequence[int]
+  source: str
+  entries: list[tuple[str, str]] = rows.per_row()  # (image name, label text)
+  numbers: np.ndarray = rows.per_row()
   follow_symlinks: bool = False
 
-  def __iter__(self) -> Iterator[layouts.Item]:
+  def __iter__(self) -> Iterator[Item]:
     for (name, text), n in zip(self.entries, self.numbers):
       n = int(n)
       if not name.startswith(tuple(_RAFDB_PREFIX.values())):
-        yield layouts.Skip(labels.UNKNOWN_SPLIT, n, name,
-                           "the name starts with neither train_ nor test_")
+        yield Skip(labels.UNKNOWN_SPLIT, n, name,
+                   "the name starts with neither train_ nor test_")
         continue
       try:
         label = labels.parse_int(text)
       except ValueError:
-        yield layouts.Skip(labels.MALFORMED_ROW, n, name,
-                           f"line is not '<image> <label>': {name} {text}")
+        yield Skip(labels.MALFORMED_ROW, n, name,
+                   f"line is not '<image> <label>': {name} {text}")
         continue
-      if str(label) not in RAFDB_MAPPING:
-        yield layouts.Skip(labels.LABEL_OUT_OF_RANGE, n, name,
-                           f"label {label} is not a RAF-DB basic label (1-7)")
+      if str(label) not in labels.RAFDB_MAPPING:
+        yield Skip(labels.LABEL_OUT_OF_RANGE, n, name,
+                   f"label {label} is not a RAF-DB basic label (1-7)")
         continue
       rel = name
       if self.aligned:  # train_00001.jpg -> train_00001_aligned.jpg
         stem, ext = os.path.splitext(name)
         rel = f"{stem}_aligned{ext}"
-        if (layouts.find_case_variant(os.path.join(self.image_root, rel))
-            is None and layouts.find_case_variant(
+        if (rows.find_case_variant(os.path.join(self.image_root, rel))
+            is None and rows.find_case_variant(
                 os.path.join(self.image_root, name)) is not None):
           rel = name  # A redistribution that dropped the suffix.
       try:
-        full = layouts.resolve(self.image_root, rel,
-                               follow_symlinks=self.follow_symlinks)
-      except layouts.PathRefused as e:
-        yield layouts.Skip(e.reason, n, rel, str(e))
+        full = rows.resolve(self.image_root, rel,
+                            follow_symlinks=self.follow_symlinks)
+      except PathRefused as e:
+        yield Skip(e.reason, n, rel, str(e))
         continue
-      yield layouts.Row(n, rel, full, RAFDB_MAPPING[str(label)],
-                        affect_data.NO_VALUE, affect_data.NO_VALUE, None,
-                        None)
-
-
-@dataclasses.dataclass
-class RafdbIndex:
-  list_path: str
-  image_root: str
-  aligned: bool
-  entries: list[tuple[str, str]]
-  numbers: np.ndarray
-  source: str
-  follow_symlinks: bool = False
-
-  def __len__(self) -> int:
-    return len(self.entries)
-
-  def part(self, start: int, stop: int) -> RafdbPart:
-    return RafdbPart(self.image_root, self.aligned, self.entries[start:stop],
-                     self.numbers[start:stop].tolist(), self.follow_symlinks)
-
-  def subset(self, positions: np.ndarray) -> "RafdbIndex":
-    return dataclasses.replace(
-        self, entries=[self.entries[i] for i in positions],
-        numbers=self.numbers[positions])
+      yield Row(n, rel, full, labels.RAFDB_MAPPING[str(label)],
+                affect_data.NO_VALUE, affect_data.NO_VALUE, None, None)
 
   def expression_codes(self) -> np.ndarray:
-    return np.asarray([RAFDB_MAPPING.get(t.strip(), -1)
+    return np.asarray([labels.RAFDB_MAPPING.get(t.strip(), -1)
                        for _, t in self.entries], np.int64)
 
   def inputs(self) -> list[str]:
@@ -731,10 +566,10 @@ class RafdbIndex:
 
 
 def index_rafdb(input_dir: str, split: str,
-                follow_symlinks: bool = False) -> RafdbIndex | None:
+                options: ReadOptions = ReadOptions()) -> RafdbRows | None:
   list_path = _find(input_dir, _RAFDB_DIRS, RAFDB_LIST)
   if list_path is None:
-    raise layouts.LayoutError(f"{input_dir} has no {RAFDB_LIST}.")
+    raise LayoutError(f"{input_dir} has no {RAFDB_LIST}.")
   root = os.path.dirname(os.path.dirname(list_path))
   image_root = kind = None
   for k, d in _RAFDB_IMAGE_DIRS:
@@ -742,7 +577,7 @@ def index_rafdb(input_dir: str, split: str,
       image_root, kind = os.path.join(root, d), k
       break
   if image_root is None:
-    raise layouts.LayoutError(
+    raise LayoutError(
         f"{list_path} lists RAF-DB's images but {root} has neither "
         f"{_RAFDB_IMAGE_DIRS[0][1]}/ nor {_RAFDB_IMAGE_DIRS[1][1]}/.")
   entries, numbers = [], []
@@ -760,16 +595,6 @@ def index_rafdb(input_dir: str, split: str,
         numbers.append(number)
   if not entries:
     return None
-  return RafdbIndex(list_path, image_root, kind == "aligned", entries,
-                    np.asarray(numbers, np.int64),
-                    f"{RAFDB_LIST} {prefix}* rows, Image/{kind}/",
-                    follow_symlinks)
-
-
-INDEXERS = {"fer2013": index_fer2013, "ferplus": index_ferplus,
-            "ferplus_folders": index_ferplus_folders, "rafdb": index_rafdb}
-# Splits each layout's files define; `holdout` is native to FER2013/FERPlus.
-SPLITS = {"fer2013": ("train", "val", layouts.HOLDOUT),
-          "ferplus": ("train", "val", layouts.HOLDOUT),
-          "ferplus_folders": ("train", "val", layouts.HOLDOUT),
-          "rafdb": ("train", "val")}
+  return RafdbRows(list_path, image_root, kind == "aligned",
+                   f"{RAFDB_LIST} {prefix}* rows, Image/{kind}/", entries,
+                   np.asarray(numbers, np.int64), options.follow_symlinks)

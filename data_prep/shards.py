@@ -7,7 +7,7 @@ A shard is the unit of work, of parallelism and of resumption:
      a temp name, to `.prep_state/<shard>.json`, the completion marker.
 A crash at any point leaves either no marker (the shard is redone from
 scratch) or a complete shard. Since a shard's rows and their order are fixed
-by the row index (see layouts.py), a redone shard is byte-identical.
+by the row index (see rows.py), a redone shard is byte-identical.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from affectjax import data as affect_data
 from affectjax import face_crop
 from data_prep import images
 from data_prep import labels
-from data_prep import layouts
+from data_prep import rows
 
 STATE_DIR = ".prep_state"
 TMP_TAG = ".tmp-"
@@ -53,7 +53,7 @@ class ShardTask:
   split: str
   shard: int
   num_shards: int
-  part: Any  # A layouts.*Part: iterable of Row | Skip.
+  part: Any  # A rows.RowIndex block: iterable of Row | Skip.
   options: ConvertOptions
 
   @property
@@ -86,7 +86,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def convert(row: layouts.Row, opts: ConvertOptions
+def convert(row: rows.Row, opts: ConvertOptions
             ) -> tuple[bytes, tuple[int, int]]:
   """One row -> (serialized record, (height, width) of the source crop).
 
@@ -97,7 +97,7 @@ def convert(row: layouts.Row, opts: ConvertOptions
   if row.image is not None:  # Pixels from the annotation file (FER2013).
     data = row.image
   else:
-    file = layouts.find_case_variant(row.file)
+    file = rows.find_case_variant(row.file)
     if file is None:
       raise FileNotFoundError(row.file)
     with open(file, "rb") as fp:
@@ -153,7 +153,7 @@ def run(task: ShardTask,
       if progress is not None and pending >= 16:
         progress(pending)
         pending = 0
-      if isinstance(item, layouts.Skip):
+      if isinstance(item, rows.Skip):
         stats.skip(item.reason, item.number, item.path, item.detail)
         continue
       if item.expression >= opts.num_classes:

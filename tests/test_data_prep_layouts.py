@@ -12,7 +12,8 @@ from PIL import Image
 
 from affectjax import data as affect_data
 from data_prep import affectnet
-from data_prep import layouts
+from data_prep import registry
+from data_prep import rows
 
 S = 24
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +88,7 @@ def npy_tree(tmp_path_factory):
 
 def test_npy_layout(npy_tree, tmp_path):
   root, expected, skips = npy_tree
-  assert layouts.detect(root) == "npy"
+  assert registry.detect(root) == "npy"
   m = affectnet.prepare(root, str(tmp_path), image_size=S, progress=False)
   assert m["layout"] == "npy"
   train = m["splits"]["train"]
@@ -113,12 +114,12 @@ def test_npy_layout(npy_tree, tmp_path):
 
 
 def test_npy_holdout_reads_codes_and_keeps_row_numbers(npy_tree):
-  idx = layouts.index_split("npy", npy_tree[0], "train")
+  idx = registry.index_split("npy", npy_tree[0], "train")
   codes = dict(zip(idx.names, idx.expression_codes().tolist()))
   # Unreadable or absent _exp.npy: -1, so the row stays in train.
   assert codes["106.jpg"] == codes["100.jpg"] == codes["Thumbs.db"] == -1
   assert codes["3.jpg"] == 3 and codes["103.jpg"] == 9
-  train, held = layouts.split_holdout(idx, 0.5, seed=0)
+  train, held = registry.split_holdout(idx, 0.5, seed=0)
   assert not set(train.names) & set(held.names)
   assert sorted(train.names + held.names) == sorted(idx.names)
   # Class 1 has 5 rows (1, 101, 102, 104, 107): round(2.5) = 3 held out.
@@ -157,7 +158,7 @@ def folders_tree(tmp_path_factory):
 
 def test_folders_layout(folders_tree, tmp_path):
   root, expected, skips = folders_tree
-  assert layouts.detect(root) == "folders"
+  assert registry.detect(root) == "folders"
   m = affectnet.prepare(root, str(tmp_path), image_size=S, num_shards=2,
                         progress=False)
   train = m["splits"]["train"]
@@ -187,17 +188,17 @@ def test_folders_seven_classes_and_forced_layout(folders_tree, tmp_path):
 
 def test_unknown_class_folder_is_a_clear_error(tmp_path):
   _write(f"{tmp_path}/in/train/smiling/a.jpg", _face(0))
-  with pytest.raises(layouts.LayoutError, match="smiling"):
+  with pytest.raises(rows.LayoutError, match="smiling"):
     affectnet.prepare(str(tmp_path / "in"), str(tmp_path / "out"),
                       progress=False)
 
 
 def test_detect_and_forced_layout_mismatch(npy_tree, folders_tree, tmp_path):
-  with pytest.raises(layouts.LayoutError, match="no train or val"):
+  with pytest.raises(rows.LayoutError, match="no train or val"):
     affectnet.prepare(npy_tree[0], str(tmp_path), layout="folders",
                       progress=False)
-  with pytest.raises(layouts.LayoutError, match="--layout"):
-    layouts.index_split("zip", folders_tree[0], "train")
+  with pytest.raises(rows.LayoutError, match="--layout"):
+    registry.index_split("zip", folders_tree[0], "train")
 
 
 def test_resolve_rejects_escapes(tmp_path):
@@ -205,18 +206,18 @@ def test_resolve_rejects_escapes(tmp_path):
   os.makedirs(f"{root}/a")
   _write(f"{tmp_path}/outside/x.jpg", b"x")
   os.symlink(f"{tmp_path}/outside", f"{root}/a/link")
-  assert layouts.resolve(root, "a/b.jpg") == os.path.join(
+  assert rows.resolve(root, "a/b.jpg") == os.path.join(
       os.path.realpath(root), "a", "b.jpg")
   for follow in (False, True):
     for bad in ("../x.jpg", "a/../../x.jpg", "/etc/passwd", "",
                 "a/link/../../../outside/x.jpg"):
-      with pytest.raises(layouts.PathRefused) as e:
-        layouts.resolve(root, bad, follow_symlinks=follow)
+      with pytest.raises(rows.PathRefused) as e:
+        rows.resolve(root, bad, follow_symlinks=follow)
       assert e.value.reason == "path_escapes_root", bad
-  with pytest.raises(layouts.PathRefused, match="--follow_symlinks") as e:
-    layouts.resolve(root, "a/link/x.jpg")
+  with pytest.raises(rows.PathRefused, match="--follow_symlinks") as e:
+    rows.resolve(root, "a/link/x.jpg")
   assert e.value.reason == "symlink_outside_root"
-  assert layouts.resolve(root, "a/link/x.jpg", follow_symlinks=True) == (
+  assert rows.resolve(root, "a/link/x.jpg", follow_symlinks=True) == (
       os.path.join(os.path.abspath(root), "a", "link", "x.jpg"))
 
 

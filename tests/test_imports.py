@@ -1,26 +1,30 @@
-"""The import graph of `affectjax`: dependencies run one way (no loops).
+"""The import graph of `affectjax` and `data_prep`: dependencies run one way.
 
 Parses every module's imports (module level and inside functions alike: a
 function-level import is still a dependency, only a later one) and fails
 naming the loop if one module imports another that imports it back, directly
-or through others.
+or through others. Between the packages the rule is one-way too: `data_prep`
+uses `affectjax` (the record format, the face crop), `affectjax` never
+imports `data_prep` (training and serving must not need the converter).
 """
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "affectjax"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("affectjax", "data_prep")
 
 
 def _module_name(path: pathlib.Path) -> str:
-  parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+  parts = list(path.relative_to(ROOT).with_suffix("").parts)
   if parts[-1] == "__init__":
     parts.pop()
   return ".".join(parts)
 
 
 def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
-  """The affectjax modules ``path`` imports (``from pkg import mod`` counts
-  as importing ``pkg.mod`` when that is a module, else ``pkg``)."""
+  """The modules among ``modules`` that ``path`` imports (``from pkg import
+  mod`` counts as importing ``pkg.mod`` when that is a module, else
+  ``pkg``)."""
   name = _module_name(path)
   package = name if path.name == "__init__.py" else name.rpartition(".")[0]
   found = set()
@@ -41,7 +45,8 @@ def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-  paths = sorted(PACKAGE.rglob("*.py"))
+  """Module -> the modules of PACKAGES it imports."""
+  paths = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
   modules = {_module_name(p) for p in paths}
   return {_module_name(p): _imports(p, modules) for p in paths}
 
@@ -78,6 +83,29 @@ def test_finder_sees_function_level_and_indirect_loops():
   assert "affectjax.scoring" in graph["affectjax.workdir"]  # Inside a method.
 
 
-def test_no_import_loop_in_affectjax():
-  loop = find_loop(import_graph())
+def test_no_import_loop_in_affectjax_or_data_prep():
+  graph = import_graph()
+  assert "data_prep.registry" in graph and "affectjax.train" in graph
+  loop = find_loop(graph)
   assert loop is None, "import loop: " + " -> ".join(loop)
+
+
+def test_affectjax_never_imports_data_prep():
+  graph = import_graph()
+  assert "affectjax.data" in graph["data_prep.shards"]  # Seen across both.
+  wrong = {m: sorted(d for d in deps if d.split(".")[0] == "data_prep")
+           for m, deps in graph.items() if m.split(".")[0] == "affectjax"}
+  wrong = {m: d for m, d in wrong.items() if d}
+  assert not wrong, f"affectjax imports data_prep: {wrong}"
+
+
+def test_layouts_sit_below_the_registry():
+  """The layout modules import neither each other nor the registry; only
+  the registry (and the driver above it) sees them all."""
+  graph = import_graph()
+  layouts = {"data_prep.layouts", "data_prep.public_sets"}
+  for m in layouts:
+    assert not graph[m] & (layouts | {"data_prep.registry",
+                                      "data_prep.prepare"}), (m, graph[m])
+  assert layouts <= graph["data_prep.registry"]
+  assert graph["data_prep.rows"] <= {"data_prep.labels", "affectjax.face_crop"}

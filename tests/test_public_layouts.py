@@ -11,8 +11,9 @@ import pytest
 
 from affectjax import data as affect_data
 from data_prep import affectnet
-from data_prep import layouts
 from data_prep import public_sets
+from data_prep import registry
+from data_prep import rows
 from tests import public_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,7 @@ def _by_path(out, split):
 def test_fer2013_csv(tmp_path):
   root, out = str(tmp_path / "fer"), str(tmp_path / "out")
   want = public_fixtures.write_fer2013(root)
-  assert layouts.detect(root) == "fer2013"
+  assert registry.detect(root) == "fer2013"
   m = affectnet.prepare(root, out, image_size=S, encoding="raw",
                         progress=False)
   _check_splits(m, want)
@@ -90,7 +91,7 @@ def test_fer2013_refuses_a_second_holdout(tmp_path):
 def test_ferplus_majority_vote(tmp_path):
   root, out = str(tmp_path / "ferplus"), str(tmp_path / "out")
   want = public_fixtures.write_ferplus(root)
-  assert layouts.detect(root) == "ferplus"
+  assert registry.detect(root) == "ferplus"
   m = affectnet.prepare(root, out, image_size=S, encoding="raw",
                         progress=False)
   _check_splits(m, want)
@@ -123,8 +124,8 @@ def test_ferplus_folders_with_label_csv(tmp_path):
   # that keeps them under data/, with fer2013new.csv but no fer2013.csv).
   (tmp_path / "FERPlus" / "fer2013new.csv").write_text(
       public_fixtures.FERPLUS_HEADER + "\n")
-  assert layouts.detect(root) == "ferplus_folders"
-  assert layouts.detect(str(tmp_path / "FERPlus")) == "ferplus_folders"
+  assert registry.detect(root) == "ferplus_folders"
+  assert registry.detect(str(tmp_path / "FERPlus")) == "ferplus_folders"
   m = affectnet.prepare(root, out, image_size=S, encoding="raw",
                         progress=False)
   _check_splits(m, want)
@@ -174,11 +175,11 @@ def test_majority_vote_rule():
 def test_ferplus_needs_row_aligned_fer2013(tmp_path):
   public_fixtures.write_ferplus(str(tmp_path))
   os.remove(tmp_path / "fer2013.csv")
-  with pytest.raises(layouts.LayoutError, match="put Kaggle's original"):
+  with pytest.raises(rows.LayoutError, match="put Kaggle's original"):
     affectnet.prepare(str(tmp_path), str(tmp_path / "o"), progress=False)
   (tmp_path / "fer2013.csv").write_text(
       "emotion,pixels,Usage\n0,1 2,Training\n")
-  with pytest.raises(layouts.LayoutError, match="has 14 rows but"):
+  with pytest.raises(rows.LayoutError, match="has 14 rows but"):
     affectnet.prepare(str(tmp_path), str(tmp_path / "o"), progress=False)
 
 
@@ -186,7 +187,7 @@ def test_ferplus_needs_row_aligned_fer2013(tmp_path):
 def test_rafdb_basic(tmp_path, aligned):
   root, out = str(tmp_path / "RAF-DB"), str(tmp_path / "out")
   want = public_fixtures.write_rafdb(root, aligned=aligned)
-  assert layouts.detect(root) == "rafdb"
+  assert registry.detect(root) == "rafdb"
   m = affectnet.prepare(root, out, image_size=24, progress=False)
   _check_splits(m, want)
   assert m["num_classes"] == 7 and m["dataset"] == "RAF-DB"
@@ -216,7 +217,7 @@ def test_kaggle_tree_splits_test_by_the_usage_in_its_file_names(tmp_path):
   skip; the run and the manifest say where each split came from."""
   root, out = tmp_path / "fer2013", tmp_path / "out"
   want = public_fixtures.write_fer2013_folders(str(root))
-  assert layouts.detect(str(root)) == "folders"
+  assert registry.detect(str(root)) == "folders"
   res = _cli(f"--input_dir={root}", f"--output_dir={out}")
   assert res.returncode == 0, res.stderr
   m = json.loads((out / "manifest.json").read_text())
@@ -271,8 +272,8 @@ def test_ambiguous_trees_ask_for_layout(tmp_path):
   root = str(tmp_path)
   public_fixtures.write_fer2013_folders(root)
   public_fixtures.write_fer2013(root)
-  with pytest.raises(layouts.LayoutError, match="--layout=fer2013"):
-    layouts.detect(root)
+  with pytest.raises(rows.LayoutError, match="--layout=fer2013"):
+    registry.detect(root)
   m = affectnet.prepare(root, str(tmp_path / "out"), layout="folders",
                         image_size=24, progress=False)
   assert m["splits"]["val"]["written"] == 10
@@ -285,7 +286,7 @@ def test_rafdb_numbered_folders_are_not_read_as_affectnet_codes(tmp_path):
   --folder_numbers says which numbering it is."""
   want = public_fixtures.write_rafdb_folders(str(tmp_path / "raf"))
   root = str(tmp_path / "raf" / "DATASET")
-  with pytest.raises(layouts.LayoutError, match="--folder_numbers=rafdb"):
+  with pytest.raises(rows.LayoutError, match="--folder_numbers=rafdb"):
     affectnet.prepare(root, str(tmp_path / "o1"), image_size=24,
                       progress=False)
   m = affectnet.prepare(root, str(tmp_path / "o2"), image_size=24,
