@@ -65,13 +65,22 @@ def _counts(ids, n=8):
   return c
 
 
+# FER2013 Training rows per label, a different count for each label (0 angry
+# ... 6 neutral) so that two swapped classes show in the counts.
+_FER2013_TRAIN = {0: 3, 1: 1, 2: 2, 3: 6, 4: 4, 5: 5, 6: 7}
+
+
 def write_fer2013(root: str) -> dict:
-  """`root/fer2013.csv`; returns the expected result per split."""
+  """`root/fer2013.csv`; returns the expected result per split, the class
+  counts written out by hand in affectjax's ids (0 neutral, 1 happy, 2 sad,
+  3 surprise, 4 fear, 5 disgust, 6 anger), and `faces`: line -> (id,
+  pixels) for every written row."""
   rows = []  # (emotion text, pixel text, Usage)
   pixels = {}
-  for label in range(7):  # One good Training row per FER2013 label.
-    pixels[len(rows)] = face_pixels(label)
-    rows.append((str(label), pixel_string(pixels[len(rows)]), "Training"))
+  for label, count in _FER2013_TRAIN.items():
+    for _ in range(count):
+      pixels[len(rows)] = face_pixels(len(rows))
+      rows.append((str(label), pixel_string(pixels[len(rows)]), "Training"))
   short = pixel_string(face_pixels(50))[:-4]  # 2303 values.
   rows.append(("3", short, "Training"))  # malformed_row
   rows.append(("7", pixel_string(face_pixels(51)), "Training"))  # out of range
@@ -82,7 +91,7 @@ def write_fer2013(root: str) -> dict:
   for label in (3, 3, 6):
     pixels[len(rows)] = face_pixels(100 + len(rows))
     rows.append((str(label), pixel_string(pixels[len(rows)]), "PublicTest"))
-  for label in (0, 1, 2, 3):
+  for label in (0, 0, 1, 2, 2, 2, 3):
     pixels[len(rows)] = face_pixels(200 + len(rows))
     rows.append((str(label), pixel_string(pixels[len(rows)]), "PrivateTest"))
   text = "emotion,pixels,Usage\n" + "".join(
@@ -92,15 +101,15 @@ def write_fer2013(root: str) -> dict:
   faces = {i + 2: (FER2013_TO_ID[int(rows[i][0])], pixels[i])
            for i in pixels}
   return {
-      "train": {"rows": 11, "written": 7,
+      "train": {"rows": 32, "written": 28,
                 "skipped": {"label_out_of_range": 1, "malformed_row": 2,
                             "unknown_split": 1},
-                "class_counts": _counts(FER2013_TO_ID[k] for k in range(7))[
-                    :7]},
+                #               neu hap sad sur fea dis ang
+                "class_counts": [7, 6, 4, 5, 2, 1, 3]},
       "holdout": {"rows": 3, "written": 3, "skipped": {},
-                  "class_counts": _counts([1, 1, 0])[:7]},
-      "val": {"rows": 4, "written": 4, "skipped": {},
-              "class_counts": _counts([6, 5, 4, 1])[:7]},
+                  "class_counts": [1, 2, 0, 0, 0, 0, 0]},
+      "val": {"rows": 7, "written": 7, "skipped": {},
+              "class_counts": [0, 1, 0, 0, 3, 1, 2]},
       "faces": faces,
   }
 
@@ -124,7 +133,15 @@ _FERPLUS_ROWS = [
     ("PrivateTest", True, (2, 0, 0, 7, 0, 0, 0, 1, 0, 0), 2),
     ("PrivateTest", True, (0, 0, 0, 0, 10, 0, 0, 0, 0, 0), 6),
     ("PrivateTest", True, (0, 0, 0, 0, 3, 6, 0, 0, 1, 0), 5),
+    ("PublicTest", True, (0, 0, 7, 0, 0, 0, 3, 0, 0, 0), 3),
+    ("PrivateTest", True, (0, 0, 0, 0, 8, 0, 0, 0, 2, 0), 6),
+    ("PrivateTest", True, (1, 0, 0, 0, 6, 0, 0, 3, 0, 0), 6),
 ]
+# What those rows give, per split, in affectjax's ids, written out by hand:
+#                 neu hap sad sur fea dis ang con
+FERPLUS_COUNTS = {"train": [2, 1, 0, 0, 0, 0, 0, 1],
+                  "holdout": [0, 0, 0, 2, 1, 0, 0, 0],
+                  "val": [0, 0, 1, 0, 0, 1, 3, 0]}
 FERPLUS_HEADER = ("Usage,Image name,neutral,happiness,surprise,sadness,anger,"
                   "disgust,fear,contempt,unknown,NF")
 
@@ -219,19 +236,28 @@ def write_ferplus_folders(root: str) -> dict:
   return want
 
 
+# RAF-DB basic: train images per label (1 surprise, 2 fear, 3 disgust,
+# 4 happy, 5 sad, 6 anger, 7 neutral), a different count for each label;
+# and the test images' labels.
+_RAFDB_TRAIN = {1: 3, 2: 1, 3: 2, 4: 7, 5: 4, 6: 5, 7: 6}
+_RAFDB_TEST = (1, 1, 4, 7, 7, 7)
+
+
 def write_rafdb(root: str, *, aligned: bool = True) -> dict:
-  """RAF-DB basic under `root/basic`; returns the expectations."""
+  """RAF-DB basic under `root/basic`; returns the expectations, written out
+  by hand in affectjax's ids, and `paths`: {split: {path: id}}."""
   base = os.path.join(root, "basic")
-  lines, ids = [], {"train": [], "val": []}
-  for k, label in enumerate((1, 2, 3, 4, 5, 6, 7, 4), start=1):
-    lines.append(f"train_{k:05d}.jpg {label}")
-    ids["train"].append(RAFDB_TO_ID[label])
-  lines.append("train_00009.jpg 8")  # label_out_of_range (image exists)
-  lines.append("train_00010.jpg 3")  # missing_file (no image)
-  for k, label in enumerate((1, 4, 7), start=1):
+  lines = []
+  k = 0
+  for label, count in _RAFDB_TRAIN.items():
+    for _ in range(count):
+      k += 1
+      lines.append(f"train_{k:05d}.jpg {label}")
+  lines.append("train_00029.jpg 8")  # label_out_of_range (image exists)
+  lines.append("train_00030.jpg 3")  # missing_file (no image)
+  for k, label in enumerate(_RAFDB_TEST, start=1):
     lines.append(f"test_{k:04d}.jpg {label}")
-    ids["val"].append(RAFDB_TO_ID[label])
-  names = [l.split()[0] for l in lines if not l.startswith("train_00010")]
+  names = [l.split()[0] for l in lines if not l.startswith("train_00030")]
   for n, name in enumerate(names):
     img = np.stack([face_pixels(400 + n, 100)] * 3, axis=-1)
     stem = os.path.splitext(name)[0]
@@ -242,12 +268,19 @@ def write_rafdb(root: str, *, aligned: bool = True) -> dict:
     _write(path, _jpeg(img))
   _write(os.path.join(base, "EmoLabel", "list_patition_label.txt"),
          "\n".join(lines) + "\n")
+  suffix = "_aligned" if aligned else ""
   return {
-      "train": {"rows": 10, "written": 8,
+      "train": {"rows": 30, "written": 28,
                 "skipped": {"label_out_of_range": 1, "missing_file": 1},
-                "class_counts": _counts(ids["train"])[:7]},
-      "val": {"rows": 3, "written": 3, "skipped": {},
-              "class_counts": _counts(ids["val"])[:7]},
+                #               neu hap sad sur fea dis ang
+                "class_counts": [6, 7, 4, 3, 1, 2, 5]},
+      "val": {"rows": 6, "written": 6, "skipped": {},
+              "class_counts": [3, 1, 0, 2, 0, 0, 0]},
+      "paths": {
+          "train": {f"train_{k:05d}{suffix}.jpg": i for k, i in (
+              (1, 3), (4, 4), (6, 5), (13, 1), (14, 2), (22, 6), (28, 0))},
+          "val": {f"test_{k:04d}{suffix}.jpg": i for k, i in (
+              (2, 3), (3, 1), (4, 0))}},
   }
 
 
@@ -321,20 +354,27 @@ def write_fer2013_folders(root: str, *, usage_names: bool = True) -> dict:
 def write_rafdb_folders(root: str) -> dict:
   """A Kaggle redistribution of RAF-DB: `DATASET/train/<1-7>/` and
   `DATASET/test/<1-7>/` (RAF-DB's label numbers as folder names), aligned
-  100x100 faces named as in RAF-DB."""
-  counts = {"train": [0] * 7, "val": [0] * 7}
+  100x100 faces named as in RAF-DB. Folder L holds L images in train and
+  8 - L in test, so every class has its own count."""
   n = 0
   for split, prefix in (("train", "train_"), ("test", "test_")):
     for label in range(1, 8):
-      n += 1
-      name = f"{prefix}{n:05d}_aligned.jpg"
-      img = np.stack([face_pixels(600 + n, 100)] * 3, axis=-1)
-      _write(os.path.join(root, "DATASET", split, str(label), name),
-             _jpeg(img))
-      counts["val" if split == "test" else split][RAFDB_TO_ID[label]] += 1
+      for _ in range(label if split == "train" else 8 - label):
+        n += 1
+        name = f"{prefix}{n:05d}_aligned.jpg"
+        img = np.stack([face_pixels(600 + n, 100)] * 3, axis=-1)
+        _write(os.path.join(root, "DATASET", split, str(label), name),
+               _jpeg(img))
   return {
-      "train": {"rows": 7, "written": 7, "skipped": {},
-                "class_counts": counts["train"]},
-      "val": {"rows": 7, "written": 7, "skipped": {},
-              "class_counts": counts["val"]},
+      #                                                neu hap sad sur fea dis ang
+      "train": {"rows": 28, "written": 28, "skipped": {},
+                "class_counts": [7, 4, 5, 1, 2, 3, 6]},
+      "val": {"rows": 28, "written": 28, "skipped": {},
+              "class_counts": [1, 4, 3, 7, 6, 5, 2]},
+      "paths": {"train": {"1/train_00001_aligned.jpg": 3,
+                          "2/train_00003_aligned.jpg": 4,
+                          "7/train_00028_aligned.jpg": 0},
+                "val": {"1/test_00029_aligned.jpg": 3,
+                        "6/test_00055_aligned.jpg": 6,
+                        "7/test_00056_aligned.jpg": 0}},
   }
