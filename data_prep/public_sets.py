@@ -83,23 +83,24 @@ USAGE_SPLIT_NAMES = ("train", "val", HOLDOUT)
 _RAFDB_PREFIX = {"train": "train_", "val": "test_"}
 
 
-def _find(input_dir: str, dirs: Sequence[str], name: str) -> str | None:
+def _find_in(input_dir: str, dirs: Sequence[str], name: str) -> str | None:
+  """`name` in the first of `dirs` (below input_dir) that holds it."""
   return rows.find(input_dir, [os.path.join(d, name) for d in dirs],
                    os.path.isfile)
 
 
 def detect_fer2013(input_dir: str) -> bool:
   """fer2013.csv without fer2013new.csv (that is FERPlus, which reads it)."""
-  return bool(_find(input_dir, _FER_DIRS, FER2013_CSV)
-              and not _find(input_dir, _FER_DIRS, FERPLUS_CSV))
+  return bool(_find_in(input_dir, _FER_DIRS, FER2013_CSV)
+              and not _find_in(input_dir, _FER_DIRS, FERPLUS_CSV))
 
 
 def detect_ferplus(input_dir: str) -> bool:
   """fer2013new.csv; beside FERPlus's folders only with fer2013.csv too (a
   clone of a repository that ships both holds the CSV as their source)."""
-  return bool(_find(input_dir, _FER_DIRS, FERPLUS_CSV) and (
+  return bool(_find_in(input_dir, _FER_DIRS, FERPLUS_CSV) and (
       not detect_ferplus_folders(input_dir)
-      or _find(input_dir, _FER_DIRS, FER2013_CSV)))
+      or _find_in(input_dir, _FER_DIRS, FER2013_CSV)))
 
 
 def detect_ferplus_folders(input_dir: str) -> bool:
@@ -107,7 +108,7 @@ def detect_ferplus_folders(input_dir: str) -> bool:
 
 
 def detect_rafdb(input_dir: str) -> bool:
-  return _find(input_dir, _RAFDB_DIRS, RAFDB_LIST) is not None
+  return _find_in(input_dir, _RAFDB_DIRS, RAFDB_LIST) is not None
 
 
 def pgm(pixels: np.ndarray) -> bytes:
@@ -229,7 +230,7 @@ def index_fer2013(input_dir: str, split: str,
                   options: ReadOptions = ReadOptions()
                   ) -> Fer2013Rows | None:
   del options  # Pixels are inside the CSV: no path to follow.
-  csv_path = _find(input_dir, _FER_DIRS, FER2013_CSV)
+  csv_path = _find_in(input_dir, _FER_DIRS, FER2013_CSV)
   if csv_path is None:
     raise LayoutError(
         f"{input_dir} has no {FER2013_CSV} (looked in "
@@ -372,10 +373,10 @@ def index_ferplus(input_dir: str, split: str,
                   options: ReadOptions = ReadOptions()
                   ) -> FerPlusRows | None:
   del options  # Pixels come from fer2013.csv: no path to follow.
-  csv_path = _find(input_dir, _FER_DIRS, FERPLUS_CSV)
+  csv_path = _find_in(input_dir, _FER_DIRS, FERPLUS_CSV)
   if csv_path is None:
     raise LayoutError(f"{input_dir} has no {FERPLUS_CSV}.")
-  fer_path = _find(input_dir, _FER_DIRS, FER2013_CSV)
+  fer_path = _find_in(input_dir, _FER_DIRS, FER2013_CSV)
   if fer_path is None:
     raise LayoutError(
         f"{csv_path} holds FERPlus's votes but not the faces: put Kaggle's "
@@ -567,7 +568,7 @@ class RafdbRows(rows.RowIndex):
 
 def index_rafdb(input_dir: str, split: str,
                 options: ReadOptions = ReadOptions()) -> RafdbRows | None:
-  list_path = _find(input_dir, _RAFDB_DIRS, RAFDB_LIST)
+  list_path = _find_in(input_dir, _RAFDB_DIRS, RAFDB_LIST)
   if list_path is None:
     raise LayoutError(f"{input_dir} has no {RAFDB_LIST}.")
   root = os.path.dirname(os.path.dirname(list_path))

@@ -284,15 +284,21 @@ def test_empty_split_exits_nonzero_naming_the_reason(tmp_path):
                       progress=False)
 
 
-def test_cli_flags_are_absl(tmp_path):
-  res = subprocess.run([sys.executable, "-m", "data_prep.affectnet",
-                        "--help"], cwd=REPO, capture_output=True, text=True,
-                       timeout=60)
+@pytest.mark.parametrize("module", ["data_prep.affectnet",
+                                    "data_prep.prepare"])
+def test_cli_flags_are_absl(tmp_path, module):
+  """The documented entry point (a shim) and the driver itself are the same
+  program, with the same flags in --help."""
+  res = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
   assert res.returncode in (0, 1), res.stderr  # absl's --help exits 1.
+  assert res.stdout.startswith("The data_prep driver"), res.stdout[:200]
   for flag in ("--input_dir", "--image_size", "--holdout_fraction",
                "--holdout_seed", "--[no]follow_symlinks", "--classes",
-               "(default: '320')"):
+               "(default: '320')", "ferplus_folders"):
     assert flag in res.stdout, flag
+  if module == "data_prep.prepare":
+    return
   res = subprocess.run([sys.executable, "-m", "data_prep.affectnet",
                         "--helpfull"], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
