@@ -126,8 +126,12 @@ def initialize(*, auto: bool = False, coordinator_address: str | None = None,
   ``coordinator_address`` (with ``num_processes`` and ``process_id``): an
   explicit multi-process run. ``auto``: ``jax.distributed.initialize()`` with
   cluster auto-detection (TPU pods, SLURM, Open MPI). Neither: one process.
-  In every case SIGTERM ends the process until training installs its
-  ``preemption.StopRequest``.
+  ``jax.distributed`` replaces the SIGTERM handler with XLA's notifier,
+  which would swallow the signal; it is put back
+  (``preemption.reclaim_sigterm``): the early handler of
+  ``preemption.catch_signals_early`` if the process installed one (the
+  trainer: a SIGTERM during start-up stops the run before its first step),
+  else the default (SIGTERM ends the process).
   """
   ids = resolve_local_device_ids(local_device_ids)
   if coordinator_address:
@@ -149,8 +153,8 @@ def initialize(*, auto: bool = False, coordinator_address: str | None = None,
     jax.config.update("jax_rocm_visible_devices", visible)
   if jax.distributed.is_initialized():
     # jax.distributed's preemption notifier swallows SIGTERM (see
-    # affectjax.preemption); until StopRequest takes over, let it kill.
-    preemption.restore_default_sigterm()
+    # affectjax.preemption); ours comes back until StopRequest takes over.
+    preemption.reclaim_sigterm()
   _selected_ids.clear()
   _selected_ids.extend(ids or [])
 

@@ -13,19 +13,29 @@ pods, SLURM, ...), or give ``--coordinator_address``, ``--num_processes`` and
 Exit status, for schedulers and retry wrappers:
   0   the run finished (``total_steps`` reached, or early stopping);
   75  (EX_TEMPFAIL, ``--preempted_exit_code``) SIGTERM or SIGINT stopped it
-      after the current step and a synchronous checkpoint: rerun the same
-      command to resume;
+      after the current step and a synchronous checkpoint, or before the
+      first step (a signal during start-up: nothing new to save): rerun the
+      same command to resume;
   128 + N  a second signal N, or no step finished within 5 minutes of the
       first (aborted without saving; the last checkpoint is kept);
-  2   a config or flag that cannot work, or a file or directory that is
-      missing or cannot be written (one line naming it, no traceback; see
-      ``affectjax.cli``);
-  1   any other failure. A crash never exits with the preemption status, so a
+  2   the command must change: a config or flag that cannot work
+      (``ConfigError``, a bad flag value) or a path named by a flag that does
+      not exist (one line naming it, no traceback; see ``affectjax.cli``);
+  1   any other failure: an I/O error (a checkpoint save onto a full or
+      read-only disk, a storage timeout; a save failure is one line, its
+      traceback in the log at ``--verbosity=0``) or a bug (with its
+      traceback). A crash never exits with the preemption status, so a
       requeue-on-75 rule never retries a broken run forever.
 """
 from __future__ import annotations
 
 import sys
+
+if __name__ == "__main__":
+  # Before anything slow (importing JAX takes seconds): a scheduler's
+  # SIGTERM during start-up stops the run cleanly (see affectjax.preemption).
+  from affectjax import preemption as _preemption
+  _preemption.catch_signals_early()
 
 import jax
 from absl import app, flags
@@ -33,6 +43,7 @@ from ml_collections import config_flags
 
 from affectjax import cli
 from affectjax import distributed
+from affectjax import preemption
 from affectjax import summary
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -66,7 +77,7 @@ _PREEMPTED_EXIT_CODE = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 # A failure's exit status (see the module docstring).
-_EXIT_FAILURE = 1
+_EXIT_FAILURE = cli.FAILURE
 
 
 def main(argv) -> int:
@@ -89,10 +100,10 @@ def main(argv) -> int:
     raise app.UsageError(str(e)) from None
   distributed.enable_compilation_cache(config.compilation_cache_dir)
   distributed.check_devices()
-  from affectjax import train  # pylint: disable=g-import-not-at-top
-  # A ConfigError (refused before training) is reported by cli.tool: one
-  # line, exit 2.
-  result = train.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    result = _train(config, _WORKDIR.value)
+  except preemption.StoppedBeforeStart as e:
+    result = {"preempted": True, "step": None, "signal": e.signal_name}
   if jax.process_index() == 0:
     if result.get("preempted"):
       print(resume_message(result, preempted_code), flush=True)
@@ -101,6 +112,19 @@ def main(argv) -> int:
   if result.get("preempted"):
     raise Preempted(preempted_code)  # Every process: each one is requeued.
   return 0
+
+
+def _train(config, workdir) -> dict:
+  """``train.train_and_evaluate``, unless a signal came during start-up.
+
+  A signal so far stops the run here (``StoppedBeforeStart``), before the
+  model is built; a later one during start-up is the run's ``StopRequest``'s,
+  which raises the same. A ``ConfigError`` (refused before training) is
+  reported by ``cli.tool``: one line, exit 2.
+  """
+  preemption.stop_if_signalled_during_start_up()
+  from affectjax import train  # pylint: disable=g-import-not-at-top
+  return train.train_and_evaluate(config, workdir)
 
 
 class Preempted(SystemExit):
@@ -112,8 +136,12 @@ class Preempted(SystemExit):
 
 
 def resume_message(result: dict, exit_code: int = 75) -> str:
-  """The line printed when a signal stopped the run after a checkpoint."""
+  """The line printed when a signal stopped the run (step None: before its
+  first step, during start-up)."""
   by = result.get("signal") or "a stop request"
+  if result.get("step") is None:
+    return (f"Stopped by {by} before the first step (nothing new to save); "
+            f"rerun the same command to resume (exit status {exit_code}).")
   return (f"Stopped by {by} at step {result['step']} after saving a "
           "checkpoint; rerun the same command to resume (exit status "
           f"{exit_code}).")
@@ -124,10 +152,13 @@ def run() -> None:
 
   A failure whose ``SystemExit`` carries that status (a library calling
   ``sys.exit(75)``) exits 1 instead, or a requeue-on-75 rule would retry a
-  broken run forever.
+  broken run forever. A bad or missing flag exits 2 (``cli.parse_flags``).
+  SIGTERM and SIGINT are caught from here on (``python -m affectjax.main``
+  catches them earlier still, before importing JAX).
   """
+  preemption.catch_signals_early()
   try:
-    app.run(cli.tool(main, "affectjax.main"))
+    app.run(cli.tool(main, "affectjax.main"), flags_parser=cli.parse_flags)
   except Preempted:
     raise
   except SystemExit as e:

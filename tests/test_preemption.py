@@ -1,4 +1,5 @@
-"""StopRequest with real signals; process setup (device ids, SIGTERM, compile cache)."""
+"""StopRequest with real signals; a signal during the trainer's start-up;
+process setup (device ids, SIGTERM, compile cache)."""
 import os
 import signal
 import socket
@@ -34,7 +35,7 @@ def test_signal_requests_a_stop_and_handlers_come_back(sig):
       step += 1
       assert step < 10_000, "the signal never reached should_stop"
       time.sleep(0.001)
-    assert stop.signal_name == sig.name and stop.stop_step == step
+    assert stop.signal_name == sig.name
     assert stop.should_stop(step + 1)  # Stays stopped.
   assert {s: signal.getsignal(s) for s in before} == before
 
@@ -216,7 +217,8 @@ main.run()
     # The default, 75, is what the SIGTERM tests of test_end_to_end.py see.
     ("preempted", ["--preempted_exit_code=3"], 3),
     ("exit_75", [], 1),
-    ("preempted", ["--preempted_exit_code=1"], 1),  # Refused: a failure's.
+    # Refused (a failure's status): a flag that cannot work, exit 2.
+    ("preempted", ["--preempted_exit_code=1"], 2),
 ])
 def test_exit_status_tells_preemption_from_failure(tmp_path, outcome, flags,
                                                    status):
@@ -237,3 +239,103 @@ def test_exit_status_tells_preemption_from_failure(tmp_path, outcome, flags,
         "same command to resume (exit status 3).")
   else:
     assert "exit status 75 from a failure, not from a stop request" in out.stderr
+
+
+# --------------------------------------------------------------------------
+# A signal during the trainer's start-up (imports, jax.distributed, model
+# build, compile): the run stops before its first step and exits 75 without
+# a checkpoint, like any stop, so a scheduler's requeue rule sees it.
+# --------------------------------------------------------------------------
+def _caught_signals(pid: int) -> int:
+  """The process's mask of signals with a handler (/proc/PID/status SigCgt)."""
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith("SigCgt:"):
+        return int(line.split()[1], 16)
+  return 0
+
+
+def _trainer(data_dir, workdir, *extra, devices=1):
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return subprocess.Popen(
+      [sys.executable, "-m", "affectjax.main", f"--config={TINY}:tiny",
+       f"--config.data.dir={data_dir}", f"--workdir={workdir}",
+       "--config.total_steps=4", "--config.compilation_cache_dir=", *extra],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def _wait_for_line(proc, needle, timeout=180):
+  """Reads stderr until a line contains ``needle``; returns what it read."""
+  seen = []
+  deadline = time.monotonic() + timeout
+  for line in proc.stderr:
+    seen.append(line)
+    if needle in line:
+      return "".join(seen)
+    assert time.monotonic() < deadline, "".join(seen)[-3000:]
+  out, err = proc.communicate()
+  pytest.fail(f"exited {proc.returncode} before {needle!r}: "
+              f"{''.join(seen)[-3000:]}{err[-2000:]}")
+
+
+def _assert_stopped_before_the_first_step(proc, workdir, by="SIGTERM",
+                                          printed=True, timeout=180):
+  out, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 75, f"exit {proc.returncode}: {err[-3000:]}"
+  expected = (f"Stopped by {by} before the first step (nothing new to save); "
+              "rerun the same command to resume (exit status 75).")
+  assert (expected in out.splitlines()) == printed, out[-2000:]
+  assert not (workdir / "checkpoints").exists() or not [
+      d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+  assert "Traceback" not in err, err[-3000:]
+
+
+TINY = "configs/custom_cnn.py"
+
+
+def test_sigterm_while_importing_stops_before_the_first_step(
+    synthetic_arrayrecord, tmp_path, reap):
+  """The signal arrives as soon as the trainer has a handler: while Python
+  is still importing JAX (before, SIGTERM killed it: exit 143)."""
+  proc = _trainer(synthetic_arrayrecord, tmp_path / "wd")
+  reap(proc)
+  assert _wait_for(lambda: proc.poll() is not None
+                   or _caught_signals(proc.pid) & (1 << (signal.SIGTERM - 1)),
+                   timeout=60), "no SIGTERM handler within 60 s"
+  proc.send_signal(signal.SIGTERM)
+  _assert_stopped_before_the_first_step(proc, tmp_path / "wd")
+
+
+@pytest.mark.slow  # Up to a model build and compile.
+def test_sigterm_after_jax_distributed_initialize_stops_before_the_first_step(
+    synthetic_arrayrecord, tmp_path, reap):
+  """jax.distributed (here one process of its own) replaces the SIGTERM
+  handler; the trainer takes it back (before, SIGTERM killed it: 143)."""
+  proc = _trainer(synthetic_arrayrecord, tmp_path / "wd",
+                  f"--coordinator_address=127.0.0.1:{_free_port()}",
+                  "--num_processes=1", "--process_id=0")
+  reap(proc)
+  _wait_for_line(proc, "process 0/1")  # Logged after jax.distributed.
+  proc.send_signal(signal.SIGTERM)
+  _assert_stopped_before_the_first_step(proc, tmp_path / "wd")
+
+
+def test_sigterm_to_one_of_two_processes_during_start_up_stops_both(
+    synthetic_arrayrecord, tmp_path, reap):
+  """The processes agree: both stop before the first step, both exit 75."""
+  port = _free_port()
+  procs = [_trainer(synthetic_arrayrecord, tmp_path / "wd",
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2", f"--process_id={i}")
+           for i in range(2)]
+  for p in procs:
+    reap(p)
+  _wait_for_line(procs[1], "process 1/2")
+  procs[1].send_signal(signal.SIGTERM)
+  # Process 0 prints the line for the job, naming the signalled process.
+  _assert_stopped_before_the_first_step(procs[0], tmp_path / "wd",
+                                        by="SIGTERM on process 1")
+  _assert_stopped_before_the_first_step(procs[1], tmp_path / "wd",
+                                        printed=False)
