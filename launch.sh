@@ -198,8 +198,10 @@ case "$cmd" in
     exec "$PY" -m affectjax.main "$@"
     ;;
   evaluate|predict|export)
-    # export --format=onnx needs the converter (the onnx extra), on demand.
+    # export --format=onnx needs the converter (the onnx extra), on demand;
+    # predict the detect extra (OpenCV: videos, --detect_faces).
     case "$cmd $* " in export*" --format=onnx "*|export*" --format onnx "*) bootstrap onnx ;;
+      predict*) bootstrap detect ;;
       *) bootstrap "" ;; esac
     check_backend
     exec "$PY" -m "affectjax.$cmd" "$@"

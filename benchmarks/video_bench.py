@@ -8,10 +8,10 @@ written once with OpenCV), timed end to end: decode, face detection (the
 ``detect`` extra's Haar cascade), IoU tracking, crops, the compiled forward
 in batches, rows. Its peers in the same run: decode alone, and decode +
 detection alone, so the table says where the time goes. The model is a
-freshly initialized one of ``--config`` (speed does not depend on the
-weights), made into a workdir once under ``--root``.
+``--workdir``, by default the demo's model trained for 2 steps, made once
+under ``--root`` (speed does not depend on the weights).
 
-  .venv/bin/python benchmarks/video_bench.py frames [--config=configs/custom_cnn.py:demo]
+  .venv/bin/python benchmarks/video_bench.py frames [--workdir=runs/demo]
       [--frames=150] [--width=640 --height=360] [--repeats=3]
 
 ``detectors``: recall and false positives of face detectors on frames
@@ -173,6 +173,32 @@ def table(a) -> None:
 # --------------------------------------------------------------------------
 # Frames/s end to end.
 # --------------------------------------------------------------------------
+def _short_run(root: str) -> str:
+  """The demo's model (custom CNN :demo, 48 px, data prepared at 56 px like
+  ``./launch.sh demo``) trained 2 steps on 96 synthetic faces: the demo's
+  speed without its minutes of training. Made once under ``root``."""
+  workdir = os.path.join(root, "workdir")
+  if os.path.exists(os.path.join(workdir, "checkpoints", "2")):
+    return workdir
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from affectjax import train  # pylint: disable=g-import-not-at-top
+  from data_prep import affectnet, synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.generate(os.path.join(root, "raw"), num_train=64, num_val=32,
+                     seed=0)
+  affectnet.prepare(os.path.join(root, "raw"), os.path.join(root, "data"),
+                    image_size=56, num_workers=1)
+  spec = importlib.util.spec_from_file_location(
+      "custom_cnn_cfg", os.path.join(REPO, "configs", "custom_cnn.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("demo")
+  c.data.dir = os.path.join(root, "data")
+  c.batch_size, c.eval_batch_size, c.total_steps = 16, 16, 2
+  c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
+  train.train_and_evaluate(c, workdir)
+  return workdir
+
+
 def frames(a) -> None:
   sys.path.insert(0, REPO)
   import jax  # pylint: disable=g-import-not-at-top
@@ -183,40 +209,48 @@ def frames(a) -> None:
   if not os.path.exists(clip):
     video_fixtures.write_two_face_clip(clip, num_frames=a.frames,
                                        width=a.width, height=a.height)
-  workdir = video_fixtures.untrained_workdir(os.path.join(a.root, "workdir"),
-                                             a.config)
+  workdir = a.workdir or _short_run(a.root)
   p = predict.Predictor.from_workdir(workdir, checkpoint="latest",
                                      batch_size=a.batch_size)
   det = predict.opencv_face_detector()
   p.predict_video(clip)  # Compile.
 
   def decode():
-    return sum(f.image is not None for f in video.read_frames(clip))
+    return sum(f.image is not None for f in video.VideoReader(clip))
 
   def decode_detect():
-    return sum(len(det(f.image)) for f in video.read_frames(clip))
+    return sum(len(det(f.image)) for f in video.VideoReader(clip))
 
   def end_to_end():
     return len(p.predict_video(clip))
 
-  runs = {"decode": [], "decode + detect": [], "predict_video": []}
+  crops = np.random.default_rng(0).integers(
+      0, 256, (a.frames, p.input_size, p.input_size, 3), dtype=np.uint8)
+
+  def forward():  # The model alone: one crop per frame, in batches.
+    return len(p.predict_arrays(crops)[0])
+
+  runs = {"decode": [], "decode + detect": [], "forward (crops)": [],
+          "predict_video": []}
   faces = {}
-  for _ in range(a.repeats):  # Interleaved, so load drifts hit all three.
+  for _ in range(a.repeats):  # Interleaved, so load drifts hit all four.
     for name, fn in (("decode", decode), ("decode + detect", decode_detect),
+                     ("forward (crops)", forward),
                      ("predict_video", end_to_end)):
       t = time.perf_counter()
       faces[name] = fn()
       runs[name].append(a.frames / (time.perf_counter() - t))
   print(f"load average {os.getloadavg()}; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}; {a.frames} frames {a.width}x"
-        f"{a.height}; batch {p.batch_size}; model {a.config}")
+        f"{a.height}; batch {p.batch_size}; workdir {workdir}")
   print("| stage | frames/s (median) | runs |")
   print("|---|---|---|")
   for name, r in runs.items():
     print(f"| {name} | {statistics.median(r):.1f} | "
           f"{', '.join(f'{x:.1f}' for x in r)} |")
-  print(f"rows of the last predict_video: {faces['predict_video']}; faces "
-        f"found by decode + detect: {faces['decode + detect']}")
+  print(f"faces found by decode + detect: {faces['decode + detect']} in "
+        f"{a.frames} frames; rows of predict_video: {faces['predict_video']}; "
+        f"crops of {p.input_size} px per forward batch: {p.batch_size}")
 
 
 def main() -> None:
@@ -224,7 +258,8 @@ def main() -> None:
   sub = p.add_subparsers(dest="cmd", required=True)
   f = sub.add_parser("frames")
   f.add_argument("--root", default="/tmp/affectjax_video_bench")
-  f.add_argument("--config", default="configs/custom_cnn.py:demo")
+  f.add_argument("--workdir", default=None,
+                 help="a trained run (default: the demo's model, 2 steps)")
   f.add_argument("--frames", type=int, default=150)
   f.add_argument("--width", type=int, default=640)
   f.add_argument("--height", type=int, default=360)

@@ -113,15 +113,16 @@ def corrupt_jpeg_frame(path, frame: int) -> None:
 def write_two_face_clip(path, num_frames: int = 150, width: int = 640,
                         height: int = 360, fps: float = 25.0) -> None:
   """The benchmark's clip: two drawn faces drifting across the frame, their
-  expressions changing every second (FFV1 in .mkv)."""
+  expressions changing every second (FFV1 in .mkv). Seeds 3 and 6: people
+  OpenCV's cascade finds (it misses some drawn faces)."""
   side = height // 3
-  faces = {(e, s): face(e, s, side) for e in range(8) for s in (1, 2)}
+  faces = {(e, s): face(e, s, side) for e in range(8) for s in (3, 6)}
   frames = []
   for i in range(num_frames):
     e1, e2 = (i // int(fps)) % 8, (i // int(fps) + 3) % 8
     drift = (width / 2 - side) * i / max(1, num_frames)
     frames.append(compose(width, height, [
-        Placed(faces[e1, 1], int(side // 4 + drift), height // 6),
-        Placed(faces[e2, 2], int(width - side - side // 4 - drift),
+        Placed(faces[e1, 3], int(side // 4 + drift), height // 6),
+        Placed(faces[e2, 6], int(width - side - side // 4 - drift),
                height // 2)]))
   write(path, frames, fps=fps)
