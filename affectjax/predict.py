@@ -328,7 +328,7 @@ class Predictor:
       for frame in reader:
         bar.update(frame.index + 1 - bar.n)
         base = {"path": name, "frame": frame.index,
-                "time": round(frame.time, 6), "track": "", "face_box": ""}
+                "time": round(frame.time, 6), "track": None, "face_box": ""}
         if frame.image is None:
           rows.append({**base, "status": "error", "error": frame.error})
           continue
@@ -350,6 +350,11 @@ class Predictor:
             flush()
       flush()
       bar.close()
+    if not rows:  # Opened, but not one frame came out: say so.
+      rows.append({"path": name, "frame": None, "time": None, "track": None,
+                   "face_box": "", "status": "error",
+                   "error": "no_frames: the video opened but no frame could "
+                            "be read from it"})
     if smooth:
       video.smooth_rows(rows, smooth, self.names)
     bad = sum(r["status"] != "ok" for r in rows)

@@ -162,12 +162,17 @@ def test_a_corrupt_video_is_named_and_the_other_inputs_run(setting, tmp_path):
   vf.write(good, _clip(face_a1, face_a1, face_b, n=2, empty=-1), fps=FPS)
   Image.fromarray(vf.compose(W, H, [vf.Placed(face_b, 5, 5)])).save(
       tmp_path / "photo.png")
-  rows = p.predict([str(bad), str(tmp_path / "photo.png"), str(good)])
+  empty = tmp_path / "empty.avi"  # Opens, holds no frame.
+  cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), FPS,
+                  (W, H)).release()
+  rows = p.predict([str(bad), str(tmp_path / "photo.png"), str(good),
+                    str(empty)])
   assert [(r["path"], r["status"]) for r in rows] == [
       (str(bad), "error"), (str(tmp_path / "photo.png"), "ok"),
       (str(good), "ok"), (str(good), "ok"), (str(good), "ok"),
-      (str(good), "ok")]
+      (str(good), "ok"), (str(empty), "error")]
   assert "unreadable_video" in rows[0]["error"] and "broken.mp4" in rows[0]["error"]
+  assert rows[-1]["error"].startswith("no_frames")
 
 
 def test_iou_tracker_links_by_overlap_and_ends_stale_tracks():
