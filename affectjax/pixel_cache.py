@@ -1,28 +1,52 @@
-"""The decoded-image cache: a split's pixels and labels, memory-mapped, per host.
+"""The decoded-image cache: where a split's pixels are kept on a host, whether
+they fit, and building them once under a lock.
 
 Every epoch of a JPEG dataset would otherwise read, parse and decode every
 image again, although AffectNet decoded at the host size fits the RAM or the
 local disk of a GPU host. `--config.data.cache` chooses:
 
-  auto  (default) a cache under ~/.cache/affectjax/pixels (or
-        $AFFECTJAX_CACHE_DIR/pixels) when it fits the
-        free space there with a margin; otherwise only the record index
-        (and nothing if that location cannot be written);
+  auto  (default) a cache in the first of these that is writable, can
+        lock files and (unless named by AFFECTJAX_CACHE_DIR) is on a
+        node-local file system: $AFFECTJAX_CACHE_DIR/pixels when that is
+        set (it wins), else ~/.cache/affectjax/pixels, $TMPDIR/affectjax-
+        <uid>/pixels, /tmp/affectjax-<uid>/pixels. The pixels are cached
+        when they fit the free space there with a margin; otherwise only the
+        record index is (and nothing when no location is usable);
   none  no files: read and decode the ArrayRecords every epoch;
-  DIR   a cache under DIR, whatever its size (an error if it cannot fit).
+  DIR   a cache under DIR, whatever its size (an error if it cannot fit, or
+        if DIR cannot be written or locked).
 
-Two files per split, both under `<location>/<key>/`, where the key is a
-hash of the split's shard checksums and sizes from the prepared dir's
-manifest.json (so re-preparing the data starts a new cache, and the stale
-one of the same dir is removed):
+Cluster file systems. A home directory on NFS, Lustre, GPFS, CIFS/SMB,
+BeeGFS, CephFS, ... (statfs(2)'s f_type, `filesystem_type`) is skipped by
+`auto` for node-local scratch: the cache is per host, a network file
+system's `flock` may be missing (ENOLCK, ENOSYS, EOPNOTSUPP) or only local
+to each host, and its pages travel the network. A location where `flock`
+fails is not used (`auto`: the cache is off and the log line says why).
 
-  <split>.index.npz   where each record's image bytes lie in its shard file
-                      (so the JPEG path decodes straight from a memory map,
-                      with no record read, copy or protobuf parse) and the
+Files, per split under `<location>/<key>/`, where the key is a hash of the
+split's shard checksums and sizes from the prepared dir's manifest.json (so
+re-preparing the data starts a new cache, and the stale one of the same dir
+is removed):
+
+  meta.json           the prepared dir and split the entry belongs to, and
+                      per host size S the decision whether its pixels are
+                      cached, with its reason;
+  <split>.index.npz   the record index (`affectjax.record_index`): where each
+                      record's image bytes lie in its shard file and the
                       expression, valence and arousal of every record;
   <split>-<S>px.npy   uint8 (n, S, S, 3): every image decoded at the host size
                       S by the same decoder as the JPEG path, so its pixels are
-                      bit-identical to an uncached run's.
+                      bit-identical to an uncached run's;
+
+plus hidden lock, lease and temporary files (names starting with a dot).
+
+One decision per host. Whether the pixels are cached is decided once, under
+the entry's lock, and recorded in meta.json; every process that plans the
+split while another still holds that decision (a shared `flock` on its
+lease file, kept for the life of the process) follows it, instead of
+measuring free space that a sibling's build is eating. So all processes of
+a host read the split the same way. Once no process holds it, the next run
+decides again.
 
 A batch from the cache is a vectorized gather (`np.take` from the memory
 map, which releases the GIL) plus three label gathers: no Python per image.
@@ -31,41 +55,64 @@ Building: the first process to need a file takes a lock file next to it
 (`flock`, released by the kernel even on kill -9), writes the file under a
 temporary name, flushes it and renames it into place; processes of the same
 host wait for it and then reuse it, and a later build removes temporaries a
-killed build left. A file is only ever opened under its final name, so a
-killed build is never read. Each host keeps its own cache (the location is
-local); nothing in it depends on the process count.
+killed build of the same host left (never another host's). A file is only
+ever opened under its final name, so a killed build is never read. Each
+host keeps its own cache; nothing in it depends on the process count.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import fcntl
 import glob
 import hashlib
 import json
 import mmap
 import os
+import platform
 import shutil
 import socket
+import stat
+import sys
+import time
 from typing import Callable
 
 import numpy as np
 from absl import logging
 
 from affectjax import data
+from affectjax.record_index import RecordIndex
+from affectjax import record_index as record_index_lib
 
-# `auto`'s location; the environment variable AFFECTJAX_CACHE_DIR moves it
-# (the test suite points it at a temporary directory of its own).
-DEFAULT_LOCATION = os.path.join(
-    os.environ.get("AFFECTJAX_CACHE_DIR", "~/.cache/affectjax"), "pixels")
-# Bump when the layout of either file changes: old caches are then ignored.
+# Set, it is `auto`'s location (its `pixels` folder), whatever the file
+# system; the test suite points it at a temporary directory of its own.
+LOCATION_ENV = "AFFECTJAX_CACHE_DIR"
+# Bump when the layout of a file changes: old caches are then ignored.
 FORMAT_VERSION = 1
 # `auto` leaves at least this much of the location's file system free.
 MARGIN_FRACTION = 0.10
 MARGIN_MIN_BYTES = 2 << 30
-# How far past the previous record a record's image bytes are looked for.
-_SEARCH_SLACK = 1 << 16
+
+# statfs(2) f_type of file systems shared over a network or by a cluster
+# (linux/magic.h and the vendors' own values).
+NETWORK_FILESYSTEMS = {
+    0x6969: "NFS", 0x517B: "SMB", 0xFF534D42: "CIFS", 0xFE534D42: "SMB2",
+    0x0BD00BD0: "Lustre", 0x47504653: "GPFS", 0x19830326: "BeeGFS",
+    0x00C36400: "CephFS", 0x6B414653: "AFS", 0x5346414F: "OpenAFS",
+    0xAAD7AAEA: "PanFS", 0x01161970: "GFS2", 0x7461636F: "OCFS2",
+    0x73757245: "Coda", 0x564C: "NCP", 0x01021997: "9p",
+}
+# File systems in memory: their free space is at most the available memory.
+MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
+# What flock raises where the file system cannot lock.
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+class LockUnavailable(OSError):
+  """`flock` is not supported where the cache would be written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +159,164 @@ def data_key(manifest: dict, split: str) -> str | None:
   return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
-def _free_bytes(path: str) -> tuple[int, int]:
-  """(free, total) bytes of the file system holding `path` (or its parent)."""
+# --------------------------------------------------------------------------
+# Locations.
+# --------------------------------------------------------------------------
+def _existing(path: str) -> str:
   p = os.path.abspath(path)
   while not os.path.exists(p):
     p = os.path.dirname(p)
+  return p
+
+
+def filesystem_type(path: str) -> int | None:
+  """statfs(2)'s f_type of the file system holding `path` (or its nearest
+  existing parent); None where it cannot be asked (not Linux).
+
+  Asked of the kernel for the path itself rather than looked up in
+  /proc/mounts: that follows symlinks (a ~/.cache linked to scratch),
+  bind mounts, automounted homes and container mount namespaces, with no
+  mount-point matching or escaped names to get wrong.
+  """
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+  except OSError:
+    return None
+  buf = ctypes.create_string_buffer(512)  # > sizeof(struct statfs).
+  if libc.statfs(os.fsencode(_existing(path)), buf) != 0:
+    return None
+  # f_type is the first field: a word, except s390x's unsigned int.
+  kind = ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_ulong
+  return int(kind.from_buffer(buf).value) & 0xFFFFFFFF
+
+
+def _own_folder() -> str:
+  """This user's folder in a shared scratch directory."""
+  return f"affectjax-{os.getuid()}"
+
+
+def auto_locations() -> list[str]:
+  """`auto`'s candidate locations, in order (see the module docstring)."""
+  env = os.environ.get(LOCATION_ENV)
+  if env:
+    return [os.path.join(os.path.expanduser(env), "pixels")]
+  own = _own_folder()
+  found = [os.path.expanduser(os.path.join("~", ".cache", "affectjax",
+                                           "pixels"))]
+  if os.environ.get("TMPDIR"):
+    found.append(os.path.join(os.environ["TMPDIR"], own, "pixels"))
+  found.append(os.path.join("/tmp", own, "pixels"))
+  return list(dict.fromkeys(os.path.abspath(p) for p in found))
+
+
+def _flock(f, operation: int) -> None:
+  """`fcntl.flock` (one place, so tests can make it fail)."""
+  fcntl.flock(f, operation)
+
+
+def _lock(f, operation: int, where: str) -> None:
+  """`_flock`, raising `LockUnavailable` where the file system cannot lock."""
+  try:
+    _flock(f, operation)
+  except BlockingIOError:
+    raise
+  except OSError as e:
+    if e.errno in _NO_LOCKS:
+      raise LockUnavailable(
+          e.errno, f"cannot lock files in {where} (flock: "
+          f"{e.strerror or e})") from e
+    raise
+
+
+def _unusable(base: str) -> str | None:
+  """Why `base` cannot hold a cache (not writable, cannot lock), or None."""
+  try:
+    os.makedirs(base, exist_ok=True)
+    writable = os.access(base, os.W_OK | os.X_OK)
+  except OSError:
+    writable = False
+  if not writable:
+    return f"{base} is not writable"
+  try:
+    with open(os.path.join(base, ".lock-probe"), "a+") as f:
+      try:
+        _lock(f, fcntl.LOCK_EX | fcntl.LOCK_NB, base)
+        _flock(f, fcntl.LOCK_UN)
+      except BlockingIOError:
+        pass  # Another process holds it: locks work.
+  except LockUnavailable as e:
+    return e.strerror
+  return None
+
+
+def _auto_location() -> tuple[str | None, list[str]]:
+  """(`auto`'s location or None, why each earlier candidate was passed)."""
+  named = bool(os.environ.get(LOCATION_ENV))
+  passed = []
+  for base in auto_locations():
+    kind = NETWORK_FILESYSTEMS.get(filesystem_type(base))
+    if kind and not named:
+      passed.append(f"{base} is on {kind}")
+      continue
+    problem = _not_private(base) or _unusable(base)
+    if problem:
+      passed.append(problem)
+      continue
+    return base, passed
+  return None, passed
+
+
+def _not_private(base: str) -> str | None:
+  """In a shared scratch directory (/tmp), why this user's folder above
+  `base` could hold files of another user (who could then plant pixels),
+  or None: it must be a real directory of this user that only it can
+  write."""
+  parts = base.split(os.sep)
+  if _own_folder() not in parts:
+    return None
+  own = os.sep.join(parts[:parts.index(_own_folder()) + 1])
+  try:
+    os.makedirs(own, mode=0o700, exist_ok=True)
+    st = os.lstat(own)
+  except OSError as e:
+    return f"{own} cannot be made ({e.strerror})"
+  if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
+      or st.st_mode & 0o022):
+    return f"{own} is not a directory only this user can write"
+  return None
+
+
+def _available_memory() -> int:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 0
+
+
+def _free_bytes(path: str) -> tuple[int, int]:
+  """(free, total) bytes of the file system holding `path` (or its parent);
+  on tmpfs, free is at most the available memory (its pages are RAM)."""
+  p = _existing(path)
   usage = shutil.disk_usage(p)
-  return usage.free, usage.total
+  free = usage.free
+  if filesystem_type(p) in MEMORY_FILESYSTEMS and _available_memory():
+    free = min(free, _available_memory())
+  return free, usage.total
 
 
+def _gb(n: int) -> str:
+  return f"{n / 1e9:.2f} GB" if n < 1e11 else f"{n / 1e9:.0f} GB"
+
+
+# --------------------------------------------------------------------------
+# The plan: one decision per host.
+# --------------------------------------------------------------------------
 def plan(config, src: data.AffectNetSource, size: int) -> Plan:
   """Decides whether and where `src`'s split is cached at side `size`."""
   value = setting(config)
@@ -139,43 +335,107 @@ def plan(config, src: data.AffectNetSource, size: int) -> Plan:
       raise ValueError(f"--config.data.cache={value}: {reason}.")
     return Plan(None, False, reason=reason, **common)
   forced = value != "auto"
-  base = os.path.expanduser(value if forced else DEFAULT_LOCATION)
-  try:
-    os.makedirs(base, exist_ok=True)
-    writable = os.access(base, os.W_OK | os.X_OK)
-  except OSError:
-    writable = False
-  if not writable:
-    if forced:
-      raise ValueError(f"--config.data.cache={value}: cannot create or write "
-                       "that directory; choose a writable local directory, "
-                       "or use --config.data.cache=none.")
-    return Plan(None, False, reason=f"{base} is not writable", **common)
+  if forced:
+    base = os.path.expanduser(value)
+    problem = _unusable(base)
+    if problem:
+      raise ValueError(
+          f"--config.data.cache={value}: cannot create or write that "
+          f"directory, or lock files in it ({problem}); choose a writable "
+          "local directory, or use --config.data.cache=auto or none.")
+    passed = []
+  else:
+    base, passed = _auto_location()
+    if base is None:
+      return Plan(None, False, reason="; ".join(passed), **common)
+  note = f"; {'; '.join(passed)}" if passed else ""
   directory = os.path.join(base, key[:24])
   pixels_path = os.path.join(directory, f"{src.split}-{size}px.npy")
   if os.path.exists(pixels_path):
-    return Plan(directory, True, reason="built earlier, reused", **common)
-  free, total = _free_bytes(directory)
-  margin = max(MARGIN_MIN_BYTES, int(MARGIN_FRACTION * total))
-  if forced:
-    if pixel_bytes > free:
-      raise ValueError(
-          f"--config.data.cache={value}: the {src.split!r} split needs "
-          f"{_gb(pixel_bytes)} at {size} px, and {base} has {_gb(free)} "
-          "free. Free space there, choose another directory, or use "
-          "--config.data.cache=auto (caches only what fits) or none.")
-    return Plan(directory, True, reason=f"--config.data.cache={value}",
+    return Plan(directory, True, reason="built earlier, reused" + note,
                 **common)
-  if pixel_bytes + margin <= free:
-    return Plan(directory, True, reason=(
-        f"fits: {_gb(free)} free, keeping {_gb(margin)} free"), **common)
-  return Plan(directory, False, reason=(
-      f"{_gb(pixel_bytes)} at {size} px does not fit: {_gb(free)} free, "
-      f"keeping {_gb(margin)} free"), **common)
+
+  def decide() -> tuple[bool, str]:
+    free, total = _free_bytes(directory)
+    if forced:
+      if pixel_bytes > free:
+        raise ValueError(
+            f"--config.data.cache={value}: the {src.split!r} split needs "
+            f"{_gb(pixel_bytes)} at {size} px, and {base} has {_gb(free)} "
+            "free. Free space there, choose another directory, or use "
+            "--config.data.cache=auto (caches only what fits) or none.")
+      return True, f"--config.data.cache={value}"
+    margin = max(MARGIN_MIN_BYTES, int(MARGIN_FRACTION * total))
+    if pixel_bytes + margin <= free:
+      return True, f"fits: {_gb(free)} free, keeping {_gb(margin)} free"
+    return False, (f"{_gb(pixel_bytes)} at {size} px does not fit: "
+                   f"{_gb(free)} free, keeping {_gb(margin)} free")
+
+  try:
+    pixels, reason = _decision(directory, config.data.dir, src.split, size,
+                               decide)
+  except LockUnavailable as e:
+    if forced:
+      raise ValueError(f"--config.data.cache={value}: {e.strerror}; choose "
+                       "a local directory, or use --config.data.cache=auto "
+                       "or none.") from e
+    return Plan(None, False, reason=e.strerror + note, **common)
+  return Plan(directory, pixels, reason=reason + note, **common)
 
 
-def _gb(n: int) -> str:
-  return f"{n / 1e9:.2f} GB" if n < 1e11 else f"{n / 1e9:.0f} GB"
+# Lease files this process holds a shared lock on (one per split and size
+# it planned), open for the life of the process: they tell other processes
+# that the recorded decision is in use.
+_LEASES: dict[str, object] = {}
+
+
+def _decision(directory: str, data_dir, split: str, size: int,
+              decide: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
+  """(pixels cached?, reason) for `split` at `size` in the entry `directory`.
+
+  Under the entry's meta.json lock: if a process still holds the recorded
+  decision (a shared lock on its lease file, this process included), it is
+  followed; otherwise `decide()` makes a fresh one, which is recorded. Either
+  way this process then holds the lease until it exits.
+  """
+  lease_path = os.path.join(directory, f".{split}-{size}px.lease")
+  with _locked(directory, "meta.json"):
+    meta = _read_meta(directory)
+    recorded = meta.get("pixels", {}).get(str(size))
+    lease = _LEASES.get(lease_path)
+    in_use = lease is not None
+    if lease is None:
+      lease = open(lease_path, "a+")  # pylint: disable=consider-using-with
+    try:
+      if not in_use:
+        try:
+          _lock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB, directory)
+        except BlockingIOError:
+          in_use = True  # Other processes hold it.
+      if in_use and recorded is not None:
+        pixels = bool(recorded["cache"])
+        reason = (f"decided by process {recorded.get('pid')} on "
+                  f"{recorded.get('host')}: {recorded.get('reason')}")
+      else:
+        pixels, reason = decide()
+        meta.setdefault("pixels", {})[str(size)] = {
+            "cache": pixels, "reason": reason, "host": socket.gethostname(),
+            "pid": os.getpid(), "time": time.time()}
+        _write_meta(directory, meta, data_dir, split)
+      _lock(lease, fcntl.LOCK_SH, directory)
+    except BaseException:
+      if lease_path not in _LEASES:
+        lease.close()
+      raise
+    _LEASES[lease_path] = lease
+  return pixels, reason
+
+
+def release_decisions() -> None:
+  """Lets go of the decisions this process holds (as if it exited)."""
+  while _LEASES:
+    _, lease = _LEASES.popitem()
+    lease.close()
 
 
 def describe(p: Plan, seconds: float) -> str:
@@ -199,22 +459,25 @@ def describe(p: Plan, seconds: float) -> str:
 @contextlib.contextmanager
 def _locked(directory: str, name: str):
   """An exclusive flock on `directory/.name.lock` (freed by the kernel when
-  the holder dies); also clears temporaries a killed build left behind."""
+  the holder dies); also clears temporaries a killed build of this host
+  left behind (another host's may be in progress where the lock is local
+  to each host)."""
   os.makedirs(directory, exist_ok=True)
   lock_path = os.path.join(directory, f".{name}.lock")
   with open(lock_path, "a+") as f:
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      _lock(f, fcntl.LOCK_EX | fcntl.LOCK_NB, directory)
     except BlockingIOError:
       logging.info("Waiting for another process building %s/%s", directory,
                    name)
-      fcntl.flock(f, fcntl.LOCK_EX)
+      _lock(f, fcntl.LOCK_EX, directory)
     try:
-      for stale in glob.glob(os.path.join(directory, f".{name}.tmp-*")):
+      for stale in glob.glob(os.path.join(
+          directory, f".{name}.tmp-{glob.escape(socket.gethostname())}-*")):
         os.remove(stale)  # Ours to clear: we hold the lock.
       yield
     finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+      _flock(f, fcntl.LOCK_UN)
 
 
 def _tmp_name(directory: str, name: str) -> str:
@@ -243,126 +506,25 @@ def _remove_stale_entries(base: str, directory: str, data_dir,
     shutil.rmtree(entry, ignore_errors=True)
 
 
-def _write_meta(directory: str, data_dir, split: str) -> None:
-  path = os.path.join(directory, "meta.json")
-  if os.path.exists(path):
-    return
+def _read_meta(directory: str) -> dict:
+  try:
+    with open(os.path.join(directory, "meta.json")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return meta if meta.get("format") == FORMAT_VERSION else {}
+
+
+def _write_meta(directory: str, meta: dict, data_dir, split: str) -> None:
+  """Writes meta.json (under the caller's meta.json lock). The prepared dir
+  it names is the first one to write it (identical data prepared in two
+  dirs shares one entry)."""
+  meta = {"data_dir": os.path.abspath(os.fspath(data_dir)), "split": split,
+          **meta, "format": FORMAT_VERSION}
   tmp = _tmp_name(directory, "meta.json")
   with open(tmp, "w") as f:
-    json.dump({"data_dir": os.path.abspath(os.fspath(data_dir)),
-               "split": split, "format": FORMAT_VERSION}, f)
-  os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------
-# The record index: image bytes in place, labels.
-# --------------------------------------------------------------------------
-@dataclasses.dataclass
-class RecordIndex:
-  """Per record: shard, byte offset and length of its image in the shard
-  file (offset -1: not stored contiguously, read the record instead), and
-  its labels."""
-  shard: np.ndarray  # int32
-  offset: np.ndarray  # int64
-  length: np.ndarray  # int64
-  expression: np.ndarray  # int32
-  valence: np.ndarray  # float32
-  arousal: np.ndarray  # float32
-
-  FIELDS = ("shard", "offset", "length", "expression", "valence", "arousal")
-
-  def __len__(self) -> int:
-    return len(self.shard)
-
-
-# ArrayRecord files are riegeli files: a 24-byte block header sits at every
-# multiple of 64 KiB of the file, inside whatever record spans it; the rest
-# of an uncompressed record's bytes lie in order.
-RIEGELI_BLOCK = 1 << 16
-RIEGELI_BLOCK_HEADER = 24
-
-
-def assemble(view, offset: int, length: int) -> bytes:
-  """The `length` stored bytes starting at file `offset`, skipping the block
-  headers they span."""
-  parts, pos, left = [], offset, length
-  while left:
-    boundary = (pos // RIEGELI_BLOCK + 1) * RIEGELI_BLOCK
-    take = min(boundary - pos, left)
-    parts.append(view[pos:pos + take])
-    pos, left = pos + take, left - take
-    if pos == boundary:
-      pos += RIEGELI_BLOCK_HEADER
-  return b"".join(parts)
-
-
-def contiguous(offset: np.ndarray, length: np.ndarray) -> np.ndarray:
-  """Whether each stored span [offset, offset + length) has no block header."""
-  return offset // RIEGELI_BLOCK == (offset + length - 1) // RIEGELI_BLOCK
-
-
-def _index_shard(path: str, start: int, stop: int, src, out: dict) -> None:
-  """Fills `out[...][start:stop]` for one shard: reads its records in order
-  and finds each image's bytes in the file, each after the previous one.
-
-  The first bytes of the image are looked for after the previous image;
-  the bytes found there (block headers skipped) must equal the image, else
-  the record keeps offset -1 and is read as a record (a layout this does
-  not know, e.g. compressed shards).
-  """
-  with open(path, "rb") as f, mmap.mmap(f.fileno(), 0,
-                                        access=mmap.ACCESS_READ) as mm:
-    pos, pending, chunk = 0, 0, 1024
-    for a in range(start, stop, chunk):
-      records = src.read_records(np.arange(a, min(stop, a + chunk)))
-      for i, rec in zip(range(a, a + len(records)), records):
-        try:
-          image, expr, val, aro = data.parse_training_fields(rec)
-        except data.RecordError as e:
-          raise data.RecordError(
-              f"Record {i} of the {src.split!r} split ({path}): {e}. "
-              "Re-prepare the data with `python -m data_prep.affectnet`."
-          ) from e
-        out["expression"][i], out["valence"][i] = expr, val
-        out["arousal"][i] = aro
-        length = len(image)
-        out["length"][i] = length
-        pending += len(rec) + RIEGELI_BLOCK_HEADER * (
-            len(rec) // RIEGELI_BLOCK + 1)
-        offset = mm.find(image[:64], pos, pos + pending + _SEARCH_SLACK)
-        if length and offset >= 0 and assemble(mm, offset, length) == image:
-          out["offset"][i] = offset
-          pos, pending = offset + length, 0
-
-
-def _build_index(src: data.AffectNetSource, threads: int) -> RecordIndex:
-  src._open()  # pylint: disable=protected-access
-  starts = src._starts  # pylint: disable=protected-access
-  n = int(starts[-1])
-  out = {"shard": np.repeat(np.arange(len(src.paths), dtype=np.int32),
-                            np.diff(starts)),
-         "offset": np.full((n,), -1, np.int64),
-         "length": np.zeros((n,), np.int64),
-         "expression": np.zeros((n,), np.int32),
-         "valence": np.zeros((n,), np.float32),
-         "arousal": np.zeros((n,), np.float32)}
-  local = all(os.path.isfile(p) for p in src.paths)
-  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-    jobs = [pool.submit(_index_shard if local else _labels_only, p,
-                        int(starts[s]), int(starts[s + 1]), src, out)
-            for s, p in enumerate(src.paths)]
-    for j in jobs:
-      j.result()
-  return RecordIndex(**out)
-
-
-def _labels_only(path, start, stop, src, out) -> None:
-  """A shard not on a local file system: labels only (no offsets)."""
-  del path
-  for i, rec in zip(range(start, stop),
-                    src.read_records(np.arange(start, stop))):
-    _, out["expression"][i], out["valence"][i], out["arousal"][i] = (
-        data.parse_training_fields(rec))
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, os.path.join(directory, "meta.json"))
 
 
 def _save_npz(path: str, arrays: dict) -> None:
@@ -379,8 +541,7 @@ def record_index(p: Plan, src: data.AffectNetSource, threads: int,
                  data_dir) -> RecordIndex:
   """The split's record index from the cache, built first if need be."""
   def load():
-    with np.load(p.index_path) as z:
-      index = RecordIndex(**{k: z[k] for k in RecordIndex.FIELDS})
+    index = RecordIndex.load(p.index_path)
     if len(index) != len(src):
       raise ValueError(f"{p.index_path} holds {len(index)} records, the "
                        f"split {len(src)}")
@@ -394,9 +555,11 @@ def record_index(p: Plan, src: data.AffectNetSource, threads: int,
       return load()
     _remove_stale_entries(os.path.dirname(p.directory), p.directory,
                           data_dir, p.split)
-    _write_meta(p.directory, data_dir, p.split)
-    index = _build_index(src, threads)
-    _save_npz(p.index_path, {k: getattr(index, k) for k in RecordIndex.FIELDS})
+    with _locked(p.directory, "meta.json"):
+      if not os.path.exists(os.path.join(p.directory, "meta.json")):
+        _write_meta(p.directory, {}, data_dir, p.split)
+    index = record_index_lib.build(src, threads)
+    _save_npz(p.index_path, index.arrays())
   return index
 
 
@@ -441,17 +604,6 @@ class PixelCache:
     return out
 
 
-def _available_memory() -> int:
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 0
-
-
 def _open_pixels(path: str, shape: tuple) -> np.ndarray | None:
   """The pixel file memory-mapped read-only (None if absent or not `shape`).
 
@@ -492,6 +644,8 @@ def pixels(p: Plan, index: RecordIndex,
   with _locked(p.directory, name):
     cached = _open_pixels(p.pixels_path, shape)
     if cached is None:
+      logging.info("Building the pixel cache %s (%d images)", p.pixels_path,
+                   shape[0])
       tmp = _tmp_name(p.directory, name)
       out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                       shape=shape)

@@ -33,9 +33,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from affectjax import batch_loaders
 from affectjax import data
 from affectjax import fileio
-from affectjax import input_pipeline
 from affectjax import train_state
 
 FILE_NAME = "run_contract.json"
@@ -165,7 +165,7 @@ def from_manifest(config, manifest: dict) -> Contract:
     names = data.label_names(int(config.num_classes))
   return Contract(
       prepared_size=int(manifest["image_size"]),
-      host_size=int(input_pipeline.host_image_size(config, manifest)),
+      host_size=int(batch_loaders.host_image_size(config, manifest)),
       model_size=int(config.image_size),
       encoding=str(manifest.get("encoding", "jpeg")),
       margin=float(manifest.get("options", {}).get("margin", _LEGACY_MARGIN)),

@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 from affectjax import augment
 from affectjax import checkpoint as ckpt_lib
 from affectjax import data
+from affectjax import device_prefetch
 from affectjax import fileio
 from affectjax import input_pipeline
 from affectjax import losses
@@ -285,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     # Closed in reverse order whatever happens (an exception, a signal): the
     # async save is committed and no input threads are left.
     stop = cleanup.enter_context(preemption.StopRequest())
-    train_iter = input_pipeline.DevicePrefetch(iter(input_pipeline.train_dataset(
+    train_iter = device_prefetch.DevicePrefetch(iter(input_pipeline.train_dataset(
         config, local_batch_size=local_bs, process_index=jax.process_index(),
         process_count=jax.process_count(), manifest=manifest)), mesh)
     cleanup.callback(train_iter.close)

@@ -11,7 +11,7 @@ jitted step (`train.make_steps`, device augmentation included) two ways:
 
 Both rows run the same compiled step on batches of the same shape: the
 synthetic batch has the side the host path delivers for the data dir
-(`input_pipeline.host_image_size`), so the on-device crop and resize do the
+(`batch_loaders.host_image_size`), so the on-device crop and resize do the
 same work in both.
 
 MFU = (FLOPs per step per device, from XLA's cost analysis of the compiled
@@ -123,10 +123,10 @@ def _input_size(config) -> int:
   (`host_image_size`: the stored size, or its DCT-scaled size), so the
   synthetic batch makes the step do the same work (the on-device resize
   runs from the same size); `image_size` without a data dir."""
-  from affectjax import data, input_pipeline  # pylint: disable=g-import-not-at-top
+  from affectjax import batch_loaders, data  # pylint: disable=g-import-not-at-top
   if not _DATA_DIR.value:
     return int(config.image_size)
-  return input_pipeline.host_image_size(config, data.read_manifest(
+  return batch_loaders.host_image_size(config, data.read_manifest(
       _DATA_DIR.value))
 
 
@@ -149,7 +149,7 @@ def _host_batch(b: int, s: int) -> dict:
 
 
 def bench_one(name: str, size: int, dtype: str) -> list[dict]:
-  from affectjax import input_pipeline, sharding, train, train_state  # pylint: disable=g-import-not-at-top
+  from affectjax import device_prefetch, input_pipeline, sharding, train, train_state  # pylint: disable=g-import-not-at-top
   config = _config(name, size, dtype)
   mesh = sharding.make_mesh()
   graphdef, state, tx = train_state.init_state(config, mesh)
@@ -177,7 +177,7 @@ def bench_one(name: str, size: int, dtype: str) -> list[dict]:
   rows = [row("synthetic (device-resident)", sec, 0.0)]
   if _DATA_DIR.value:
     local = sharding.local_batch_size(b, mesh, flag="batch_size")
-    it = input_pipeline.DevicePrefetch(iter(input_pipeline.train_dataset(
+    it = device_prefetch.DevicePrefetch(iter(input_pipeline.train_dataset(
         config, local_batch_size=local, process_index=jax.process_index(),
         process_count=jax.process_count())), mesh)
     try:

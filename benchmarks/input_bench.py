@@ -154,13 +154,13 @@ def w_copy_1core(a):
 
 def _affectjax(a, data_dir, cache, pixels=True, noop=False):
   sys.path.insert(0, REPO)
-  from affectjax import input_pipeline, pixel_cache  # pylint: disable=g-import-not-at-top
+  from affectjax import batch_loaders, input_pipeline, pixel_cache  # pylint: disable=g-import-not-at-top
   if not pixels:  # The record index only: the JPEG path.
     real = pixel_cache.plan
     pixel_cache.plan = lambda *args: dataclasses.replace(real(*args),
                                                          pixels=False)
   if noop:
-    input_pipeline._Decoder.into = lambda self, image, out, index: None  # pylint: disable=protected-access
+    batch_loaders._Decoder.into = lambda self, image, out, index: None  # pylint: disable=protected-access
   # --image_size below the stored size: the DCT-scaled decode a smaller
   # model's host path does (e.g. 320 px JPEGs for a 112 px model).
   c = _config(a, data_dir, a.image_size or a.size, cache)
@@ -316,7 +316,7 @@ def profile(a) -> None:
       c = _config(a, data_dir, size, cache)
       c.data.num_workers = 1
       ds = input_pipeline.train_dataset(c, local_batch_size=a.batch_size)
-      parent = ds._parent  # pylint: disable=protected-access  # the batch MapDataset
+      parent = ds._parent._parent  # pylint: disable=protected-access  # the batch MapDataset
       parent[0]
       prof = cProfile.Profile()
       t = time.perf_counter()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from affectjax import data, input_pipeline
+from affectjax import batch_loaders, data, input_pipeline, sampling
 from configs import custom_cnn
 from tests import use_fixtures
 
@@ -40,7 +40,7 @@ def test_train_batches_hold_the_stored_images_in_seeded_order(
   assert b["image"].dtype == np.uint8 and b["expression"].dtype == np.int32
   assert b["valence"].dtype == np.float32 and b["arousal"].dtype == np.float32
   assert set(b) == {"image", "expression", "valence", "arousal"}
-  order = input_pipeline.ShuffleOrder(len(src), c.seed)
+  order = sampling.ShuffleOrder(len(src), c.seed)
   for k, batch in enumerate(batches):
     for row, i in enumerate(order.indices(8 * k, 8 * k + 8)):
       ex = src[int(i)]
@@ -54,7 +54,7 @@ def test_train_batches_hold_the_stored_images_in_seeded_order(
   assert sorted(e0) == sorted(e1) == list(range(n))
   assert not np.array_equal(e0, e1)
   assert not np.array_equal(
-      e0, input_pipeline.ShuffleOrder(n, c.seed + 1).indices(0, n))
+      e0, sampling.ShuffleOrder(n, c.seed + 1).indices(0, n))
 
 
 @pytest.mark.parametrize("sampler", ["shuffle", "balanced"])
@@ -80,14 +80,14 @@ def test_global_batch_is_the_same_for_any_processes_and_threads(
 def test_device_prefetch_resumes_through_an_orbax_checkpoint(
     synthetic_arrayrecord, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  from affectjax import checkpoint, sharding  # pylint: disable=g-import-not-at-top
+  from affectjax import checkpoint, device_prefetch, sharding  # pylint: disable=g-import-not-at-top
   c = _config(synthetic_arrayrecord, **{"data.sampler": "balanced",
                                         "data.num_workers": 2})
   mesh = sharding.make_mesh()
   state = {"x": jax.numpy.zeros((2,))}
 
   def stream():
-    return input_pipeline.DevicePrefetch(
+    return device_prefetch.DevicePrefetch(
         iter(input_pipeline.train_dataset(c, local_batch_size=8)), mesh)
 
   it = stream()
@@ -119,7 +119,7 @@ def test_balanced_sampler_frequencies_and_class_cycles():
   counts = np.bincount(labels, minlength=8)[present]
   n = 40_000
   for temperature in (0.0, 0.5, 1.0):
-    order = input_pipeline.BalancedOrder(labels, seed=3,
+    order = sampling.BalancedOrder(labels, seed=3,
                                          temperature=temperature,
                                          num_classes=8, block_size=4096)
     idx = order.indices(0, n)
@@ -137,11 +137,11 @@ def test_balanced_sampler_frequencies_and_class_cycles():
       assert sorted(seq[r * len(members):(r + 1) * len(members)]) == \
           members.tolist()
   # A fresh object with the same seed, reached out of order, agrees.
-  again = input_pipeline.BalancedOrder(labels, seed=3, temperature=1.0,
+  again = sampling.BalancedOrder(labels, seed=3, temperature=1.0,
                                        num_classes=8, block_size=4096)
   np.testing.assert_array_equal(again.indices(30_000, 30_100), idx[30_000:30_100])
   with pytest.raises(ValueError, match="num_classes"):
-    input_pipeline.BalancedOrder(labels, seed=0, temperature=0, num_classes=7)
+    sampling.BalancedOrder(labels, seed=0, temperature=0, num_classes=7)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
@@ -178,12 +178,12 @@ def test_dct_scaled_decode_when_stored_images_are_twice_the_size(
   manifest = data.read_manifest(synthetic_arrayrecord)
   assert manifest["image_size"] == 24
   c = _config(synthetic_arrayrecord, image_size=12)
-  assert input_pipeline.host_image_size(c, manifest) == 12  # 1/2 scale.
+  assert batch_loaders.host_image_size(c, manifest) == 12  # 1/2 scale.
   c.image_size = 6
-  assert input_pipeline.host_image_size(c, manifest) == 6  # 1/4 scale.
+  assert batch_loaders.host_image_size(c, manifest) == 6  # 1/4 scale.
   c.image_size = 13
-  assert input_pipeline.host_image_size(c, manifest) == 24  # 1/2 too small.
-  assert input_pipeline.host_image_size(
+  assert batch_loaders.host_image_size(c, manifest) == 24  # 1/2 too small.
+  assert batch_loaders.host_image_size(
       c, {**manifest, "encoding": "raw"}) == 24
   c.image_size = 10
   ds, _ = input_pipeline.eval_dataset(c, local_batch_size=4)
@@ -205,7 +205,7 @@ def test_bad_inputs_fail_with_actionable_errors(synthetic_arrayrecord):
   with pytest.raises(ValueError, match="data.sampler"):
     input_pipeline.train_dataset(c, local_batch_size=8)
   # A stored image of the wrong size names the record and the fix.
-  decoder = input_pipeline._Decoder("jpeg", 24, 24, "train")  # pylint: disable=protected-access
+  decoder = batch_loaders._Decoder("jpeg", 24, 24, "train")  # pylint: disable=protected-access
   small = simplejpeg.encode_jpeg(np.zeros((8, 8, 3), np.uint8))
   with pytest.raises(ValueError, match="Record 7 of the 'train' split"):
     decoder.into(small, np.empty((24, 24, 3), np.uint8), 7)
@@ -261,7 +261,7 @@ def test_no_tfds_no_worker_processes_nothing_left_after_sigkill(
 def test_batch_buffers_are_reused_only_when_nothing_refers_to_them():
   """Batch image buffers come back only once no batch, view or aliasing
   array holds them (a reused buffer still in use would change its pixels)."""
-  buffers = input_pipeline._ImageBuffers((2, 4, 4, 3))  # pylint: disable=protected-access
+  buffers = batch_loaders._ImageBuffers((2, 4, 4, 3))  # pylint: disable=protected-access
   a = buffers.get()
   b = buffers.get()
   assert a.ctypes.data != b.ctypes.data
@@ -272,3 +272,40 @@ def test_batch_buffers_are_reused_only_when_nothing_refers_to_them():
   assert c.ctypes.data not in (address, b.ctypes.data)
   del view  # ...until it goes.
   assert buffers.get().ctypes.data == address
+
+
+def test_a_batch_buffer_a_jax_array_still_uses_is_not_handed_out():
+  """On a CPU device, `device_put` and `make_array_from_process_local_data`
+  use a suitably aligned batch buffer in place: the jax.Array is then the
+  buffer's only holder, and the pool must not hand the buffer out (a new
+  batch written into it would change the array)."""
+  import gc  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from affectjax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  puts = {"device_put": lambda b: jax.device_put(b, jax.devices()[0]),
+          "make_array_from_process_local_data":
+              lambda b: sharding.shard_batch({"image": b}, mesh)["image"]}
+  for name, put in puts.items():
+    buffers = batch_loaders._ImageBuffers((8, 16, 16, 3))  # pylint: disable=protected-access
+    held = [buffers.get() for _ in range(32)]
+    # XLA's CPU client uses host memory in place when 64-byte aligned.
+    buf = next(b for b in held if b.ctypes.data % 64 == 0)
+    del held
+    address = buf.ctypes.data
+    buf[:] = 7
+    x = put(buf)
+    x.block_until_ready()
+    del buf
+    gc.collect()
+    # The array's memory is the buffer's (so a reuse would overwrite it).
+    assert x.addressable_shards[0].data.unsafe_buffer_pointer() == address
+    handed = [buffers.get() for _ in range(40)]
+    assert address not in [b.ctypes.data for b in handed], name
+    for b in handed:
+      b[:] = 0
+    assert (np.asarray(x) == 7).all(), name
+    del handed, x
+    gc.collect()
+    again = [buffers.get() for _ in range(40)]  # Once it is gone, it is.
+    assert address in [b.ctypes.data for b in again], name

@@ -1,23 +1,31 @@
 """The decoded-image cache over real prepared ArrayRecords: built once, rebuilt
 when the data changes, never read half-built, bit-identical batches with and
 without it (one process and two), and training with it equal to training
-without it. (tests/test_end_to_end.py's 2 processes == 1 process runs use the
-default cache=auto, so they train from the cache too.)"""
+without it; where `auto` puts it (never on a network home), one decision per
+host, a file system that cannot lock, and each split opened once per process.
+(tests/test_end_to_end.py's 2 processes == 1 process runs use the default
+cache=auto, so they train from the cache too.)"""
+import contextlib
 import dataclasses
+import errno
+import gc
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import jax
 import numpy as np
 import pytest
 
-from affectjax import data, input_pipeline, pixel_cache
+from affectjax import batch_loaders, data, input_pipeline, pixel_cache
+from affectjax import record_index, sampling
 from configs import custom_cnn
 from tests import use_fixtures
 
@@ -36,6 +44,39 @@ def _take(ds, n):
   out = [next(it) for _ in range(n)]
   it.close()
   return out
+
+
+@pytest.fixture(autouse=True)
+def _as_a_new_process():
+  """Each test starts as a fresh process would: no loaders, no decisions."""
+  batch_loaders.forget()
+  yield
+  batch_loaders.forget()
+
+
+@contextlib.contextmanager
+def _log_lines():
+  """The messages logged (INFO and up) while inside."""
+  lines = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      lines.append(record.getMessage())
+
+  root, handler = logging.getLogger(), Keep(logging.INFO)
+  level = root.level
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  try:
+    yield lines
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def _enolck(f, operation):
+  del f, operation
+  raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
 
 def _entries(cache_dir):
@@ -72,7 +113,7 @@ def test_batches_are_bit_identical_with_and_without_the_cache(prepared,
         train = _take(input_pipeline.train_dataset(c, local_batch_size=16), 12)
         ev, _ = input_pipeline.eval_dataset(c, local_batch_size=24)
         batches[cache] = train + list(input_pipeline.iterate(ev))
-        rows, _ = input_pipeline._loader(c, data.source(data_dir, "train"))  # pylint: disable=protected-access
+        rows, _ = batch_loaders.loader(c, data.source(data_dir, "train"))  # pylint: disable=protected-access
         loaders[os.path.basename(str(cache))] = type(rows).__name__
     reference = batches.pop("none")
     for name, got in batches.items():
@@ -88,19 +129,19 @@ def test_batches_are_bit_identical_with_and_without_the_cache(prepared,
   # header of the file (reassembled), most do not (decoded in place).
   [path] = glob.glob(str(tmp_path / "index" / "*" / "train.index.npz"))
   with np.load(path) as z:
-    index = pixel_cache.RecordIndex(**{k: z[k] for k in z.files})
+    index = record_index.RecordIndex(**{k: z[k] for k in z.files})
   assert (index.offset >= 0).all()
-  whole = pixel_cache.contiguous(index.offset, index.length)
+  whole = record_index.contiguous(index.offset, index.length)
   assert 0 < (~whole).sum() < len(whole) // 2
   # Records it could not place are read as records, with the same pixels.
   src = data.source(data_dir, "train")
   c = _config(data_dir, "none")
-  decoder = input_pipeline._decoder(c, src)  # pylint: disable=protected-access
+  decoder = batch_loaders._decoder(c, src)  # pylint: disable=protected-access
   index.offset[::3] = -1
-  rows = input_pipeline._IndexedRows(src, decoder, index)  # pylint: disable=protected-access
+  rows = batch_loaders._IndexedRows(src, decoder, index)  # pylint: disable=protected-access
   idx = np.arange(40)[::-1]
   got = rows.load(idx, 48)
-  want = input_pipeline._RecordRows(src, decoder).load(idx, 48)  # pylint: disable=protected-access
+  want = batch_loaders._RecordRows(src, decoder).load(idx, 48)  # pylint: disable=protected-access
   for k in want:
     np.testing.assert_array_equal(got[k], want[k])
 
@@ -118,7 +159,7 @@ def test_built_once_reused_and_rebuilt_when_the_data_changes(prepared,
       "meta.json", "train-24px.npy", "train.index.npz"]
   pixels = os.path.join(cache, [p for p in built if p.endswith(".npy")][0])
   stamp = os.stat(pixels).st_mtime_ns, os.stat(pixels).st_ino
-  input_pipeline._LOADERS.clear()  # pylint: disable=protected-access  # As a new process.
+  batch_loaders.forget()  # As a new process.
   again = _take(input_pipeline.train_dataset(c, local_batch_size=16), 1)[0]
   assert (os.stat(pixels).st_mtime_ns, os.stat(pixels).st_ino) == stamp
   np.testing.assert_array_equal(first["image"], again["image"])
@@ -137,7 +178,7 @@ def test_built_once_reused_and_rebuilt_when_the_data_changes(prepared,
   assert len(rebuilt) == 3 and rebuilt[0].split("/")[0] != built[0].split("/")[0]
   assert not os.path.exists(pixels)
   src = data.source(data_dir, "train")
-  order = input_pipeline.ShuffleOrder(len(src), c.seed)
+  order = sampling.ShuffleOrder(len(src), c.seed)
   fresh = _take(input_pipeline.train_dataset(uncached, local_batch_size=16),
                 1)[0]
   for row, i in enumerate(order.indices(0, 16)):
@@ -156,7 +197,6 @@ def slow(*a, **k):
   time.sleep(0.02)
   return real(*a, **k)
 simplejpeg.decode_jpeg = slow  # A build that takes seconds, to be killed.
-input_pipeline.simplejpeg.decode_jpeg = slow
 c = custom_cnn.get_config("tiny")
 c.data.dir, c.data.cache, c.data.num_workers = sys.argv[1], sys.argv[2], 1
 input_pipeline.train_dataset(c, local_batch_size=8)
@@ -201,7 +241,7 @@ def test_a_killed_build_is_never_read(prepared, tmp_path):
 def test_auto_follows_free_space_and_says_why(prepared, tmp_path, monkeypatch,
                                               caplog):
   data_dir = prepared / "prepared"
-  monkeypatch.setattr(pixel_cache, "DEFAULT_LOCATION", str(tmp_path / "auto"))
+  monkeypatch.setenv(pixel_cache.LOCATION_ENV, str(tmp_path / "auto"))
   src = data.source(data_dir, "train")
   size = 24  # The host size of the tiny config over 24 px JPEGs.
   need = len(src) * size * size * 3
@@ -212,6 +252,10 @@ def test_auto_follows_free_space_and_says_why(prepared, tmp_path, monkeypatch,
   on = pixel_cache.plan(c, src, size)
   assert on.pixels and on.directory.startswith(str(tmp_path / "auto"))
   assert "fits" in pixel_cache.describe(on, 0.0)
+  # The decision is recorded with the cache.
+  with open(os.path.join(on.directory, "meta.json")) as f:
+    assert json.load(f)["pixels"][str(size)]["cache"] is True
+  batch_loaders.forget()  # A later run: nobody holds that decision now.
   free["bytes"] = need + (20 << 30) - 1  # Short of the 10% margin.
   off = pixel_cache.plan(c, src, size)
   assert off.directory == on.directory and not off.pixels
@@ -223,7 +267,7 @@ def test_auto_follows_free_space_and_says_why(prepared, tmp_path, monkeypatch,
     batch = _take(input_pipeline.train_dataset(c, local_batch_size=16), 1)[0]
   assert any("does not fit" in r.getMessage() for r in caplog.records)
   assert not glob.glob(str(tmp_path / "auto" / "*" / "*.npy"))
-  first = input_pipeline.ShuffleOrder(len(src), c.seed).indices(0, 1)[0]
+  first = sampling.ShuffleOrder(len(src), c.seed).indices(0, 1)[0]
   np.testing.assert_array_equal(batch["image"][0], src[int(first)]["image"])
 
   assert pixel_cache.plan(_config(data_dir, "none"), src,
@@ -233,8 +277,7 @@ def test_auto_follows_free_space_and_says_why(prepared, tmp_path, monkeypatch,
     pixel_cache.plan(_config(data_dir, tmp_path / "forced"), src, size)
   # A location that cannot be written: off under auto, an error if named.
   (tmp_path / "a_file").write_text("")
-  monkeypatch.setattr(pixel_cache, "DEFAULT_LOCATION",
-                      str(tmp_path / "a_file" / "pixels"))
+  monkeypatch.setenv(pixel_cache.LOCATION_ENV, str(tmp_path / "a_file"))
   unwritable = pixel_cache.plan(c, src, size)
   assert unwritable.directory is None and "not writable" in unwritable.reason
   with pytest.raises(ValueError, match="cannot create or write"):
@@ -243,9 +286,164 @@ def test_auto_follows_free_space_and_says_why(prepared, tmp_path, monkeypatch,
   free["bytes"] = 100 << 30
   _take(input_pipeline.train_dataset(_config(data_dir, tmp_path / "f2"),
                                      local_batch_size=16), 1)
+  batch_loaders.forget()
   free["bytes"] = 0
   reused = pixel_cache.plan(_config(data_dir, tmp_path / "f2"), src, size)
   assert reused.pixels and "reused" in pixel_cache.describe(reused, 0.0)
+
+
+def test_a_network_home_is_passed_over_for_node_local_scratch(
+    prepared, tmp_path, monkeypatch):
+  """statfs(2) says what file system a location is on: `auto` skips a home
+  on NFS (or Lustre, GPFS, ...) for $TMPDIR, then /tmp; AFFECTJAX_CACHE_DIR
+  is used wherever it is."""
+  real = pixel_cache.filesystem_type
+  # The real call reads f_type: /proc is procfs (PROC_SUPER_MAGIC), and a
+  # path not made yet is asked of its nearest existing parent.
+  assert real("/proc") == 0x9FA0
+  assert real(str(tmp_path / "not" / "yet")) == real(str(tmp_path))
+  assert real(str(tmp_path)) not in pixel_cache.NETWORK_FILESYSTEMS
+
+  data_dir = prepared / "prepared"
+  src = data.source(data_dir, "train")
+  home, scratch = tmp_path / "home", tmp_path / "scratch"
+  home.mkdir()
+  scratch.mkdir()
+  monkeypatch.delenv(pixel_cache.LOCATION_ENV)
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.setenv("TMPDIR", str(scratch))
+  own = f"affectjax-{os.getuid()}"
+  assert pixel_cache.auto_locations() == [
+      str(home / ".cache" / "affectjax" / "pixels"),
+      str(scratch / own / "pixels"), f"/tmp/{own}/pixels"]
+  kinds = {}  # An injected file system type for the home directory.
+  monkeypatch.setattr(pixel_cache, "filesystem_type", lambda path: kinds.get(
+      str(path).startswith(str(home)), real(path)))
+  c = _config(data_dir, "auto")
+  local = pixel_cache.plan(c, src, 24)  # A local home is used as before.
+  assert local.directory.startswith(str(home / ".cache"))
+  batch_loaders.forget()
+  for magic, name in ((0x6969, "NFS"), (0x0BD00BD0, "Lustre"),
+                      (0x47504653, "GPFS"), (0xFF534D42, "CIFS"),
+                      (0x19830326, "BeeGFS")):
+    kinds[True] = magic
+    p = pixel_cache.plan(c, src, 24)
+    assert p.directory.startswith(str(scratch / own / "pixels")), (name, p)
+    assert f"{home}/.cache/affectjax/pixels is on {name}" in p.reason
+    assert f"is on {name}" in pixel_cache.describe(p, 0.0)
+    batch_loaders.forget()
+  # A folder in shared scratch that others could write is not used.
+  mine = scratch / own
+  assert pixel_cache._not_private(str(mine / "pixels")) is None  # pylint: disable=protected-access
+  mine.chmod(0o777)
+  assert "only this user can write" in pixel_cache._not_private(  # pylint: disable=protected-access
+      str(mine / "pixels"))
+  mine.chmod(0o700)
+  # Named by AFFECTJAX_CACHE_DIR, a location on NFS is still used.
+  monkeypatch.setenv(pixel_cache.LOCATION_ENV, str(home / "named"))
+  assert pixel_cache.plan(c, src, 24).directory.startswith(
+      str(home / "named" / "pixels"))
+
+
+def test_one_decision_per_host_while_a_process_holds_it(prepared, tmp_path):
+  """Two real processes on one host plan the same split with different free
+  space (as a sibling's build eats it): the second follows the first's
+  recorded decision, both ways. Once no process holds a decision, the next
+  run decides afresh."""
+  data_dir = prepared / "prepared"
+  env = {**os.environ, "PYTHONPATH": REPO,
+         pixel_cache.LOCATION_ENV: str(tmp_path / "host")}
+  procs = []
+
+  def start(free):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PLANNER, str(data_dir), str(free)], cwd=REPO,
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    procs.append(proc)
+    line = proc.stdout.readline()
+    assert line, proc.communicate()[1][-3000:]
+    pixels, reason = line.rstrip("\n").split(" ", 1)
+    return proc, pixels == "True", reason
+
+  def stop(*running):
+    for proc in running:
+      _, err = proc.communicate("\n", timeout=60)
+      assert proc.returncode == 0, err[-3000:]
+
+  try:
+    a, a_pixels, _ = start(100 << 30)
+    b, b_pixels, b_reason = start(0)  # While `a` holds its decision.
+    assert (a_pixels, b_pixels) == (True, True)
+    assert f"decided by process {a.pid}" in b_reason, b_reason
+    stop(a, b)
+    c, c_pixels, _ = start(0)  # Nobody holds a decision: a fresh one.
+    d, d_pixels, d_reason = start(100 << 30)
+    assert (c_pixels, d_pixels) == (False, False)
+    assert f"decided by process {c.pid}" in d_reason, d_reason
+    [meta] = glob.glob(str(tmp_path / "host" / "pixels" / "*" / "meta.json"))
+    with open(meta) as f:
+      recorded = json.load(f)["pixels"]["24"]
+    assert recorded["cache"] is False and recorded["pid"] == c.pid
+    assert "does not fit" in recorded["reason"]
+    stop(c, d)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+_PLANNER = r"""
+import sys
+from affectjax import data, pixel_cache
+from configs import custom_cnn
+data_dir, free = sys.argv[1], int(sys.argv[2])
+pixel_cache._free_bytes = lambda path: (free, 200 << 30)
+c = custom_cnn.get_config("tiny")
+c.data.dir, c.data.cache = data_dir, "auto"
+p = pixel_cache.plan(c, data.source(data_dir, "train"), 24)
+print(p.pixels, p.reason, flush=True)
+sys.stdin.readline()  # Uses the decision until the test lets it go.
+"""
+
+
+def test_a_split_is_opened_once_per_process_and_buffers_go_with_the_stream(
+    prepared, tmp_path, monkeypatch):
+  """Evaluating a split again (while the free space figure changes) reuses
+  its loader: no second open, memory map or log line; the batch buffers of
+  a closed evaluation are not kept."""
+  data_dir = prepared / "prepared"
+  free = {"bytes": 100 << 30}
+  monkeypatch.setattr(pixel_cache, "_free_bytes",
+                      lambda path: (free["bytes"], 200 << 30))
+  opened = []
+  real_index = pixel_cache.record_index
+  monkeypatch.setattr(pixel_cache, "record_index",
+                      lambda *a: opened.append(a[0]) or real_index(*a))
+  for name, start in (("fits", 100 << 30), ("does not fit", 1 << 30)):
+    monkeypatch.setenv(pixel_cache.LOCATION_ENV, str(tmp_path / name))
+    c = _config(data_dir, "auto")
+    opened.clear()
+    passes = []
+    with _log_lines() as lines:
+      for k in range(3):
+        free["bytes"] = start + k * (1 << 20)
+        ds, _ = input_pipeline.eval_dataset(c, local_batch_size=24)
+        passes.append(list(input_pipeline.iterate(ds)))
+        assert ds.pools.released  # Closing the iterator released them.
+    said = [l for l in lines if l.startswith("Pixel cache for 'val'")]
+    assert len(said) == 1 and name in said[0], said
+    assert len(opened) == 1, name
+    for again in passes[1:]:
+      for a, b in zip(passes[0], again, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    # The loader this process keeps holds no batch buffer: once the
+    # batches are gone, so is their memory.
+    buffers = [weakref.ref(b["image"]) for p in passes for b in p]
+    del passes, a, b, again
+    gc.collect()
+    assert all(ref() is None for ref in buffers), name
 
 
 # --------------------------------------------------------------------------
@@ -254,10 +452,41 @@ def test_auto_follows_free_space_and_says_why(prepared, tmp_path, monkeypatch,
 # --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def uncached_run(prepared, tmp_path_factory):
+  """A training run whose cache is off because its location cannot lock
+  files (flock fails with ENOLCK, as on NFS without a lock daemon): the
+  uncached reference, and the lock-failure run. Returns (workdir, the
+  messages it logged, the cache location)."""
   from affectjax import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("uncached"))
-  train.train_and_evaluate(_config(prepared / "prepared", "none"), workdir)
-  return workdir
+  location = tmp_path_factory.mktemp("no_locks")
+  with pytest.MonkeyPatch.context() as mp, _log_lines() as lines:
+    mp.setenv(pixel_cache.LOCATION_ENV, str(location))
+    mp.setattr(pixel_cache, "_flock", _enolck)
+    train.train_and_evaluate(_config(prepared / "prepared", "auto"), workdir)
+  batch_loaders.forget()
+  return workdir, lines, location
+
+
+def test_a_location_that_cannot_lock_turns_the_cache_off_and_the_run_trains(
+    prepared, uncached_run, monkeypatch):
+  workdir, lines, location = uncached_run
+  for split in ("train", "val"):  # One line each, saying why.
+    said = [l for l in lines if l.startswith(f"Pixel cache for {split!r}")]
+    assert len(said) == 1, said
+    assert said[0].startswith(
+        f"Pixel cache for {split!r} off (cannot lock files in {location}"
+        f"/pixels (flock: {os.strerror(errno.ENOLCK)})): records are read"), (
+            said[0])
+  assert not [p for p in glob.glob(str(location / "**"), recursive=True)
+              if os.path.isfile(p) and not os.path.basename(p).startswith(".")]
+  step, _ = use_fixtures.final_params(workdir)  # It trained to the end.
+  assert step == _config(prepared / "prepared", "none").total_steps
+  # A directory named explicitly that cannot lock is an error that says so.
+  monkeypatch.setattr(pixel_cache, "_flock", _enolck)
+  src = data.source(prepared / "prepared", "train")
+  with pytest.raises(ValueError, match="lock files in .*No locks available"):
+    pixel_cache.plan(_config(prepared / "prepared", location / "named"), src,
+                     24)
 
 
 def _val_lines(workdir):
@@ -275,23 +504,31 @@ def test_training_with_the_cache_equals_training_without(prepared,
                            workdir)
   assert glob.glob(str(tmp_path / "cache" / "*" / "val-24px.npy"))  # Eval too.
   step, params = use_fixtures.final_params(workdir)
-  ref_step, ref = use_fixtures.final_params(uncached_run)
+  ref_step, ref = use_fixtures.final_params(uncached_run[0])
   assert step == ref_step
   for x, y in zip(params, ref, strict=True):
     np.testing.assert_array_equal(x, y)  # Exactly.
-  for a, b in zip(_val_lines(workdir), _val_lines(uncached_run), strict=True):
+  for a, b in zip(_val_lines(workdir), _val_lines(uncached_run[0]),
+                  strict=True):
     assert (a["loss"], a["macro_f1"]) == (b["loss"], b["macro_f1"])
 
 
 _READER = r"""
-import sys
+import os, sys, time
 import numpy as np
+import simplejpeg
 from absl import logging
 from affectjax import input_pipeline
 from configs import custom_cnn
 logging.use_absl_handler()
 logging.set_verbosity(logging.INFO)
-data_dir, cache, p, out = sys.argv[1:]
+data_dir, cache, p, out, hold = sys.argv[1:]
+real = simplejpeg.decode_jpeg
+def held(*a, **k):  # Decoding waits while the test holds the file `hold`.
+  while os.path.exists(hold):
+    time.sleep(0.01)
+  return real(*a, **k)
+simplejpeg.decode_jpeg = held
 c = custom_cnn.get_config("tiny")
 c.data.dir, c.data.cache, c.data.sampler = data_dir, cache, "balanced"
 it = iter(input_pipeline.train_dataset(c, local_batch_size=8,
@@ -306,23 +543,61 @@ np.savez(out, **{f"{k}_{b}": x[k] for b, x in enumerate(batches) for k in x})
 
 def test_two_processes_building_one_cache_deliver_the_uncached_global_batches(
     prepared, tmp_path):
-  """Two real processes start on one empty cache directory at once (one
-  builds, the other waits on the lock): their slices of every global batch,
-  side by side, are one uncached process's batches, bit for bit."""
+  """Two real processes share one empty cache directory: while the first
+  builds the train pixels (held mid-build by the test), the second starts,
+  and must wait on the lock, not build them too. Each split is built once,
+  and their slices of every global batch, side by side, are one uncached
+  process's batches, bit for bit."""
   data_dir, cache = prepared / "prepared", tmp_path / "cache"
-  procs = [subprocess.Popen(
-      [sys.executable, "-c", _READER, str(data_dir), str(cache), str(p),
-       str(tmp_path / f"p{p}.npz")], cwd=REPO, stderr=subprocess.PIPE,
-      text=True, env={**os.environ, "PYTHONPATH": REPO}) for p in range(2)]
+  hold = tmp_path / "hold"
+  hold.write_text("")
+  logs = [tmp_path / f"p{p}.log" for p in range(2)]
+  procs = []
+
+  def start(p):
+    with open(logs[p], "w") as err:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-c", _READER, str(data_dir), str(cache), str(p),
+           str(tmp_path / f"p{p}.npz"), str(hold)], cwd=REPO, stderr=err,
+          env={**os.environ, "PYTHONPATH": REPO}))
+
+  def until(what, done):
+    deadline = time.monotonic() + 120
+    while not done():
+      for proc, log in zip(procs, logs):
+        assert proc.poll() is None, log.read_text()[-3000:]
+      assert time.monotonic() < deadline, f"timed out waiting for {what}"
+      time.sleep(0.05)
+
+  def building(p):  # The train pixels' temporary file of process p.
+    return glob.glob(str(cache / "*" / ".train-24px.npy.tmp-*"
+                         f"-{procs[p].pid}"))
+
   try:
-    errs = [p.communicate(timeout=120)[1] for p in procs]
+    start(0)
+    until("process 0 to build", lambda: building(0))
+    start(1)
+    until("process 1 to wait or build", lambda: building(1) or (
+        "Waiting for another process building" in logs[1].read_text()))
+    assert not building(1), "process 1 built the pixels alongside 0"
+    hold.unlink()  # Process 0 finishes; process 1 reads its pixels.
+    for proc in procs:
+      proc.wait(timeout=120)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, err in zip(procs, errs):
-    assert p.returncode == 0, err[-3000:]
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  errs = [log.read_text() for log in logs]
+  for proc, err in zip(procs, errs):
+    assert proc.returncode == 0, err[-3000:]
+  waited = [l for l in errs[1].splitlines()
+            if "Waiting for another process building" in l]
+  assert waited and "train-24px.npy" in waited[0], errs[1][-3000:]
+  for split in ("train", "val"):  # One build each, by either process.
+    built = [l for e in errs for l in e.splitlines()
+             if "Building the pixel cache" in l and f"{split}-24px" in l]
+    assert len(built) == 1, built
   assert sum("Pixel cache for 'train' on" in e for e in errs) == 2
   assert len(glob.glob(str(cache / "*" / "*.npy"))) == 2  # train and val.
   c = _config(data_dir, "none", **{"data.sampler": "balanced"})
