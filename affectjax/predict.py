@@ -552,9 +552,13 @@ def main(argv) -> None:
   rows = predictor.predict(items, progress=True, fps=f.fps, smooth=f.smooth)
   write_rows(rows, predictor.columns(videos=bool(videos),
                                      smooth=bool(f.smooth)), f.output)
-  bad = sum(r["status"] != "ok" for r in rows)
+  faceless = sum(r["status"] != "ok" and r["error"].startswith("no_face")
+                 for r in rows)
+  bad = sum(r["status"] != "ok" for r in rows) - faceless
+  notes = ([f"{bad} could not be read"] if bad else []) + (
+      [f"{faceless} without a face"] if faceless else [])
   print(f"Wrote {len(rows)} predictions to {f.output}"
-        + (f" ({bad} could not be read; see their 'error' column)" if bad
+        + (f" ({'; '.join(notes)}; see their 'error' column)" if notes
            else ""), flush=True)
   taken = set()
   for path in videos:

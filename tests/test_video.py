@@ -192,7 +192,7 @@ def test_cli_writes_table_pictures_and_annotated_copy(run_dir, tmp_path):
   f1, f2 = vf.face(1, 3, 72), vf.face(2, 6, 72)
   frames = [vf.compose(240, 96, [vf.Placed(f1, 4 + 3 * i, 8),
                                  vf.Placed(f2, 160 - 3 * i, 12)])
-            for i in range(5)]
+            for i in range(5)] + [vf.compose(240, 96, [])]  # Last: no face.
   clip = tmp_path / "in" / "talk.mkv"
   clip.parent.mkdir()
   vf.write(clip, frames, fps=FPS)
@@ -212,15 +212,21 @@ def test_cli_writes_table_pictures_and_annotated_copy(run_dir, tmp_path):
   assert list(rows[0])[:4] == ["path", "frame", "time", "track"]
   assert "valence_smooth" in rows[0] and rows[0]["frame"] == ""  # The photo.
   vid = [r for r in rows if r["path"] == str(clip)]
-  assert [r["status"] for r in vid] == ["ok"] * 10, vid
-  assert sorted({r["track"] for r in vid}) == ["1", "2"]
+  assert [r["status"] for r in vid] == ["ok"] * 10 + ["error"], vid
+  assert vid[-1]["error"].startswith("no_face") and vid[-1]["frame"] == "5"
+  assert sorted({r["track"] for r in vid}) == ["", "1", "2"]
   assert rows[-1]["path"].endswith("broken.webm")
   assert "unreadable_video" in rows[-1]["error"]
-  assert "1 could not be read" in proc.stdout
+  assert "(1 could not be read; 1 without a face;" in proc.stdout
   folder = tmp_path / "out" / "talk"
   assert sorted(os.listdir(folder)) == ["talk_annotated.mp4", "track_1.png",
                                         "track_2.png"]
   assert Image.open(folder / "track_1.png").size[0] > 300
   annotated = vf.decode(folder / "talk_annotated.mp4")
-  assert len(annotated) == 5 and annotated[0].shape == (96, 240, 3)
+  assert len(annotated) == 6 and annotated[0].shape == (96, 240, 3)
+  # Boxes, labels and dials drawn on the faces' frames (MPEG-4 alone moves
+  # these frames by a mean of 3-5 levels, the drawing by about 16), nothing
+  # on the empty one.
+  diff = [np.abs(a.astype(int) - f).mean() for a, f in zip(annotated, frames)]
+  assert min(diff[:5]) > 10 and diff[5] < 2, diff
   assert not (tmp_path / "out" / "broken").exists()
