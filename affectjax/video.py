@@ -321,7 +321,7 @@ def plot_tracks(rows: list[dict], names: Sequence[str], out_dir,
     if "class_smooth" in tr[0]:
       ax1.step(t, [r["class_smooth"] for r in tr], where="post", color="0.3",
                lw=1, label="smoothed")
-      ax1.legend(loc="upper right", fontsize=8)
+      ax1.legend(loc="best", fontsize=8)
     ax1.set_yticks(range(len(names)), names)
     ax1.set_ylim(-0.5, len(names) - 0.5)
     ax1.grid(axis="y", alpha=0.3)
@@ -336,7 +336,7 @@ def plot_tracks(rows: list[dict], names: Sequence[str], out_dir,
     ax2.axhline(0, color="0.6", lw=0.8)
     ax2.set_ylim(-1.05, 1.05)
     ax2.set_xlabel("time (s)")
-    ax2.legend(loc="upper right", fontsize=8, ncols=2)
+    ax2.legend(loc="best", fontsize=8, ncols=2)
     ax2.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

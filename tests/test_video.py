@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import cv2  # The `test` extra installs OpenCV (the `detect` extra's pin): no skip.
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,8 +19,6 @@ from affectjax import predict
 from affectjax import video
 from tests import use_fixtures
 from tests import video_fixtures as vf
-
-cv2 = pytest.importorskip("cv2")  # The `test` extra installs it: never skips there.
 
 W, H, FPS = 96, 56, 10.0
 
