@@ -399,7 +399,7 @@ def _decision(directory: str, data_dir, split: str, size: int,
   way this process then holds the lease until it exits.
   """
   lease_path = os.path.join(directory, f".{split}-{size}px.lease")
-  with _locked(directory, "meta.json"):
+  with _locked(directory, "meta.json", "writing"):
     meta = _read_meta(directory)
     recorded = meta.get("pixels", {}).get(str(size))
     lease = _LEASES.get(lease_path)
@@ -457,18 +457,19 @@ def describe(p: Plan, seconds: float) -> str:
 # Building under a lock, via temporary files.
 # --------------------------------------------------------------------------
 @contextlib.contextmanager
-def _locked(directory: str, name: str):
+def _locked(directory: str, name: str, doing: str = "building"):
   """An exclusive flock on `directory/.name.lock` (freed by the kernel when
   the holder dies); also clears temporaries a killed build of this host
   left behind (another host's may be in progress where the lock is local
-  to each host)."""
+  to each host). `doing`: what the holder does, for the log line a waiting
+  process writes."""
   os.makedirs(directory, exist_ok=True)
   lock_path = os.path.join(directory, f".{name}.lock")
   with open(lock_path, "a+") as f:
     try:
       _lock(f, fcntl.LOCK_EX | fcntl.LOCK_NB, directory)
     except BlockingIOError:
-      logging.info("Waiting for another process building %s/%s", directory,
+      logging.info("Waiting for another process %s %s/%s", doing, directory,
                    name)
       _lock(f, fcntl.LOCK_EX, directory)
     try:
@@ -555,7 +556,7 @@ def record_index(p: Plan, src: data.AffectNetSource, threads: int,
       return load()
     _remove_stale_entries(os.path.dirname(p.directory), p.directory,
                           data_dir, p.split)
-    with _locked(p.directory, "meta.json"):
+    with _locked(p.directory, "meta.json", "writing"):
       if not os.path.exists(os.path.join(p.directory, "meta.json")):
         _write_meta(p.directory, {}, data_dir, p.split)
     index = record_index_lib.build(src, threads)
