@@ -21,7 +21,8 @@ BeeGFS, CephFS, ... (statfs(2)'s f_type, `filesystem_type`) is skipped by
 `auto` for node-local scratch: the cache is per host, a network file
 system's `flock` may be missing (ENOLCK, ENOSYS, EOPNOTSUPP) or only local
 to each host, and its pages travel the network. A location where `flock`
-fails is not used (`auto`: the cache is off and the log line says why).
+fails is not used either: `auto` moves on to the next one (with none left,
+the cache is off and the log line says why); a named DIR is an error.
 
 Files, per split under `<location>/<key>/`, where the key is a hash of the
 split's shard checksums and sizes from the prepared dir's manifest.json (so
