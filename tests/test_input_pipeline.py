@@ -288,9 +288,10 @@ def test_a_batch_buffer_a_jax_array_still_uses_is_not_handed_out():
               lambda b: sharding.shard_batch({"image": b}, mesh)["image"]}
   for name, put in puts.items():
     buffers = batch_loaders._ImageBuffers((8, 16, 16, 3))  # pylint: disable=protected-access
-    held = [buffers.get() for _ in range(32)]
+    held = [buffers.get() for _ in range(64)]
     # XLA's CPU client uses host memory in place when 64-byte aligned.
-    buf = next(b for b in held if b.ctypes.data % 64 == 0)
+    buf = next((b for b in held if b.ctypes.data % 64 == 0), None)
+    assert buf is not None, "no 64-byte aligned buffer among 64"
     del held
     address = buf.ctypes.data
     buf[:] = 7
