@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from affectjax import models
-from affectjax.models import preprocessing
+from affectjax.models import custom_cnn, layers, preprocessing
 
 TINY = dict(widths=(4, 8), head_hidden=8, dropout=0.5)
 
@@ -188,3 +188,68 @@ def test_efficientnet_drop_connect_only_in_training():
   np.testing.assert_allclose(logits_frozen, logits_eval, rtol=1e-6)
   with pytest.raises(ValueError, match="rngs"):
     nnx.eval_shape(lambda m: m.features(x, train=True), model)
+
+
+# --- custom_cnn impl='fused': the same layers computed the CPU-fast way. ---
+
+def _bn_reference(x, scale, bias, eps):
+  """Training BatchNorm, (y, mean, var), by plain autodiff-able jnp ops."""
+  mean, var = jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2))
+  inv = jax.lax.rsqrt(var + eps) * scale
+  return x * inv + (bias - mean * inv), mean, var
+
+
+def test_batch_norm_train_closed_form_gradient_matches_autodiff():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(1.0, 2.0, (3, 5, 4, 6)), jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32)
+  bias = jnp.asarray(rng.normal(0, 1, 6), jnp.float32)
+  # Cotangents for all three outputs, so the mean/var terms are checked too.
+  cot = (jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+         jnp.asarray(rng.normal(size=6), jnp.float32),
+         jnp.asarray(rng.normal(size=6), jnp.float32))
+  ours, ours_vjp = jax.vjp(lambda *a: layers.batch_norm_train(*a, 1e-3), x, scale, bias)
+  ref, ref_vjp = jax.vjp(lambda *a: _bn_reference(*a, 1e-3), x, scale, bias)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for a, b in zip(ours_vjp(cot), ref_vjp(cot)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_max_pool_2x2_matches_reduce_window():
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 7, 6, 3)), jnp.float32)
+  np.testing.assert_array_equal(
+      custom_cnn.max_pool_2x2(x),
+      nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
+
+
+def test_custom_cnn_fused_impl_equals_plain():
+  """Same variables, same outputs, same BN statistics, gradients within float32 rounding."""
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 17, 16, 3)), jnp.float32)
+  results = {}
+  for impl in ("plain", "fused"):
+    model = models.create("custom_cnn", rngs=nnx.Rngs(0), widths=(4, 8, 8),
+                          head_hidden=8, dropout=0.0, impl=impl)
+    assert model.backbone.impl == impl
+
+    def loss(m):
+      logits, va = m(x, train=True)
+      return jnp.sum(logits ** 2) + jnp.sum(va)
+
+    value, grads = nnx.value_and_grad(loss)(model)
+    results[impl] = (value, model(x)[0], nnx.to_pure_dict(grads),
+                     _bn_stats(model))
+  (v0, e0, g0, s0), (v1, e1, g1, s1) = results["plain"], results["fused"]
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  np.testing.assert_allclose(e1, e0, rtol=1e-5, atol=1e-6)
+  assert jax.tree.structure(g1) == jax.tree.structure(g0)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1, s0)
+
+
+def test_custom_cnn_impl_auto_and_bad_name():
+  model = models.create("custom_cnn", rngs=nnx.Rngs(0), **TINY)
+  assert model.backbone.impl == ("fused" if jax.default_backend() == "cpu" else "plain")
+  with pytest.raises(ValueError, match="config.model.kwargs.impl"):
+    models.create("custom_cnn", rngs=nnx.Rngs(0), impl="fast", **TINY)

@@ -9,6 +9,26 @@ The last stage's map (H / 2^(n-1), W / 2^(n-1), wn) is the feature map; the
 shared head global-average-pools it. Default widths (64, 128, 256, 512) with
 2 convs per stage (~4.7 M parameters) suit 112 px AffectNet crops; tests use
 e.g. widths=(4, 8).
+
+`impl` (config.model.kwargs.impl) chooses how the same layers are computed:
+
+  'plain'  nnx.max_pool (lax.reduce_window) and autodiff through BatchNorm's
+           mean/variance, the textbook formulation.
+  'fused'  the 2x2 max-pool as a reshape + max over the window axes, and
+           BatchNorm's training gradient in closed form
+           (`layers.batch_norm_train`). Same parameters, same forward values;
+           the gradients are equal within float32 rounding. On XLA:CPU the
+           plain max-pool's gradient goes through a variadic reduce-window
+           that carries argmax indices, and the BatchNorm gradient takes
+           several passes over every activation; together they were about
+           a third of the 48 px train step (docs/BENCHMARKS.md).
+  'auto'   (default) 'fused' when JAX's default backend is the CPU, else
+           'plain'.
+
+The one place the gradients may differ beyond rounding is a 2x2 window with
+two equal maxima: reduce_window's gradient goes to one of them, the reshape
+max's is split between them. Here the pool follows a ReLU, so equal maxima
+are in practice zeros, whose gradient the ReLU stops either way.
 """
 from __future__ import annotations
 
@@ -25,20 +45,49 @@ from affectjax.models import preprocessing
 class ConvBNReLU(nnx.Module):
   """3x3 'same' conv without bias (BatchNorm supplies the shift), BatchNorm, ReLU."""
 
-  def __init__(self, in_features: int, out_features: int, *, dtype, rngs):
+  def __init__(self, in_features: int, out_features: int, *, dtype, rngs,
+               fused: bool = False):
     self.conv = layers.conv(in_features, out_features, 3, use_bias=False,
                             dtype=dtype, rngs=rngs)
-    self.bn = layers.batch_norm(out_features, dtype=dtype, rngs=rngs)
+    self.bn = layers.batch_norm(out_features, dtype=dtype, rngs=rngs,
+                                fused_grad=fused)
 
   def __call__(self, x, *, train: bool):
     return nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+
+
+IMPLS = ("auto", "plain", "fused")
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> 'fused' on the CPU backend, 'plain' elsewhere; checks the name."""
+  if impl not in IMPLS:
+    raise ValueError(f"custom_cnn impl={impl!r} (config.model.kwargs.impl): "
+                     f"use one of {', '.join(IMPLS)}.")
+  if impl == "auto":
+    return "fused" if jax.default_backend() == "cpu" else "plain"
+  return impl
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 / stride-2 'VALID' max-pool of an NHWC array as a reshape and a max.
+
+  Equal to nnx.max_pool(x, (2, 2), strides=(2, 2), padding='VALID') (an odd
+  trailing row/column is dropped the same way). Its gradient is jnp.max's
+  (elementwise compare and select, which XLA fuses) instead of
+  reduce_window's.
+  """
+  n, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2, :]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class CustomCNN(nnx.Module):
   """Backbone of conv-BN-ReLU stages; see the module docstring."""
 
   def __init__(self, *, widths: Sequence[int] = (64, 128, 256, 512),
-               convs_per_stage: int = 2, dtype=jnp.float32, rngs: nnx.Rngs):
+               convs_per_stage: int = 2, impl: str = "auto",
+               dtype=jnp.float32, rngs: nnx.Rngs):
     widths = tuple(int(w) for w in widths)
     if not widths or min(widths) < 1 or convs_per_stage < 1:
       raise ValueError(
@@ -46,13 +95,16 @@ class CustomCNN(nnx.Module):
           f"convs_per_stage >= 1; got widths={widths}, "
           f"convs_per_stage={convs_per_stage} (config.model.kwargs).")
     self.dtype = dtype
+    self.impl = resolve_impl(impl)
+    fused = self.impl == "fused"
     self.num_features = widths[-1]
     stages = []
     in_features = 3
     for width in widths:
       stage = []
       for _ in range(convs_per_stage):
-        stage.append(ConvBNReLU(in_features, width, dtype=dtype, rngs=rngs))
+        stage.append(ConvBNReLU(in_features, width, dtype=dtype, rngs=rngs,
+                                fused=fused))
         in_features = width
       stages.append(nnx.List(stage))
     self.stages = nnx.List(stages)
@@ -71,7 +123,10 @@ class CustomCNN(nnx.Module):
     x = x.astype(self.dtype)
     for i, stage in enumerate(self.stages):
       if i > 0:
-        x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        if self.impl == "fused":
+          x = max_pool_2x2(x)
+        else:
+          x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       for block in stage:
         x = block(x, train=train)
     return x

@@ -7,6 +7,8 @@ Keras (TensorFlow) computes it.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -45,6 +47,13 @@ class BatchNorm(nnx.BatchNorm):
     if use_running_average is None:
       raise ValueError("BatchNorm needs use_running_average (pass train=... to the model).")
     axes = tuple(range(x.ndim - 1))  # NHWC: statistics per channel.
+    if not use_running_average and getattr(self, "fused_grad", False):
+      y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...],
+                                      self.epsilon)
+      m = self.momentum
+      self.mean[...] = m * self.mean[...] + (1.0 - m) * jax.lax.stop_gradient(mean)
+      self.var[...] = m * self.var[...] + (1.0 - m) * jax.lax.stop_gradient(var)
+      return y.astype(self.dtype or x.dtype)
     if use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
@@ -59,13 +68,70 @@ class BatchNorm(nnx.BatchNorm):
     return jnp.add(x.astype(dtype) * inv.astype(dtype), shift.astype(dtype))
 
 
-def batch_norm(features: int, *, dtype, rngs: nnx.Rngs) -> BatchNorm:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon):
+  """Training-mode BatchNorm over the last axis: (y, batch mean, batch variance).
+
+  The forward pass is `BatchNorm.__call__`'s arithmetic (float32 statistics,
+  two-pass variance, y = x * inv + (bias - mean * inv)), so y is equal to the
+  plain layer's. The gradient is the closed form of the BatchNorm backward
+  pass,
+
+    dx = inv / n * (n * dy - sum(dy) - xhat * sum(dy * xhat)),
+
+  two reductions and one elementwise pass over the activations. Autodiff of
+  the plain layer instead differentiates mean, two-pass variance and rsqrt
+  step by step, which XLA:CPU runs as several more passes over the
+  activations (docs/BENCHMARKS.md, train step profile). y is float32.
+  """
+  return _bn_fwd(x, scale, bias, epsilon)[0]
+
+
+def _bn_stats(x):
+  xf = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  return xf, jnp.mean(xf, axes), jnp.var(xf, axes)
+
+
+def _bn_fwd(x, scale, bias, epsilon):
+  xf, mean, var = _bn_stats(x)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  inv = rstd * scale
+  y = xf * inv + (-mean * inv + bias)
+  return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _bn_bwd(epsilon, res, cotangents):
+  del epsilon  # rstd carries it.
+  x, mean, rstd, scale = res
+  dy, dmean, dvar = cotangents
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  xc = x.astype(jnp.float32) - mean
+  xhat = xc * rstd
+  dy = dy.astype(jnp.float32)
+  sum_dy = jnp.sum(dy, axes)
+  sum_dy_xhat = jnp.sum(dy * xhat, axes)
+  inv = rstd * scale
+  # The running-statistics updates stop the gradient, so dmean and dvar are
+  # zero in training; they are kept so that the rule is the full derivative.
+  dx = (inv / n) * (n * dy - sum_dy - xhat * sum_dy_xhat) + (
+      dmean / n + dvar * (2.0 / n) * xc)
+  return dx.astype(x.dtype), sum_dy_xhat, sum_dy
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
+def batch_norm(features: int, *, dtype, rngs: nnx.Rngs,
+               fused_grad: bool = False) -> BatchNorm:
   """BatchNorm over the channel axis with Keras' epsilon and momentum.
 
   Scale, bias and the moving statistics stay float32 (`param_dtype`) whatever
-  the compute `dtype`.
+  the compute `dtype`. `fused_grad=True` trains through `batch_norm_train`
+  (the same values, a cheaper gradient on the CPU); inference is unchanged.
   """
-  return BatchNorm(
+  bn = BatchNorm(
       features,
       epsilon=KERAS_BN_EPSILON,
       momentum=KERAS_BN_MOMENTUM,
@@ -74,6 +140,8 @@ def batch_norm(features: int, *, dtype, rngs: nnx.Rngs) -> BatchNorm:
       param_dtype=jnp.float32,
       rngs=rngs,
   )
+  bn.fused_grad = fused_grad
+  return bn
 
 
 def conv(in_features: int, out_features: int, kernel_size: int, *,
