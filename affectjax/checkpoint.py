@@ -52,6 +52,7 @@ import logging as std_logging
 import math
 import os
 import re
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -202,7 +203,17 @@ def _unreachable(error: BaseException) -> bool:
 def _first_line(error: BaseException) -> str:
   """The message without tensorstore's spec dump (hundreds of characters)."""
   text = str(error).split(" [tensorstore_spec", 1)[0].strip()
-  return text.splitlines()[0] if text else repr(error)
+  return text.splitlines()[0].rstrip(".") if text else repr(error)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  """The error at the end of the ``raise ... from`` chain: what Orbax's
+  wrappers (a future that "timed out" because the write failed) stand for."""
+  seen = {id(error)}
+  while error.__cause__ is not None and id(error.__cause__) not in seen:
+    error = error.__cause__
+    seen.add(id(error))
+  return error
 
 
 class _OrbaxTracebacksAtInfo(std_logging.Filter):
@@ -222,10 +233,57 @@ class _OrbaxTracebacksAtInfo(std_logging.Filter):
     return True
 
 
-def _orbax_tracebacks_at_info() -> None:
+class _AbandonedWritesAtInfo(std_logging.Filter):
+  """asyncio's "exception was never retrieved" reports, at INFO.
+
+  When one write of a save fails, Orbax stops waiting for the others; they
+  fail on the same disk a moment later, and asyncio reports each of them
+  (with a traceback) when it is collected, often after the run's message.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if (record.levelno >= std_logging.ERROR and "exception was never "
+        "retrieved" in str(record.msg).split("\n", 1)[0]):
+      record.levelno, record.levelname = std_logging.INFO, "INFO"
+    return True
+
+
+def _closed_loop_reports_at_info() -> None:
+  """tensorstore completing a write on an event loop Orbax already closed
+  (the abandoned writes of a failed save) goes to the log at DEBUG.
+
+  tensorstore reports it through ``sys.unraisablehook`` ("RuntimeError:
+  Event loop is closed", a bare traceback on stderr, dozens for one full
+  disk); anything else reaches the previous hook unchanged.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "affectjax_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      logging.debug("A write ended on a closed event loop (one abandoned "
+                    "after a failed save).", exc_info=(
+                       unraisable.exc_type, unraisable.exc_value,
+                       unraisable.exc_traceback))
+      return
+    previous(unraisable)
+
+  hook.affectjax_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _library_noise_at_info() -> None:
+  """The reports of a failed save's pieces go to the log at INFO (shown with
+  ``--verbosity=0``); ``CheckpointWriteError`` is the one clear message."""
   logger = logging.get_absl_logger()
   if not any(isinstance(f, _OrbaxTracebacksAtInfo) for f in logger.filters):
     logger.addFilter(_OrbaxTracebacksAtInfo())
+  logger = std_logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedWritesAtInfo) for f in logger.filters):
+    logger.addFilter(_AbandonedWritesAtInfo())
+  _closed_loop_reports_at_info()
 
 
 @contextlib.contextmanager
@@ -301,7 +359,7 @@ class Checkpointer:
         step_name_format=self._step_format,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(
             policies=policies))
-    _orbax_tracebacks_at_info()
+    _library_noise_at_info()
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", POSITION))
     self._reader_manager: ocp.CheckpointManager | None = None
@@ -413,9 +471,10 @@ class Checkpointer:
       failed = self._pending if self._pending is not None else step
       self._pending = None
       orbax_internals.release_waiting_writers(self._operations)
-      if not _storage_failure(e):
+      cause = _root_cause(e)
+      if not (_storage_failure(cause) or _storage_failure(e)):
         raise
-      fix = ("The storage did not answer; once it does," if _unreachable(e)
+      fix = ("The storage did not answer; once it does," if _unreachable(cause)
              else "Free space on that filesystem or make it writable (or "
              "pass another --workdir),")
       committed = self._committed_steps()
@@ -424,7 +483,8 @@ class Checkpointer:
       resume = (" to resume from the latest of them" if committed else "")
       raise CheckpointWriteError(
           f"Could not save the checkpoint of step {failed} to "
-          f"{self.directory}: {type(e).__name__}: {_first_line(e)}. {kept}"
+          f"{self.directory}: {type(cause).__name__}: {_first_line(cause)}. "
+          f"{kept}"
           f"{fix} then rerun the same command{resume}.") from e
 
   def _committed_steps(self) -> list[int]:

@@ -25,9 +25,9 @@ which, once the flags are parsed:
     manifest named by a flag).
   - 1 (``FAILURE``), "read the log": everything else. A ``ReportedFailure``
     (a checkpoint save onto a full disk, say) is printed as its one-line
-    message, which says what failed, what is kept and what to do; its
-    traceback (Orbax's, typically) goes to the log at INFO, which
-    ``--verbosity=0`` shows. Any other exception keeps its traceback: an I/O
+    message, which says what failed, what is kept and what to do; the
+    tracebacks behind it (Orbax's, typically, logged at INFO for a library)
+    show with ``--verbosity=0``. Any other exception keeps its traceback: an I/O
     error (``PermissionError``, ``ConnectionError``, ``TimeoutError`` from
     storage) or a bug (a ``ValueError`` from ``int()`` or a reshape, even on
     a line of affectjax's, or from inside a library).
@@ -67,8 +67,8 @@ class ReportedFailure(Exception):
   """A failure (exit 1) whose message is all a user needs: one line.
 
   Mixed into errors whose message says what failed, what was kept and what
-  to do (``checkpoint.CheckpointWriteError``); ``tool`` prints that line and
-  logs the traceback at INFO instead of printing it.
+  to do (``checkpoint.CheckpointWriteError``); ``tool`` prints that line,
+  and its traceback only when ``--verbosity`` is given.
   """
 
 
@@ -171,7 +171,7 @@ def tool(main: Callable[[list[str]], int | None], name: str
       if _verbose():
         traceback.print_exc()
       elif isinstance(e, ReportedFailure):
-        logging.info("%s: the traceback of: %s", name, e, exc_info=e)
+        logging.debug("%s: the traceback of: %s", name, e, exc_info=e)
       print(f"{name}: {e}", file=sys.stderr, flush=True)
       return exit_status(e)
 

@@ -90,7 +90,7 @@ def main(argv) -> int:
         f"--preempted_exit_code={preempted_code}: use 0 or 3-125 (1 and 2 "
         "are failures and usage errors, 126 and up the shell's and "
         "signals').")
-  config = _CONFIG.value
+  config = _config()
   try:
     distributed.initialize(
         auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
@@ -112,6 +112,23 @@ def main(argv) -> int:
   if result.get("preempted"):
     raise Preempted(preempted_code)  # Every process: each one is requeued.
   return 0
+
+
+def _config():
+  """``--config``'s value; a file that cannot be loaded is a usage error.
+
+  ml_collections reports a config file it could not read (a wrong path) only
+  at the config's first use, as an ``OSError`` of several lines; here it is
+  one line naming the flag (exit 2).
+  """
+  config = _CONFIG.value
+  try:
+    config.get("total_steps")
+  except OSError as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    raise app.UsageError(
+        f"--config: cannot load the config file ({reason}).") from None
+  return config
 
 
 def _train(config, workdir) -> dict:

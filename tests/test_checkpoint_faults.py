@@ -1,5 +1,6 @@
-"""A save onto a full or read-only filesystem: a clear error, the previous
-checkpoint intact.
+"""A save onto a full or read-only filesystem, or to storage that does not
+answer: a clear error, the previous checkpoint intact, and (through the
+trainer) exit status 1.
 
 The checkpoints go to a real size-limited tmpfs, mounted in a private mount
 namespace (``unshare``: root, or an unprivileged user namespace) so nothing
@@ -11,6 +12,7 @@ file-size limit of 0).
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -141,3 +143,109 @@ def test_full_and_read_only_saves_fail_clearly_and_keep_the_last_checkpoint(
               if os.geteuid() else "File too large"}[how]
   assert expected in out["read_only"], out["read_only"]
   assert out["after_read_only"] == {"steps": [1], "same": True}
+
+
+# --------------------------------------------------------------------------
+# Through the trainer: the exit status a failure policy sees. A save that
+# fails on storage is a failure (exit 1, "read the log"), never a usage
+# error (exit 2, "fix the command"), and prints one clear line; Orbax's
+# tracebacks of it are in the log at INFO (--verbosity=0 shows them).
+# --------------------------------------------------------------------------
+TINY = "configs/custom_cnn.py"
+# tensorstore is what Orbax writes arrays through; here it times out, as a
+# gs:// bucket that does not answer does.
+_STORAGE_TIMES_OUT = (
+    "import sys, tensorstore\n"
+    "def timeout(*args, **kwargs):\n"
+    "  raise TimeoutError('injected: the bucket did not answer')\n"
+    "tensorstore.open = timeout\n"
+    "sys.argv[0] = 'affectjax.main'\n"
+    "from affectjax import main\n"
+    "main.run()\n")
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory, synthetic_arrayrecord):
+  """{case: (exit status, stdout + stderr, checkpoint dir)}, run together."""
+  prefix = _namespace_prefix()
+  if prefix is None:
+    pytest.skip("a full disk needs a private mount namespace (unshare -m as "
+                "root, or unprivileged user namespaces)")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  mount = ("mkdir -p \"$0\" && mount -t tmpfs -o size=16k tmpfs \"$0\" && "
+           "exec \"$@\"")
+  procs = {}
+  for case in ("full_disk", "full_disk_verbose", "storage_timeout"):
+    workdir = tmp_path_factory.mktemp(case) / "wd"
+    args = [f"--config={TINY}:tiny",
+            f"--config.data.dir={synthetic_arrayrecord}",
+            f"--workdir={workdir}", "--config.total_steps=2",
+            "--config.checkpoint_every_steps=1", "--config.eval_every_steps=2",
+            "--config.compilation_cache_dir="]
+    if case == "storage_timeout":
+      cmd = [sys.executable, "-c", _STORAGE_TIMES_OUT, *args]
+    else:
+      cmd = [*prefix, "sh", "-c", mount, str(workdir / "checkpoints"),
+             sys.executable, "-m", "affectjax.main", *args]
+      if case == "full_disk_verbose":
+        cmd.append("--verbosity=0")
+    procs[case] = (subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
+                                    stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE),
+                   str(workdir / "checkpoints"))
+  out = {}
+  for case, (proc, ckpt_dir) in procs.items():
+    try:
+      stdout, stderr = proc.communicate(timeout=300)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+    out[case] = (proc.returncode, stdout + stderr, ckpt_dir)
+  return out
+
+
+def _one_line(text, prefix):
+  lines = [l for l in text.splitlines() if l.startswith(prefix)]
+  assert len(lines) == 1, text[-5000:]
+  return lines[0]
+
+
+@pytest.mark.slow  # Three trainer processes.
+def test_a_full_disk_exits_1_with_one_clear_line(trainer_runs):
+  status, text, ckpt_dir = trainer_runs["full_disk"]
+  assert status == 1, text[-5000:]
+  line = _one_line(text, "affectjax.main: ")
+  assert line.startswith("affectjax.main: Could not save the checkpoint of "
+                         f"step 1 to {ckpt_dir}: "), line
+  assert "No space left on device" in line and (
+      "then rerun the same command") in line, line
+  assert "Traceback" not in text, text[-5000:]
+  # No ERROR lines of Orbax's (absl's "E1205 ..." prefix).
+  assert not re.search(r"^E\d{4} ", text, re.M), text[-5000:]
+
+
+@pytest.mark.slow
+def test_verbosity_shows_orbax_tracebacks_and_keeps_the_status(trainer_runs):
+  status, text, ckpt_dir = trainer_runs["full_disk_verbose"]
+  assert status == 1, text[-5000:]
+  assert "Traceback" in text
+  # Orbax's ERRORs of the failed save, with their tracebacks, now at INFO.
+  orbax = r"(future|async_checkpointer|checkpoint_manager)\.py:\d+\] .*"
+  assert re.search(rf"^I\d{{4}} [\d:.]+ +\d+ {orbax}(raised an exception|"
+                   r"Failed to run|failed)", text, re.M), text[-5000:]
+  assert not re.search(rf"^E\d{{4}} [\d:.]+ +\d+ {orbax}", text, re.M)
+  line = _one_line(text, "affectjax.main: Could not save")
+  assert ckpt_dir in line
+
+
+@pytest.mark.slow
+def test_a_storage_timeout_while_saving_exits_1(trainer_runs):
+  status, text, _ = trainer_runs["storage_timeout"]
+  assert status == 1, text[-5000:]
+  line = _one_line(text, "affectjax.main: ")
+  assert "Could not save the checkpoint of step 1" in line, line
+  assert "TimeoutError: injected: the bucket did not answer" in line, line
+  assert "The storage did not answer; once it does, then rerun" in line, line
+  assert "Traceback" not in text, text[-5000:]
