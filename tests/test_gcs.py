@@ -6,10 +6,13 @@ The prepared data is uploaded to ``gs://bucket/data`` and training runs with
 best.json, Orbax/tensorstore's ``gcs`` driver for the checkpoints,
 ArrayRecord's own GCS reader for the shards. The run is killed with
 SIGKILL after its first checkpoint and rerun to the end; then evaluate,
-predict and export read the run from ``gs://`` and write there.
+predict and export read the run from ``gs://`` and write there. The
+compilation cache is on ``gs://`` too: the rerun reads the train step the
+first run compiled.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,9 +53,14 @@ def _metric_lines() -> list[dict]:
 
 
 def _start(args, env_extra, log_path):
+  # Every compiled program goes to the compilation cache (not only those
+  # over a second), and each compile says whether the cache had it (JAX
+  # logs "Persistent compilation cache hit for '<module>'" at WARNING).
   env = {**os.environ, **env_extra, "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": REPO,
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_LOG_COMPILES": "1"}
   with open(log_path, "w") as log:
     return subprocess.Popen([sys.executable, "-m", "affectjax.main", *args],
                             cwd=REPO, env=env, stdout=log,
@@ -139,12 +147,17 @@ def gcs_run(gcs, synthetic_arrayrecord, tmp_path_factory):
       proc.kill()
       proc.wait()
   assert proc.returncode == 0, f"{_tail(rerun_log)}\nemulator:\n{gcs.log()}"
-  return _tail(killed_log, 20000), _tail(rerun_log, 20000)
+  return _tail(killed_log, 10**7), _tail(rerun_log, 10**7)  # Whole logs.
 
 
 def test_train_killed_and_resumed_on_gcs(gcs_run):
-  _, rerun = gcs_run
+  killed, rerun = gcs_run
   assert f"Resumed from {RUN}/checkpoints at step {EVERY}" in rerun, rerun
+  # The first run compiled its train step and wrote it to the gs:// cache;
+  # the rerun read it from there instead of compiling it again.
+  hit = re.compile(r"Persistent compilation cache hit for '[^']*train_step")
+  assert not hit.search(killed), killed
+  assert hit.search(rerun), rerun
   # metrics.jsonl on gs:// holds every step once (object stores cannot
   # append; the lines after the resumed step were dropped and replayed).
   keys = [(l["split"], l["step"]) for l in _metric_lines()]
