@@ -161,13 +161,14 @@ down() {
   # Whatever did not end (slurmstepd outlives slurmd, and a task can outlive
   # its slurmstepd): this cluster's job processes and step daemons, known by
   # the SLURM_CONF in their environment.
-  local env_file pid
+  local env_file pid environ
   for env_file in /proc/[0-9]*/environ; do
     pid="${env_file#/proc/}"; pid="${pid%/environ}"
     [[ "$pid" == $$ ]] && continue
-    if tr '\0' '\n' < "$env_file" 2>/dev/null | grep -qx "SLURM_CONF=$DIR/slurm.conf" \
-        && { [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == slurmstepd ]] \
-             || tr '\0' '\n' < "$env_file" 2>/dev/null | grep -q '^SLURM_JOB_ID='; }; then
+    environ="$({ tr '\0' '\n' < "$env_file"; } 2>/dev/null)" || continue
+    grep -qx "SLURM_CONF=$DIR/slurm.conf" <<< "$environ" || continue
+    if [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == slurmstepd ]] \
+        || grep -q '^SLURM_JOB_ID=' <<< "$environ"; then
       kill -KILL "$pid" 2>/dev/null || true
     fi
   done
