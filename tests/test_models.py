@@ -223,6 +223,22 @@ def test_max_pool_2x2_matches_reduce_window():
       nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
 
 
+def test_max_pool_2x2_gradient_is_reduce_windows_with_ties():
+  """One pixel per window gets the gradient, the first of equal maxima, as
+  reduce_window's; jnp.max's gradient splits it between ties (and is NaN
+  when XLA recomputes the pooled values with another rounding)."""
+  rng = np.random.default_rng(6)
+  x = jnp.maximum(jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float32), 0)
+  x = x.at[0, 0, 0, 0].set(1.5).at[0, 0, 1, 0].set(1.5)  # A tie that wins.
+  pooled = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  g = jnp.asarray(rng.normal(size=pooled.shape), jnp.float32)
+  grad = lambda pool: jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * g)))(x)
+  ours = grad(custom_cnn.max_pool_2x2)
+  ref = grad(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
+  np.testing.assert_array_equal(ours, ref)
+  assert ours[0, 0, 0, 0] == g[0, 0, 0, 0] and ours[0, 0, 1, 0] == 0
+
+
 def test_custom_cnn_fused_impl_equals_plain():
   """Same variables, same outputs, same BN statistics, gradients within float32 rounding."""
   x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 17, 16, 3)), jnp.float32)

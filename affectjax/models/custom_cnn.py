@@ -25,9 +25,8 @@ e.g. widths=(4, 8).
   'auto'   (default) 'fused' when JAX's default backend is the CPU, else
            'plain'.
 
-The one place the gradients may differ beyond rounding is a 2x2 window with
-two equal maxima: reduce_window's gradient goes to one of them, the reshape
-max's is split between them. Here the pool follows a ReLU, so equal maxima
+The pool's gradient goes to one pixel of each window, the first of equal
+maxima, as reduce_window's does. Here the pool follows a ReLU, so equal maxima
 are in practice zeros, whose gradient the ReLU stops either way.
 """
 from __future__ import annotations
@@ -69,17 +68,50 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 / stride-2 'VALID' max-pool of an NHWC array as a reshape and a max.
 
   Equal to nnx.max_pool(x, (2, 2), strides=(2, 2), padding='VALID') (an odd
-  trailing row/column is dropped the same way). Its gradient is jnp.max's
-  (elementwise compare and select, which XLA fuses) instead of
-  reduce_window's.
+  trailing row/column is dropped the same way). The gradient (below) is a
+  few elementwise compares and selects, which XLA fuses, instead of
+  reduce_window's variadic argmax reduction.
   """
   n, h, w, c = x.shape
   x = x[:, :h // 2 * 2, :w // 2 * 2, :]
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _pool_fwd(x):
+  return max_pool_2x2(x), x
+
+
+def _pool_bwd(x, g):
+  """Routes each window's gradient to exactly one of its four inputs.
+
+  The winner is chosen by complementary compares (>= / <) between the
+  window's pixels, never by comparing them with the separately computed max:
+  jnp.max's own gradient divides by the number of pixels equal to the max,
+  and when XLA recomputes the fused pooled values with a different rounding
+  (seen at LLVM -O0 with 8 CPU devices) that number is 0 and the gradient
+  NaN. Ties go to the first pixel in row-major order, as reduce_window's do.
+  """
+  n, h, w, c = x.shape
+  xe = x[:, :h // 2 * 2, :w // 2 * 2, :]
+  a, b, cc, d = xe[:, 0::2, 0::2], xe[:, 0::2, 1::2], xe[:, 1::2, 0::2], xe[:, 1::2, 1::2]
+  top, bottom = a >= b, cc >= d
+  first = jnp.where(top, a, b) >= jnp.where(bottom, cc, d)
+  zero = jnp.zeros_like(g)
+  ga = jnp.where(first & top, g, zero)
+  gb = jnp.where(first & ~top, g, zero)
+  gc = jnp.where(~first & bottom, g, zero)
+  gd = jnp.where(~first & ~bottom, g, zero)
+  dx = jnp.stack([jnp.stack([ga, gb], axis=3), jnp.stack([gc, gd], axis=3)],
+                 axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
+  return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 
 
 class CustomCNN(nnx.Module):
