@@ -28,7 +28,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 MODEL_FILE = "model.onnx"
@@ -152,12 +151,3 @@ def op_types(model) -> list[str]:
 def converter_version() -> str:
   from importlib import metadata  # pylint: disable=g-import-not-at-top
   return metadata.version("jax2onnx")
-
-
-def run_onnxruntime(model, images: np.ndarray) -> tuple[np.ndarray, ...]:
-  """Runs ``model`` (ModelProto or path) on the CPU with ONNX Runtime."""
-  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
-  data = model if isinstance(model, (str, bytes)) else (
-      model.SerializeToString())
-  sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-  return tuple(sess.run(None, {INPUT_NAME: images}))

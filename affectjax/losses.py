@@ -36,7 +36,6 @@ Normalization, term by term:
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -283,22 +282,6 @@ def _one_minus_ccc(s, name, on_host):
   if on_host:
     return float(mse / den) if defined else 0.0
   return jnp.where(defined, mse / jnp.where(defined, den, 1.0), 0.0)
-
-
-def ccc_from_stats(stats: Mapping, name: str):
-  """Lin's CCC of `name` ('valence' or 'arousal') from (summed) stats.
-
-  NaN without valid rows or with a zero denominator, like
-  `metrics.regression_metrics`; e.g. for logging a training batch's CCC.
-  """
-  if name not in VA_TARGETS:
-    raise ValueError(f"name must be one of {VA_TARGETS}, got {name!r}.")
-  on_host = not any(isinstance(stats[k], jax.Array) for k in STATS_KEYS)
-  s = {k: np.float64(stats[k]) for k in STATS_KEYS} if on_host else stats
-  mse, den, defined = _ccc_parts(s, name, on_host)
-  if on_host:
-    return float(1.0 - mse / den) if defined else math.nan
-  return jnp.where(defined, 1.0 - mse / jnp.where(defined, den, 1.0), jnp.nan)
 
 
 def sum_stats(stats_list: Sequence[Mapping]) -> dict[str, float]:

@@ -11,7 +11,8 @@ the same computation.
            classes=None, model_classes=None) -> dict
   match_classes(model_classes, data_names, *, classes=None) -> ClassMatch
 
-Batches are uint8 (B, S, S, 3) at the prepared size S; the step resizes to
+Batches are uint8 (B, S, S, 3) at the host size S (what the input path decodes
+to: the prepared size, or a DCT-scaled fraction of it); the step resizes to
 ``config.image_size`` on the device (``augment.resize_images``), then applies
 the model's own preprocessing. With ``tta="flip"`` the step also runs the
 mirrored batch and averages logits and valence/arousal of the two passes.
