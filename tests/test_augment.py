@@ -217,7 +217,8 @@ def test_bad_augment_config_names_the_flag():
     augment.resize_images(np.zeros((8, 8, 3)), 4)
 
 
-@pytest.mark.parametrize("recipe", ["efficientnet_b3", "vgg16", "custom_cnn"])
+@pytest.mark.parametrize("recipe", ["efficientnet_b3", "vgg16", "custom_cnn",
+                                    "fer2013", "ferplus"])
 def test_recipes_load_with_valid_augmentation_and_no_unknown_fields(recipe):
   """configs/recipes/*.py and their :tiny variants: the schema's fields only
   (a misspelt field would silently do nothing), and augmentation settings
@@ -237,11 +238,18 @@ def test_recipes_load_with_valid_augmentation_and_no_unknown_fields(recipe):
     return out
 
   schema = fields(config_base.get_base_config())
-  for arg in (None, "tiny"):
+  # FER2013 and FER+ have no valence/arousal (masked in the loss); they
+  # choose on their own holdout (PublicTest) and have a CPU-hour variant.
+  fer = recipe.startswith("fer")
+  for arg in (None, "tiny") + (("cpu",) if fer else ()):
     c = module.get_config(arg)
     assert fields(c) == schema
     augment._options(c.augment)  # Raises naming the flag if invalid.
-    assert c.augment.crop_scale[0] < 1.0 and c.loss.va_ccc_weight > 0
+    assert c.augment.crop_scale[0] < 1.0
+    assert c.loss.va_ccc_weight > 0 or fer
+    if fer:
+      assert c.data.selection_split == "holdout"
+      assert c.num_classes == {"fer2013": 7, "ferplus": 8}[recipe]
   tiny = module.get_config("tiny")
   assert tiny.total_steps <= 6 and tiny.ema_decay > 0
   with pytest.raises(ValueError, match="tiny"):

@@ -100,3 +100,63 @@ def test_recipe_tiny_variants_train_end_to_end(recipe, data_dir, tmp_path):
   # The EMA is a separate, moving average: neither the start nor the weights.
   assert _changed(final["ema"]["params"], final["params"])
   assert _changed(final["ema"]["params"], initial["params"])
+
+
+def _write_ferplus_folders(root, per_split=(("FER2013Train", 32),
+                                            ("FER2013Valid", 8),
+                                            ("FER2013Test", 8))) -> dict:
+  """FERPlus's PNG folders with label.csv, enough rows for a batch: face i of
+  a folder gets all ten votes for emotion i % 8 (neutral ... contempt)."""
+  import public_fixtures  # pylint: disable=g-import-not-at-top
+  want = {}
+  for folder, n in per_split:
+    lines = []
+    for i in range(n):
+      name = f"fer{i:07d}.png"
+      public_fixtures._write(  # pylint: disable=protected-access
+          os.path.join(root, folder, name),
+          public_fixtures._png(public_fixtures.face_pixels(i)))  # pylint: disable=protected-access
+      votes = [0] * 10
+      votes[i % 8] = 10
+      lines.append(f'{name},"(0, 0, 48, 48)",' + ",".join(map(str, votes)))
+    public_fixtures._write(os.path.join(root, folder, "label.csv"),  # pylint: disable=protected-access
+                           "\n".join(lines) + "\n")
+    split = {"FER2013Train": "train", "FER2013Valid": "holdout",
+             "FER2013Test": "val"}[folder]
+    want[split] = {"written": n}
+  return want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["fer2013", "ferplus"])
+def test_fer_recipes_train_on_a_set_without_valence_arousal(recipe, tmp_path):
+  """configs/recipes/{fer2013,ferplus}.py:tiny on tiny copies of the published
+  files (Kaggle's fer2013.csv; FERPlus's folders with label.csv): no
+  valence/arousal, 7 and 8 classes. The trainer masks the missing targets
+  (finite loss, no regression metrics), selects on the holdout (PublicTest)
+  by accuracy, and evaluates every PrivateTest face."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import public_fixtures  # pylint: disable=g-import-not-at-top
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+  writer = (public_fixtures.write_fer2013 if recipe == "fer2013"
+            else _write_ferplus_folders)
+  want = writer(str(tmp_path / "raw"))
+  manifest = prepare.prepare(str(tmp_path / "raw"), str(tmp_path / "data"),
+                             image_size=16, num_workers=1, progress=False)
+  config = importlib.import_module(f"configs.recipes.{recipe}").get_config("tiny")
+  assert manifest["num_classes"] == config.num_classes
+  config.data.dir = str(tmp_path / "data")
+  workdir = tmp_path / "run"
+  result = train.train_and_evaluate(config, str(workdir))
+  assert result["step"] == config.total_steps and np.isfinite(result["loss"])
+  assert result["num_examples"] == want["val"]["written"] > 0
+  assert result["best"]["split"] == "holdout"
+  assert result["best"]["metric"] == "accuracy"
+  with open(workdir / "metrics.jsonl") as f:
+    lines = [json.loads(l) for l in f]
+  assert all(np.isfinite(l["loss"]) for l in lines if l["split"] == "train")
+  holdout = [l for l in lines if l["split"] == "holdout"]
+  assert holdout and all(
+      l["num_examples"] == want["holdout"]["written"] for l in holdout)
+  # Nothing to regress against: no valence/arousal metric is reported.
+  assert all(l.get("valence_ccc") is None for l in holdout)
