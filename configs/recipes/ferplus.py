@@ -16,7 +16,8 @@ Prepare either published layout once, at the native size:
   ./launch.sh prep --input_dir=/data/FERPlus/data --output_dir=data/ferplus --image_size=48
 
 Train and test (the same machinery and variants as configs/recipes/fer2013.py,
-with AffectNet's 8 classes):
+with AffectNet's 8 classes; :cpu runs 8,000 steps of 64, about 19 epochs of
+FER+'s 26,940 majority-vote training faces, about 45 minutes on 2 CPU cores):
 
   ./launch.sh train --config=configs/recipes/ferplus.py:cpu \
       --config.data.dir=data/ferplus --workdir=runs/ferplus_cpu
@@ -30,4 +31,6 @@ def get_config(arg: str | None = None):
   c.num_classes = 8  # Contempt is one of FER+'s classes.
   if arg != "tiny":
     c.data.dir = "data/ferplus"
+  if arg == "cpu":
+    c.total_steps = 8_000
   return c
