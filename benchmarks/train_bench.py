@@ -1,32 +1,46 @@
-r"""Training-step throughput: affectjax vs PyTorch vs Keras, same model, same run.
+r"""Training-step throughput: affectjax vs PyTorch vs Keras-TF, same model, interleaved.
 
-Each framework runs in its own subprocess (so thread pools and allocators
-don't interfere), repeated and reported as a median:
+The model is the custom CNN (affectjax/models/custom_cnn.py), mirrored layer
+for layer in each framework: stages of `--convs_per_stage` x [conv3x3 (no
+bias) -> BatchNorm (eps 1e-3) -> ReLU], a 2x2 max-pool between stages,
+global average pooling, Dense(256)-ReLU, then 8 logits and 2 tanh outputs;
+loss = cross-entropy + MSE(tanh), AdamW. Every step starts from the same
+fixed uint8 batch in memory (normalization inside the step) and nothing is
+augmented in any framework, so the rows are like for like.
 
-  step   model compute only: one fixed uint8 batch already in memory, full
-         train step. Frameworks: affectjax (`jax.jit` over the nnx.split
-         state -- the real `affectjax.train` step, which also runs the
-         device augmentation: random resized crop, flip), affectjax with
-         `nnx.jit` (normalize, forward, loss, backward, AdamW: no
-         augmentation), PyTorch (eager; torch.compile is not used: it needs a
-         C++ toolchain warm-up longer than the run), Keras 3 on TensorFlow
-         (`train_on_batch`, `jit_compile="auto"`, Keras 3's default: XLA
-         where the model allows it).
+Workers (each its own subprocess, so thread pools and allocators don't
+interfere):
 
-The peers' steps do not augment, so `step/affectjax` against them is not
-like for like (`step/affectjax_nnx_jit` is closer); docs/BENCHMARKS.md
-therefore carries no table from this script.
+  jax_<impl>   affectjax: `jax.jit` (donated) of normalize, forward, loss,
+               backward and optax AdamW over the `nnx.split` state -- the
+               trainer's step without its device augmentation -- for each
+               custom CNN `impl` in --jax_impls ('fused', 'plain', 'auto';
+               see custom_cnn.py).
+  jax_train    the real `affectjax.train` step (`train.make_steps`), which
+               also runs the device augmentation (random resized crop,
+               flip): not like for like, shown for what a run costs.
+  torch        PyTorch eager (torch.compile needs a C++ toolchain warm-up
+               longer than the run), NCHW, all cores.
+  keras        Keras 3 on TensorFlow, `train_on_batch`, `jit_compile="auto"`
+               (Keras 3's default: XLA where the model allows).
 
-The input pipeline has its own benchmark, `benchmarks/input_bench.py`.
+All workers start, compile and warm up first (one at a time); then the
+repeats are interleaved round-robin (jax, torch, keras, jax, torch, keras,
+...), one worker running at a time, so that a change in the machine's load
+hits every framework alike. Each repeat is `--steps` steps; the script
+prints every worker's median img/s (and its runs), its median CPU time per
+image (process time, all threads: a fairer figure when other jobs share the
+cores), the ratios to torch and keras, and the load average before and
+after.
 
-The custom CNN is mirrored exactly in each framework: stages of
-2 x [conv3x3 (no bias) -> BatchNorm -> ReLU], 2x2 max-pool between stages,
-global average pooling, Dense(256)-ReLU, then 8 logits and 2 tanh outputs.
+  python3 -m venv .venv-bench
+  .venv-bench/bin/pip install torch==2.13.0 && .venv-bench/bin/pip install -e '.[bench]'
+  .venv-bench/bin/python benchmarks/train_bench.py --image_size=48 \
+      --widths=32,64,128,256 --batch_size=64
 
-  .venv-bench/bin/python benchmarks/train_bench.py --data_dir=runs/demo/data/arrayrecord
-
-needs the `bench` extra (`pip install -e '.[bench]'`: tensorflow-cpu, torch).
-Prints the medians and ratios; nothing is recorded in docs/BENCHMARKS.md.
+(`torch==2.13.0` first: the CPU wheel; the `bench` extra's plain `torch`
+would otherwise pull a CUDA build.) `benchmarks/step_profile.py` explains
+the jax numbers op by op; docs/BENCHMARKS.md records both.
 """
 from __future__ import annotations
 
@@ -36,71 +50,107 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WIDTHS = (32, 64, 128)
 HIDDEN = 256
+NUM_CLASSES = 8
 
 
-# ----------------------------------------------------------------------------
-# Model-step workers (run in subprocesses).
-# ----------------------------------------------------------------------------
 def _batch(args):
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   n, s = args.batch_size, args.image_size
   return (rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
-          rng.integers(0, 8, (n,)).astype(np.int32),
+          rng.integers(0, NUM_CLASSES, (n,)).astype(np.int32),
           rng.uniform(-1, 1, (n, 2)).astype(np.float32))
 
 
-def step_affectjax(args, use_nnx_jit=False):
+def _widths(args):
+  return tuple(int(w) for w in args.widths.split(","))
+
+
+# ----------------------------------------------------------------------------
+# Workers (run in subprocesses). Each returns run(n): n train steps, blocking.
+# ----------------------------------------------------------------------------
+def _jax_config(args, impl):
   sys.path.insert(0, REPO)
+  from configs import custom_cnn  # pylint: disable=g-import-not-at-top
+  c = custom_cnn.get_config()
+  c.model.kwargs.widths = _widths(args)
+  c.model.kwargs.convs_per_stage = args.convs_per_stage
+  c.model.kwargs.dropout = 0.0
+  c.model.kwargs.head_hidden = HIDDEN
+  c.model.kwargs.impl = impl
+  c.num_classes = NUM_CLASSES
+  c.image_size, c.batch_size = args.image_size, args.batch_size
+  c.optimizer.grad_clip_norm = 0.0
+  c.loss.class_weighting = "none"
+  return c
+
+
+def make_jax_step(args, impl):
+  """(jitted step, [params, rest, opt_state], batch): the trainer's computation
+  without augmentation, `jax.jit` over the `nnx.split` state, donated."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from affectjax import losses, sharding, train, train_state  # pylint: disable=g-import-not-at-top
-  from configs import custom_cnn  # pylint: disable=g-import-not-at-top
-  c = custom_cnn.get_config()
-  c.model.kwargs.widths = WIDTHS
-  c.model.kwargs.dropout = 0.0
-  c.image_size, c.batch_size = args.image_size, args.batch_size
-  c.optimizer.grad_clip_norm = 0.0
+  c = _jax_config(args, impl)
+  from affectjax import losses, train_state  # pylint: disable=g-import-not-at-top
+  model = train_state.build_model(c)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adamw(1e-3, weight_decay=1e-4)
+  opt_state = tx.init(params)
+  images, labels, va = _batch(args)
+  batch = jax.device_put({"image": images, "expression": labels,
+                          "valence": va[:, 0], "arousal": va[:, 1]})
+
+  def train_step(params, rest, opt_state, batch):
+    def loss_fn(params):  # As affectjax.train.train_step's.
+      m = nnx.merge(graphdef, params, rest, copy=True)
+      logits, v = m(m.preprocess(batch["image"]), train=True)
+      loss = losses.multitask_loss(
+          logits, v, expression=batch["expression"],
+          valence=batch["valence"], arousal=batch["arousal"])[0]
+      return loss, nnx.split(m, nnx.Param, ...)[2]
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), rest, opt_state, loss
+
+  step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+  return step, [params, rest, opt_state], batch
+
+
+def step_jax(args, impl):
+  """See `make_jax_step`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  step, state, batch = make_jax_step(args, impl)
+
+  def run(n):
+    for _ in range(n):
+      *state[:], loss = step(*state, batch)
+    jax.block_until_ready(loss)
+  return run
+
+
+def step_jax_train(args):
+  """The real trainer step (`train.make_steps`): with the device augmentation."""
+  import jax  # pylint: disable=g-import-not-at-top
+  c = _jax_config(args, "auto")
+  from affectjax import sharding, train, train_state  # pylint: disable=g-import-not-at-top
   images, labels, va = _batch(args)
   mesh = sharding.make_mesh(jax.devices()[:1])
   batch = sharding.shard_batch({"image": images, "expression": labels,
                                 "valence": va[:, 0], "arousal": va[:, 1]}, mesh)
-  if not use_nnx_jit:
-    graphdef, state, tx = train_state.init_state(c, mesh)
-    train_fn, _ = train.make_steps(graphdef, tx, c, mesh)
+  graphdef, state, tx = train_state.init_state(c, mesh)
+  train_fn, _ = train.make_steps(graphdef, tx, c, mesh)
+  holder = [state]
 
-    def run(n):
-      nonlocal state
-      for _ in range(n):
-        state, m = train_fn(state, batch, train_backbone=True)
-      jax.block_until_ready(m["loss"])
-  else:
-    model = train_state.build_model(c)
-    opt = nnx.Optimizer(model, optax.adamw(c.optimizer.learning_rate),
-                        wrt=nnx.Param)
-
-    @nnx.jit
-    def nnx_step(model, opt, batch):
-      def loss_fn(model):
-        x = model.preprocess(batch["image"])
-        logits, v = model(x, train=True)
-        return losses.multitask_loss(
-            logits, v, expression=batch["expression"],
-            valence=batch["valence"], arousal=batch["arousal"])[0]
-      loss, grads = nnx.value_and_grad(loss_fn)(model)
-      opt.update(model, grads)
-      return loss
-
-    def run(n):
-      for _ in range(n):
-        loss = nnx_step(model, opt, batch)
-      jax.block_until_ready(loss)
+  def run(n):
+    for _ in range(n):
+      holder[0], m = train_fn(holder[0], batch, train_backbone=True)
+    jax.block_until_ready(m["loss"])
   return run
 
 
@@ -109,16 +159,16 @@ def step_torch(args):
   from torch import nn  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   layers, cin = [], 3
-  for i, w in enumerate(WIDTHS):
+  for i, w in enumerate(_widths(args)):
     if i:
       layers.append(nn.MaxPool2d(2))
-    for _ in range(2):
+    for _ in range(args.convs_per_stage):
       layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False),
                  nn.BatchNorm2d(w, eps=1e-3, momentum=0.01), nn.ReLU()]
       cin = w
   backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                            nn.Linear(cin, HIDDEN), nn.ReLU())
-  expr, va_head = nn.Linear(HIDDEN, 8), nn.Linear(HIDDEN, 2)
+  expr, va_head = nn.Linear(HIDDEN, NUM_CLASSES), nn.Linear(HIDDEN, 2)
   params = [*backbone.parameters(), *expr.parameters(), *va_head.parameters()]
   opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
   images, labels, va = _batch(args)
@@ -148,16 +198,16 @@ def step_keras(args):
   inp = keras.Input((args.image_size, args.image_size, 3))
   x = L.Normalization(mean=[123.675, 116.28, 103.53],
                       variance=[58.395**2, 57.12**2, 57.375**2])(inp)
-  for i, w in enumerate(WIDTHS):
+  for i, w in enumerate(_widths(args)):
     if i:
       x = L.MaxPooling2D(2)(x)
-    for _ in range(2):
+    for _ in range(args.convs_per_stage):
       x = L.Conv2D(w, 3, padding="same", use_bias=False)(x)
       x = L.BatchNormalization()(x)
       x = L.ReLU()(x)
   x = L.GlobalAveragePooling2D()(x)
   x = L.Dense(HIDDEN, activation="relu")(x)
-  model = keras.Model(inp, [L.Dense(8, name="expr")(x),
+  model = keras.Model(inp, [L.Dense(NUM_CLASSES, name="expr")(x),
                             L.Dense(2, activation="tanh", name="va")(x)])
   model.compile(optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
                 loss=[keras.losses.SparseCategoricalCrossentropy(
@@ -171,67 +221,118 @@ def step_keras(args):
   return run
 
 
-# ----------------------------------------------------------------------------
-# Input-pipeline workers.
-# ----------------------------------------------------------------------------
-WORKERS = {
-    "step/affectjax": lambda a: step_affectjax(a),
-    "step/affectjax_nnx_jit": lambda a: step_affectjax(a, use_nnx_jit=True),
-    "step/torch": step_torch,
-    "step/keras_tf": step_keras,
-}
+def _make_worker(name, args):
+  if name.startswith("jax_") and name != "jax_train":
+    return step_jax(args, name[len("jax_"):])
+  return {"jax_train": step_jax_train, "torch": step_torch,
+          "keras": step_keras}[name](args)
 
 
 def _worker(args):
-  run = WORKERS[args.worker](args)
+  """Serves 'run' requests on stdin: each times --steps steps, prints JSON."""
+  run = _make_worker(args.worker, args)
   run(args.warmup)
-  times = []
-  for _ in range(args.repeats):
-    t = time.perf_counter()
+  print("ready", flush=True)
+  for line in sys.stdin:
+    if line.strip() != "run":
+      break
+    t, c = time.perf_counter(), time.process_time()
     run(args.steps)
-    times.append(time.perf_counter() - t)
-  print(json.dumps({"worker": args.worker, "seconds": times}))
+    print(json.dumps({"wall": time.perf_counter() - t,
+                      "cpu": time.process_time() - c}), flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Driver.
+# ----------------------------------------------------------------------------
+def _cpu_model():
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next(l.split(":", 1)[1].strip() for l in out.splitlines()
+                if l.startswith("Model name"))
+  except (OSError, StopIteration):
+    return "unknown CPU"
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--data_dir", default="runs/demo/data/arrayrecord",
-                 help="Prepared dataset (python -m data_prep.affectnet output).")
-  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--image_size", type=int, default=48)
   p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--steps", type=int, default=20, help="Steps per repeat.")
+  p.add_argument("--widths", default="32,64,128,256",
+                 help="Comma-separated stage widths of the custom CNN.")
+  p.add_argument("--convs_per_stage", type=int, default=2)
+  p.add_argument("--jax_impls", default="fused,plain",
+                 help="custom CNN impls to time, one jax_<impl> worker each.")
+  p.add_argument("--frameworks", default="jax,torch,keras",
+                 help="Subset of jax (the --jax_impls rows), jax_train, "
+                      "torch, keras.")
+  p.add_argument("--steps", type=int, default=10, help="Steps per repeat.")
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--only", default="", help="Comma-separated worker names.")
+  p.add_argument("--repeats", type=int, default=5,
+                 help="Interleaved rounds; each worker runs once per round.")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
     return _worker(args)
 
-  names = [n for n in WORKERS if not args.only or n in args.only.split(",")]
-  results = {}
+  names = []
+  for f in args.frameworks.split(","):
+    if f == "jax":
+      names += [f"jax_{i}" for i in args.jax_impls.split(",")]
+    elif f in ("jax_train", "torch", "keras"):
+      names.append(f)
+    else:
+      p.error(f"--frameworks: unknown {f!r}; use jax, jax_train, torch, keras.")
+  print(f"# {_cpu_model()}, {os.cpu_count()} cores; image {args.image_size} px, "
+        f"batch {args.batch_size}, widths {args.widths} x{args.convs_per_stage}; "
+        f"{args.repeats} rounds of {args.steps} steps; load average "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  workers = {}
   for name in names:
-    cmd = [sys.executable, __file__, f"--worker={name}"] + [
-        f"--{k}={v}" for k, v in vars(args).items()
-        if k not in ("worker", "only")]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                         cwd=REPO)
-    if out.returncode:
-      print(f"{name}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}"] + [
+        f"--{k}={v}" for k, v in vars(args).items() if k != "worker"]
+    err = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=err, text=True, env=env, cwd=REPO)
+    if proc.stdout.readline().strip() != "ready":
+      proc.wait()
+      err.seek(0)
+      print(f"{name}: FAILED to start\n{err.read()[-3000:]}", file=sys.stderr)
       continue
-    secs = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
-    med = statistics.median(secs)
-    results[name] = args.steps * args.batch_size / med
-    print(f"{name:28s} median {results[name]:8.1f} img/s "
-          f"(runs: {', '.join(f'{args.steps * args.batch_size / s:.0f}' for s in secs)})",
-          flush=True)
-  ours = "step/affectjax"
-  if ours in results:
-    for name, rate in results.items():
-      if name != ours:
-        print(f"ratio {ours} / {name}: {results[ours] / rate:.2f}x")
+    workers[name] = (proc, err)
+  runs = {n: [] for n in workers}
+  for _ in range(args.repeats):
+    for name, (proc, err) in list(workers.items()):
+      proc.stdin.write("run\n")
+      proc.stdin.flush()
+      line = proc.stdout.readline()
+      if not line:
+        err.seek(0)
+        print(f"{name}: FAILED\n{err.read()[-3000:]}", file=sys.stderr)
+        del workers[name]
+        continue
+      runs[name].append(json.loads(line))
+  for proc, _ in workers.values():
+    proc.stdin.close()
+    proc.wait()
+  imgs = args.steps * args.batch_size
+  rate, cpu_ms = {}, {}
+  for name, rs in runs.items():
+    if not rs:
+      continue
+    rate[name] = imgs / statistics.median(r["wall"] for r in rs)
+    cpu_ms[name] = statistics.median(r["cpu"] for r in rs) / imgs * 1e3
+    each = ", ".join(f"{imgs / r['wall']:.0f}" for r in rs)
+    print(f"{name:12s} median {rate[name]:8.1f} img/s (runs: {each}); "
+          f"CPU {cpu_ms[name]:.2f} ms/img", flush=True)
+  for ours in (n for n in rate if n.startswith("jax")):
+    for peer in ("torch", "keras"):
+      if peer in rate:
+        print(f"ratio {ours} / {peer}: {rate[ours] / rate[peer]:.2f}x img/s, "
+              f"{cpu_ms[peer] / cpu_ms[ours]:.2f}x by CPU time")
+  print(f"# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+r"""Where XLA:CPU spends a conv layer's train step: forward, input gradient, filter gradient.
+
+For each 3x3 'same' conv of the custom CNN (NHWC activations, HWIO kernel)
+this times, as separate jitted programs on one fixed batch:
+
+  fwd   y = conv(x, w)
+  dx    the input gradient (what `jax.vjp` of the conv emits, i.e. XLA's own
+        backward-input convolution), and the alternatives below
+  dw    the filter gradient (XLA's backward-filter convolution) and the
+        alternatives below
+
+Formulations compared (all numerically equal to `lax.conv_general_dilated`):
+
+  xla        lax.conv_general_dilated and its autodiff
+  flip       dx as a forward conv of dy with the spatially flipped,
+             in/out-swapped kernel
+  taps       dw as a sum over the 9 kernel taps of x_shifted^T @ dy (9 dots,
+             no 9x patch matrix); dx likewise over taps of dy
+  im2col     dw as patches^T @ dy with the patches built from 9 shifted
+             slices of the padded input (one (N*H*W, 9*Cin) matrix)
+  patches    dw as lax.conv_general_dilated_patches(x)^T @ dy
+
+  .venv/bin/python benchmarks/conv_probe.py --image_size=48 --batch_size=64
+
+Prints milliseconds per call (median of --repeats, each of --iters calls).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_xla(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+
+
+def _shifts(x):
+  """The 9 shifted (N, H, W, C) views of x zero-padded by 1: tap (i, j) -> x[h+i-1, w+j-1]."""
+  h, w = x.shape[1], x.shape[2]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return [xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
+
+
+def dw_taps(x, dy):
+  n, h, w, c = x.shape
+  d = dy.reshape(-1, dy.shape[-1])
+  return jnp.stack([s.reshape(-1, c).T @ d for s in _shifts(x)]).reshape(
+      3, 3, c, dy.shape[-1])
+
+
+def dw_im2col(x, dy):
+  c = x.shape[-1]
+  p = jnp.stack(_shifts(x), axis=3).reshape(-1, 9 * c)
+  return (p.T @ dy.reshape(-1, dy.shape[-1])).reshape(3, 3, c, dy.shape[-1])
+
+
+def dw_patches(x, dy):
+  c = x.shape[-1]
+  p = lax.conv_general_dilated_patches(x, (3, 3), (1, 1), "SAME",
+                                       dimension_numbers=DN)
+  g = p.reshape(-1, c * 9).T @ dy.reshape(-1, dy.shape[-1])  # (c, kh, kw) order
+  return g.reshape(c, 3, 3, -1).transpose(1, 2, 0, 3)
+
+
+def dx_flip(dy, w):
+  return lax.conv_general_dilated(dy, w[::-1, ::-1].swapaxes(2, 3), (1, 1),
+                                  "SAME", dimension_numbers=DN)
+
+
+def dx_taps(dy, w):
+  # dx[h, w] = sum_ij dy[h - i + 1, w - j + 1] @ w[i, j]^T
+  n, h, wd, o = dy.shape
+  dyp = jnp.pad(dy, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = 0
+  for i in range(3):
+    for j in range(3):
+      s = dyp[:, 2 - i:2 - i + h, 2 - j:2 - j + wd, :]
+      out = out + s @ w[i, j].T
+  return out
+
+
+def dx_im2col(dy, w):
+  o = dy.shape[-1]
+  wf = w[::-1, ::-1].swapaxes(2, 3)  # (3, 3, O, I)
+  p = jnp.stack(_shifts(dy), axis=3).reshape(*dy.shape[:3], 9 * o)
+  return p @ wf.reshape(9 * o, -1)
+
+
+def fwd_im2col(x, w):
+  c = x.shape[-1]
+  p = jnp.stack(_shifts(x), axis=3).reshape(*x.shape[:3], 9 * c)
+  return p @ w.reshape(9 * c, -1)
+
+
+def _time(f, args, iters, repeats):
+  jax.block_until_ready(f(*args))
+  out = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(iters):
+      r = f(*args)
+    jax.block_until_ready(r)
+    out.append((time.perf_counter() - t) / iters * 1e3)
+  return statistics.median(out)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--image_size", type=int, default=48)
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--widths", default="32,64,128,256")
+  p.add_argument("--convs_per_stage", type=int, default=2)
+  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--check", action="store_true", help="Check equality only.")
+  args = p.parse_args()
+  widths = [int(v) for v in args.widths.split(",")]
+  shapes, cin, s = [], 3, args.image_size
+  for i, wd in enumerate(widths):
+    if i:
+      s //= 2
+    for _ in range(args.convs_per_stage):
+      shapes.append((s, cin, wd))
+      cin = wd
+  key = jax.random.PRNGKey(0)
+  dx_xla = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv_xla(x, w), x)[1](dy)[0])
+  dw_xla = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv_xla(x, w), w)[1](dy)[0])
+  cands = {
+      "fwd/xla": (jax.jit(conv_xla), "xw"),
+      "fwd/im2col": (jax.jit(fwd_im2col), "xw"),
+      "dx/xla": (dx_xla, "xwd"),
+      "dx/flip": (jax.jit(dx_flip), "dw"),
+      "dx/taps": (jax.jit(dx_taps), "dw"),
+      "dx/im2col": (jax.jit(dx_im2col), "dw"),
+      "dw/xla": (dw_xla, "xwd"),
+      "dw/taps": (jax.jit(dw_taps), "xd"),
+      "dw/im2col": (jax.jit(dw_im2col), "xd"),
+      "dw/patches": (jax.jit(dw_patches), "xd"),
+  }
+  totals = {k: 0.0 for k in cands}
+  print(f"{'layer':>18s} " + " ".join(f"{k:>10s}" for k in cands))
+  for (s, ci, co) in shapes:
+    k1, k2, k3 = jax.random.split(jax.random.fold_in(key, s * 1000 + co), 3)
+    x = jax.random.normal(k1, (args.batch_size, s, s, ci))
+    w = jax.random.normal(k2, (3, 3, ci, co)) * 0.1
+    dy = jax.random.normal(k3, (args.batch_size, s, s, co))
+    env = {"x": x, "w": w, "d": dy}
+    ref = {"fwd": conv_xla(x, w), "dx": dx_xla(x, w, dy), "dw": dw_xla(x, w, dy)}
+    row = []
+    for name, (f, sig) in cands.items():
+      a = [env[c] for c in sig]
+      r = f(*a)
+      err = float(jnp.max(jnp.abs(r - ref[name.split("/")[0]])) /
+                  (jnp.max(jnp.abs(ref[name.split("/")[0]])) + 1e-12))
+      assert err < 1e-4, (name, s, ci, co, err)
+      if args.check:
+        continue
+      ms = _time(f, a, args.iters, args.repeats)
+      totals[name] += ms
+      row.append(ms)
+    if not args.check:
+      print(f"{s:3d}px {ci:4d}->{co:4d}    " + " ".join(f"{v:10.2f}" for v in row),
+            flush=True)
+  if not args.check:
+    print(f"{'total ms':>18s} " + " ".join(f"{v:10.2f}" for v in totals.values()))
+  else:
+    print("all formulations equal within 1e-4 relative")
+
+
+if __name__ == "__main__":
+  main()
