@@ -248,42 +248,55 @@ class _AbandonedWritesAtInfo(std_logging.Filter):
     return True
 
 
-def _closed_loop_reports_at_info() -> None:
-  """tensorstore completing a write on an event loop Orbax already closed
-  (the abandoned writes of a failed save) goes to the log at DEBUG.
+def _abandoned(unraisable) -> bool:
+  """Whether an unraisable exception is an abandoned read or write's:
+  tensorstore completing it on an event loop Orbax already closed, or an
+  Orbax coroutine closed half-way after another read or write failed."""
+  if (unraisable.exc_type is RuntimeError
+      and str(unraisable.exc_value) == "Event loop is closed"):
+    return True
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
-  tensorstore reports it through ``sys.unraisablehook`` ("RuntimeError:
-  Event loop is closed", a bare traceback on stderr, dozens for one full
-  disk); anything else reaches the previous hook unchanged.
+
+def _closed_loop_reports_at_debug() -> None:
+  """The abandoned reads and writes of a failed save or restore go to the log
+  at DEBUG (``--verbosity=1``).
+
+  When one write (or read) of a step fails, Orbax stops waiting for the
+  others; they end a moment later and Python reports each through
+  ``sys.unraisablehook`` as a bare traceback on stderr ("RuntimeError: Event
+  loop is closed", "Exception ignored in: <coroutine ...>"), dozens for one
+  full disk. Anything else reaches the previous hook unchanged.
   """
   previous = sys.unraisablehook
-  if getattr(previous, "affectjax_closed_loop", False):
+  if getattr(previous, "affectjax_abandoned_io", False):
     return
 
   def hook(unraisable):
-    if (unraisable.exc_type is RuntimeError
-        and str(unraisable.exc_value) == "Event loop is closed"):
-      logging.debug("A write ended on a closed event loop (one abandoned "
-                    "after a failed save).", exc_info=(
-                       unraisable.exc_type, unraisable.exc_value,
-                       unraisable.exc_traceback))
+    if not _abandoned(unraisable):
+      previous(unraisable)
       return
-    previous(unraisable)
+    logging.debug("A read or write abandoned after another failed: %s",
+                  unraisable.exc_value, exc_info=(
+                      unraisable.exc_type, unraisable.exc_value,
+                      unraisable.exc_traceback))
 
-  hook.affectjax_closed_loop = True
+  hook.affectjax_abandoned_io = True
   sys.unraisablehook = hook
 
 
 def _library_noise_at_info() -> None:
-  """The reports of a failed save's pieces go to the log at INFO (shown with
-  ``--verbosity=0``); ``CheckpointWriteError`` is the one clear message."""
+  """The reports of a failed save's pieces go to the log (Orbax's and
+  asyncio's at INFO, shown with ``--verbosity=0``; the abandoned writes' at
+  DEBUG); ``CheckpointWriteError`` is the one clear message."""
   logger = logging.get_absl_logger()
   if not any(isinstance(f, _OrbaxTracebacksAtInfo) for f in logger.filters):
     logger.addFilter(_OrbaxTracebacksAtInfo())
   logger = std_logging.getLogger("asyncio")
   if not any(isinstance(f, _AbandonedWritesAtInfo) for f in logger.filters):
     logger.addFilter(_AbandonedWritesAtInfo())
-  _closed_loop_reports_at_info()
+  _closed_loop_reports_at_debug()
 
 
 @contextlib.contextmanager
