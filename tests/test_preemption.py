@@ -246,6 +246,9 @@ def test_exit_status_tells_preemption_from_failure(tmp_path, outcome, flags,
 # build, compile): the run stops before its first step and exits 75 without
 # a checkpoint, like any stop, so a scheduler's requeue rule sees it.
 # --------------------------------------------------------------------------
+TINY = "configs/custom_cnn.py"
+
+
 def _caught_signals(pid: int) -> int:
   """The process's mask of signals with a handler (/proc/PID/status SigCgt)."""
   with open(f"/proc/{pid}/status") as f:
