@@ -295,9 +295,6 @@ def _assert_stopped_before_the_first_step(proc, workdir, by="SIGTERM",
   assert "Traceback" not in err, err[-3000:]
 
 
-TINY = "configs/custom_cnn.py"
-
-
 def test_sigterm_while_importing_stops_before_the_first_step(
     synthetic_arrayrecord, tmp_path, reap):
   """The signal arrives as soon as the trainer has a handler: while Python
