@@ -1,4 +1,6 @@
 """Model contract tests on the tiny custom CNN: shapes, dtypes, BN modes, preprocessing, errors."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,8 +241,9 @@ def test_max_pool_2x2_gradient_is_reduce_windows_with_ties():
   assert ours[0, 0, 0, 0] == g[0, 0, 0, 0] and ours[0, 0, 1, 0] == 0
 
 
-def test_custom_cnn_fused_impl_equals_plain():
+def test_custom_cnn_fused_impl_equals_plain(monkeypatch):
   """Same variables, same outputs, same BN statistics, gradients within float32 rounding."""
+  monkeypatch.setattr(custom_cnn, "FILTER_GRAD_CHUNK", 3)  # Chunks of 3 + 1 images.
   x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 17, 16, 3)), jnp.float32)
   results = {}
   for impl in ("plain", "fused"):
@@ -269,3 +272,21 @@ def test_custom_cnn_impl_auto_and_bad_name():
   assert model.backbone.impl == ("fused" if jax.default_backend() == "cpu" else "plain")
   with pytest.raises(ValueError, match="config.model.kwargs.impl"):
     models.create("custom_cnn", rngs=nnx.Rngs(0), impl="fast", **TINY)
+
+
+@pytest.mark.parametrize("strides,padding", [((1, 1), "SAME"), ((2, 2), ((0, 1), (1, 1)))])
+def test_conv_chunked_filter_grad_matches_lax(strides, padding):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(5, 7, 6, 3)), jnp.float32)  # 5 = 2 + 2 + 1.
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def run(fn):
+    y, vjp = jax.vjp(lambda x, w: fn(x, w, strides, padding, dimension_numbers=dn), x, w)
+    g = jnp.asarray(np.random.default_rng(7).normal(size=y.shape), jnp.float32)
+    return (y, *vjp(g))
+
+  ours = run(functools.partial(layers.conv_chunked_filter_grad, images_per_chunk=2))
+  ref = run(jax.lax.conv_general_dilated)
+  for a, b in zip(ours, ref):  # value, input gradient, filter gradient
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

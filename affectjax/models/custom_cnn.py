@@ -14,14 +14,17 @@ e.g. widths=(4, 8).
 
   'plain'  nnx.max_pool (lax.reduce_window) and autodiff through BatchNorm's
            mean/variance, the textbook formulation.
-  'fused'  the 2x2 max-pool as a reshape + max over the window axes, and
+  'fused'  the 2x2 max-pool as a reshape + max over the window axes,
            BatchNorm's training gradient in closed form
-           (`layers.batch_norm_train`). Same parameters, same forward values;
-           the gradients are equal within float32 rounding. On XLA:CPU the
-           plain max-pool's gradient goes through a variadic reduce-window
-           that carries argmax indices, and the BatchNorm gradient takes
-           several passes over every activation; together they were about
-           a third of the 48 px train step (docs/BENCHMARKS.md).
+           (`layers.batch_norm_train`), and each conv's filter gradient
+           summed over chunks of FILTER_GRAD_CHUNK images
+           (`layers.conv_chunked_filter_grad`). Same parameters, same
+           forward values; the gradients are equal within float32
+           rounding. On XLA:CPU the plain max-pool's gradient goes through
+           a variadic reduce-window that carries argmax indices, the
+           BatchNorm gradient takes several passes over every activation,
+           and one filter-gradient convolution over the whole batch is
+           poorly blocked (docs/BENCHMARKS.md has the profile).
   'auto'   (default) 'fused' when JAX's default backend is the CPU, else
            'plain'.
 
@@ -47,7 +50,8 @@ class ConvBNReLU(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, dtype, rngs,
                fused: bool = False):
     self.conv = layers.conv(in_features, out_features, 3, use_bias=False,
-                            dtype=dtype, rngs=rngs)
+                            dtype=dtype, rngs=rngs,
+                            filter_grad_chunk=FILTER_GRAD_CHUNK if fused else 0)
     self.bn = layers.batch_norm(out_features, dtype=dtype, rngs=rngs,
                                 fused_grad=fused)
 
@@ -56,6 +60,9 @@ class ConvBNReLU(nnx.Module):
 
 
 IMPLS = ("auto", "plain", "fused")
+# Images per filter-gradient convolution under impl='fused' (8 and 16 were
+# the fastest of 2-64 at 48 px, batch 64, on XLA:CPU; docs/BENCHMARKS.md).
+FILTER_GRAD_CHUNK = 8
 
 
 def resolve_impl(impl: str) -> str:

@@ -146,13 +146,20 @@ def batch_norm(features: int, *, dtype, rngs: nnx.Rngs,
 
 def conv(in_features: int, out_features: int, kernel_size: int, *,
          strides: int = 1, padding="SAME", use_bias: bool = True,
-         groups: int = 1, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+         groups: int = 1, dtype, rngs: nnx.Rngs,
+         filter_grad_chunk: int = 0) -> nnx.Conv:
   """A 2D NHWC convolution with float32 parameters and `dtype` compute.
 
   Flax's 'SAME' padding is TensorFlow's: for stride 2 on an even input the
   extra padding row/column goes at the bottom/right, exactly as Keras
-  `padding='same'` does.
+  `padding='same'` does. `filter_grad_chunk > 0` computes the kernel's
+  gradient in batch chunks of that many images (`conv_chunked_filter_grad`);
+  the forward pass is unchanged.
   """
+  conv_fn = jax.lax.conv_general_dilated
+  if filter_grad_chunk:
+    conv_fn = functools.partial(conv_chunked_filter_grad,
+                                images_per_chunk=filter_grad_chunk)
   return nnx.Conv(
       in_features,
       out_features,
@@ -164,8 +171,61 @@ def conv(in_features: int, out_features: int, kernel_size: int, *,
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "truncated_normal"),
+      conv_general_dilated=conv_fn,
       rngs=rngs,
   )
+
+
+def conv_chunked_filter_grad(lhs, rhs, window_strides, padding,
+                             lhs_dilation=None, rhs_dilation=None,
+                             dimension_numbers=None, feature_group_count=1,
+                             batch_group_count=1, precision=None,
+                             preferred_element_type=None, *,
+                             images_per_chunk: int = 8, **kwargs):
+  """`lax.conv_general_dilated` whose filter gradient is summed over batch chunks.
+
+  The value and the input gradient are lax's own. The filter gradient is a
+  convolution that contracts over the whole batch and every output pixel;
+  XLA:CPU runs it as one large, poorly blocked convolution (the biggest item
+  of the custom CNN's CPU train step, docs/BENCHMARKS.md). The same sum
+  taken as one such convolution per `images_per_chunk` images, accumulated
+  in float32, costs less. Equal to the plain gradient within float rounding
+  (a different summation order).
+  """
+  conv = functools.partial(
+      jax.lax.conv_general_dilated, window_strides=window_strides,
+      padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type, **kwargs)
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  lhs_batch, out_batch = dn.lhs_spec[0], dn.out_spec[0]
+  n = lhs.shape[lhs_batch]
+  if batch_group_count != 1 or n <= images_per_chunk:
+    return conv(lhs, rhs)
+
+  @jax.custom_vjp
+  def f(x, w):
+    return conv(x, w)
+
+  def fwd(x, w):
+    return conv(x, w), (x, w)
+
+  def bwd(res, g):
+    x, w = res
+    dx = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
+    dw = jnp.zeros(w.shape, jnp.float32)
+    for start in range(0, n, images_per_chunk):
+      stop = min(start + images_per_chunk, n)
+      xs = jax.lax.slice_in_dim(x, start, stop, axis=lhs_batch)
+      gs = jax.lax.slice_in_dim(g, start, stop, axis=out_batch)
+      dw = dw + jax.vjp(lambda w, xs=xs: conv(xs, w), w)[1](gs)[0].astype(
+          jnp.float32)
+    return dx, dw.astype(w.dtype)
+
+  f.defvjp(fwd, bwd)
+  return f(lhs, rhs)
 
 
 def keras_correct_pad(height: int, width: int, kernel_size: int):
