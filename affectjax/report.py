@@ -181,10 +181,18 @@ _CURVES = (("loss", ("loss",)), ("accuracy", ("accuracy",)),
 
 
 def learning_curves_figure(records: Sequence[dict]) -> Figure:
-  """Loss, accuracy, macro-F1 and valence/arousal CCC against step, per split."""
-  fig, axes = plt.subplots(1, len(_CURVES), figsize=(2.6 * len(_CURVES), 2.6))
+  """Loss, accuracy, macro-F1 and valence/arousal CCC against step, per split.
+
+  A panel no record has a value for (CCC on a set without valence/arousal,
+  such as FER2013) is left out rather than drawn empty.
+  """
+  curves = [(title, keys) for title, keys in _CURVES if any(
+      isinstance(r.get(k), (int, float)) for r in records for k in keys)]
+  curves = curves or list(_CURVES[:1])
+  fig, axes = plt.subplots(1, len(curves), figsize=(2.6 * len(curves), 2.6),
+                           squeeze=False)
   splits = sorted({r.get("split", "?") for r in records})
-  for ax, (title, keys) in zip(axes, _CURVES):
+  for ax, (title, keys) in zip(axes[0], curves):
     for split in splits:
       for key in keys:
         pts = [(r["step"], r[key]) for r in records if r.get("split") == split

@@ -96,3 +96,15 @@ def test_confusion_matrix_image_for_tensorboard():
   img = report.confusion_matrix_image(cm, [f"c{i}" for i in range(8)])
   assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
   assert img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 5
+
+
+def test_learning_curves_leave_out_a_panel_no_record_has():
+  """FER2013 has no valence/arousal: no empty CCC panel; with CCCs, four."""
+  records = [{"split": s, "step": k, "loss": 1.0 / k, "accuracy": 0.1 * k,
+              "macro_f1": 0.05 * k} for s in ("train", "holdout")
+             for k in (1, 2, 3)]
+  titles = lambda recs: [ax.get_title() for ax in
+                         report.learning_curves_figure(recs).axes]
+  assert titles(records) == ["loss", "accuracy", "macro-F1"]
+  with_va = [dict(r, valence_ccc=0.4, arousal_ccc=0.3) for r in records]
+  assert titles(with_va) == ["loss", "accuracy", "macro-F1", "CCC"]
