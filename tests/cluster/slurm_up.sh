@@ -66,6 +66,9 @@ up() {
   mkdir -p "$DIR"/{state,spool}
   chmod 700 "$DIR"
   NODE="$(hostname -s)"
+  # Jobs reach their first node by name (JAX's SLURM detection does).
+  getent hosts "$NODE" >/dev/null \
+    || die "this host's name ($NODE) does not resolve; add it to /etc/hosts."
   local cpus; cpus="$(nproc)"
   # munged: a key of our own; it refuses a key or socket directory that
   # others can write.

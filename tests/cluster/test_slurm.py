@@ -1,6 +1,7 @@
 """examples/slurm/train.sbatch on a real SLURM: the time-limit warning, then a
 preemption; each time a save, exit 75 and a requeue; in the end the same
-model as an uninterrupted run.
+model as an uninterrupted run. And a user's `scancel JOBID`: a save, and the
+job stays cancelled.
 
 Not part of the main suite (setup.cfg ignores tests/cluster; .ci/run runs it
 as a stage of its own): tests/cluster/slurm_up.sh installs Debian's
@@ -42,7 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 SBATCH = os.path.join(REPO, "examples", "slurm", "train.sbatch")
 SLURM_UP = os.path.join(REPO, "tests", "cluster", "slurm_up.sh")
-TOTAL = 80
+TOTAL = 120
 PREEMPTED = 75
 REQUIRED = bool(os.environ.get("CI") or os.environ.get("AFFECTJAX_REQUIRE_SLURM"))
 
@@ -68,6 +69,12 @@ def slurm(tmp_path_factory):
   finally:
     subprocess.run([SLURM_UP, "down", str(root)], capture_output=True,
                    timeout=300)
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+  """One compilation cache for the module's jobs (they compile the same steps)."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _run(args, env, *, timeout=120, **kwargs):
@@ -207,8 +214,8 @@ def _release(pids):
 
 
 def test_warning_and_preemption_requeue_and_finish_as_uninterrupted(
-    slurm, synthetic_arrayrecord, tmp_path):
-  cache = str(tmp_path / "jax_cache")
+    slurm, synthetic_arrayrecord, jax_cache, tmp_path):
+  cache = jax_cache
   env = _job_env(slurm)
 
   # The uninterrupted run: the same script, tasks and flags.
@@ -305,3 +312,36 @@ def test_warning_and_preemption_requeue_and_finish_as_uninterrupted(
   assert step == ref_step == TOTAL
   for x, y in zip(params, ref_params, strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_scancel_saves_and_stays_cancelled(slurm, synthetic_arrayrecord,
+                                           jax_cache, tmp_path):
+  """A user's `scancel JOBID` (SIGCONT, SIGTERM, SIGKILL after KillWait):
+  the tasks save and exit 75 as for a warning, but the job stays cancelled."""
+  env = _job_env(slurm)
+  workdir = str(tmp_path / "run")
+  out = str(tmp_path / "run.out")
+  flags = _trainer_flags(synthetic_arrayrecord, workdir, jax_cache)
+  flags = [f for f in flags if not f.startswith("--config.total_steps=")]
+  job = _sbatch(env, out, [*flags, "--config.total_steps=1000000"])
+
+  def log():
+    text = open(out).read() if os.path.exists(out) else "(no output yet)"
+    return f"job {job}: {_job(env, job)}\n{text[-8000:]}"
+
+  def ended() -> bool:
+    return _job(env, job)["JobState"] in ENDED
+
+  _wait("the job to train", lambda: len(_train_steps(workdir)) >= 3, 600, log,
+        ended=ended)
+  _run(["scancel", job], env)
+  _wait("the job to end", ended, 300, log)
+  info = _job(env, job)
+  text = open(out).read()
+  assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log()
+  assert re.search(r"^Stopped by SIGTERM at step \d+ after saving a "
+                   "checkpoint", text, re.MULTILINE), log()
+  assert "not requeued by this script" in text, log()
+  assert "start 2," not in text
+  time.sleep(15)  # Longer than the requeue delay: still cancelled.
+  assert _job(env, job)["JobState"] == "CANCELLED", log()
