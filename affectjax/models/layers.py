@@ -202,7 +202,9 @@ def conv_chunked_filter_grad(lhs, rhs, window_strides, padding,
   dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   lhs_batch, out_batch = dn.lhs_spec[0], dn.out_spec[0]
   n = lhs.shape[lhs_batch]
-  if batch_group_count != 1 or n <= images_per_chunk:
+  # A symbolic batch (jax.export with a polymorphic batch: inference only)
+  # has no chunks to count; lax's own conv serves it.
+  if not isinstance(n, int) or batch_group_count != 1 or n <= images_per_chunk:
     return conv(lhs, rhs)
 
   @jax.custom_vjp
