@@ -16,7 +16,8 @@ Exit status, for schedulers and retry wrappers:
       after the current step and a synchronous checkpoint, or before the
       first step (a signal during start-up: nothing new to save): rerun the
       same command to resume;
-  128 + N  a second signal N, or no step finished within 5 minutes of the
+  128 + N  a second signal N (a SIGTERM within 2 s of the first is the
+      scheduler repeating itself, not a second one), or no step finished within 5 minutes of the
       first (aborted without saving; the last checkpoint is kept);
   2   the command must change: a config or flag that cannot work
       (``ConfigError``, a bad flag value) or a path named by a flag that does

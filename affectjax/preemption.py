@@ -11,7 +11,9 @@
 The first SIGTERM or SIGINT asks the run to stop; the loop finishes the step it
 is in, saves and returns, and ``main`` exits 75 (EX_TEMPFAIL, so schedulers
 requeue it) saying how to resume. A second signal aborts at once (exit 128 +
-signal number), so a user is never stuck behind a slow save or a hung peer;
+signal number), so a user is never stuck behind a slow save or a hung peer
+(a SIGTERM within ``SCHEDULER_REPEAT_S`` of the first is SLURM repeating
+itself, not a second request, and is ignored);
 so does a run that reaches no step boundary within ``abort_after_s`` of the
 first signal (a hung collective).
 
@@ -60,6 +62,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 # No module-level JAX import: ``catch_signals_early`` runs before JAX is
 # imported (which takes seconds).
@@ -75,6 +78,18 @@ _SIGNAL_KEY = "affectjax/stop_signal"
 # start, whether one was signalled during start-up (they are at the same
 # point of start-up by then, so this is a dead peer's bound, not a pace).
 _START_BARRIER_S = 600
+# A SIGTERM this soon after the first is the scheduler repeating itself, not
+# a person asking to abort: SLURM sends SIGTERM, SIGCONT and SIGTERM within a
+# few milliseconds when a job reaches its time limit or is preempted without
+# a grace time, and the run must still save. A second SIGINT (Ctrl-C) aborts
+# at once whatever the interval.
+SCHEDULER_REPEAT_S = 2.0
+
+
+def _scheduler_repeat(first: signal.Signals, first_at: float,
+                      signum: signal.Signals, now: float) -> bool:
+  return (first == signum == signal.SIGTERM
+          and now - first_at < SCHEDULER_REPEAT_S)
 _entries = itertools.count()  # StopRequests entered, for unique barrier ids.
 
 
@@ -106,6 +121,7 @@ class StopRequest:
     self._abort_after_s = abort_after_s
     self._lock = threading.Lock()
     self._received: list[signal.Signals] = []
+    self._first_at = 0.0  # time.monotonic() of the first signal.
     self._requested = threading.Event()
     self._stopped_at: int | None = None
     self._remote_name: str | None = None
@@ -244,9 +260,20 @@ class StopRequest:
           self._on_signal(signal.Signals(b))
 
   def _on_signal(self, signum: signal.Signals) -> None:
+    now = time.monotonic()
     with self._lock:
-      self._received.append(signum)
+      repeat = bool(self._received) and _scheduler_repeat(
+          self._received[0], self._first_at, signum, now)
+      if not repeat:
+        self._received.append(signum)
       first = len(self._received) == 1
+      if first and not repeat:
+        self._first_at = now
+    if repeat:
+      logging.info("%s again %.3f s after the first: the scheduler repeating "
+                   "itself, not an abort; still stopping after this step.",
+                   signum.name, now - self._first_at)
+      return
     if not first:
       self._abort(signum, f"second signal ({signum.name}) while stopping")
       return
@@ -373,6 +400,7 @@ class _EarlySignals:
     self._lock = threading.Lock()
     self._signals: tuple[signal.Signals, ...] = ()
     self._received: list[signal.Signals] = []
+    self._first_at = 0.0
     self._handlers: dict = {}
     self._wakeup_fd = -1
     self._sockets: tuple[socket.socket, socket.socket] | None = None
@@ -456,9 +484,17 @@ class _EarlySignals:
           self._on_signal(signal.Signals(b))
 
   def _on_signal(self, signum: signal.Signals) -> None:
+    now = time.monotonic()
     with self._lock:
-      self._received.append(signum)
+      repeat = bool(self._received) and _scheduler_repeat(
+          self._received[0], self._first_at, signum, now)
+      if not repeat:
+        self._received.append(signum)
       first = len(self._received) == 1
+      if first and not repeat:
+        self._first_at = now
+    if repeat:
+      return  # The scheduler repeating itself (SCHEDULER_REPEAT_S).
     if not first:
       _abort(signum, f"second signal ({signum.name}) during start-up")
       return

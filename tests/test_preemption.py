@@ -339,3 +339,49 @@ def test_sigterm_to_one_of_two_processes_during_start_up_stops_both(
                                         by="SIGTERM on process 1")
   _assert_stopped_before_the_first_step(procs[1], tmp_path / "wd",
                                         printed=False)
+
+
+# A loop of short "steps" that stops when asked, as the trainer's loop does.
+_STEPPING_MAIN = """
+import sys, time
+from affectjax import preemption
+with preemption.StopRequest(abort_after_s=600) as stop:
+  print("ready", flush=True)
+  step = 0
+  while True:
+    time.sleep(float(sys.argv[1]))
+    step += 1
+    if stop.should_stop(step):
+      print("stopped after step", step, flush=True)
+      sys.exit(75)
+"""
+
+
+def test_slurms_repeated_sigterm_still_saves_a_later_one_aborts(tmp_path, reap):
+  """At a time limit or a preemption without grace time SLURM sends SIGTERM,
+  SIGCONT, SIGTERM within milliseconds: one stop request, not an abort. A
+  SIGTERM after SCHEDULER_REPEAT_S is a second request and aborts."""
+  def start(step_s):
+    proc = subprocess.Popen(
+        [sys.executable, _script(_STEPPING_MAIN, tmp_path), str(step_s)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reap(proc)
+    assert proc.stdout.readline() == "ready\n", proc.communicate()[1][-2000:]
+    return proc
+
+  proc = start(step_s=1.0)
+  for s in (signal.SIGTERM, signal.SIGCONT, signal.SIGTERM):
+    proc.send_signal(s)
+    time.sleep(0.005)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 75, err[-2000:]
+  assert "stopped after step" in out
+
+  proc = start(step_s=30.0)  # Still in its first step when signalled again.
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(preemption.SCHEDULER_REPEAT_S + 1.0)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "second signal (SIGTERM) while stopping" in err
