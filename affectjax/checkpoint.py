@@ -109,13 +109,16 @@ def bytes_are_bad(error: BaseException) -> bool:
   True for: tensorstore's DATA_LOSS, OUT_OF_RANGE (truncated) and NOT_FOUND
   (a data file gone); its unprefixed INVALID_ARGUMENT when a decoder
   rejected stored bytes ("Error decoding ...": a failed decompression); a
-  metadata file that is not JSON; an item directory or the data position
+  metadata file that is not JSON, or not even text (``UnicodeDecodeError``:
+  Orbax reads its JSON metadata files with ``read_text``, and which file of a
+  damaged step fails first is a race); an item directory or the data position
   missing (``UnreadableCheckpointError``, Orbax's "was not found in the
   checkpoint"). False for everything else, so a storage timeout
   (UNAVAILABLE, DEADLINE_EXCEEDED, ``TimeoutError``), a permission glitch,
   a device out of memory or a changed model shape never sets a step aside.
   """
-  if isinstance(error, (UnreadableCheckpointError, json.JSONDecodeError)):
+  if isinstance(error, (UnreadableCheckpointError, json.JSONDecodeError,
+                        UnicodeDecodeError)):
     return True
   message = str(error)
   if isinstance(error, KeyError):

@@ -272,7 +272,8 @@ def _damage(step_dir, how):
   assert damaged
 
 
-@pytest.mark.parametrize("how", ["truncated", "flipped", "metadata"])
+@pytest.mark.parametrize("how", ["truncated", "flipped", "metadata",
+                                 "array_metadata"])
 def test_damaged_latest_step_is_moved_aside_and_the_one_before_restored(
     tmp_path, how):
   c = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=3)
@@ -281,6 +282,10 @@ def test_damaged_latest_step_is_moved_aside_and_the_one_before_restored(
   c.wait()
   if how == "metadata":  # Orbax's tree metadata cut short: not JSON.
     (tmp_path / "2" / "state" / "_METADATA").write_text('{"tree_meta')
+  elif how == "array_metadata":  # Flipped bytes in a JSON file: not text.
+    # ("flipped" damages it too, but which file fails first is a race.)
+    path = tmp_path / "2" / "state" / "array_metadatas" / "process_0"
+    path.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()))
   else:
     _damage(tmp_path / "2", how)
   with AbslWarnings() as warnings:
@@ -346,6 +351,7 @@ def test_a_transient_read_error_stops_the_run_and_moves_nothing(
                 "ZSTD_decompressStream() failed: Data corruption detected"),
      True),
     (json.JSONDecodeError("Unterminated string", '{"tree', 1), True),
+    (UnicodeDecodeError("utf-8", b"\x84", 0, 1, "invalid start byte"), True),
     (KeyError('Item "state" was not found in the checkpoint.'), True),
     (ckpt_lib.UnreadableCheckpointError("holds no data position"), True),
     (ValueError("UNAVAILABLE: 503 Service Unavailable"), False),
