@@ -86,10 +86,16 @@ _START_BARRIER_S = 600
 SCHEDULER_REPEAT_S = 2.0
 
 
-def _scheduler_repeat(first: signal.Signals, first_at: float,
-                      signum: signal.Signals, now: float) -> bool:
-  return (first == signum == signal.SIGTERM
-          and now - first_at < SCHEDULER_REPEAT_S)
+def _record(received: list, first_at: float, signum: signal.Signals,
+            now: float) -> tuple[str, float]:
+  """Appends ``signum`` to ``received`` unless it is the scheduler repeating
+  the first SIGTERM; returns ('first' | 'again' | 'repeat', the time of the
+  first signal). Called under the handler's lock."""
+  if (received and received[0] == signum == signal.SIGTERM
+      and now - first_at < SCHEDULER_REPEAT_S):
+    return "repeat", first_at
+  received.append(signum)
+  return ("first", now) if len(received) == 1 else ("again", first_at)
 _entries = itertools.count()  # StopRequests entered, for unique barrier ids.
 
 
@@ -262,19 +268,14 @@ class StopRequest:
   def _on_signal(self, signum: signal.Signals) -> None:
     now = time.monotonic()
     with self._lock:
-      repeat = bool(self._received) and _scheduler_repeat(
-          self._received[0], self._first_at, signum, now)
-      if not repeat:
-        self._received.append(signum)
-      first = len(self._received) == 1
-      if first and not repeat:
-        self._first_at = now
-    if repeat:
+      kind, self._first_at = _record(self._received, self._first_at, signum,
+                                     now)
+    if kind == "repeat":
       logging.info("%s again %.3f s after the first: the scheduler repeating "
                    "itself, not an abort; still stopping after this step.",
                    signum.name, now - self._first_at)
       return
-    if not first:
+    if kind == "again":
       self._abort(signum, f"second signal ({signum.name}) while stopping")
       return
     logging.warning(
@@ -484,18 +485,12 @@ class _EarlySignals:
           self._on_signal(signal.Signals(b))
 
   def _on_signal(self, signum: signal.Signals) -> None:
-    now = time.monotonic()
     with self._lock:
-      repeat = bool(self._received) and _scheduler_repeat(
-          self._received[0], self._first_at, signum, now)
-      if not repeat:
-        self._received.append(signum)
-      first = len(self._received) == 1
-      if first and not repeat:
-        self._first_at = now
-    if repeat:
+      kind, self._first_at = _record(self._received, self._first_at, signum,
+                                     time.monotonic())
+    if kind == "repeat":
       return  # The scheduler repeating itself (SCHEDULER_REPEAT_S).
-    if not first:
+    if kind == "again":
       _abort(signum, f"second signal ({signum.name}) during start-up")
       return
     logging.warning(
