@@ -286,6 +286,22 @@ def ferplus_label(votes_text: Sequence[str], number: int, name: str
   return labels.FERPLUS_MAPPING[labels.FERPLUS_EMOTIONS[column]], None
 
 
+def _vote_codes(path: str, starts, ends, named) -> np.ndarray:
+  """Majority-vote class id per indexed FER+ vote row (-1: no label), for
+  the stratified holdout and class counts; ``named(fields)`` says whether the
+  row names an image (each layout has its own rule)."""
+  codes = np.full(len(starts), -1, np.int64)
+  for i, raw in enumerate(rows.read_lines(path, starts, ends)):
+    try:
+      fields = rows.csv_fields(raw)
+    except _UNREADABLE:
+      continue
+    code, _ = ferplus_label(fields[2:], 0, "")
+    if code is not None and named(fields):
+      codes[i] = code
+  return codes
+
+
 # ---------------------------------------------------------------- ferplus
 
 
@@ -353,17 +369,8 @@ class FerPlusRows(rows.RowIndex):
                           self.fer_path)
 
   def expression_codes(self) -> np.ndarray:
-    codes = np.full(len(self), -1, np.int64)
-    for i, raw in enumerate(rows.read_lines(self.csv_path, self.starts,
-                                            self.ends)):
-      try:
-        fields = rows.csv_fields(raw)
-      except _UNREADABLE:
-        continue
-      code, _ = ferplus_label(fields[2:], 0, "")
-      if code is not None and len(fields) > 1 and fields[1]:
-        codes[i] = code
-    return codes
+    return _vote_codes(self.csv_path, self.starts, self.ends,
+                       lambda fields: len(fields) > 1 and bool(fields[1]))
 
   def inputs(self) -> list[str]:
     return [self.csv_path, self.fer_path]
@@ -470,17 +477,8 @@ class FerPlusFolderRows(rows.RowIndex):
                                  self.follow_symlinks)
 
   def expression_codes(self) -> np.ndarray:
-    codes = np.full(len(self), -1, np.int64)
-    for i, raw in enumerate(rows.read_lines(self.label_path, self.starts,
-                                            self.ends)):
-      try:
-        fields = rows.csv_fields(raw)
-      except _UNREADABLE:
-        continue
-      code, _ = ferplus_label(fields[2:], 0, "")
-      if code is not None and len(fields) == len(FERPLUS_LABEL_COLUMNS):
-        codes[i] = code
-    return codes
+    return _vote_codes(self.label_path, self.starts, self.ends,
+                       lambda fields: len(fields) == len(FERPLUS_LABEL_COLUMNS))
 
   def inputs(self) -> list[str]:
     return [os.path.dirname(self.label_path)]
