@@ -86,6 +86,24 @@ _START_BARRIER_S = 600
 SCHEDULER_REPEAT_S = 2.0
 
 
+def _watch_wakeup_socket(reader: socket.socket, signals, on_signal) -> None:
+  """A watcher thread's loop: each signal number Python's C handler wrote to
+  the wakeup socket goes to ``on_signal``, until a 0 byte (the owner's
+  sentinel on hand-over or exit) or the socket closes."""
+  while True:
+    try:
+      data = reader.recv(64)
+    except OSError:
+      return
+    if not data:
+      return
+    for b in data:
+      if b == 0:
+        return
+      if b in signals:
+        on_signal(signal.Signals(b))
+
+
 def _record(received: list, first_at: float, signum: signal.Signals,
             now: float) -> tuple[str, float]:
   """Appends ``signum`` to ``received`` unless it is the scheduler repeating
@@ -251,19 +269,7 @@ class StopRequest:
   # Internals.
   # ------------------------------------------------------------------
   def _watch(self) -> None:
-    reader, _ = self._sockets
-    while True:
-      try:
-        data = reader.recv(64)
-      except OSError:
-        return
-      if not data:
-        return
-      for b in data:
-        if b == 0:  # The sentinel from __exit__.
-          return
-        if b in self._signals:
-          self._on_signal(signal.Signals(b))
+    _watch_wakeup_socket(self._sockets[0], self._signals, self._on_signal)
 
   def _on_signal(self, signum: signal.Signals) -> None:
     now = time.monotonic()
@@ -470,19 +476,7 @@ class _EarlySignals:
     return result
 
   def _watch(self) -> None:
-    reader, _ = self._sockets
-    while True:
-      try:
-        data = reader.recv(64)
-      except OSError:
-        return
-      if not data:
-        return
-      for b in data:
-        if b == 0:
-          return
-        if b in self._signals:
-          self._on_signal(signal.Signals(b))
+    _watch_wakeup_socket(self._sockets[0], self._signals, self._on_signal)
 
   def _on_signal(self, signum: signal.Signals) -> None:
     with self._lock:
