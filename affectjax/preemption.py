@@ -11,11 +11,11 @@
 The first SIGTERM or SIGINT asks the run to stop; the loop finishes the step it
 is in, saves and returns, and ``main`` exits 75 (EX_TEMPFAIL, so schedulers
 requeue it) saying how to resume. A second signal aborts at once (exit 128 +
-signal number), so a user is never stuck behind a slow save or a hung peer
-(a SIGTERM within ``SCHEDULER_REPEAT_S`` of the first is SLURM repeating
-itself, not a second request, and is ignored);
-so does a run that reaches no step boundary within ``abort_after_s`` of the
-first signal (a hung collective).
+signal number), so a user is never stuck behind a slow save or a hung peer:
+a second SIGINT whenever it comes, a SIGTERM only ``SCHEDULER_REPEAT_S``
+(2 s) or more after the first (one sooner is SLURM repeating itself, not a
+second request, and is ignored). So does a run that reaches no step boundary
+within ``abort_after_s`` of the first signal (a hung collective).
 
 Why not Python's ``signal.signal`` alone: a handler registered that way runs
 only when the main thread is back in Python, which a hung collective never
@@ -39,8 +39,9 @@ for SIGINT too, then asks the sync manager at every step.
 Start-up. ``affectjax.main`` calls ``catch_signals_early`` before anything
 slow (importing JAX, ``jax.distributed``, building and compiling the
 model), so a scheduler's warning during start-up is not fatal: the signal is
-recorded (a second one still aborts at once, and so does a start-up that
-reaches no ``StopRequest`` within ``abort_after_s``). ``jax.distributed``
+recorded (a second one still aborts at once, by the same 2-second rule as
+during training, and so does a start-up that reaches no ``StopRequest``
+within ``abort_after_s``). ``jax.distributed``
 replaces the SIGTERM handler with its notifier; ``distributed.initialize``
 puts the early one back (``reclaim_sigterm``). The ``StopRequest`` then
 takes over: it installs its own handlers first (no gap), collects what the
@@ -86,6 +87,25 @@ _START_BARRIER_S = 600
 SCHEDULER_REPEAT_S = 2.0
 
 
+def _under_slurm() -> bool:
+  """Whether SLURM runs this process (``SLURM_JOB_ID``). Then a later SIGTERM
+  never aborts either: SLURM and the batch script may pass on one request
+  seconds apart (examples/slurm/train.sbatch forwards a SIGTERM its shell
+  gets, which SLURM may also have sent to the tasks), and SLURM itself
+  ends a run that does not stop in time (SIGKILL after KillWait or the
+  preemption's grace time). A second SIGINT still aborts."""
+  return bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def _how_to_abort() -> str:
+  """What the first signal's log line tells a person who wants out now."""
+  if _under_slurm():
+    return ("To abort without saving: Ctrl-C again, or `scancel "
+            "--signal=KILL` (under SLURM a repeated SIGTERM does not abort).")
+  return (f"To abort without saving: Ctrl-C again, or SIGTERM again "
+          f"{SCHEDULER_REPEAT_S:g} s or more after the first.")
+
+
 def _watch_wakeup_socket(reader: socket.socket, signals, on_signal) -> None:
   """A watcher thread's loop: each signal number Python's C handler wrote to
   the wakeup socket goes to ``on_signal``, until a 0 byte (the owner's
@@ -107,14 +127,24 @@ def _watch_wakeup_socket(reader: socket.socket, signals, on_signal) -> None:
 def _record(received: list, first_at: float, signum: signal.Signals,
             now: float) -> tuple[str, float]:
   """Appends ``signum`` to ``received`` unless it is the scheduler repeating
-  the first SIGTERM; returns ('first' | 'again' | 'repeat', the time of the
-  first signal). Called under the handler's lock."""
+  the first SIGTERM (within ``SCHEDULER_REPEAT_S``, or at any time under
+  SLURM: ``_under_slurm``); returns ('first' | 'again' | 'repeat', the time
+  of the first signal). Called under the handler's lock."""
   if (received and received[0] == signum == signal.SIGTERM
-      and now - first_at < SCHEDULER_REPEAT_S):
+      and (now - first_at < SCHEDULER_REPEAT_S or _under_slurm())):
     return "repeat", first_at
   received.append(signum)
   return ("first", now) if len(received) == 1 else ("again", first_at)
 _entries = itertools.count()  # StopRequests entered, for unique barrier ids.
+_loop_entered = False
+
+
+def loop_entered() -> bool:
+  """Whether a ``StopRequest`` was entered in this process: start-up is over
+  and the training loop runs (or ran). ``affectjax.main`` tells a file
+  missing at start (the command's input, exit 2) from one that vanished
+  during the run (exit 1) by it."""
+  return _loop_entered
 
 
 class StoppedBeforeStart(Exception):
@@ -209,6 +239,8 @@ class StopRequest:
                       "nothing new to save.", before)
       self.__exit__(None, None, None)
       raise StoppedBeforeStart(before)
+    global _loop_entered
+    _loop_entered = True
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -286,7 +318,7 @@ class StopRequest:
       return
     logging.warning(
         "%s received: finishing the current step, then saving a checkpoint "
-        "and stopping. Send it again to abort without saving.", signum.name)
+        "and stopping. %s", signum.name, _how_to_abort())
     self._requested.set()
     if self._client is not None:
       self._notify_peers(signum)
@@ -398,9 +430,11 @@ class _EarlySignals:
 
   Records the signals (a watcher thread reads them from Python's wakeup fd,
   so it reacts even while the main thread is inside a long C call: an
-  import, a compile, ``jax.distributed`` waiting for its peers). The
-  second one aborts at once, as does a start-up that reaches no
-  ``StopRequest`` within ``abort_after_s`` of the first. See the module doc.
+  import, a compile, ``jax.distributed`` waiting for its peers). A second
+  one aborts at once (a second SIGINT; a SIGTERM ``SCHEDULER_REPEAT_S`` or
+  more after the first: one sooner is the scheduler repeating itself), as
+  does a start-up that reaches no ``StopRequest`` within ``abort_after_s``
+  of the first. See the module doc.
   """
 
   def __init__(self):
@@ -483,13 +517,15 @@ class _EarlySignals:
       kind, self._first_at = _record(self._received, self._first_at, signum,
                                      time.monotonic())
     if kind == "repeat":
-      return  # The scheduler repeating itself (SCHEDULER_REPEAT_S).
+      logging.info("%s again: the scheduler repeating itself, not an "
+                   "abort.", signum.name)
+      return
     if kind == "again":
       _abort(signum, f"second signal ({signum.name}) during start-up")
       return
     logging.warning(
         "%s received during start-up: the run stops before its first step "
-        "(nothing new to save). Send it again to abort.", signum.name)
+        "(nothing new to save). %s", signum.name, _how_to_abort())
     if self._abort_after_s is not None:
       timer = threading.Timer(
           self._abort_after_s, _abort,

@@ -357,18 +357,50 @@ with preemption.StopRequest(abort_after_s=600) as stop:
 """
 
 
+def _no_slurm_env(**extra) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  return {**env, "PYTHONPATH": REPO, **extra}
+
+
+def _start_stepping(tmp_path, reap, step_s, env):
+  proc = subprocess.Popen(
+      [sys.executable, _script(_STEPPING_MAIN, tmp_path), str(step_s)],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  reap(proc)
+  assert proc.stdout.readline() == "ready\n", proc.communicate()[1][-2000:]
+  return proc
+
+
+def test_under_slurm_a_later_sigterm_still_saves(tmp_path, reap):
+  """Under SLURM the batch script may pass on a request SLURM also sent to
+  the tasks, seconds later (examples/slurm/train.sbatch on a SIGTERM to its
+  shell): still one stop request, never an abort; SLURM's own SIGKILL bounds
+  a run that does not stop. A second SIGINT still aborts."""
+  env = _no_slurm_env(SLURM_JOB_ID="4242")
+  proc = _start_stepping(tmp_path, reap, 5.0, env)  # Signalled mid-step.
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(preemption.SCHEDULER_REPEAT_S + 1.0)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 75, err[-2000:]
+  assert "stopped after step 1" in out, out
+  assert "scancel --signal=KILL" in err, err[-2000:]  # How to abort there.
+
+  proc = _start_stepping(tmp_path, reap, 30.0, env)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+
+
 def test_slurms_repeated_sigterm_still_saves_a_later_one_aborts(tmp_path, reap):
   """At a time limit or a preemption without grace time SLURM sends SIGTERM,
   SIGCONT, SIGTERM within milliseconds: one stop request, not an abort. A
   SIGTERM after SCHEDULER_REPEAT_S is a second request and aborts."""
   def start(step_s):
-    proc = subprocess.Popen(
-        [sys.executable, _script(_STEPPING_MAIN, tmp_path), str(step_s)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reap(proc)
-    assert proc.stdout.readline() == "ready\n", proc.communicate()[1][-2000:]
-    return proc
+    return _start_stepping(tmp_path, reap, step_s, _no_slurm_env())
 
   proc = start(step_s=1.0)
   for s in (signal.SIGTERM, signal.SIGCONT, signal.SIGTERM):
