@@ -38,7 +38,10 @@ moment: a step whose files are truncated or corrupt (``bytes_are_bad``) is
 skipped with a warning naming it, moved aside as ``<step>.corrupt`` (never
 deleted) and the newest readable one restored; any other error (a storage
 timeout, an out-of-memory device, a changed model config) fails the run and
-leaves every step where it is. With several processes, each reads on its own
+leaves every step where it is. A file missing inside a step that is there is
+damage; a checkpoint or step directory that is not there (a file system not
+mounted, a bucket prefix gone), or a missing file that is back by the time
+it is looked for, is not (``Checkpointer._absent``): the storage is at fault. With several processes, each reads on its own
 (no Orbax barrier) and all of them then agree on the outcome.
 
 The directory is any ``etils.epath`` path (local, ``gs://...``); nothing here
@@ -103,11 +106,29 @@ _BAD_BYTES_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
 _STATUS_CODE = re.compile(r"^([A-Z][A-Z_]+): ")
 
 
+# The file a tensorstore NOT_FOUND names: the last local file or bucket
+# object in its message. When that is the OCDBT database (a directory,
+# "/" at the end), an entry of it is missing: no file to look for.
+_NOT_FOUND_PATH = re.compile(r'(?:local file "([^"]+)"|"((?:gs|s3)://[^"]+)")')
+
+
+def _not_found_path(error: BaseException) -> str | None:
+  """The path of the file a tensorstore NOT_FOUND error names, or None."""
+  message = str(error).split(" [tensorstore_spec", 1)[0]
+  code = _STATUS_CODE.match(message)
+  if not code or code.group(1) != "NOT_FOUND":
+    return None
+  found = _NOT_FOUND_PATH.findall(message)
+  path = next((p for p in found[-1] if p), None) if found else None
+  return None if path is None or path.endswith("/") else path
+
+
 def bytes_are_bad(error: BaseException) -> bool:
   """Whether reading a committed step failed because its files are corrupt.
 
   True for: tensorstore's DATA_LOSS, OUT_OF_RANGE (truncated) and NOT_FOUND
-  (a data file gone); its unprefixed INVALID_ARGUMENT when a decoder
+  (a data file gone; ``restore_latest`` then checks that the step itself is
+  there, ``Checkpointer._absent``); its unprefixed INVALID_ARGUMENT when a decoder
   rejected stored bytes ("Error decoding ...": a failed decompression); a
   metadata file that is not JSON, or not even text (``UnicodeDecodeError``:
   Orbax reads its JSON metadata files with ``read_text``, and which file of a
@@ -623,7 +644,9 @@ class Checkpointer:
     ``<step>.corrupt`` (so the run can save that step again; never
     deleted); the next older one is tried. Any other error raises
     ``CheckpointReadError`` and leaves every step in place: a storage
-    timeout or a full device memory says nothing about the checkpoint.
+    timeout or a full device memory says nothing about the checkpoint, and
+    neither does a NOT_FOUND while the checkpoint directory or the step's
+    directory is not there (``_absent``: a mount gone).
     Every process reads on its own, then all take the same decision: if any
     process hit another error, all raise; else if any found bad bytes, all
     fall back. ``IncompatibleCheckpointError`` is raised, not skipped; when
@@ -639,22 +662,32 @@ class Checkpointer:
         raise
       except Exception as e:  # pylint: disable=broad-except
         error = e
+      absent = None if error is None else self._absent(step, error)
       outcome = (_READ if error is None else
-                 _BAD_BYTES if bytes_are_bad(error) else _FAILED)
+                 _BAD_BYTES if bytes_are_bad(error) and absent is None
+                 else _FAILED)
       outcomes = _gather(outcome)
       if _FAILED in outcomes:
         where = ("" if outcome == _FAILED else " on process "
                  f"{outcomes.index(_FAILED)} (its log names the error)")
+        if absent is not None:
+          why = (f": {absent} ({type(error).__name__}: "
+                 f"{_first_line(error)}). That is not a sign of damaged "
+                 "files, so every step stays where it is: rerun once the "
+                 "file system or bucket holding it is mounted and reachable "
+                 "again.")
+        else:
+          why = ((f": {type(error).__name__}: {_first_line(error)}"
+                  if outcome == _FAILED else "")
+                 + ". That is not a sign of damaged files, so every step "
+                 "stays where it is: rerun once the storage or device is "
+                 "healthy"
+                 + ("" if error is not None and _storage_failure(error) else
+                    " (or, if the model or optimizer config changed since "
+                    "the step was saved, train in a new --workdir)") + ".")
         raise CheckpointReadError(
             f"Could not read checkpoint step {step} in {self.directory}"
-            f"{where}"
-            + (f": {type(error).__name__}: {_first_line(error)}"
-               if outcome == _FAILED else "")
-            + ". That is not a sign of damaged files, so every step stays "
-            "where it is: rerun once the storage or device is healthy"
-            + ("" if error is not None and _storage_failure(error) else
-               " (or, if the model or optimizer config changed since the "
-               "step was saved, train in a new --workdir)") + ".") from error
+            f"{where}{why}") from error
       if _BAD_BYTES in outcomes:
         logging.warning(
             "Checkpoint step %d in %s cannot be read (%s); falling back to "
@@ -677,6 +710,31 @@ class Checkpointer:
           + ". Move them away to start over, or train in a new --workdir."
       ) from error
     return None, None
+
+  def _absent(self, step: int, error: BaseException) -> str | None:
+    """Why reading ``step`` failed for want of the storage rather than of a
+    file inside the step, or None.
+
+    Looked at after the read failed: the checkpoint directory (a file system
+    not mounted, a bucket prefix gone) or the step's directory is not there;
+    or the file tensorstore reported NOT_FOUND is there now (a mount that
+    came back). Either way the step's own files say nothing about damage.
+    A file missing inside a step that is there is damage (None here).
+    """
+    try:
+      if not self.directory.exists():
+        return (f"{self.directory} is not there (is its file system "
+                "mounted?)")
+      step_dir = self.directory / self._step_format.build_name(step)
+      if not step_dir.exists():
+        return f"its directory {step_dir} is not there"
+      gone = _not_found_path(error)
+      if gone is not None and epath.Path(gone).exists():
+        return (f"{gone} was not found while reading, and is there now (a "
+                "file system that came back?)")
+    except OSError as e:  # The storage cannot even be asked.
+      return f"{self.directory} cannot be listed ({e})"
+    return None
 
   def _set_aside(self, steps: list[int]) -> None:
     """Moves unreadable steps to ``<step>.corrupt`` (process 0), out of

@@ -261,6 +261,10 @@ def _damage(step_dir, how):
       size = os.path.getsize(path)
       if size <= 64 or f.startswith("_"):  # Orbax's JSON: a test of its own.
         continue
+      if how == "removed":  # A file gone from a step that is there.
+        os.remove(path)
+        damaged += 1
+        continue
       with open(path, "r+b") as fh:
         if how == "truncated":
           fh.truncate(size // 2)
@@ -272,8 +276,8 @@ def _damage(step_dir, how):
   assert damaged
 
 
-@pytest.mark.parametrize("how", ["truncated", "flipped", "metadata",
-                                 "array_metadata"])
+@pytest.mark.parametrize("how", ["truncated", "flipped", "removed",
+                                 "metadata", "array_metadata"])
 def test_damaged_latest_step_is_moved_aside_and_the_one_before_restored(
     tmp_path, how):
   c = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=3)
@@ -338,6 +342,82 @@ def test_a_transient_read_error_stops_the_run_and_moves_nothing(
   monkeypatch.undo()
   _, step = c.restore_latest(ckpt_lib.abstract_like(_state(0)), _iterator())
   assert step == 2  # Once the storage answers, the same step is read.
+  c.close()
+
+
+class _Vanish:
+  """Takes ``path`` away (renamed aside, as an unmounted file system or a
+  removed directory looks to a reader) at tensorstore's first open, that is
+  while a step's arrays are being read; ``back``: returns it as soon as that
+  open has failed (a mount that flapped). ``restore()`` puts it back."""
+
+  def __init__(self, monkeypatch, path, back=False):
+    import tensorstore as ts  # pylint: disable=g-import-not-at-top
+    self.path, self.away = str(path), f"{path}.away"
+    self.taken = False
+    real_open = ts.open
+
+    def open_(*args, **kwargs):
+      if self.taken or not os.path.exists(self.path):
+        return real_open(*args, **kwargs)
+      self.taken = True
+      os.rename(self.path, self.away)
+      opened = real_open(*args, **kwargs)
+      if back:
+        try:
+          opened.exception()  # Waits for the open to end (here: fail).
+        finally:
+          os.rename(self.away, self.path)
+      return opened
+
+    monkeypatch.setattr(ts, "open", open_)
+
+  def restore(self):
+    if os.path.exists(self.away):
+      os.rename(self.away, self.path)
+
+
+@pytest.mark.parametrize("where", ["checkpoints", "step", "files_back"])
+def test_a_step_not_there_is_not_damage(tmp_path, monkeypatch, where):
+  """A checkpoint directory (a file system not mounted) or a step directory
+  that is not there while a step is read, or files missing for a moment
+  (a mount that flapped), say nothing about the step's bytes: the run stops
+  (exit 1) naming what is missing, and every step stays where it is. (A
+  file missing inside a step that is there is damage: ``removed`` above.)"""
+  from affectjax import cli  # pylint: disable=g-import-not-at-top
+  ckpt = tmp_path / "ckpt"
+  c = ckpt_lib.Checkpointer(ckpt, every_steps=1, keep=3)
+  for step in (1, 2):
+    c.save(step, _state(step), _iterator())
+  c.close()
+  c = ckpt_lib.Checkpointer(ckpt, every_steps=1, keep=3)  # Lists 1 and 2.
+  if where == "checkpoints":
+    gone = _Vanish(monkeypatch, ckpt)
+    expected = rf"{ckpt} is not there \(is its file system mounted\?\)"
+  elif where == "step":  # Removed after the listing (another run's cleanup).
+    gone = _Vanish(monkeypatch, ckpt / "2")
+    gone.restore = lambda: None
+    os.rename(ckpt / "2", ckpt / "2.away")
+    gone.restore = lambda: os.rename(ckpt / "2.away", ckpt / "2")
+    expected = rf"its directory {ckpt}/2 is not there"
+  else:
+    gone = _Vanish(monkeypatch, ckpt / "2" / "state" / "d", back=True)
+    expected = (rf"{ckpt}/2/state/d/\w+ was not found while reading, and is "
+                "there now")
+  with AbslWarnings() as warnings:
+    with pytest.raises(ckpt_lib.CheckpointReadError,
+                       match=rf"^Could not read checkpoint step 2 in {ckpt}: "
+                       rf"{expected}.* not a sign of damaged files, so every "
+                       "step stays where it is") as raised:
+      c.restore_latest(ckpt_lib.abstract_like(_state(0)), _iterator())
+  assert cli.exit_status(raised.value) == 1
+  assert not [m for m in warnings.messages if "falling back" in m], (
+      warnings.messages)
+  gone.restore()
+  monkeypatch.undo()
+  assert sorted(os.listdir(ckpt)) == ["1", "2"]  # Nothing set aside.
+  _, step = c.restore_latest(ckpt_lib.abstract_like(_state(0)), _iterator())
+  assert step == 2  # Once it is back, the same step is read.
   c.close()
 
 
