@@ -202,7 +202,7 @@ def main(argv) -> None:
 
 def run() -> None:
   _define_flags()
-  app.run(cli.tool(main, "affectjax.export"))
+  app.run(cli.tool(main, "affectjax.export"), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -579,7 +579,7 @@ def main(argv) -> None:
 
 def run() -> None:
   _define_flags()
-  app.run(cli.tool(main, "affectjax.predict"))
+  app.run(cli.tool(main, "affectjax.predict"), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -123,3 +123,15 @@ def test_only_deliberate_mistakes_exit_2():
     assert cli.exit_status(e) == cli.USAGE_ERROR, repr(e)
   for e in failures:
     assert cli.exit_status(e) == cli.FAILURE, repr(e)
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "predict", "export"])
+def test_a_bad_flag_of_a_tool_exits_2(tool):
+  """Parsed by cli.parse_flags, as the trainer's: absl's parser exits 1."""
+  p = subprocess.run([sys.executable, "-m", f"affectjax.{tool}",
+                      "--no_such_flag=1"], cwd=REPO, capture_output=True,
+                     text=True, timeout=120,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert p.returncode == cli.USAGE_ERROR, p.stderr[-2000:]
+  assert "Unknown command line flag 'no_such_flag'" in p.stderr
+  assert "Traceback" not in p.stderr
