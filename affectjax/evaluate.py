@@ -221,7 +221,7 @@ def main(argv) -> None:
 
 def run() -> None:
   _define_flags()
-  app.run(cli.tool(main, "affectjax.evaluate"))
+  app.run(cli.tool(main, "affectjax.evaluate"), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
