@@ -17,8 +17,11 @@ local disk of a GPU host. `--config.data.cache` chooses:
         if DIR cannot be written or locked).
 
 Cluster file systems. A home directory on NFS, Lustre, GPFS, CIFS/SMB,
-BeeGFS, CephFS, ... (statfs(2)'s f_type, `filesystem_type`) is skipped by
-`auto` for node-local scratch: the cache is per host, a network file
+BeeGFS, CephFS, ... (statfs(2)'s f_type, `filesystem_type`), or on a FUSE
+mount of a bucket or another host (gcsfuse, sshfs, JuiceFS, ...: the
+mount's type in /proc/self/mountinfo, `network_filesystem`; fuse-overlayfs,
+a rootless container's root, is local) is skipped by `auto` for node-local
+scratch: the cache is per host, a network file
 system's `flock` may be missing (ENOLCK, ENOSYS, EOPNOTSUPP) or only local
 to each host, and its pages travel the network. A location where `flock`
 fails is not used either: `auto` moves on to the next one (with none left,
@@ -108,6 +111,20 @@ NETWORK_FILESYSTEMS = {
 }
 # File systems in memory: their free space is at most the available memory.
 MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
+# statfs(2) f_type of every FUSE file system (FUSE_SUPER_MAGIC): a bucket
+# (gcsfuse), another host (sshfs), a cluster (JuiceFS) or a rootless
+# container's own root (fuse-overlayfs, local) alike. Which one it is, only
+# the mount's type in /proc/self/mountinfo says: "fuse.<name>" (or "fuse",
+# with the name as the mount's source, where the kernel had no subtypes).
+FUSE_MAGIC = 0x65735546
+# The FUSE file systems whose files are on other machines, by that name.
+NETWORK_FUSE = {
+    "gcsfuse": "gcsfuse", "sshfs": "sshfs", "juicefs": "JuiceFS",
+    "s3fs": "s3fs", "rclone": "rclone", "goofys": "goofys",
+    "blobfuse": "blobfuse", "blobfuse2": "blobfuse2", "ceph": "CephFS",
+    "ceph-fuse": "CephFS", "glusterfs": "GlusterFS", "mfs": "MooseFS",
+}
+MOUNTINFO = "/proc/self/mountinfo"
 # What flock raises where the file system cannot lock.
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
@@ -193,6 +210,57 @@ def filesystem_type(path: str) -> int | None:
   return int(kind.from_buffer(buf).value) & 0xFFFFFFFF
 
 
+def mount_type(path: str, mountinfo: str | None = None) -> str | None:
+  """The type of the mount holding `path` (or its nearest existing parent)
+  as the file `mountinfo` (proc(5)'s /proc/self/mountinfo format, that
+  file by default: `MOUNTINFO`) names it: "ext4", "fuse.gcsfuse", "fuse.fuse-overlayfs", ...; None where it
+  cannot be read or has no line for it.
+
+  The mount is found by its device number (st_dev is the mountinfo line's
+  major:minor), not by matching mount points: like statfs, that follows
+  symlinks and bind mounts, and no escaped name can be misread. A FUSE
+  mount without a subtype ("fuse") is named by its source ("fuse.<source>").
+  """
+  try:
+    dev = os.stat(_existing(path)).st_dev
+    with open(mountinfo or MOUNTINFO, encoding="utf-8",
+              errors="replace") as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return None
+  want = f"{os.major(dev)}:{os.minor(dev)}"
+  for line in lines:
+    # ID parent major:minor root mount-point options [optional...] - type
+    # source super-options
+    fields = line.split()
+    if len(fields) < 7 or fields[2] != want or "-" not in fields[6:]:
+      continue
+    rest = fields[fields.index("-", 6) + 1:]
+    if not rest:
+      continue
+    if rest[0] == "fuse" and len(rest) > 1:
+      return f"fuse.{rest[1].split('#', 1)[0]}"
+    return rest[0]
+  return None
+
+
+def network_filesystem(path: str, mountinfo: str | None = None) -> str | None:
+  """The name of the network or cluster file system holding `path`, or None
+  (a local one, or one that cannot be asked).
+
+  statfs's f_type names most of them (`NETWORK_FILESYSTEMS`); all FUSE
+  file systems share one, so for those the mount's type in `mountinfo`
+  says which (`NETWORK_FUSE`): gcsfuse, sshfs, JuiceFS, ... are network
+  file systems, fuse-overlayfs (a rootless container's root) is local.
+  """
+  kind = filesystem_type(path)
+  if kind != FUSE_MAGIC:
+    return NETWORK_FILESYSTEMS.get(kind)
+  fstype = mount_type(path, mountinfo) or ""
+  return NETWORK_FUSE.get(fstype[len("fuse."):] if fstype.startswith(
+      "fuse.") else None)
+
+
 def _own_folder() -> str:
   """This user's folder in a shared scratch directory."""
   return f"affectjax-{os.getuid()}"
@@ -257,8 +325,8 @@ def _auto_location() -> tuple[str | None, list[str]]:
   named = bool(os.environ.get(LOCATION_ENV))
   passed = []
   for base in auto_locations():
-    kind = NETWORK_FILESYSTEMS.get(filesystem_type(base))
-    if kind and not named:
+    kind = None if named else network_filesystem(base)
+    if kind:
       passed.append(f"{base} is on {kind}")
       continue
     problem = _not_private(base) or _unusable(base)

@@ -345,6 +345,92 @@ def test_a_network_home_is_passed_over_for_node_local_scratch(
       str(home / "named" / "pixels"))
 
 
+def _mountinfo(path, at, fstype, source):
+  """A mountinfo file (proc(5)'s format) with a line for the mount holding
+  `at` (its real device number) of type `fstype`, among others."""
+  dev = os.stat(at).st_dev
+  other = f"{os.major(dev) + 1}:{os.minor(dev)}"  # No real device's.
+  path.write_text(
+      f"22 27 {other} / /proc rw,relatime - proc proc rw\n"
+      f"27 1 {other} / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+      f"61 27 {os.major(dev)}:{os.minor(dev)} / /mnt/my\\040home "
+      f"rw,nosuid,nodev,relatime shared:40 master:3 - {fstype} {source} "
+      "rw,user_id=1000,group_id=1000\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("fstype, source, network", [
+    ("fuse.gcsfuse", "my-bucket", "gcsfuse"),
+    ("fuse.sshfs", "me@host:/data", "sshfs"),
+    ("fuse.juicefs", "JuiceFS:jfs", "JuiceFS"),
+    ("fuse.rclone", "remote:", "rclone"),
+    ("fuse", "sshfs#me@host:/data", "sshfs"),  # A kernel without subtypes.
+    ("fuse.fuse-overlayfs", "fuse-overlayfs", None),  # Rootless container.
+    ("fuse", "fuse-overlayfs", None),
+    ("fuseblk", "/dev/sdb1", None),  # ntfs-3g on a local disk.
+])
+def test_fuse_mounts_are_told_apart_by_their_mount_type(
+    tmp_path, monkeypatch, fstype, source, network):
+  """All FUSE file systems share statfs's f_type: the mount's type in
+  /proc/self/mountinfo says whether it is a bucket or another host (a
+  network file system for `auto`) or local (fuse-overlayfs)."""
+  at = tmp_path / "home"
+  at.mkdir()
+  info = _mountinfo(tmp_path / "mountinfo", at, fstype, source)
+  monkeypatch.setattr(pixel_cache, "filesystem_type",
+                      lambda path: pixel_cache.FUSE_MAGIC)
+  expected = fstype if fstype != "fuse" else f"fuse.{source.split('#')[0]}"
+  assert pixel_cache.mount_type(str(at / "not" / "yet"), info) == expected
+  assert pixel_cache.network_filesystem(str(at), info) == network
+  # Another device's line is not this mount's.
+  assert pixel_cache.mount_type("/proc", info) is None
+
+
+def test_a_fuse_home_of_a_bucket_is_passed_over_and_an_overlay_root_is_not(
+    prepared, tmp_path, monkeypatch):
+  """Through `plan`: a home on gcsfuse goes the way of an NFS home (node-local
+  scratch instead); a home on fuse-overlayfs (a rootless container) is
+  used."""
+  data_dir = prepared / "prepared"
+  src = data.source(data_dir, "train")
+  home, scratch = tmp_path / "home", tmp_path / "scratch"
+  home.mkdir()
+  scratch.mkdir()
+  monkeypatch.delenv(pixel_cache.LOCATION_ENV)
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.setenv("TMPDIR", str(scratch))
+  real = pixel_cache.filesystem_type
+  monkeypatch.setattr(pixel_cache, "filesystem_type", lambda path: (
+      pixel_cache.FUSE_MAGIC if str(path).startswith(str(home))
+      else real(path)))
+  c = _config(data_dir, "auto")
+  own = f"affectjax-{os.getuid()}"
+  for fstype, source, where in (
+      ("fuse.gcsfuse", "my-bucket", scratch / own / "pixels"),
+      ("fuse.fuse-overlayfs", "fuse-overlayfs", home / ".cache")):
+    monkeypatch.setattr(pixel_cache, "MOUNTINFO", _mountinfo(
+        tmp_path / "mountinfo", home, fstype, source))
+    p = pixel_cache.plan(c, src, 24)
+    assert p.directory.startswith(str(where)), (fstype, p)
+    if fstype == "fuse.gcsfuse":
+      assert f"{home}/.cache/affectjax/pixels is on gcsfuse" in p.reason
+    batch_loaders.forget()
+
+
+def test_mount_types_from_this_machines_mountinfo(tmp_path):
+  """The real /proc/self/mountinfo: the type of the mount holding a path is
+  the one findmnt(8) names, and this machine's temporary directory is not
+  a network file system."""
+  for path in ("/proc", "/", str(tmp_path), str(tmp_path / "not" / "yet")):
+    found = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "--target",
+         pixel_cache._existing(path)],  # pylint: disable=protected-access
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert pixel_cache.mount_type(path) == found, path
+  assert pixel_cache.mount_type("/proc") == "proc"
+  assert pixel_cache.network_filesystem(str(tmp_path)) is None
+
+
 def test_a_build_clears_only_this_hosts_temporaries(tmp_path):
   """Where `flock` is local to each host (NFS with local locks), another
   host's build in the same directory is in progress, not stale."""
