@@ -60,7 +60,9 @@ _OWN_CODE = tuple(
     for package in ("affectjax", "data_prep"))
 _RAISE = dis.opmap["RAISE_VARARGS"]
 # A path named in the command that does not exist, or is of the wrong kind.
-_MISSING_PATH = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+MISSING_PATH = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# The attribute ``mark_failure`` sets.
+_FAILURE_MARK = "_affectjax_failure"
 
 
 class ReportedFailure(Exception):
@@ -124,11 +126,21 @@ def raised_by_own_code(error: BaseException) -> bool:
 
 def is_user_error(error: BaseException) -> bool:
   """Whether ``error`` means "fix the command" (exit 2; see the module doc)."""
-  if isinstance(error, ReportedFailure):
+  if isinstance(error, ReportedFailure) or getattr(error, _FAILURE_MARK, False):
     return False
-  if isinstance(error, (app.UsageError, *_MISSING_PATH)):
+  if isinstance(error, (app.UsageError, *MISSING_PATH)):
     return True
   return isinstance(error, ValueError) and raised_by_own_code(error)
+
+
+def mark_failure(error: BaseException) -> None:
+  """Makes ``error`` a failure (exit 1, with its traceback) whatever its type.
+
+  For errors that are the command's mistake only at start: a file missing
+  or a record damaged once training has started is no longer the command's
+  input (``affectjax.main``).
+  """
+  setattr(error, _FAILURE_MARK, True)
 
 
 def exit_status(error: BaseException) -> int:
