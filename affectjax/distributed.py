@@ -113,6 +113,79 @@ def resolve_local_device_ids(flag_value: str | Sequence[int] | None = None,
   return list(range(rank * per, (rank + 1) * per))
 
 
+def _count(environ: Mapping[str, str], name: str) -> int:
+  try:
+    return int(environ.get(name) or 0)
+  except ValueError:
+    return 0
+
+
+def launched_tasks(environ: Mapping[str, str] | None = None
+                   ) -> tuple[int, str] | None:
+  """Whether a launcher started this process as one task of several.
+
+  Returns (the number of tasks, or 2 where only "more than one" is known;
+  the variable that says so), or None. The launchers are those
+  ``jax.distributed.initialize`` detects (jax/_src/clusters) and the MPI
+  ones beside them:
+
+  - SLURM ``srun``: ``SLURM_STEP_NUM_TASKS`` (the step's tasks; a batch
+    script itself is no step and has only the job's ``SLURM_NTASKS``, where
+    one process is right), else ``SLURM_NTASKS`` where JAX's SLURM detection
+    sees a step (``SLURM_STEP_NODELIST``);
+  - Open MPI ``mpirun`` (``OMPI_COMM_WORLD_SIZE``), MPICH/Intel MPI/Cray PMI
+    (``PMI_SIZE``), MVAPICH (``MV2_COMM_WORLD_SIZE``), a PMIx launcher
+    (``PMIX_RANK`` above 0: the size is not in the environment);
+  - a Kubernetes indexed Job (``JOB_COMPLETION_INDEX`` above 0);
+  - Cloud TPU hosts of a pod slice (``TPU_WORKER_HOSTNAMES`` or
+    ``TPU_PROCESS_ADDRESSES`` with several hosts, ``MEGASCALE_NUM_SLICES``).
+  """
+  environ = os.environ if environ is None else environ
+  for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+               "MV2_COMM_WORLD_SIZE", "MEGASCALE_NUM_SLICES"):
+    if (n := _count(environ, name)) > 1:
+      return n, f"{name}={n}"
+  if ("SLURM_STEP_NUM_TASKS" not in environ and "SLURM_STEP_NODELIST" in environ
+      and (n := _count(environ, "SLURM_NTASKS")) > 1):
+    return n, f"SLURM_NTASKS={n}"
+  for name in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
+    hosts = [h for h in (environ.get(name) or "").split(",") if h.strip()]
+    if len(hosts) > 1:
+      return len(hosts), f"{name} lists {len(hosts)} hosts"
+  for name in ("PMIX_RANK", "JOB_COMPLETION_INDEX"):
+    if (rank := _count(environ, name)) > 0:
+      return 2, f"{name}={rank}"
+  return None
+
+
+def check_launch(*, joined: bool, independent: bool,
+                 environ: Mapping[str, str] | None = None) -> None:
+  """Refuses (``ValueError``, exit 2 in ``main``) a process that a launcher
+  started as one of several tasks without joining them into one run.
+
+  ``joined``: --distributed or --coordinator_address. ``independent``: the
+  user asked for independent runs (--nodistributed given explicitly). A
+  user who forgot --distributed under ``srun -n 2`` would otherwise get two
+  separate runs racing in one workdir; joining them silently would turn a
+  deliberate sweep (``srun --multi-prog``, one config per task) into one
+  run. So the trainer asks, at once, in one line.
+  """
+  if joined or independent:
+    return
+  tasks = launched_tasks(environ)
+  if tasks is None:
+    return
+  n, why = tasks
+  count = f"{n} tasks" if not why.startswith(("PMIX", "JOB_COMPLETION")) else (
+      "several tasks")
+  raise ValueError(
+      f"this process is one of {count} a launcher started ({why}), but "
+      "--distributed is not given: each task would train on its own, all in "
+      "one workdir. Add --distributed to train one run across the tasks, or "
+      "pass --nodistributed to train independent runs (each with its own "
+      "--workdir).")
+
+
 def _has_accelerator_plugin() -> bool:
   return any(importlib.util.find_spec(m) is not None
              for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))

@@ -45,6 +45,7 @@ from ml_collections import config_flags
 from affectjax import cli
 from affectjax import distributed
 from affectjax import preemption
+from affectjax import run_lock
 from affectjax import summary
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -93,6 +94,9 @@ def main(argv) -> int:
         "signals').")
   config = _config()
   try:
+    distributed.check_launch(
+        joined=_DISTRIBUTED.value or bool(_COORDINATOR.value),
+        independent=_DISTRIBUTED.present and not _DISTRIBUTED.value)
     distributed.initialize(
         auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
@@ -101,10 +105,18 @@ def main(argv) -> int:
     raise app.UsageError(str(e)) from None
   distributed.enable_compilation_cache(config.compilation_cache_dir)
   distributed.check_devices()
+  lock = _lock_workdir(_WORKDIR.value)
   try:
     result = _train(config, _WORKDIR.value)
   except preemption.StoppedBeforeStart as e:
     result = {"preempted": True, "step": None, "signal": e.signal_name}
+  except Exception as e:  # pylint: disable=broad-except
+    if preemption.loop_entered() and _is_damage(e):
+      cli.mark_failure(e)
+    raise
+  finally:
+    if lock is not None:
+      lock.release()
   if jax.process_index() == 0:
     if result.get("preempted"):
       print(resume_message(result, preempted_code), flush=True)
@@ -130,6 +142,45 @@ def _config():
     raise app.UsageError(
         f"--config: cannot load the config file ({reason}).") from None
   return config
+
+
+_LOCK_KEY = "affectjax/run_lock"
+_LOCK_WAIT_S = 600
+
+
+def _is_damage(error: BaseException) -> bool:
+  """A file missing or a record damaged. Before the training loop they are
+  the command's inputs (exit 2: a --config.data.dir without its shards, say);
+  once it has started (``preemption.loop_entered``) they are files that
+  vanished or were damaged during the run: exit 1, with the traceback."""
+  if isinstance(error, cli.MISSING_PATH):
+    return True
+  from affectjax import data  # pylint: disable=g-import-not-at-top
+  return isinstance(error, data.RecordError)
+
+
+def _lock_workdir(workdir: str) -> run_lock.RunLock | None:
+  """Process 0 takes the workdir's lock (``run_lock``); every process raises
+  the same usage error if another run holds it."""
+  from affectjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  path = str(workdir_lib.path(workdir))
+  lock, refused = None, ""
+  if jax.process_index() == 0:
+    try:
+      lock = run_lock.acquire(path)
+    except run_lock.WorkdirBusyError as e:
+      refused = str(e)
+  if jax.process_count() > 1:
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+    client = jax_distributed.global_state.client
+    if jax.process_index() == 0:
+      client.key_value_set(_LOCK_KEY, refused or "ok")
+    else:
+      answer = client.blocking_key_value_get(_LOCK_KEY, _LOCK_WAIT_S * 1000)
+      refused = "" if answer == "ok" else answer
+  if refused:
+    raise app.UsageError(refused)
+  return lock
 
 
 def _train(config, workdir) -> dict:

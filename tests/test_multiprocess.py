@@ -117,3 +117,58 @@ def test_processes_with_different_device_counts_fail_clearly(procs, tmp_path):
     assert p.returncode != 0
     assert ("Processes see different numbers of devices (process 0: 1, "
             "process 1: 2") in err, err[-3000:]
+
+
+# What launchers put in each task's environment (srun -n 2, mpirun -np 2,
+# MPICH's hydra, a PMIx launcher, a Cloud TPU pod slice's hosts).
+_LAUNCHES = {
+    "srun": {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",
+             "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node1",
+             "SLURM_PROCID": "1", "SLURM_LOCALID": "1"},
+    "mpirun": {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0",
+               "OMPI_COMM_WORLD_LOCAL_RANK": "0"},
+    "pmi": {"PMI_SIZE": "4", "PMI_RANK": "3"},
+    "pmix": {"PMIX_RANK": "1", "PMIX_NAMESPACE": "prterun-1"},
+    "tpu": {"TPU_WORKER_HOSTNAMES": "t0,t1", "TPU_WORKER_ID": "0"},
+}
+
+
+def _launched(tmp_path, name, *flags):
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "OMPI_", "PMI", "TPU_"))}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **_LAUNCHES[name])
+  return subprocess.Popen(
+      [sys.executable, "-m", "affectjax.main", "--config=configs/custom_cnn.py:tiny",
+       f"--config.data.dir={tmp_path / 'no_data'}",
+       f"--workdir={tmp_path / name}", *flags],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def test_several_tasks_without_distributed_are_refused(procs, tmp_path):
+  """A launcher started this process as one of several tasks and the user
+  forgot --distributed: each would train alone in one workdir. Refused at
+  start (exit 2, one line naming --distributed), before the workdir exists;
+  --nodistributed says the tasks are independent runs on purpose."""
+  started = {name: _launched(tmp_path, name) for name in _LAUNCHES}
+  procs.extend(started.values())
+  independent = _launched(tmp_path, "srun", "--nodistributed")
+  procs.append(independent)
+  lines = {}
+  for name, p in started.items():
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2, (name, err[-3000:])
+    lines[name] = [l for l in err.splitlines()
+                   if l.startswith("affectjax.main: ")]
+    assert len(lines[name]) == 1, (name, err[-3000:])
+    assert "--distributed is not given" in lines[name][0], lines[name]
+    assert "Traceback" not in err
+    assert not (tmp_path / name).exists()
+  assert ("one of 2 tasks a launcher started (SLURM_STEP_NUM_TASKS=2)"
+          in lines["srun"][0]), lines
+  assert "(PMI_SIZE=4)" in lines["pmi"][0], lines
+  assert "one of several tasks" in lines["pmix"][0], lines
+  # The independent task gets past the check, to its missing data.
+  _, err = independent.communicate(timeout=120)
+  assert independent.returncode == 2, err[-3000:]
+  assert "--distributed" not in err and "manifest.json" in err, err[-3000:]
