@@ -148,16 +148,40 @@ def exit_status(error: BaseException) -> int:
   return USAGE_ERROR if is_user_error(error) else FAILURE
 
 
+def _unknown_field(error: BaseException) -> str | None:
+  """What is wrong when ml_collections' ``--config.<path>`` parser failed
+  to find a field of the path (its own "Did you mean ..." included); None
+  for an error raised anywhere else."""
+  frames = traceback.extract_tb(error.__traceback__)
+  if not any(f.filename.endswith(os.path.join("config_flags", "config_path.py"))
+             for f in frames):
+    return None
+  text = str(error)
+  cause = error
+  while cause is not None:  # Its KeyError holds the plain message.
+    if isinstance(cause, KeyError) and cause.args and isinstance(
+        cause.args[0], str):
+      text = cause.args[0]
+      break
+    cause = cause.__context__
+  return ("a --config override names a field the config does not have: "
+          + " ".join(line.strip() for line in text.splitlines()))
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad or missing flag exiting ``USAGE_ERROR``.
 
   For ``app.run(..., flags_parser=cli.parse_flags)``: absl's own parser
-  exits 1, the status of a failure.
+  exits 1, the status of a failure. An override of a config field that does
+  not exist (``--config.batch_sizes=3``) is a bad flag too, although
+  ml_collections raises it as an ``AttributeError`` (``_unknown_field``).
   """
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
+  except (flags.Error, AttributeError, KeyError) as e:
+    message = str(e) if isinstance(e, flags.Error) else _unknown_field(e)
+    if message is None:
+      raise  # A bug (in a config file, say): its traceback, exit 1.
     if "\n" in message:
       message = "\n" + textwrap.indent(message, "  ")
     sys.stderr.write(f"FATAL Flags parsing error: {message}\n"

@@ -124,12 +124,18 @@ def test_command_line_overrides_and_summary(synthetic_arrayrecord,
   if best["step"] != TOTAL:
     assert f"best, step {best['step']}" in out.stdout
 
+  # A misspelt config field: a bad flag (exit 2: fix the command), in one
+  # line with ml_collections' suggestion, not a traceback (exit 1).
   bad = subprocess.run(
       [sys.executable, "-m", "affectjax.main",
        "--config=configs/custom_cnn.py:tiny", "--config.batch_sizes=3",
        f"--workdir={tmp_path}"],
       cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
-  assert bad.returncode != 0 and "batch_sizes" in bad.stderr
+  assert bad.returncode == 2, bad.stderr[-3000:]
+  assert ("FATAL Flags parsing error: a --config override names a field the "
+          "config does not have: 'batch_sizes' Did you mean \"batch_size\""
+          in bad.stderr), bad.stderr[-3000:]
+  assert "Traceback" not in bad.stderr
 
   # A misspelt best_metric: one line naming the valid ones, before training.
   typo = subprocess.run(
