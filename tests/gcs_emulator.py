@@ -66,6 +66,11 @@ def _conditional(handler, *, read: bool):
     query, params = request.query, request.params
     bucket = params["bucket_name"]
     name = params.get("object_id") or (query.get("name") or [None])[0]
+    if name is None and not read and isinstance(request.data, dict):
+      # A multipart upload (google-cloud-storage's upload_from_string) names
+      # its object in the metadata part; a resumable one in the body.
+      name = (request.data.get("meta") or {}).get("name") or request.data.get(
+          "name")
     if name is not None:
       current = _generation(storage, bucket, name)
       match = (query.get("ifGenerationMatch") or [None])[0]

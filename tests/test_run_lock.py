@@ -249,3 +249,41 @@ def test_evaluate_reads_a_workdir_a_trainer_holds(procs, tmp_path, trained):
     holder.kill()
     holder.wait()
     os.unlink(trained / run_lock.LOCK_NAME)
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """The GCS emulator (generation preconditions included), this process's
+  clients pointed at it."""
+  from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
+  log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+  mp = pytest.MonkeyPatch()
+  with gcs_emulator.Emulator(log, buckets=("bucket",),
+                             deadline_s=600) as emulator:
+    for k, v in emulator.env().items():
+      mp.setenv(k, v)
+    yield emulator
+    mp.undo()
+
+
+def test_lock_on_gcs_is_an_object_under_generation_preconditions(
+    procs, tmp_path, gcs):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  url = "gs://bucket/run"
+  obj = epath.Path(url) / run_lock.LOCK_NAME
+  holder = _hold(procs, tmp_path, url, heartbeat_s=0.2, env=_env(**gcs.env()))
+  first = json.loads(obj.read_text())
+  assert first["pid"] == holder.pid
+  with pytest.raises(run_lock.WorkdirBusyError, match=f"pid {holder.pid}"):
+    run_lock.acquire(url)
+  deadline = time.monotonic() + 20
+  while json.loads(obj.read_text())["heartbeat"] <= first["heartbeat"]:
+    assert time.monotonic() < deadline, "no heartbeat on gs:// within 20 s"
+    time.sleep(0.1)
+  holder.send_signal(signal.SIGKILL)  # Its lock stays; its pid is gone.
+  holder.wait()
+  with run_lock.acquire(url) as lock:
+    assert json.loads(obj.read_text())["token"] == lock.holder.token
+    lock.renew()
+    assert json.loads(obj.read_text())["token"] == lock.holder.token
+  assert not obj.exists()
