@@ -16,15 +16,19 @@ Exit status, for schedulers and retry wrappers:
       after the current step and a synchronous checkpoint, or before the
       first step (a signal during start-up: nothing new to save): rerun the
       same command to resume;
-  128 + N  a second signal N (a SIGTERM within 2 s of the first is the
-      scheduler repeating itself, not a second one), or no step finished within 5 minutes of the
-      first (aborted without saving; the last checkpoint is kept);
+  128 + N  a second signal N (a second SIGINT; a SIGTERM 2 s or more after
+      the first, never under SLURM: see affectjax.preemption), or no step
+      finished within 5 minutes of the first (aborted without saving; the
+      last checkpoint is kept);
   2   the command must change: a config or flag that cannot work
-      (``ConfigError``, a bad flag value) or a path named by a flag that does
-      not exist (one line naming it, no traceback; see ``affectjax.cli``);
+      (``ConfigError``, a bad flag value), a path named by a flag that does
+      not exist, a workdir another live run holds (``run_lock``), or one of
+      several tasks a launcher started without ``--distributed`` (one line
+      naming it, no traceback; see ``affectjax.cli``); all checked at start;
   1   any other failure: an I/O error (a checkpoint save onto a full or
       read-only disk, a storage timeout; a save failure is one line, its
-      traceback in the log at ``--verbosity=0``) or a bug (with its
+      traceback in the log at ``--verbosity=0``), a data file that vanished
+      or a damaged record once training has started, or a bug (with its
       traceback). A crash never exits with the preemption status, so a
       requeue-on-75 rule never retries a broken run forever.
 """
@@ -56,7 +60,9 @@ _WORKDIR = flags.DEFINE_string(
     "Rerunning with the same workdir resumes from its latest checkpoint.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with cluster "
-    "auto-detection (TPU pods, SLURM, Open MPI).")
+    "auto-detection (TPU pods, SLURM, Open MPI). Required when a launcher "
+    "starts several tasks (srun -n 2, mpirun -np 2): without it they are "
+    "refused at start; --nodistributed trains them as independent runs.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for an explicit "
     "multi-process run (implies --distributed).")
