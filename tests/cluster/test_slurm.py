@@ -1,7 +1,9 @@
 """examples/slurm/train.sbatch on a real SLURM: the time-limit warning, then a
 preemption; each time a save, exit 75 and a requeue; in the end the same
 model as an uninterrupted run. And a user's `scancel JOBID`: a save, and the
-job stays cancelled.
+job stays cancelled. A SIGTERM to the batch shell (`scancel --batch`): a
+save and a requeue. And `--ntasks=2` without --distributed: both tasks exit
+2 at start naming the flag.
 
 Not part of the main suite (setup.cfg ignores tests/cluster; .ci/run runs it
 as a stage of its own): tests/cluster/slurm_up.sh installs Debian's
@@ -77,10 +79,11 @@ def jax_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def _run(args, env, *, timeout=120, **kwargs):
+def _run(args, env, *, timeout=120, check=True, **kwargs):
   p = subprocess.run(args, env=env, capture_output=True, text=True,
                      timeout=timeout, **kwargs)
-  assert p.returncode == 0, f"{args}: exit {p.returncode}: {p.stderr}"
+  assert p.returncode == 0 or not check, (
+      f"{args}: exit {p.returncode}: {p.stderr}")
   return p.stdout
 
 
@@ -105,14 +108,15 @@ def _trainer_flags(data_dir, workdir, cache_dir):
           f"--config.compilation_cache_dir={cache_dir}"]
 
 
-def _sbatch(env, out, flags, *extra):
+def _sbatch(env, out, flags, *extra, check=True):
   """Submits the example as users do, from the checkout; returns the job id.
 
-  With --wait among ``extra``, returns once the job ended (and succeeded).
+  With --wait among ``extra``, returns once the job ended (and succeeded,
+  unless ``check`` is False).
   """
   return _run(["sbatch", "--parsable", "--ntasks=2", "--time=60",
                f"--output={out}", *extra, SBATCH, *flags],
-              env, cwd=REPO, timeout=900).strip().split(";")[0]
+              env, cwd=REPO, timeout=900, check=check).strip().split(";")[0]
 
 
 def _job(env, job_id) -> dict:
@@ -345,3 +349,76 @@ def test_scancel_saves_and_stays_cancelled(slurm, synthetic_arrayrecord,
   assert "start 2," not in text
   time.sleep(15)  # Longer than the requeue delay: still cancelled.
   assert _job(env, job)["JobState"] == "CANCELLED", log()
+
+
+def test_several_tasks_without_distributed_exit_2_at_once(
+    slurm, synthetic_arrayrecord, jax_cache, tmp_path):
+  """The slip everyone makes once: `sbatch --ntasks=2` without --distributed.
+  Each task would train on its own in one workdir (racing saves, steps
+  logged twice); both refuse at start, exit 2 naming --distributed, and the
+  job fails without a requeue."""
+  env = _job_env(slurm)
+  workdir = str(tmp_path / "run")
+  out = str(tmp_path / "run.out")
+  flags = [f for f in _trainer_flags(synthetic_arrayrecord, workdir, jax_cache)
+           if f != "--distributed"]
+  t0 = time.monotonic()
+  job = _sbatch(env, out, flags, "--wait", check=False)
+  seconds = time.monotonic() - t0
+  info = _job(env, job)
+  text = open(out).read()
+  assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text
+  assert info["Restarts"] == "0", text
+  refusals = re.findall(
+      r"^affectjax\.main: this process is one of 2 tasks a launcher started "
+      r"\(SLURM_STEP_NUM_TASKS=2\), but --distributed is not given", text,
+      re.MULTILINE)
+  assert len(refusals) == 2, text  # One line per task.
+  assert "srun exited 2: this script does not requeue" in text, text
+  assert not os.path.exists(workdir), os.listdir(workdir)
+  assert seconds < 120, seconds  # At start: no model built, nothing trained.
+
+
+def test_sigterm_to_the_batch_shell_saves_and_requeues(
+    slurm, synthetic_arrayrecord, jax_cache, tmp_path):
+  """`scancel --batch --signal=TERM`: the script passes it on to the tasks,
+  which save and exit 75 (however late SLURM's and the script's SIGTERMs
+  reach them); the job is requeued and finishes, every step logged once."""
+  env = _job_env(slurm)
+  workdir = str(tmp_path / "run")
+  out = str(tmp_path / "run.out")
+  job = _sbatch(env, out, _trainer_flags(synthetic_arrayrecord, workdir,
+                                         jax_cache))
+
+  def log():
+    text = open(out).read() if os.path.exists(out) else "(no output yet)"
+    return f"job {job}: {_job(env, job)}\n{text[-8000:]}"
+
+  def ended() -> bool:
+    return _job(env, job)["JobState"] in ENDED
+
+  _wait("the job to train", lambda: len(_train_steps(workdir)) >= 3, 600, log,
+        ended=ended)
+  pids = _task_pids(env, job)
+  assert len(pids) >= 2, pids
+  _hold(pids)
+  try:
+    _run(["scancel", "--batch", "--signal=TERM", job], env)
+    _wait("the batch shell's SIGTERM passed on to the tasks",
+          lambda: all(_term_pending_or_running(p) for p in pids), 120, log,
+          ended=ended)
+    # A person repeating it, seconds later: not passed on again.
+    _run(["scancel", "--batch", "--signal=TERM", job], env)
+    time.sleep(3)
+  finally:
+    _release(pids)
+  _wait("the job to end", ended, 900, log)
+  info = _job(env, job)
+  text = open(out).read()
+  assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log()
+  assert text.count("passing it on to the training tasks") == 1, log()
+  assert re.search(r"^Stopped by SIGTERM at step \d+ after saving a "
+                   "checkpoint", text, re.MULTILINE), log()
+  assert text.count("stopped after a checkpoint (exit 75): requeueing") == 1
+  assert "aborting without saving" not in text, log()
+  assert _train_steps(workdir) == list(range(1, TOTAL + 1))
