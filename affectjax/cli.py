@@ -22,7 +22,9 @@ which, once the flags are parsed:
     (``ConfigError`` and the other messages naming a flag or file and what
     to do); or a path that does not exist (``FileNotFoundError``,
     ``NotADirectoryError``, ``IsADirectoryError``: a config file, workdir or
-    manifest named by a flag).
+    manifest named by a flag). An error ``mark_failure`` marked is never
+    one: the trainer marks a file gone or a record damaged once its loop
+    has started (not the command's input any more).
   - 1 (``FAILURE``), "read the log": everything else. A ``ReportedFailure``
     (a checkpoint save onto a full disk, say) is printed as its one-line
     message, which says what failed, what is kept and what to do; the
