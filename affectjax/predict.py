@@ -328,6 +328,38 @@ def group_inputs(items: Sequence[Item]) -> Iterator[list[Item] | Item]:
     yield photos
 
 
+def run_video(predictor: Predictor, path: str, output, taken: set, emit, *,
+              annotate: bool = False, **video_kwargs):
+  """One video of the command line: its rows to ``emit`` as they come, then
+  ``tracks.csv``, the track pictures and (``annotate``) the annotated copy
+  into its folder beside ``output``. The video is copied once when remote
+  (``video.local_copy``) and that copy read for the rows and again for the
+  annotated copy; the pictures come from per-track summaries
+  (``tracks.TrackLog``), not from the rows. Returns (path, folder, the
+  files written or a line saying why there are none)."""
+  log = tracks.TrackLog(predictor.names)
+  first_error = None
+  try:
+    with video.local_copy(path) as local:
+      for row in predictor.iter_video_or_error(local, name=path,
+                                               **video_kwargs):
+        emit(row)
+        log.add(row)
+        if row["status"] != "ok" and first_error is None:
+          first_error = row["error"]
+      folder = video_pictures.output_dir(output, path, taken)
+      if not log:
+        return (path, folder, "no face predicted, no pictures "
+                f"({first_error or 'no frames'})")
+      return (path, folder, video_pictures.write_all(
+          log, local, folder, title=os.path.basename(path),
+          annotate=annotate, fps=video_kwargs.get("fps")))
+  except video.VideoError as e:  # A gs:// video that is not there.
+    emit({"path": path, "face_box": "", "status": "error",
+          "error": f"unreadable_video: {e}"})
+    return (path, None, f"unreadable_video: {e}")
+
+
 # --------------------------------------------------------------------------
 # Command line (flags defined in `run()`, not at import).
 # --------------------------------------------------------------------------
@@ -430,30 +462,9 @@ def main(argv) -> None:
         for row in predictor.iter_photos(group, progress=True):
           out.write(count(row))
         continue
-      # One local copy per video (a gs:// one streamed once), read for the
-      # rows and again for the annotated copy; per-track summaries, not rows.
-      log = tracks.TrackLog(predictor.names)
-      first_error = None
-      try:
-        with video.local_copy(group.path) as local:
-          for row in predictor.iter_video_or_error(local, name=group.path,
-                                                   **video_kwargs):
-            out.write(count(row))
-            log.add(row)
-            if row["status"] != "ok" and first_error is None:
-              first_error = row["error"]
-          folder = video_pictures.output_dir(f.output, group.path, taken)
-          if not log:
-            done.append((group.path, folder, f"no face predicted, no "
-                         f"pictures ({first_error or 'no frames'})"))
-            continue
-          written = video_pictures.write_all(
-              log, local, folder, title=os.path.basename(group.path),
-              annotate=f.annotate, fps=f.fps)
-          done.append((group.path, folder, written))
-      except video.VideoError as e:  # A gs:// video that is not there.
-        out.write(count({"path": group.path, "face_box": "", "status":
-                         "error", "error": f"unreadable_video: {e}"}))
+      done.append(run_video(predictor, group.path, f.output, taken,
+                            lambda row: out.write(count(row)),
+                            annotate=f.annotate, **video_kwargs))
   notes = ([f"{counts['bad']} could not be read"] if counts["bad"] else []) + (
       [f"{counts['faceless']} without a face"] if counts["faceless"] else []
   ) + ([f"{counts['short']} on short tracks"] if counts["short"] else [])
@@ -461,6 +472,8 @@ def main(argv) -> None:
         + (f" ({'; '.join(notes)}; see their 'error' column)" if notes
            else ""), flush=True)
   for path, folder, written in done:
+    if isinstance(written, str) and written.startswith("unreadable_video"):
+      continue  # The table and the line above say it.
     if isinstance(written, str):
       print(f"{path}: {written}", flush=True)
     else:

@@ -421,3 +421,43 @@ def test_cli_writes_table_pictures_and_annotated_copy(run_dir, tmp_path):
   diff = [np.abs(a.astype(int) - f).mean() for a, f in zip(annotated, frames)]
   assert min(diff[:5]) > 10 and diff[5] < 2, diff
   assert not (tmp_path / "out" / "broken").exists()
+
+
+def test_gcs_video_is_read_once_for_rows_and_annotated_copy(setting, tmp_path,
+                                                             monkeypatch):
+  """A video on gs:// (the local GCS emulator): streamed to one local copy
+  that serves both the rows and the annotated copy; its bytes are fetched
+  once, never read whole with read_bytes."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
+  p, face_a1, _, face_b = setting
+  local = tmp_path / "talk.mkv"
+  vf.write(local, _clip(face_a1, face_a1, face_b, n=6, empty=-1), fps=FPS)
+  with gcs_emulator.Emulator(tmp_path / "emulator.log") as emu:
+    for k, v in emu.env().items():
+      monkeypatch.setenv(k, v)
+    remote = "gs://bucket/clips/talk.mkv"
+    epath.Path(remote).write_bytes(local.read_bytes())
+    gpath = type(epath.Path(remote))
+    opened = []
+    real_open = gpath.open
+
+    def counting_open(self, mode="r", *args, **kwargs):
+      if os.fspath(self) == remote and "r" in mode:
+        opened.append(mode)
+      return real_open(self, mode, *args, **kwargs)
+
+    def no_read_bytes(self):
+      raise AssertionError(f"{self} read whole")
+    monkeypatch.setattr(gpath, "open", counting_open)
+    monkeypatch.setattr(gpath, "read_bytes", no_read_bytes)
+    rows = []
+    path, folder, written = predict.run_video(
+        p, remote, tmp_path / "out" / "t.csv", set(), rows.append,
+        annotate=True)
+  assert opened == ["rb"]
+  assert path == remote and [r["status"] for r in rows] == ["ok"] * 12
+  assert {r["path"] for r in rows} == {remote}
+  assert sorted(os.path.basename(os.fspath(w)) for w in written) == [
+      "talk_annotated.webm", "track_1.png", "track_2.png", "tracks.csv"]
+  assert len(vf.decode(folder / "talk_annotated.webm")) == 6
