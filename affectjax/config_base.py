@@ -25,6 +25,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' |
   # 'bfloat16'. Parameters and BatchNorm statistics always stay float32.
   c.model.dtype = "auto"
+  # Fine-tuning a trained run (affectjax/init_from.py): its workdir (local or
+  # gs://); '' = off. Backbone weights and BatchNorm statistics come from it,
+  # the expression head's columns of the classes both runs name, and the
+  # valence/arousal head when the source learned it; step, optimizer state
+  # and data position start anew. Read only when the run has no checkpoint
+  # of its own (a resume never reads it). Needs model.init='scratch'.
+  c.init_from = ""
+  c.init_checkpoint = "best"  # 'best' | 'latest' | a step of that run.
+  c.init_use_ema = True  # Its EMA weights when it has them.
 
   # Output of `python -m data_prep.affectnet` (ArrayRecord shards + manifest).
   c.data = ml_collections.ConfigDict()

@@ -6,7 +6,8 @@ r"""Evaluate a checkpoint of a run: metrics, per-example predictions, plots.
 Writes ``W/eval/<checkpoint>-<split>[-flip][-Nclass][-on-<data dir name>]/``:
   metrics.json      every metric of the trainer's evaluation plus per-class
                     precision, recall, F1 and support, the classes compared
-                    and the rows left out, and what was evaluated;
+                    and the rows left out, and what was evaluated (for a
+                    fine-tuned run, ``init_from``: the run it started from);
   predictions.csv   one row per example: path, true and predicted class, the
                     class probabilities, true and predicted valence/arousal;
   confusion_matrix.png, confusion_matrix_normalized.png, circumplex.png,
@@ -38,6 +39,7 @@ from etils import epath
 from affectjax import data
 from affectjax import cli
 from affectjax import fileio
+from affectjax import init_from
 from affectjax import report
 from affectjax import scoring
 from affectjax import workdir as workdir_lib
@@ -160,6 +162,8 @@ def run_evaluation(workdir_or_run, *, checkpoint: str = "best",
   result.update(step=run.step, checkpoint=run.label, split=split, tta=tta,
                 ema=bool(use_ema and "ema" in run.state),
                 data_dir=str(config.data.dir))
+  if run.contract.init_from:  # A fine-tuned run: where it started.
+    result["init_from"] = run.contract.init_from
   out = epath.Path(output_dir) if output_dir else (
       run.workdir / "eval" / output_name(
           run.label, split, tta, result["num_classes"], num_classes,
@@ -216,6 +220,9 @@ def main(argv) -> None:
     from affectjax import summary  # pylint: disable=g-import-not-at-top
     print(summary.table(result, heading=heading(result)), flush=True)
     print(class_line(result), flush=True)
+    started = init_from.describe(result.get("init_from"))
+    if started:
+      print(started, flush=True)
     print(f"Wrote {out}/ (metrics.json, predictions.csv, *.png)", flush=True)
 
 

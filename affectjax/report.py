@@ -379,6 +379,7 @@ def build_report(workdir, config, examples: dict | None = None, *,
     parts.append(_table(rows))
   else:
     parts.append("<p>No checkpoint has been ranked yet.</p>")
+  parts.extend(_start_section(workdir))
   parts.append("<h2>Dataset</h2>")
   if manifest:
     summary = _manifest_summary(str(config.data.dir), manifest)
@@ -401,6 +402,25 @@ def _best_record(workdir) -> dict | None:
     return ckpt_lib.read_best_record(workdir / workdir_lib.CHECKPOINTS)
   except (OSError, ValueError):
     return None
+
+
+def _start_section(workdir) -> list[str]:
+  """"Started from": a fine-tuned run's source (its contract's ``init_from``,
+  see ``affectjax.init_from``); nothing for a run from scratch or ImageNet."""
+  from affectjax import init_from  # pylint: disable=g-import-not-at-top
+  from affectjax import run_contract  # pylint: disable=g-import-not-at-top
+  try:
+    record = json.loads((workdir / run_contract.FILE_NAME).read_text()
+                        ).get("init_from")
+  except (OSError, ValueError):
+    return []
+  if not record:
+    return []
+  return ["<h2>Started from</h2>",
+          f"<p>{html.escape(init_from.describe(record))}</p>",
+          _table([(k, record.get(k)) for k in (
+              "workdir", "checkpoint", "step", "ema", "model",
+              "data_fingerprint", "weights_sha256")])]
 
 
 def _latest_circumplex(workdir) -> str | None:

@@ -12,7 +12,20 @@ name, then rename), from its config and the prepared data's manifest:
                  measured on the model family's preprocess function;
   classes        count, names, the loss's weighting and class weights;
   data           the data dir and its fingerprint (a sha256 over the
-                 manifest's shard checksums), to tell which data it was.
+                 manifest's shard checksums), to tell which data it was;
+  valence_arousal  (optional) how many training examples had valence and
+                 arousal, and whether the run learned each (``learned``: it
+                 had examples and a non-zero loss weight); a fine-tune
+                 carries a head column only where the source learned it.
+                 Absent in runs from before it was recorded;
+  init_from      (optional) where a fine-tuned run started: the source
+                 workdir, checkpoint and step, whether EMA weights were
+                 taken, the source's data fingerprint and a sha256 of the
+                 weights taken, and which classes and valence/arousal
+                 columns were carried (see ``affectjax.init_from``).
+
+The two optional keys keep ``version`` 1: a reader that does not know them
+ignores them.
 
 evaluate, predict and export read it through ``workdir.open_run`` (``Run.
 contract``), so a run serves and exports the same wherever it is copied, and
@@ -61,6 +74,9 @@ class Contract:
   data_fingerprint: str | None
   # What ``load`` had to infer for a run without the file (empty otherwise).
   inferred: tuple[str, ...] = ()
+  # Optional records (see the module doc); None when absent.
+  valence_arousal: dict | None = None
+  init_from: dict | None = None
 
   @property
   def num_classes(self) -> int:
@@ -71,7 +87,18 @@ class Contract:
       return None
     return np.asarray(self.class_weights, np.float32)
 
+  def learned_valence_arousal(self) -> tuple[bool, bool] | None:
+    """(valence, arousal): whether the run learned each; None when the run
+    does not record it (it predates the record)."""
+    if self.valence_arousal is None:
+      return None
+    learned = self.valence_arousal["learned"]
+    return bool(learned["valence"]), bool(learned["arousal"])
+
   def to_json(self) -> dict[str, Any]:
+    optional = {k: v for k, v in (("valence_arousal", self.valence_arousal),
+                                  ("init_from", self.init_from))
+                if v is not None}
     return {
         "version": VERSION,
         "input": {"prepared_size": self.prepared_size,
@@ -88,6 +115,7 @@ class Contract:
                                 list(self.class_weights))},
         "data": {"dir": self.data_dir,
                  "fingerprint": self.data_fingerprint},
+        **optional,
     }
 
   @classmethod
@@ -109,11 +137,20 @@ class Contract:
           class_weights=None if weights is None else tuple(
               float(w) for w in weights),
           normalization=dict(obj["normalization"]),
-          data_dir=str(dat["dir"]), data_fingerprint=dat["fingerprint"])
+          data_dir=str(dat["dir"]), data_fingerprint=dat["fingerprint"],
+          valence_arousal=_checked_va(obj.get("valence_arousal")),
+          init_from=obj.get("init_from"))
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"{where} is not a run contract ({e!r}); delete it to "
                        "have it inferred from config.json and the data dir's "
                        "manifest.") from e
+
+
+def _checked_va(record: dict | None) -> dict | None:
+  """The valence/arousal record, checked for the keys readers use."""
+  if record is not None:
+    _ = bool(record["learned"]["valence"]), bool(record["learned"]["arousal"])
+  return record
 
 
 # --------------------------------------------------------------------------
@@ -157,12 +194,53 @@ def normalization(model_name: str) -> dict[str, Any]:
           "gain": [r(row) for row in gain], "bias": r(bias)}
 
 
-def from_manifest(config, manifest: dict) -> Contract:
-  """The contract of ``config`` trained on the data ``manifest`` describes."""
-  weights = train_state.class_weights(config, manifest)
+def class_names(config, manifest: dict) -> tuple[str, ...]:
+  """The run's class names in id order: the manifest's ``label_names``, or
+  AffectNet's for ``config.num_classes`` (manifests without the names)."""
   names = manifest.get("label_names") or ()
-  if len(names) != int(config.num_classes):  # Manifests without the names.
+  if len(names) != int(config.num_classes):
     names = data.label_names(int(config.num_classes))
+  return tuple(str(n) for n in names)
+
+
+def valence_arousal_record(config, manifest: dict,
+                           previous: dict | None = None) -> dict:
+  """How many training examples of ``config.data.dir`` have valence and
+  arousal, and whether training on them with ``config.loss`` learns each.
+
+  Reads every record of the train split once (labels only, nothing
+  decoded): a second or two for FER2013's 28,709 faces, and the trainer
+  does it once per run (a resume keeps the record; see ``write``).
+  ``learned`` is true for a target with at least one example and a
+  non-zero weight in the loss (its weight times MSE plus CCC weights).
+  ``previous``: a record of the same data, whose counts are reused.
+  """
+  if previous is not None:
+    total = int(previous["train_examples"])
+    counts = np.asarray([previous["with_valence"], previous["with_arousal"]])
+  else:
+    src = data.source(config.data.dir, "train", manifest)
+    total, counts, chunk = len(src), np.zeros(2, np.int64), 4096
+    for start in range(0, total, chunk):
+      for record in src.read_records(np.arange(start, min(total,
+                                                           start + chunk))):
+        _, _, valence, arousal = data.parse_training_fields(record)
+        counts += [-1.0 <= valence <= 1.0, -1.0 <= arousal <= 1.0]
+  loss = config.loss
+  va_terms = float(loss.va_mse_weight) + float(loss.va_ccc_weight)
+  weights = (float(loss.valence_weight) * va_terms,
+             float(loss.arousal_weight) * va_terms)
+  return {"train_examples": total, "with_valence": int(counts[0]),
+          "with_arousal": int(counts[1]),
+          "learned": {"valence": bool(counts[0] > 0 and weights[0] > 0),
+                      "arousal": bool(counts[1] > 0 and weights[1] > 0)}}
+
+
+def from_manifest(config, manifest: dict) -> Contract:
+  """The contract of ``config`` trained on the data ``manifest`` describes
+  (without the optional records, which ``write`` adds)."""
+  weights = train_state.class_weights(config, manifest)
+  names = class_names(config, manifest)
   return Contract(
       prepared_size=int(manifest["image_size"]),
       host_size=int(batch_loaders.host_image_size(config, manifest)),
@@ -177,13 +255,48 @@ def from_manifest(config, manifest: dict) -> Contract:
       data_dir=str(config.data.dir), data_fingerprint=fingerprint(manifest))
 
 
+def _previous(workdir) -> dict:
+  """The contract file already in ``workdir`` as JSON ({} if none or
+  unreadable: it is rewritten anyway)."""
+  p = epath.Path(workdir) / FILE_NAME
+  try:
+    return json.loads(p.read_text()) if p.exists() else {}
+  except (OSError, ValueError):
+    return {}
+
+
 def write(workdir, config, manifest: dict) -> Contract:
-  """Records the run's contract in ``workdir`` (process 0 writes the file)."""
+  """Records the run's contract in ``workdir`` (process 0 writes the file).
+
+  A rerun in the same workdir (a resume) rewrites it but keeps its
+  ``init_from`` (the start happened once, and a resume never reads the
+  source again) and its valence/arousal record when the data's fingerprint
+  is unchanged (no second pass over the labels). Other processes return the
+  contract without the optional records.
+  """
   contract = from_manifest(config, manifest)
   if jax.process_index() == 0:
+    previous = _previous(workdir)
+    va = previous.get("valence_arousal")
+    if previous.get("data", {}).get("fingerprint") != contract.data_fingerprint:
+      va = None
+    va = valence_arousal_record(config, manifest, va)
+    contract = dataclasses.replace(contract, valence_arousal=va,
+                                   init_from=previous.get("init_from"))
     fileio.write_json(epath.Path(workdir) / FILE_NAME, contract.to_json(),
                       indent=1)
   return contract
+
+
+def record_start(workdir, start: dict) -> None:
+  """Adds a fine-tuned run's ``init_from`` record to its contract file
+  (process 0), after ``write`` and before the first step."""
+  if jax.process_index() != 0:
+    return
+  p = epath.Path(workdir) / FILE_NAME
+  obj = json.loads(p.read_text())
+  obj["init_from"] = start
+  fileio.write_json(p, obj, indent=1)
 
 
 # --------------------------------------------------------------------------

@@ -304,6 +304,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     if latest is not None:
       state = restored
       logging.info("Resumed from %s at step %d", ckpt.directory, latest)
+    elif config.init_from:  # A fine-tune's first start (never on a resume).
+      from affectjax import init_from  # pylint: disable=g-import-not-at-top
+      state = init_from.start(config, workdir, state, tx, mesh, manifest)
     step = int(jax.device_get(state["step"]))
     # Lines of steps after the restored one were written by a run that died
     # before its next checkpoint; they are replayed now, so they go.

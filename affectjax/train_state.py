@@ -10,6 +10,9 @@ here, so a restored run has exactly the trainer's structure.
   init_state(config, mesh)      (graphdef, replicated state, tx); one jitted
                                 init, ImageNet arrays placed once when
                                 ``config.model.init == 'imagenet'``
+  state_from_weights(config, tx, params, rest, mesh)
+                                a step-0 state around given weights (fresh
+                                optimizer and EMA); ``init_from`` uses it
   class_weights(config, manifest)  the loss's class weights, or None
 
 The state is ``{"step", "params", "rest", "opt_state"}`` (+ ``"ema":
@@ -53,11 +56,26 @@ def compute_dtype(config) -> jnp.dtype:
 
 
 def check_model_config(config) -> None:
-  """Rejects an unknown ``config.model.dtype`` or ``config.model.init``."""
+  """Rejects an unknown ``config.model.dtype`` or ``config.model.init``, and
+  ``config.init_from`` beside ImageNet weights or with a bad
+  ``config.init_checkpoint`` (before any weight file is fetched)."""
   compute_dtype(config)
   if config.model.init not in _INITS:
     raise ValueError(f"--config.model.init={config.model.init!r}: use "
                      f"one of {_INITS}.")
+  init_from = config.get("init_from", "")
+  if not init_from:
+    return
+  if config.model.init == "imagenet":
+    raise ValueError(
+        f"--config.init_from={init_from} and --config.model.init=imagenet "
+        "both say where the weights come from; pass "
+        "--config.model.init=scratch to start from that run (its backbone "
+        "already holds whatever it started from).")
+  which = str(config.init_checkpoint)
+  if which not in ("best", "latest") and not which.isdigit():
+    raise ValueError(f"--config.init_checkpoint={which!r}: use best, latest "
+                     "or a step number of the --config.init_from run.")
 
 
 def build_model(config: ml_collections.ConfigDict) -> nnx.Module:
@@ -124,9 +142,16 @@ def init_state(config: ml_collections.ConfigDict, mesh
     params, rest = jax.device_put(
         imagenet.merge_arrays((params, rest), arrays), repl)
     logging.info("Loaded ImageNet weights from %s", weights_path)
-  state = jax.jit(functools.partial(_state, config, tx),
-                  out_shardings=repl)(params, rest)
-  return graphdef, state, tx
+  return graphdef, state_from_weights(config, tx, params, rest, mesh), tx
+
+
+def state_from_weights(config, tx: optax.GradientTransformation, params,
+                       rest, mesh) -> State:
+  """The step-0 train state around ``params`` and ``rest`` (BatchNorm
+  statistics), replicated on ``mesh``: a fresh optimizer state and, when
+  ``config.ema_decay > 0``, an EMA that starts at these weights."""
+  return jax.jit(functools.partial(_state, config, tx),
+                 out_shardings=sharding.replicated(mesh))(params, rest)
 
 
 def class_weights(config, manifest: dict | None = None) -> np.ndarray | None:
