@@ -41,21 +41,23 @@ timeout, an out-of-memory device, a changed model config) fails the run and
 leaves every step where it is. A file missing inside a step that is there is
 damage; a checkpoint or step directory that is not there (a file system not
 mounted, a bucket prefix gone), or a missing file that is back by the time
-it is looked for, is not (``Checkpointer._absent``): the storage is at fault. With several processes, each reads on its own
-(no Orbax barrier) and all of them then agree on the outcome.
+it is looked for, is not (``Checkpointer._absent``): the storage is at
+fault. With several processes, each reads on its own (no Orbax barrier)
+and all of them then agree on the outcome.
 
 The directory is any ``etils.epath`` path (local, ``gs://...``); nothing here
 uses ``os.path`` or ``open()`` on it.
+
+What an error means (bad bytes or a failed storage; the exceptions) is
+decided in ``affectjax.checkpoint_errors``, and Orbax's own reports of a
+failed save are routed to the log by ``affectjax.orbax_logging``; this
+module acts on them.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import logging as std_logging
 import math
-import os
-import re
-import sys
 from typing import Any, Mapping
 
 import jax
@@ -66,90 +68,25 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from affectjax import cli
 from affectjax import fileio
 from affectjax import orbax_internals
+from affectjax import orbax_logging
+# The exceptions and bytes_are_bad are part of this module's interface.
+from affectjax.checkpoint_errors import CheckpointReadError
+from affectjax.checkpoint_errors import CheckpointWriteError
+from affectjax.checkpoint_errors import IncompatibleCheckpointError
+from affectjax.checkpoint_errors import UnreadableCheckpointError
+from affectjax.checkpoint_errors import bytes_are_bad
+from affectjax.checkpoint_errors import first_line
+from affectjax.checkpoint_errors import not_found_path
+from affectjax.checkpoint_errors import root_cause
+from affectjax.checkpoint_errors import storage_failure
+from affectjax.checkpoint_errors import unreachable
 
 BEST_RECORD = "best.json"
 POSITION = "position"
 _LEGACY_DATA = "data"  # Grain's per-process iterator files (older runs).
 _MODES = ("max", "min")
-
-
-class IncompatibleCheckpointError(ValueError):
-  """A checkpoint this run cannot continue, whatever its topology (e.g. it
-  was saved with another global batch size)."""
-
-
-class CheckpointWriteError(cli.ReportedFailure, OSError):
-  """A save that failed on storage (full disk, read-only or vanished
-  directory, a storage timeout); its message says what is kept and what to do.
-  """
-
-
-class UnreadableCheckpointError(ValueError):
-  """A step whose files are incomplete (an item or the data position missing)."""
-
-
-class CheckpointReadError(RuntimeError):
-  """A step that could not be read for a reason other than bad bytes (a
-  storage timeout, an out-of-memory device, a changed model): the run stops
-  and the step stays where it is."""
-
-
-# tensorstore (Orbax's array storage) raises every failure as a ValueError
-# whose message starts with the absl status code ("DATA_LOSS: ..."), except
-# INVALID_ARGUMENT, which has no prefix. These codes, on reading a committed
-# step, mean its bytes are bad: a checksum or decoder rejected them, a file
-# is shorter than its index says, or a file the index names is gone.
-_BAD_BYTES_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
-_STATUS_CODE = re.compile(r"^([A-Z][A-Z_]+): ")
-
-
-# The file a tensorstore NOT_FOUND names: the last local file or bucket
-# object in its message. When that is the OCDBT database (a directory,
-# "/" at the end), an entry of it is missing: no file to look for.
-_NOT_FOUND_PATH = re.compile(r'(?:local file "([^"]+)"|"((?:gs|s3)://[^"]+)")')
-
-
-def _not_found_path(error: BaseException) -> str | None:
-  """The path of the file a tensorstore NOT_FOUND error names, or None."""
-  message = str(error).split(" [tensorstore_spec", 1)[0]
-  code = _STATUS_CODE.match(message)
-  if not code or code.group(1) != "NOT_FOUND":
-    return None
-  found = _NOT_FOUND_PATH.findall(message)
-  path = next((p for p in found[-1] if p), None) if found else None
-  return None if path is None or path.endswith("/") else path
-
-
-def bytes_are_bad(error: BaseException) -> bool:
-  """Whether reading a committed step failed because its files are corrupt.
-
-  True for: tensorstore's DATA_LOSS, OUT_OF_RANGE (truncated) and NOT_FOUND
-  (a data file gone; ``restore_latest`` then checks that the step itself is
-  there, ``Checkpointer._absent``); its unprefixed INVALID_ARGUMENT when a decoder
-  rejected stored bytes ("Error decoding ...": a failed decompression); a
-  metadata file that is not JSON, or not even text (``UnicodeDecodeError``:
-  Orbax reads its JSON metadata files with ``read_text``, and which file of a
-  damaged step fails first is a race); an item directory or the data position
-  missing (``UnreadableCheckpointError``, Orbax's "was not found in the
-  checkpoint"). False for everything else, so a storage timeout
-  (UNAVAILABLE, DEADLINE_EXCEEDED, ``TimeoutError``), a permission glitch,
-  a device out of memory or a changed model shape never sets a step aside.
-  """
-  if isinstance(error, (UnreadableCheckpointError, json.JSONDecodeError,
-                        UnicodeDecodeError)):
-    return True
-  message = str(error)
-  if isinstance(error, KeyError):
-    return "was not found in the checkpoint" in message
-  if type(error) is not ValueError:  # pylint: disable=unidiomatic-typecheck
-    return False
-  code = _STATUS_CODE.match(message)
-  if code:
-    return code.group(1) in _BAD_BYTES_CODES
-  return "Error decoding" in message
 
 
 def _as_path(directory) -> epath.Path:
@@ -189,149 +126,6 @@ class _MetricKey:
     if value is None or not math.isfinite(float(value)):
       return -math.inf if self.mode == "max" else math.inf
     return float(value)
-
-
-class _DropUntrackedSaveWarning(std_logging.Filter):
-  """Drops Orbax's warning for a save without metrics.
-
-  Orbax warns "Requested `tracked_metric`; did not provide metrics." at
-  every save without ``metrics=`` once a ``best_fn`` is set; here that is
-  every periodic save that is not an evaluation, which is by design.
-  """
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return "did not provide metrics" not in record.getMessage()
-
-
-# Failures of the storage rather than of the code: tensorstore's status codes
-# that a write or read of a reachable, healthy store does not produce.
-_UNREACHABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
-
-
-def _storage_failure(error: BaseException) -> bool:
-  """An ``OSError`` (full or read-only disk, ``ConnectionError``,
-  ``TimeoutError``) or a tensorstore error with a status code; not a bug."""
-  return isinstance(error, OSError) or (
-      type(error) is ValueError  # pylint: disable=unidiomatic-typecheck
-      and _STATUS_CODE.match(str(error)) is not None)
-
-
-def _unreachable(error: BaseException) -> bool:
-  """A storage that did not answer (as opposed to one that refused)."""
-  if isinstance(error, (ConnectionError, TimeoutError)):
-    return True
-  code = _STATUS_CODE.match(str(error))
-  return bool(code) and code.group(1) in _UNREACHABLE_CODES
-
-
-def _first_line(error: BaseException) -> str:
-  """The message without tensorstore's spec dump (hundreds of characters)."""
-  text = str(error).split(" [tensorstore_spec", 1)[0].strip()
-  return text.splitlines()[0].rstrip(".") if text else repr(error)
-
-
-def _root_cause(error: BaseException) -> BaseException:
-  """The error at the end of the ``raise ... from`` chain: what Orbax's
-  wrappers (a future that "timed out" because the write failed) stand for."""
-  seen = {id(error)}
-  while error.__cause__ is not None and id(error.__cause__) not in seen:
-    error = error.__cause__
-    seen.add(id(error))
-  return error
-
-
-class _OrbaxTracebacksAtInfo(std_logging.Filter):
-  """Logs Orbax's tracebacks of a failed save or restore at INFO.
-
-  Orbax logs an ERROR with a traceback from each background thread of a
-  failed save (30 lines for one full disk), then raises the error where the
-  save is waited for; ``Checkpointer`` turns that into one clear message
-  (``CheckpointWriteError``), so the tracebacks are detail: at INFO they
-  show with ``--verbosity=0`` (see ``affectjax.cli``).
-  """
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    if (record.levelno == std_logging.ERROR and record.exc_info
-        and f"{os.sep}orbax{os.sep}" in (record.pathname or "")):
-      record.levelno, record.levelname = std_logging.INFO, "INFO"
-    return True
-
-
-class _AbandonedWritesAtInfo(std_logging.Filter):
-  """asyncio's "exception was never retrieved" reports, at INFO.
-
-  When one write of a save fails, Orbax stops waiting for the others; they
-  fail on the same disk a moment later, and asyncio reports each of them
-  (with a traceback) when it is collected, often after the run's message.
-  """
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    if (record.levelno >= std_logging.ERROR and "exception was never "
-        "retrieved" in str(record.msg).split("\n", 1)[0]):
-      record.levelno, record.levelname = std_logging.INFO, "INFO"
-    return True
-
-
-def _abandoned(unraisable) -> bool:
-  """Whether an unraisable exception is an abandoned read or write's:
-  tensorstore completing it on an event loop Orbax already closed, or an
-  Orbax coroutine closed half-way after another read or write failed."""
-  if (unraisable.exc_type is RuntimeError
-      and str(unraisable.exc_value) == "Event loop is closed"):
-    return True
-  code = getattr(unraisable.object, "cr_code", None)
-  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-
-
-def _closed_loop_reports_at_debug() -> None:
-  """The abandoned reads and writes of a failed save or restore go to the log
-  at DEBUG (``--verbosity=1``).
-
-  When one write (or read) of a step fails, Orbax stops waiting for the
-  others; they end a moment later and Python reports each through
-  ``sys.unraisablehook`` as a bare traceback on stderr ("RuntimeError: Event
-  loop is closed", "Exception ignored in: <coroutine ...>"), dozens for one
-  full disk. Anything else reaches the previous hook unchanged.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "affectjax_abandoned_io", False):
-    return
-
-  def hook(unraisable):
-    if not _abandoned(unraisable):
-      previous(unraisable)
-      return
-    logging.debug("A read or write abandoned after another failed: %s",
-                  unraisable.exc_value, exc_info=(
-                      unraisable.exc_type, unraisable.exc_value,
-                      unraisable.exc_traceback))
-
-  hook.affectjax_abandoned_io = True
-  sys.unraisablehook = hook
-
-
-def _library_noise_at_info() -> None:
-  """The reports of a failed save's pieces go to the log (Orbax's and
-  asyncio's at INFO, shown with ``--verbosity=0``; the abandoned writes' at
-  DEBUG); ``CheckpointWriteError`` is the one clear message."""
-  logger = logging.get_absl_logger()
-  if not any(isinstance(f, _OrbaxTracebacksAtInfo) for f in logger.filters):
-    logger.addFilter(_OrbaxTracebacksAtInfo())
-  logger = std_logging.getLogger("asyncio")
-  if not any(isinstance(f, _AbandonedWritesAtInfo) for f in logger.filters):
-    logger.addFilter(_AbandonedWritesAtInfo())
-  _closed_loop_reports_at_debug()
-
-
-@contextlib.contextmanager
-def _without_untracked_save_warning():
-  logger = logging.get_absl_logger()
-  quiet = _DropUntrackedSaveWarning()
-  logger.addFilter(quiet)
-  try:
-    yield
-  finally:
-    logger.removeFilter(quiet)
 
 
 # A process's outcome of reading a step, for the agreement.
@@ -396,7 +190,7 @@ class Checkpointer:
         step_name_format=self._step_format,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(
             policies=policies))
-    _library_noise_at_info()
+    orbax_logging.library_noise_at_info()
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", POSITION))
     self._reader_manager: ocp.CheckpointManager | None = None
@@ -477,7 +271,7 @@ class Checkpointer:
             f"--config.checkpoint.best_metric={self.best_metric!r} is not an "
             f"evaluation metric; choose one of {sorted(saved_metrics)}.")
     with self._writing(step):
-      with _without_untracked_save_warning():
+      with orbax_logging.without_untracked_save_warning():
         self._manager.save(step, args=ocp.args.Composite(**items), force=True,
                            metrics=saved_metrics if self.best_metric else None)
       self._pending = step
@@ -508,10 +302,10 @@ class Checkpointer:
       failed = self._pending if self._pending is not None else step
       self._pending = None
       orbax_internals.release_waiting_writers(self._operations)
-      cause = _root_cause(e)
-      if not (_storage_failure(cause) or _storage_failure(e)):
+      cause = root_cause(e)
+      if not (storage_failure(cause) or storage_failure(e)):
         raise
-      fix = ("The storage did not answer; once it does," if _unreachable(cause)
+      fix = ("The storage did not answer; once it does," if unreachable(cause)
              else "Free space on that filesystem or make it writable (or "
              "pass another --workdir),")
       committed = self._committed_steps()
@@ -520,7 +314,7 @@ class Checkpointer:
       resume = (" to resume from the latest of them" if committed else "")
       raise CheckpointWriteError(
           f"Could not save the checkpoint of step {failed} to "
-          f"{self.directory}: {type(cause).__name__}: {_first_line(cause)}. "
+          f"{self.directory}: {type(cause).__name__}: {first_line(cause)}. "
           f"{kept}"
           f"{fix} then rerun the same command{resume}.") from e
 
@@ -672,17 +466,17 @@ class Checkpointer:
                  f"{outcomes.index(_FAILED)} (its log names the error)")
         if absent is not None:
           why = (f": {absent} ({type(error).__name__}: "
-                 f"{_first_line(error)}). That is not a sign of damaged "
+                 f"{first_line(error)}). That is not a sign of damaged "
                  "files, so every step stays where it is: rerun once the "
                  "file system or bucket holding it is mounted and reachable "
                  "again.")
         else:
-          why = ((f": {type(error).__name__}: {_first_line(error)}"
+          why = ((f": {type(error).__name__}: {first_line(error)}"
                   if outcome == _FAILED else "")
                  + ". That is not a sign of damaged files, so every step "
                  "stays where it is: rerun once the storage or device is "
                  "healthy"
-                 + ("" if error is not None and _storage_failure(error) else
+                 + ("" if error is not None and storage_failure(error) else
                     " (or, if the model or optimizer config changed since "
                     "the step was saved, train in a new --workdir)") + ".")
         raise CheckpointReadError(
@@ -692,7 +486,7 @@ class Checkpointer:
         logging.warning(
             "Checkpoint step %d in %s cannot be read (%s); falling back to "
             "the one before it.", step, self.directory,
-            f"{type(error).__name__}: {_first_line(error)}" if error else
+            f"{type(error).__name__}: {first_line(error)}" if error else
             f"its files are damaged on process {outcomes.index(_BAD_BYTES)}")
         bad.append((step, error))
         continue
@@ -705,7 +499,7 @@ class Checkpointer:
           f"No checkpoint in {self.directory} can be restored (steps "
           f"{[s for s, _ in bad]}: their files are damaged); the newest, "
           f"step {step}, failed with "
-          + (f"{type(error).__name__}: {_first_line(error)}" if error else
+          + (f"{type(error).__name__}: {first_line(error)}" if error else
              "an error on another process")
           + ". Move them away to start over, or train in a new --workdir."
       ) from error
@@ -728,7 +522,7 @@ class Checkpointer:
       step_dir = self.directory / self._step_format.build_name(step)
       if not step_dir.exists():
         return f"its directory {step_dir} is not there"
-      gone = _not_found_path(error)
+      gone = not_found_path(error)
       if gone is not None and epath.Path(gone).exists():
         return (f"{gone} was not found while reading, and is there now (a "
                 "file system that came back?)")
