@@ -16,16 +16,8 @@ local disk of a GPU host. `--config.data.cache` chooses:
   DIR   a cache under DIR, whatever its size (an error if it cannot fit, or
         if DIR cannot be written or locked).
 
-Cluster file systems. A home directory on NFS, Lustre, GPFS, CIFS/SMB,
-BeeGFS, CephFS, ... (statfs(2)'s f_type, `filesystem_type`), or on a FUSE
-mount of a bucket or another host (gcsfuse, sshfs, JuiceFS, ...: the
-mount's type in /proc/self/mountinfo, `network_filesystem`; fuse-overlayfs,
-a rootless container's root, is local) is skipped by `auto` for node-local
-scratch: the cache is per host, a network file
-system's `flock` may be missing (ENOLCK, ENOSYS, EOPNOTSUPP) or only local
-to each host, and its pages travel the network. A location where `flock`
-fails is not used either: `auto` moves on to the next one (with none left,
-the cache is off and the log line says why); a named DIR is an error.
+Cluster file systems: `auto` passes over a location on a network or cluster
+file system, or where files cannot be locked (`affectjax.cache_location`).
 
 Files, per split under `<location>/<key>/`, where the key is a hash of the
 split's shard checksums and sizes from the prepared dir's manifest.json (so
@@ -67,70 +59,34 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
-import errno
 import fcntl
 import glob
 import hashlib
 import json
 import mmap
 import os
-import platform
 import shutil
 import socket
-import stat
-import sys
 import time
 from typing import Callable
 
 import numpy as np
 from absl import logging
 
+from affectjax import cache_location
 from affectjax import data
+# Re-exported: callers name them as pixel_cache's.
+from affectjax.cache_location import LOCATION_ENV  # pylint: disable=W0611
+from affectjax.cache_location import LockUnavailable
 from affectjax.record_index import RecordIndex
 from affectjax import record_index as record_index_lib
 
-# Set, it is `auto`'s location (its `pixels` folder), whatever the file
-# system; the test suite points it at a temporary directory of its own.
-LOCATION_ENV = "AFFECTJAX_CACHE_DIR"
 # Bump when the layout of a file changes: old caches are then ignored.
 FORMAT_VERSION = 1
 # `auto` leaves at least this much of the location's file system free.
 MARGIN_FRACTION = 0.10
 MARGIN_MIN_BYTES = 2 << 30
-
-# statfs(2) f_type of file systems shared over a network or by a cluster
-# (linux/magic.h and the vendors' own values).
-NETWORK_FILESYSTEMS = {
-    0x6969: "NFS", 0x517B: "SMB", 0xFF534D42: "CIFS", 0xFE534D42: "SMB2",
-    0x0BD00BD0: "Lustre", 0x47504653: "GPFS", 0x19830326: "BeeGFS",
-    0x00C36400: "CephFS", 0x6B414653: "AFS", 0x5346414F: "OpenAFS",
-    0xAAD7AAEA: "PanFS", 0x01161970: "GFS2", 0x7461636F: "OCFS2",
-    0x73757245: "Coda", 0x564C: "NCP", 0x01021997: "9p",
-}
-# File systems in memory: their free space is at most the available memory.
-MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
-# statfs(2) f_type of every FUSE file system (FUSE_SUPER_MAGIC): a bucket
-# (gcsfuse), another host (sshfs), a cluster (JuiceFS) or a rootless
-# container's own root (fuse-overlayfs, local) alike. Which one it is, only
-# the mount's type in /proc/self/mountinfo says: "fuse.<name>" (or "fuse",
-# with the name as the mount's source, where the kernel had no subtypes).
-FUSE_MAGIC = 0x65735546
-# The FUSE file systems whose files are on other machines, by that name.
-NETWORK_FUSE = {
-    "gcsfuse": "gcsfuse", "sshfs": "sshfs", "juicefs": "JuiceFS",
-    "s3fs": "s3fs", "rclone": "rclone", "goofys": "goofys",
-    "blobfuse": "blobfuse", "blobfuse2": "blobfuse2", "ceph": "CephFS",
-    "ceph-fuse": "CephFS", "glusterfs": "GlusterFS", "mfs": "MooseFS",
-}
-MOUNTINFO = "/proc/self/mountinfo"
-# What flock raises where the file system cannot lock.
-_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
-
-
-class LockUnavailable(OSError):
-  """`flock` is not supported where the cache would be written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,208 +133,6 @@ def data_key(manifest: dict, split: str) -> str | None:
   return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
-# --------------------------------------------------------------------------
-# Locations.
-# --------------------------------------------------------------------------
-def _existing(path: str) -> str:
-  p = os.path.abspath(path)
-  while not os.path.exists(p):
-    p = os.path.dirname(p)
-  return p
-
-
-def filesystem_type(path: str) -> int | None:
-  """statfs(2)'s f_type of the file system holding `path` (or its nearest
-  existing parent); None where it cannot be asked (not Linux).
-
-  Asked of the kernel for the path itself rather than looked up in
-  /proc/mounts: that follows symlinks (a ~/.cache linked to scratch),
-  bind mounts, automounted homes and container mount namespaces, with no
-  mount-point matching or escaped names to get wrong.
-  """
-  if not sys.platform.startswith("linux"):
-    return None
-  try:
-    libc = ctypes.CDLL(None, use_errno=True)
-  except OSError:
-    return None
-  buf = ctypes.create_string_buffer(512)  # > sizeof(struct statfs).
-  if libc.statfs(os.fsencode(_existing(path)), buf) != 0:
-    return None
-  # f_type is the first field: a word, except s390x's unsigned int.
-  kind = ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_ulong
-  return int(kind.from_buffer(buf).value) & 0xFFFFFFFF
-
-
-def mount_type(path: str, mountinfo: str | None = None) -> str | None:
-  """The type of the mount holding `path` (or its nearest existing parent)
-  as the file `mountinfo` (proc(5)'s /proc/self/mountinfo format, that
-  file by default: `MOUNTINFO`) names it: "ext4", "fuse.gcsfuse", "fuse.fuse-overlayfs", ...; None where it
-  cannot be read or has no line for it.
-
-  The mount is found by its device number (st_dev is the mountinfo line's
-  major:minor), not by matching mount points: like statfs, that follows
-  symlinks and bind mounts, and no escaped name can be misread. A FUSE
-  mount without a subtype ("fuse") is named by its source ("fuse.<source>").
-  """
-  try:
-    dev = os.stat(_existing(path)).st_dev
-    with open(mountinfo or MOUNTINFO, encoding="utf-8",
-              errors="replace") as f:
-      lines = f.read().splitlines()
-  except OSError:
-    return None
-  want = f"{os.major(dev)}:{os.minor(dev)}"
-  for line in lines:
-    # ID parent major:minor root mount-point options [optional...] - type
-    # source super-options
-    fields = line.split()
-    if len(fields) < 7 or fields[2] != want or "-" not in fields[6:]:
-      continue
-    rest = fields[fields.index("-", 6) + 1:]
-    if not rest:
-      continue
-    if rest[0] == "fuse" and len(rest) > 1:
-      return f"fuse.{rest[1].split('#', 1)[0]}"
-    return rest[0]
-  return None
-
-
-def network_filesystem(path: str, mountinfo: str | None = None) -> str | None:
-  """The name of the network or cluster file system holding `path`, or None
-  (a local one, or one that cannot be asked).
-
-  statfs's f_type names most of them (`NETWORK_FILESYSTEMS`); all FUSE
-  file systems share one, so for those the mount's type in `mountinfo`
-  says which (`NETWORK_FUSE`): gcsfuse, sshfs, JuiceFS, ... are network
-  file systems, fuse-overlayfs (a rootless container's root) is local.
-  """
-  kind = filesystem_type(path)
-  if kind != FUSE_MAGIC:
-    return NETWORK_FILESYSTEMS.get(kind)
-  fstype = mount_type(path, mountinfo) or ""
-  return NETWORK_FUSE.get(fstype[len("fuse."):] if fstype.startswith(
-      "fuse.") else None)
-
-
-def _own_folder() -> str:
-  """This user's folder in a shared scratch directory."""
-  return f"affectjax-{os.getuid()}"
-
-
-def auto_locations() -> list[str]:
-  """`auto`'s candidate locations, in order (see the module docstring)."""
-  env = os.environ.get(LOCATION_ENV)
-  if env:
-    return [os.path.join(os.path.expanduser(env), "pixels")]
-  own = _own_folder()
-  found = [os.path.expanduser(os.path.join("~", ".cache", "affectjax",
-                                           "pixels"))]
-  if os.environ.get("TMPDIR"):
-    found.append(os.path.join(os.environ["TMPDIR"], own, "pixels"))
-  found.append(os.path.join("/tmp", own, "pixels"))
-  return list(dict.fromkeys(os.path.abspath(p) for p in found))
-
-
-def _flock(f, operation: int) -> None:
-  """`fcntl.flock` (one place, so tests can make it fail)."""
-  fcntl.flock(f, operation)
-
-
-def _lock(f, operation: int, where: str) -> None:
-  """`_flock`, raising `LockUnavailable` where the file system cannot lock."""
-  try:
-    _flock(f, operation)
-  except BlockingIOError:
-    raise
-  except OSError as e:
-    if e.errno in _NO_LOCKS:
-      raise LockUnavailable(
-          e.errno, f"cannot lock files in {where} (flock: "
-          f"{e.strerror or e})") from e
-    raise
-
-
-def _unusable(base: str) -> str | None:
-  """Why `base` cannot hold a cache (not writable, cannot lock), or None."""
-  try:
-    os.makedirs(base, exist_ok=True)
-    writable = os.access(base, os.W_OK | os.X_OK)
-  except OSError:
-    writable = False
-  if not writable:
-    return f"{base} is not writable"
-  try:
-    with open(os.path.join(base, ".lock-probe"), "a+") as f:
-      try:
-        _lock(f, fcntl.LOCK_EX | fcntl.LOCK_NB, base)
-        _flock(f, fcntl.LOCK_UN)
-      except BlockingIOError:
-        pass  # Another process holds it: locks work.
-  except LockUnavailable as e:
-    return e.strerror
-  return None
-
-
-def _auto_location() -> tuple[str | None, list[str]]:
-  """(`auto`'s location or None, why each earlier candidate was passed)."""
-  named = bool(os.environ.get(LOCATION_ENV))
-  passed = []
-  for base in auto_locations():
-    kind = None if named else network_filesystem(base)
-    if kind:
-      passed.append(f"{base} is on {kind}")
-      continue
-    problem = _not_private(base) or _unusable(base)
-    if problem:
-      passed.append(problem)
-      continue
-    return base, passed
-  return None, passed
-
-
-def _not_private(base: str) -> str | None:
-  """In a shared scratch directory (/tmp), why this user's folder above
-  `base` could hold files of another user (who could then plant pixels),
-  or None: it must be a real directory of this user that only it can
-  write."""
-  parts = base.split(os.sep)
-  if _own_folder() not in parts:
-    return None
-  own = os.sep.join(parts[:parts.index(_own_folder()) + 1])
-  try:
-    os.makedirs(own, mode=0o700, exist_ok=True)
-    st = os.lstat(own)
-  except OSError as e:
-    return f"{own} cannot be made ({e.strerror})"
-  if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
-      or st.st_mode & 0o022):
-    return f"{own} is not a directory only this user can write"
-  return None
-
-
-def _available_memory() -> int:
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 0
-
-
-def _free_bytes(path: str) -> tuple[int, int]:
-  """(free, total) bytes of the file system holding `path` (or its parent);
-  on tmpfs, free is at most the available memory (its pages are RAM)."""
-  p = _existing(path)
-  usage = shutil.disk_usage(p)
-  free = usage.free
-  if filesystem_type(p) in MEMORY_FILESYSTEMS and _available_memory():
-    free = min(free, _available_memory())
-  return free, usage.total
-
-
 def _gb(n: int) -> str:
   return f"{n / 1e9:.2f} GB" if n < 1e11 else f"{n / 1e9:.0f} GB"
 
@@ -406,7 +160,7 @@ def plan(config, src: data.AffectNetSource, size: int) -> Plan:
   forced = value != "auto"
   if forced:
     base = os.path.expanduser(value)
-    problem = _unusable(base)
+    problem = cache_location.unusable(base)
     if problem:
       raise ValueError(
           f"--config.data.cache={value}: cannot create or write that "
@@ -414,7 +168,7 @@ def plan(config, src: data.AffectNetSource, size: int) -> Plan:
           "local directory, or use --config.data.cache=auto or none.")
     passed = []
   else:
-    base, passed = _auto_location()
+    base, passed = cache_location.auto_location()
     if base is None:
       return Plan(None, False, reason="; ".join(passed), **common)
   note = f"; {'; '.join(passed)}" if passed else ""
@@ -425,7 +179,7 @@ def plan(config, src: data.AffectNetSource, size: int) -> Plan:
                 **common)
 
   def decide() -> tuple[bool, str]:
-    free, total = _free_bytes(directory)
+    free, total = cache_location.free_bytes(directory)
     if forced:
       if pixel_bytes > free:
         raise ValueError(
@@ -478,7 +232,7 @@ def _decision(directory: str, data_dir, split: str, size: int,
     try:
       if not in_use:
         try:
-          _lock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB, directory)
+          cache_location.lock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB, directory)
         except BlockingIOError:
           in_use = True  # Other processes hold it.
       if in_use and recorded is not None:
@@ -491,7 +245,7 @@ def _decision(directory: str, data_dir, split: str, size: int,
             "cache": pixels, "reason": reason, "host": socket.gethostname(),
             "pid": os.getpid(), "time": time.time()}
         _write_meta(directory, meta, data_dir, split)
-      _lock(lease, fcntl.LOCK_SH, directory)
+      cache_location.lock(lease, fcntl.LOCK_SH, directory)
     except BaseException:
       if lease_path not in _LEASES:
         lease.close()
@@ -536,18 +290,18 @@ def _locked(directory: str, name: str, doing: str = "building"):
   lock_path = os.path.join(directory, f".{name}.lock")
   with open(lock_path, "a+") as f:
     try:
-      _lock(f, fcntl.LOCK_EX | fcntl.LOCK_NB, directory)
+      cache_location.lock(f, fcntl.LOCK_EX | fcntl.LOCK_NB, directory)
     except BlockingIOError:
       logging.info("Waiting for another process %s %s/%s", doing, directory,
                    name)
-      _lock(f, fcntl.LOCK_EX, directory)
+      cache_location.lock(f, fcntl.LOCK_EX, directory)
     try:
       for stale in glob.glob(os.path.join(
           directory, f".{name}.tmp-{glob.escape(socket.gethostname())}-*")):
         os.remove(stale)  # Ours to clear: we hold the lock.
       yield
     finally:
-      _flock(f, fcntl.LOCK_UN)
+      cache_location.flock(f, fcntl.LOCK_UN)
 
 
 def _tmp_name(directory: str, name: str) -> str:
@@ -688,7 +442,7 @@ def _open_pixels(path: str, shape: tuple) -> np.ndarray | None:
   if header.shape != shape or header.dtype != np.uint8:
     return None
   populate = getattr(mmap, "MAP_POPULATE", 0)
-  if not populate or header.nbytes > _available_memory() // 2:
+  if not populate or header.nbytes > cache_location.available_memory() // 2:
     return header
   with open(path, "rb") as f:
     mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | populate,

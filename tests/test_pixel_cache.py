@@ -24,7 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from affectjax import batch_loaders, data, input_pipeline, pixel_cache
+from affectjax import batch_loaders, cache_location, data, input_pipeline
+from affectjax import pixel_cache
 from affectjax import record_index, sampling
 from configs import custom_cnn
 from tests import use_fixtures
@@ -246,7 +247,7 @@ def test_auto_follows_free_space_and_says_why(prepared, tmp_path, monkeypatch,
   size = 24  # The host size of the tiny config over 24 px JPEGs.
   need = len(src) * size * size * 3
   free = {"bytes": 100 << 30}
-  monkeypatch.setattr(pixel_cache, "_free_bytes",
+  monkeypatch.setattr(cache_location, "free_bytes",
                       lambda path: (free["bytes"], 200 << 30))
   c = _config(data_dir, "auto")
   on = pixel_cache.plan(c, src, size)
@@ -297,12 +298,12 @@ def test_a_network_home_is_passed_over_for_node_local_scratch(
   """statfs(2) says what file system a location is on: `auto` skips a home
   on NFS (or Lustre, GPFS, ...) for $TMPDIR, then /tmp; AFFECTJAX_CACHE_DIR
   is used wherever it is."""
-  real = pixel_cache.filesystem_type
+  real = cache_location.filesystem_type
   # The real call reads f_type: /proc is procfs (PROC_SUPER_MAGIC), and a
   # path not made yet is asked of its nearest existing parent.
   assert real("/proc") == 0x9FA0
   assert real(str(tmp_path / "not" / "yet")) == real(str(tmp_path))
-  assert real(str(tmp_path)) not in pixel_cache.NETWORK_FILESYSTEMS
+  assert real(str(tmp_path)) not in cache_location.NETWORK_FILESYSTEMS
 
   data_dir = prepared / "prepared"
   src = data.source(data_dir, "train")
@@ -313,11 +314,11 @@ def test_a_network_home_is_passed_over_for_node_local_scratch(
   monkeypatch.setenv("HOME", str(home))
   monkeypatch.setenv("TMPDIR", str(scratch))
   own = f"affectjax-{os.getuid()}"
-  assert pixel_cache.auto_locations() == [
+  assert cache_location.auto_locations() == [
       str(home / ".cache" / "affectjax" / "pixels"),
       str(scratch / own / "pixels"), f"/tmp/{own}/pixels"]
   kinds = {}  # An injected file system type for the home directory.
-  monkeypatch.setattr(pixel_cache, "filesystem_type", lambda path: kinds.get(
+  monkeypatch.setattr(cache_location, "filesystem_type", lambda path: kinds.get(
       str(path).startswith(str(home)), real(path)))
   c = _config(data_dir, "auto")
   local = pixel_cache.plan(c, src, 24)  # A local home is used as before.
@@ -334,9 +335,9 @@ def test_a_network_home_is_passed_over_for_node_local_scratch(
     batch_loaders.forget()
   # A folder in shared scratch that others could write is not used.
   mine = scratch / own
-  assert pixel_cache._not_private(str(mine / "pixels")) is None  # pylint: disable=protected-access
+  assert cache_location.not_private(str(mine / "pixels")) is None
   mine.chmod(0o777)
-  assert "only this user can write" in pixel_cache._not_private(  # pylint: disable=protected-access
+  assert "only this user can write" in cache_location.not_private(
       str(mine / "pixels"))
   mine.chmod(0o700)
   # Named by AFFECTJAX_CACHE_DIR, a location on NFS is still used.
@@ -377,13 +378,13 @@ def test_fuse_mounts_are_told_apart_by_their_mount_type(
   at = tmp_path / "home"
   at.mkdir()
   info = _mountinfo(tmp_path / "mountinfo", at, fstype, source)
-  monkeypatch.setattr(pixel_cache, "filesystem_type",
-                      lambda path: pixel_cache.FUSE_MAGIC)
+  monkeypatch.setattr(cache_location, "filesystem_type",
+                      lambda path: cache_location.FUSE_MAGIC)
   expected = fstype if fstype != "fuse" else f"fuse.{source.split('#')[0]}"
-  assert pixel_cache.mount_type(str(at / "not" / "yet"), info) == expected
-  assert pixel_cache.network_filesystem(str(at), info) == network
+  assert cache_location.mount_type(str(at / "not" / "yet"), info) == expected
+  assert cache_location.network_filesystem(str(at), info) == network
   # Another device's line is not this mount's.
-  assert pixel_cache.mount_type("/proc", info) is None
+  assert cache_location.mount_type("/proc", info) is None
 
 
 def test_a_fuse_home_of_a_bucket_is_passed_over_and_an_overlay_root_is_not(
@@ -399,16 +400,16 @@ def test_a_fuse_home_of_a_bucket_is_passed_over_and_an_overlay_root_is_not(
   monkeypatch.delenv(pixel_cache.LOCATION_ENV)
   monkeypatch.setenv("HOME", str(home))
   monkeypatch.setenv("TMPDIR", str(scratch))
-  real = pixel_cache.filesystem_type
-  monkeypatch.setattr(pixel_cache, "filesystem_type", lambda path: (
-      pixel_cache.FUSE_MAGIC if str(path).startswith(str(home))
+  real = cache_location.filesystem_type
+  monkeypatch.setattr(cache_location, "filesystem_type", lambda path: (
+      cache_location.FUSE_MAGIC if str(path).startswith(str(home))
       else real(path)))
   c = _config(data_dir, "auto")
   own = f"affectjax-{os.getuid()}"
   for fstype, source, where in (
       ("fuse.gcsfuse", "my-bucket", scratch / own / "pixels"),
       ("fuse.fuse-overlayfs", "fuse-overlayfs", home / ".cache")):
-    monkeypatch.setattr(pixel_cache, "MOUNTINFO", _mountinfo(
+    monkeypatch.setattr(cache_location, "MOUNTINFO", _mountinfo(
         tmp_path / "mountinfo", home, fstype, source))
     p = pixel_cache.plan(c, src, 24)
     assert p.directory.startswith(str(where)), (fstype, p)
@@ -424,11 +425,11 @@ def test_mount_types_from_this_machines_mountinfo(tmp_path):
   for path in ("/proc", "/", str(tmp_path), str(tmp_path / "not" / "yet")):
     found = subprocess.run(
         ["findmnt", "-n", "-o", "FSTYPE", "--target",
-         pixel_cache._existing(path)],  # pylint: disable=protected-access
+         cache_location.existing(path)],
         capture_output=True, text=True, check=True).stdout.strip()
-    assert pixel_cache.mount_type(path) == found, path
-  assert pixel_cache.mount_type("/proc") == "proc"
-  assert pixel_cache.network_filesystem(str(tmp_path)) is None
+    assert cache_location.mount_type(path) == found, path
+  assert cache_location.mount_type("/proc") == "proc"
+  assert cache_location.network_filesystem(str(tmp_path)) is None
 
 
 def test_a_build_clears_only_this_hosts_temporaries(tmp_path):
@@ -495,10 +496,10 @@ def test_one_decision_per_host_while_a_process_holds_it(prepared, tmp_path):
 
 _PLANNER = r"""
 import sys
-from affectjax import data, pixel_cache
+from affectjax import cache_location, data, pixel_cache
 from configs import custom_cnn
 data_dir, free = sys.argv[1], int(sys.argv[2])
-pixel_cache._free_bytes = lambda path: (free, 200 << 30)
+cache_location.free_bytes = lambda path: (free, 200 << 30)
 c = custom_cnn.get_config("tiny")
 c.data.dir, c.data.cache = data_dir, "auto"
 p = pixel_cache.plan(c, data.source(data_dir, "train"), 24)
@@ -514,7 +515,7 @@ def test_a_split_is_opened_once_per_process_and_buffers_go_with_the_stream(
   a closed evaluation are not kept."""
   data_dir = prepared / "prepared"
   free = {"bytes": 100 << 30}
-  monkeypatch.setattr(pixel_cache, "_free_bytes",
+  monkeypatch.setattr(cache_location, "free_bytes",
                       lambda path: (free["bytes"], 200 << 30))
   opened = []
   real_index = pixel_cache.record_index
@@ -560,7 +561,7 @@ def uncached_run(prepared, tmp_path_factory):
   location = tmp_path_factory.mktemp("no_locks")
   with pytest.MonkeyPatch.context() as mp, _log_lines() as lines:
     mp.setenv(pixel_cache.LOCATION_ENV, str(location))
-    mp.setattr(pixel_cache, "_flock", _enolck)
+    mp.setattr(cache_location, "flock", _enolck)
     train.train_and_evaluate(_config(prepared / "prepared", "auto"), workdir)
   batch_loaders.forget()
   return workdir, lines, location
@@ -581,7 +582,7 @@ def test_a_location_that_cannot_lock_turns_the_cache_off_and_the_run_trains(
   step, _ = use_fixtures.final_params(workdir)  # It trained to the end.
   assert step == _config(prepared / "prepared", "none").total_steps
   # A directory named explicitly that cannot lock is an error that says so.
-  monkeypatch.setattr(pixel_cache, "_flock", _enolck)
+  monkeypatch.setattr(cache_location, "flock", _enolck)
   src = data.source(prepared / "prepared", "train")
   with pytest.raises(ValueError, match="lock files in .*No locks available"):
     pixel_cache.plan(_config(prepared / "prepared", location / "named"), src,
