@@ -343,7 +343,10 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
           f"split {split!r} has no rows: {idx.inputs()[0]} is empty. Add its "
           "rows or images, or remove it, then rerun.")
   if holdout_fraction > 0:
-    if rows.HOLDOUT in source_splits:
+    # A layout's own holdout (FER2013's PublicTest) when the input has it;
+    # without it (e.g. FER+'s FER2013Valid/ used as the training faces of a
+    # fine-tune) one is carved from train like any other layout's.
+    if rows.HOLDOUT in indexes:
       raise ValueError(
           f"--holdout_fraction={holdout_fraction}: {input_dir} has its own "
           "holdout split (FER2013's PublicTest, the standard model-selection "

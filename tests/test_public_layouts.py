@@ -161,6 +161,25 @@ def test_ferplus_folders_with_label_csv(tmp_path):
                       holdout_fraction=0.1, progress=False)
 
 
+def test_ferplus_folders_without_valid_carve_a_holdout(tmp_path):
+  """Without FER2013Valid/ (e.g. a fine-tune's tree whose FER2013Train is a
+  symlink to FER+'s Valid faces, docs/RECIPES.md) --holdout_fraction carves
+  the holdout from train, as for any layout without its own."""
+  root, out = str(tmp_path / "FERPlus"), str(tmp_path / "out")
+  want = public_fixtures.write_ferplus_folders(str(tmp_path / "published"))
+  os.makedirs(root)
+  for folder in ("FER2013Train", "FER2013Test"):
+    os.symlink(tmp_path / "published" / folder, os.path.join(root, folder))
+  m = affectnet.prepare(root, out, image_size=S, encoding="raw",
+                        holdout_fraction=0.5, follow_symlinks=True,
+                        progress=False)
+  assert m["holdout"]["from"] == "train"
+  kept = want["train"]["written"]
+  assert (m["splits"]["train"]["written"] + m["splits"]["holdout"]["written"]
+          == kept) and m["splits"]["holdout"]["written"] > 0
+  assert m["splits"]["val"]["class_counts"] == want["val"]["class_counts"]
+
+
 def test_majority_vote_rule():
   vote = public_sets.majority_vote
   assert vote((4, 0, 0, 1, 3, 2, 0, 0, 0, 0)) == (0, None)
