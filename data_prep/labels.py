@@ -5,8 +5,8 @@
   AffectNet's).
 * 8 (None), 9 (Uncertain), 10 (No-Face) are skipped, each under its own
   reason; with `--classes=7`, Contempt rows are skipped as `excluded_class`.
-* The public sets (FER2013, FERPlus, RAF-DB; see `public_sets`) map their
-  own label order to these codes by class name: the numbering maps below
+* The public sets (FER2013, FERPlus, RAF-DB; see `public_sets`, `rafdb`) map
+  their own label order to these codes by class name: the numbering maps below
   (`FER2013_MAPPING`, `FERPLUS_MAPPING`, `RAFDB_MAPPING`), which numbered
   class folders (`--folder_numbers`) use too.
 * Valence/arousal: -2 means "no value" and is kept as -2 (the loss masks it).

@@ -1,5 +1,5 @@
 """AffectNet's layouts, as data_prep reads them (the public sets' are in
-`public_sets`; `registry` lists both).
+`public_sets` and `rafdb`; `registry` lists them all).
 
 official  `Manually_Annotated_Images/<subdir>/<file>` + `training.csv` and
           `validation.csv` (9 columns; 68 landmarks as 136 ';'-separated

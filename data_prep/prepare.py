@@ -27,9 +27,9 @@ Output (OUT):
 The public sets (FER2013's fer2013.csv, FERPlus's fer2013new.csv or its
 FER2013Train/Valid/Test folders with label.csv, RAF-DB basic, and
 class-folder trees with train/ + test/) are read as published; see
-data_prep/public_sets.py (data_prep/registry.py lists every layout). Their
-labels are mapped to AffectNet's class ids by name; FER2013 and RAF-DB have
-7 classes (no Contempt), FERPlus 8.
+data_prep/public_sets.py and data_prep/rafdb.py (data_prep/registry.py lists
+every layout). Their labels are mapped to AffectNet's class ids by name;
+FER2013 and RAF-DB have 7 classes (no Contempt), FERPlus 8.
 
 Every bad row or file is skipped and counted by reason, never fatal for the
 run; but a split that ends with zero examples is (exit status 3, naming the

@@ -1,4 +1,4 @@
-"""The public expression sets people pair with AffectNet, as data_prep reads them.
+"""FER2013 and FERPlus (its relabelling), as data_prep reads them.
 
 fer2013   `fer2013.csv` (Kaggle's "Challenges in Representation Learning"
           release): columns `emotion,pixels,Usage`; `pixels` is a 48x48
@@ -24,13 +24,6 @@ ferplus_folders
           votes in fer2013new.csv's order. Train -> train, Valid -> holdout
           (PublicTest), Test -> val (PrivateTest). The same majority vote as
           `ferplus`; the faces FERPlus removed are not listed.
-rafdb     RAF-DB "basic": `EmoLabel/list_patition_label.txt` (lines such as
-          `train_00001.jpg 5`; the misspelling is the published name), images
-          in `Image/aligned/` (`train_00001_aligned.jpg`, preferred) or
-          `Image/original/`. Labels 1 surprise, 2 fear, 3 disgust, 4 happy,
-          5 sad, 6 anger, 7 neutral; `train_*` rows -> train, `test_*` -> val;
-          7 classes.
-
 Each label is mapped to affectjax's class ids (`affectjax.data.LABEL_NAMES_8`
 order) by name, so a prepared public set and AffectNet share class ids and
 names. These sets have no valence/arousal: written as -2 ("no value").
@@ -59,12 +52,8 @@ from data_prep.rows import Row, Skip
 
 FER2013_CSV = "fer2013.csv"
 FERPLUS_CSV = "fer2013new.csv"
-RAFDB_LIST = os.path.join("EmoLabel", "list_patition_label.txt")
 # Where the files may sit below --input_dir (the archives' own folders).
 _FER_DIRS = ("", "fer2013")
-_RAFDB_DIRS = ("", "basic")
-_RAFDB_IMAGE_DIRS = (("aligned", os.path.join("Image", "aligned")),
-                     ("original", os.path.join("Image", "original")))
 
 FER2013_COLUMNS = ("emotion", "pixels", "Usage")
 FER2013_SIDE = 48
@@ -80,35 +69,24 @@ USAGE_SPLITS = {"Training": "train", "PublicTest": HOLDOUT,
                 "PrivateTest": "val"}
 # The splits FER2013's Usage defines (PublicTest is the native holdout).
 USAGE_SPLIT_NAMES = ("train", "val", HOLDOUT)
-_RAFDB_PREFIX = {"train": "train_", "val": "test_"}
-
-
-def _find_in(input_dir: str, dirs: Sequence[str], name: str) -> str | None:
-  """`name` in the first of `dirs` (below input_dir) that holds it."""
-  return rows.find(input_dir, [os.path.join(d, name) for d in dirs],
-                   os.path.isfile)
 
 
 def detect_fer2013(input_dir: str) -> bool:
   """fer2013.csv without fer2013new.csv (that is FERPlus, which reads it)."""
-  return bool(_find_in(input_dir, _FER_DIRS, FER2013_CSV)
-              and not _find_in(input_dir, _FER_DIRS, FERPLUS_CSV))
+  return bool(rows.find_file(input_dir, _FER_DIRS, FER2013_CSV)
+              and not rows.find_file(input_dir, _FER_DIRS, FERPLUS_CSV))
 
 
 def detect_ferplus(input_dir: str) -> bool:
   """fer2013new.csv; beside FERPlus's folders only with fer2013.csv too (a
   clone of a repository that ships both holds the CSV as their source)."""
-  return bool(_find_in(input_dir, _FER_DIRS, FERPLUS_CSV) and (
+  return bool(rows.find_file(input_dir, _FER_DIRS, FERPLUS_CSV) and (
       not detect_ferplus_folders(input_dir)
-      or _find_in(input_dir, _FER_DIRS, FER2013_CSV)))
+      or rows.find_file(input_dir, _FER_DIRS, FER2013_CSV)))
 
 
 def detect_ferplus_folders(input_dir: str) -> bool:
   return _ferplus_folders_root(input_dir) is not None
-
-
-def detect_rafdb(input_dir: str) -> bool:
-  return _find_in(input_dir, _RAFDB_DIRS, RAFDB_LIST) is not None
 
 
 def pgm(pixels: np.ndarray) -> bytes:
@@ -230,7 +208,7 @@ def index_fer2013(input_dir: str, split: str,
                   options: ReadOptions = ReadOptions()
                   ) -> Fer2013Rows | None:
   del options  # Pixels are inside the CSV: no path to follow.
-  csv_path = _find_in(input_dir, _FER_DIRS, FER2013_CSV)
+  csv_path = rows.find_file(input_dir, _FER_DIRS, FER2013_CSV)
   if csv_path is None:
     raise LayoutError(
         f"{input_dir} has no {FER2013_CSV} (looked in "
@@ -380,10 +358,10 @@ def index_ferplus(input_dir: str, split: str,
                   options: ReadOptions = ReadOptions()
                   ) -> FerPlusRows | None:
   del options  # Pixels come from fer2013.csv: no path to follow.
-  csv_path = _find_in(input_dir, _FER_DIRS, FERPLUS_CSV)
+  csv_path = rows.find_file(input_dir, _FER_DIRS, FERPLUS_CSV)
   if csv_path is None:
     raise LayoutError(f"{input_dir} has no {FERPLUS_CSV}.")
-  fer_path = _find_in(input_dir, _FER_DIRS, FER2013_CSV)
+  fer_path = rows.find_file(input_dir, _FER_DIRS, FER2013_CSV)
   if fer_path is None:
     raise LayoutError(
         f"{csv_path} holds FERPlus's votes but not the faces: put Kaggle's "
@@ -506,94 +484,3 @@ def index_ferplus_folders(input_dir: str, split: str,
       label_path,
       f"{folder}/{FERPLUS_LABEL_FILE} (Usage={_usage_source(split)})",
       lines.starts, lines.ends, lines.numbers, options.follow_symlinks)
-
-
-# ------------------------------------------------------------------ rafdb
-
-
-@dataclasses.dataclass
-class RafdbRows(rows.RowIndex):
-  """Lines of RAF-DB's label list, each naming an image and its label."""
-  list_path: str
-  image_root: str
-  aligned: bool
-  source: str
-  entries: list[tuple[str, str]] = rows.per_row()  # (image name, label text)
-  numbers: np.ndarray = rows.per_row()
-  follow_symlinks: bool = False
-
-  def __iter__(self) -> Iterator[Item]:
-    for (name, text), n in zip(self.entries, self.numbers):
-      n = int(n)
-      if not name.startswith(tuple(_RAFDB_PREFIX.values())):
-        yield Skip(labels.UNKNOWN_SPLIT, n, name,
-                   "the name starts with neither train_ nor test_")
-        continue
-      try:
-        label = labels.parse_int(text)
-      except ValueError:
-        yield Skip(labels.MALFORMED_ROW, n, name,
-                   f"line is not '<image> <label>': {name} {text}")
-        continue
-      if str(label) not in labels.RAFDB_MAPPING:
-        yield Skip(labels.LABEL_OUT_OF_RANGE, n, name,
-                   f"label {label} is not a RAF-DB basic label (1-7)")
-        continue
-      rel = name
-      if self.aligned:  # train_00001.jpg -> train_00001_aligned.jpg
-        stem, ext = os.path.splitext(name)
-        rel = f"{stem}_aligned{ext}"
-        if (rows.find_case_variant(os.path.join(self.image_root, rel))
-            is None and rows.find_case_variant(
-                os.path.join(self.image_root, name)) is not None):
-          rel = name  # A redistribution that dropped the suffix.
-      try:
-        full = rows.resolve(self.image_root, rel,
-                            follow_symlinks=self.follow_symlinks)
-      except PathRefused as e:
-        yield Skip(e.reason, n, rel, str(e))
-        continue
-      yield Row(n, rel, full, labels.RAFDB_MAPPING[str(label)],
-                affect_data.NO_VALUE, affect_data.NO_VALUE, None, None)
-
-  def expression_codes(self) -> np.ndarray:
-    return np.asarray([labels.RAFDB_MAPPING.get(t.strip(), -1)
-                       for _, t in self.entries], np.int64)
-
-  def inputs(self) -> list[str]:
-    return [self.list_path, self.image_root]
-
-
-def index_rafdb(input_dir: str, split: str,
-                options: ReadOptions = ReadOptions()) -> RafdbRows | None:
-  list_path = _find_in(input_dir, _RAFDB_DIRS, RAFDB_LIST)
-  if list_path is None:
-    raise LayoutError(f"{input_dir} has no {RAFDB_LIST}.")
-  root = os.path.dirname(os.path.dirname(list_path))
-  image_root = kind = None
-  for k, d in _RAFDB_IMAGE_DIRS:
-    if os.path.isdir(os.path.join(root, d)):
-      image_root, kind = os.path.join(root, d), k
-      break
-  if image_root is None:
-    raise LayoutError(
-        f"{list_path} lists RAF-DB's images but {root} has neither "
-        f"{_RAFDB_IMAGE_DIRS[0][1]}/ nor {_RAFDB_IMAGE_DIRS[1][1]}/.")
-  entries, numbers = [], []
-  prefix = _RAFDB_PREFIX[split]
-  with open(list_path, encoding="utf-8-sig") as fp:
-    for number, line in enumerate(fp, start=1):
-      parts = line.split()
-      if not parts:
-        continue
-      name = parts[0]
-      # A line naming neither split goes to train, as a counted skip.
-      other = not name.startswith(tuple(_RAFDB_PREFIX.values()))
-      if name.startswith(prefix) or (split == "train" and other):
-        entries.append((name, " ".join(parts[1:])))
-        numbers.append(number)
-  if not entries:
-    return None
-  return RafdbRows(list_path, image_root, kind == "aligned",
-                   f"{RAFDB_LIST} {prefix}* rows, Image/{kind}/", entries,
-                   np.asarray(numbers, np.int64), options.follow_symlinks)

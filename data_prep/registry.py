@@ -2,10 +2,11 @@
 indexed, which splits and classes it has, and how its labels are named.
 
 The driver (`prepare`) reads only this table. Layouts live below it
-(`layouts` for AffectNet's, `public_sets` for the public sets), both on top
-of `rows` and `labels`, and never import each other or this module:
+(`layouts` for AffectNet's, `public_sets` for FER2013 and FERPlus, `rafdb`
+for RAF-DB), all on top of `rows` and `labels`, and never import each other
+or this module:
 
-    prepare -> registry -> layouts, public_sets -> rows, labels
+    prepare -> registry -> layouts, public_sets, rafdb -> rows, labels
 
 Adding a layout is one `Layout` entry here plus its `detect_*` and
 `index_*` functions.
@@ -23,6 +24,7 @@ from affectjax import data as affect_data
 from data_prep import labels
 from data_prep import layouts
 from data_prep import public_sets
+from data_prep import rafdb
 from data_prep import rows
 
 
@@ -76,8 +78,8 @@ LAYOUTS = {l.name: l for l in (
            splits=public_sets.USAGE_SPLIT_NAMES,
            label_mapping=labels.FERPLUS_MAPPING,
            source_labels=dict(enumerate(labels.FERPLUS_EMOTIONS))),
-    Layout("rafdb", "RAF-DB", public_sets.detect_rafdb,
-           public_sets.index_rafdb, num_classes=7,
+    Layout("rafdb", "RAF-DB", rafdb.detect_rafdb,
+           rafdb.index_rafdb, num_classes=7,
            label_mapping=labels.RAFDB_MAPPING,
            source_labels=labels.RAFDB_LABELS),
 )}

@@ -1,8 +1,8 @@
 """What every layout shares: rows, skips, safe paths and the row index.
 
-Layouts (`layouts` for AffectNet's, `public_sets` for FER2013, FERPlus and
-RAF-DB) import this module and `labels`, never each other; `registry` puts
-them in one table for the driver (`prepare`).
+Layouts (`layouts` for AffectNet's, `public_sets` for FER2013 and FERPlus,
+`rafdb` for RAF-DB) import this module and `labels`, never each other;
+`registry` puts them in one table for the driver (`prepare`).
 
 Rows. Iterating a split's rows yields a `Row` to convert or a `Skip` to
 count (its reason is a `labels` key). Nothing is dropped silently.
@@ -154,6 +154,13 @@ def find(input_dir: str, candidates: Sequence[str],
     if exists(p):
       return p
   return None
+
+
+def find_file(input_dir: str, dirs: Sequence[str], name: str) -> str | None:
+  """The file `name` in the first of `dirs` (below `input_dir`) that holds
+  it, or None (the public sets' archives unpack into folders of their own)."""
+  return find(input_dir, [os.path.join(d, name) for d in dirs],
+              os.path.isfile)
 
 
 def files_below(top: str) -> Iterator[str]:

@@ -103,7 +103,7 @@ def test_layouts_sit_below_the_registry():
   """The layout modules import neither each other nor the registry; only
   the registry (and the driver above it) sees them all."""
   graph = import_graph()
-  layouts = {"data_prep.layouts", "data_prep.public_sets"}
+  layouts = {"data_prep.layouts", "data_prep.public_sets", "data_prep.rafdb"}
   for m in layouts:
     assert not graph[m] & (layouts | {"data_prep.registry",
                                       "data_prep.prepare"}), (m, graph[m])
