@@ -13,6 +13,7 @@ from PIL import Image
 from affectjax import data as affect_data
 from data_prep import layouts
 from data_prep import synthetic
+from data_prep import synthetic_face
 
 
 def _read_csv(path):
@@ -128,9 +129,10 @@ def test_expression_drives_pixels():
   for expr in (1, 3, 6):
     for i in range(12):
       rng = np.random.default_rng([0, expr, i])
-      v, a = synthetic._sample_va(expr, rng)  # pylint: disable=protected-access
+      v, a = synthetic_face._sample_va(expr, rng)  # pylint: disable=protected-access
       # Full intensity, no occluders/lighting: the clean class signal.
-      img, lm, _ = synthetic.render_face(expr, v, a, rng, 96, occlude=False)
+      img, lm, _ = synthetic_face.render_face(expr, v, a, rng, 96,
+                                              occlude=False)
       # Mouth region, located by the landmarks (so pose jitter cancels).
       mx, my = lm[48:68].mean(0).astype(int)
       crops.setdefault(expr, []).append(
@@ -146,7 +148,7 @@ def test_expression_drives_pixels():
 
 def test_landmarks_match_drawn_face():
   rng = np.random.default_rng(0)
-  img, lm, (x, y, w, h) = synthetic.render_face(3, 0.0, 0.8, rng, 128,
+  img, lm, (x, y, w, h) = synthetic_face.render_face(3, 0.0, 0.8, rng, 128,
                                                 occlude=False)
   # Every landmark lies inside the image, and the eyes/mouth lie in the box.
   assert (lm >= -1).all() and (lm <= 129).all()
@@ -163,23 +165,24 @@ def test_landmarks_match_drawn_face():
 def test_sampler_statistics_match_documented_constants():
   """Intensity, ambiguity and annotator noise follow the module constants."""
   n = 3000
-  draws = {c: [synthetic.sample_face(c, np.random.default_rng([11, c, i]))
+  draws = {c: [synthetic_face.sample_face(c, np.random.default_rng([11, c, i]))
                for i in range(n)] for c in range(8)}
   all_draws = [f for fs in draws.values() for f in fs]
   ambiguous = np.asarray([f["blend"] > 0 for f in all_draws])
   # Binomial tolerance: 4 standard deviations around the documented rate.
-  p = synthetic.AMBIGUOUS_FRACTION
+  p = synthetic_face.AMBIGUOUS_FRACTION
   assert 0.10 <= p <= 0.20
   assert abs(ambiguous.mean() - p) < 4 * np.sqrt(p * (1 - p) / ambiguous.size)
-  lo, hi = synthetic.AMBIGUOUS_BLEND
+  lo, hi = synthetic_face.AMBIGUOUS_BLEND
   for c, fs in draws.items():
     for f in fs:
       if f["blend"] > 0:
-        assert f["other"] in synthetic.CONFUSABLE[c] and lo <= f["blend"] <= hi
+        assert f["other"] in synthetic_face.CONFUSABLE[c]
+        assert lo <= f["blend"] <= hi
       else:
         assert f["other"] == c
   intensity = np.asarray([f["intensity"] for f in all_draws])
-  a, b = synthetic.INTENSITY_BETA
+  a, b = synthetic_face.INTENSITY_BETA
   assert abs(intensity.mean() - a / (a + b)) < 0.01
   assert (intensity < 0.3).mean() > 0.25  # Many subtle expressions.
   # Valence magnitude grows with intensity (unambiguous happy faces).
@@ -190,14 +193,14 @@ def test_sampler_statistics_match_documented_constants():
   # ... while the class average stays at the documented AffectNet-like mean.
   for c in (1, 2, 6):
     unamb = [f for f in draws[c] if f["blend"] == 0]
-    vm, _, am, _ = synthetic.VA_MEAN_STD[c]
+    vm, _, am, _ = synthetic_face.VA_MEAN_STD[c]
     assert abs(np.mean([f["valence_label"] for f in unamb]) - vm) < 0.06
     assert abs(np.mean([f["arousal_label"] for f in unamb]) - am) < 0.06
   # Annotator noise: label - drawn has the documented spread (away from the
   # clip at +-1, which would shrink it).
   diff = np.asarray([f["valence_label"] - f["valence"] for f in all_draws
                      if abs(f["valence"]) < 0.7])
-  assert abs(diff.std() - synthetic.VA_LABEL_NOISE) < 0.01
+  assert abs(diff.std() - synthetic_face.VA_LABEL_NOISE) < 0.01
   assert abs(diff.mean()) < 0.01
 
 
@@ -205,7 +208,7 @@ def test_intensity_and_blend_shape_the_landmarks():
   """Intensity 0 draws neutral; more intensity moves further from it; a full
   blend toward the confusable class draws that class."""
   def lm(expr, **kw):  # Same rng seed: the same per-image jitter each call.
-    return synthetic.face_landmarks(expr, 0.0, 0.0,
+    return synthetic_face.face_landmarks(expr, 0.0, 0.0,
                                     np.random.default_rng(5), **kw)[0]
   neutral = lm(0)
   np.testing.assert_allclose(lm(6, intensity=0.0), neutral)
@@ -222,7 +225,7 @@ def test_csv_labels_carry_annotator_noise(tree):
   rows = _read_csv(os.path.join(tree, "training.csv"))
   for i, r in enumerate(rows[:20]):
     rng = np.random.default_rng([3, 0, i])
-    f = synthetic.sample_face(int(r["expression"]), rng)
+    f = synthetic_face.sample_face(int(r["expression"]), rng)
     assert float(r["valence"]) == pytest.approx(f["valence_label"], abs=1e-6)
     assert float(r["arousal"]) == pytest.approx(f["arousal_label"], abs=1e-6)
 
