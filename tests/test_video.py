@@ -7,6 +7,7 @@ end and the file's rotation are what count, rows are on disk as they come
 pictures and the annotated copy in real time (real OpenCV encode/decode,
 the tiny trained run)."""
 import csv
+import io
 import math
 import os
 import signal
@@ -22,6 +23,7 @@ from PIL import Image
 from affectjax import data
 from affectjax import face_detect
 from affectjax import predict
+from affectjax import predict_table
 from affectjax import tracks
 from affectjax import video
 from affectjax import video_pictures
@@ -452,9 +454,16 @@ def test_gcs_video_is_read_once_for_rows_and_annotated_copy(setting, tmp_path,
     monkeypatch.setattr(gpath, "open", counting_open)
     monkeypatch.setattr(gpath, "read_bytes", no_read_bytes)
     rows = []
-    path, folder, written = predict.run_video(
-        p, remote, tmp_path / "out" / "t.csv", set(), rows.append,
-        annotate=True)
+    table = "gs://bucket/out/t.csv"
+    with predict_table.RowWriter(table, p.columns(videos=True)) as out:
+      path, folder, written = predict.run_video(
+          p, remote, tmp_path / "out" / "t.csv", set(),
+          lambda row: (rows.append(row), out.write(row)), annotate=True)
+      partial = out.partial  # A local file while the run goes on.
+      assert len(open(partial).read().splitlines()) == 13
+    back = list(csv.DictReader(io.StringIO(epath.Path(table).read_text())))
+  assert [r["frame"] for r in back] == [str(r["frame"]) for r in rows]
+  assert not os.path.exists(partial)
   assert opened == ["rb"]
   assert path == remote and [r["status"] for r in rows] == ["ok"] * 12
   assert {r["path"] for r in rows} == {remote}
