@@ -46,16 +46,19 @@ refuses a prepared size smaller than its `config.image_size`.
 Exit status: 0 done; 1 bad flags or input (the message names the flag, file
 or row); 3 a split has zero examples. See docs/DATA.md for the layouts and
 docs/BENCHMARKS.md for rates.
+
+This module validates the options, indexes the splits and runs the shard
+tasks; manifest.json's content, the summary line and the empty-split failure
+are `data_prep.manifest`'s, the bookkeeping that lets a rerun resume is
+`data_prep.output_state`'s.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import multiprocessing
 import os
 import queue
-import shutil
 import sys
 import time
 from typing import Any, Sequence
@@ -64,11 +67,14 @@ from absl import app
 from absl import flags
 
 from affectjax import data as affect_data
-from data_prep import labels
+from data_prep import manifest as manifest_lib
+from data_prep import output_state
 from data_prep import registry
 from data_prep import rows
 from data_prep import shards
 from data_prep import tfds_metadata
+# Part of this module's interface (and data_prep.affectnet's).
+from data_prep.manifest import EmptySplitError
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "ENCODINGS", "EXIT_EMPTY_SPLIT",
            "EmptySplitError", "TOOL_VERSION", "define_flags", "main",
@@ -82,109 +88,11 @@ DEFAULT_IMAGE_SIZE = 320
 EXIT_EMPTY_SPLIT = 3
 
 
-class EmptySplitError(RuntimeError):
-  """A split ended with zero examples; the message says why and what to do."""
-
-
-# What to do when (most of) a split's rows are skipped for a reason.
-_ADVICE = {
-    labels.SYMLINK_OUTSIDE_ROOT:
-        "the images are symlinks that point outside the input tree; if you "
-        "placed them there, rerun with --follow_symlinks",
-    labels.PATH_ESCAPES_ROOT:
-        "the rows name absolute paths or paths with '..' that leave the image "
-        "folder; they are never read: make them relative to the image folder",
-    labels.MISSING_FILE:
-        "the images the rows name do not exist: check that --input_dir is the "
-        "folder that holds them (and --layout)",
-    labels.EXCLUDED_CLASS:
-        "every row is a class the --classes protocol leaves out; use "
-        "--classes=8",
-    labels.MISSING_ANNOTATION:
-        "the images have no annotations/<N>_exp.npy, _val.npy, _aro.npy; "
-        "check the npy tree",
-    labels.NOT_AN_IMAGE:
-        "no file has an image extension "
-        f"({', '.join(rows.IMAGE_EXTENSIONS)})",
-    labels.UNKNOWN_SPLIT:
-        "the rows' Usage (FER2013/FERPlus) or image name (RAF-DB: train_*, "
-        "test_*) names no split; check that the file is the published one",
-    labels.DROPPED_BY_FERPLUS:
-        "every row has an empty 'Image name' (faces FERPlus removed); check "
-        "that fer2013new.csv is the published file",
-}
-
-
 def _num_shards(num_rows: int, num_shards: int,
                 examples_per_shard: int) -> int:
   if num_shards > 0:
     return num_shards
   return max(1, math.ceil(num_rows / examples_per_shard))
-
-
-def _completed_shards(output_dir: str) -> list[str]:
-  state_dir = os.path.join(output_dir, shards.STATE_DIR)
-  if not os.path.isdir(state_dir):
-    return []
-  return sorted(n for n in os.listdir(state_dir)
-                if n.endswith(".json") and n != "options.json"
-                and shards.TMP_TAG not in n)
-
-
-def _check_or_write_options(output_dir: str, fingerprint: dict,
-                            overwrite: bool) -> None:
-  """Refuses to mix runs with different flags in one output directory.
-
-  A previous run that left no finished shard (e.g. one that stopped on an
-  empty split) holds nothing to mix, so new flags simply replace it.
-  """
-  state_dir = os.path.join(output_dir, shards.STATE_DIR)
-  path = os.path.join(state_dir, "options.json")
-  if os.path.exists(path):
-    with open(path) as fp:
-      previous = json.load(fp)
-    if (previous != fingerprint and not overwrite and
-        _completed_shards(output_dir)):
-      diff = sorted(k for k in set(previous) | set(fingerprint)
-                    if previous.get(k) != fingerprint.get(k))
-      raise ValueError(
-          f"{output_dir} holds a (possibly partial) run with different "
-          f"options ({', '.join(diff)} differ: was "
-          f"{ {k: previous.get(k) for k in diff} }, now "
-          f"{ {k: fingerprint.get(k) for k in diff} }). Rerun with the same "
-          "flags to resume, or pass --overwrite, or use a new --output_dir.")
-    if previous != fingerprint:
-      _wipe(output_dir)
-  os.makedirs(state_dir, exist_ok=True)
-  shards.write_json_atomic(path, fingerprint)
-
-
-def _wipe(output_dir: str) -> None:
-  """--overwrite: removes a previous run's shards, markers and metadata."""
-  for name in os.listdir(output_dir):
-    p = os.path.join(output_dir, name)
-    if (name.startswith(f"{affect_data.DATASET_NAME}-") or
-        name in (affect_data.MANIFEST_NAME, "dataset_info.json",
-                 "features.json") or name.endswith(".labels.txt")):
-      os.remove(p)
-  shutil.rmtree(os.path.join(output_dir, shards.STATE_DIR), ignore_errors=True)
-
-
-def _remove_leftover_temps(output_dir: str) -> int:
-  """Deletes temp files of a killed run (they are never valid outputs)."""
-  n = 0
-  for d in (output_dir, os.path.join(output_dir, shards.STATE_DIR)):
-    if not os.path.isdir(d):
-      continue
-    for name in os.listdir(d):
-      if shards.TMP_TAG in name:
-        p = os.path.join(d, name)
-        if os.path.isdir(p):
-          shutil.rmtree(p, ignore_errors=True)
-        else:
-          os.remove(p)
-        n += 1
-  return n
 
 
 _progress_queue = None
@@ -381,8 +289,9 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
   if resolved == "folders" and folder_numbers in ("fer2013", "rafdb"):
     fingerprint["folder_numbers"] = folder_numbers  # Other class codes.
   os.makedirs(output_dir, exist_ok=True)
-  _check_or_write_options(output_dir, fingerprint, overwrite)
-  _remove_leftover_temps(output_dir)
+  output_state.check_or_write_options(output_dir, fingerprint,
+                                     overwrite)
+  output_state.remove_leftover_temps(output_dir)
 
   tasks, todo_rows = [], 0
   for split, idx in indexes.items():
@@ -406,11 +315,12 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
     _run_tasks(tasks, todo_rows, num_workers, progress)
   elapsed = time.time() - start
 
-  manifest = _manifest(output_dir, input_dir, resolved, opts, indexes,
-                       shard_counts, num_shards, examples_per_shard,
-                       missing_splits, unused, follow_symlinks,
-                       holdout_fraction, holdout_seed, folder_numbers)
-  _fail_on_empty_splits(output_dir, manifest, indexes)
+  manifest = manifest_lib.build(
+      output_dir, input_dir, resolved, opts, indexes, shard_counts,
+      num_shards, examples_per_shard, missing_splits, unused,
+      follow_symlinks, holdout_fraction, holdout_seed, folder_numbers,
+      tool_version=TOOL_VERSION)
+  manifest_lib.fail_on_empty_splits(output_dir, manifest, indexes)
   tfds_metadata.write(
       output_dir, image_size=image_size, encoding=encoding,
       num_classes=classes,
@@ -422,197 +332,9 @@ def prepare(input_dir: str, output_dir: str, *, layout: str = "auto",
                   "layout.")
   shards.write_json_atomic(
       os.path.join(output_dir, affect_data.MANIFEST_NAME), manifest)
-  print(_summary(output_dir, manifest, todo_rows, elapsed), file=sys.stderr)
+  print(manifest_lib.summary(output_dir, manifest, todo_rows, elapsed),
+        file=sys.stderr)
   return manifest
-
-
-def _summary(output_dir: str, manifest: dict, todo_rows: int,
-             elapsed: float) -> str:
-  """The one line a run ends with: what was written, skipped, upscaled and
-  left unused (details in manifest.json)."""
-  splits = manifest["splits"]
-  written = ", ".join(f"{s} {info['written']}" for s, info in splits.items())
-  skipped: dict[str, int] = {}
-  for info in splits.values():
-    for reason, n in info["skipped"].items():
-      skipped[reason] = skipped.get(reason, 0) + n
-  line = f"{output_dir}: examples written: {written}; "
-  line += f"{sum(skipped.values())} skipped"
-  if skipped:
-    top = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-    line += " (" + ", ".join(f"{r} {n}" for r, n in top) + ")"
-  upscaled = sum(info["upscaled"] for info in splits.values())
-  if upscaled:
-    smallest = min(info["min_source_side"] for info in splits.values()
-                   if info["min_source_side"] is not None)
-    line += (f"; {upscaled} upscaled to {manifest['image_size']} px from "
-             f"smaller sources (smallest {smallest} px)")
-  # Where a split comes from when its name does not say (test/ as val,
-  # FER2013's Usage values).
-  sources = [f"{s} = {src}" + (" (no val/)" if src == "test/" else "")
-             for s, src in manifest["split_sources"].items()
-             if not registry.get(manifest["layout"]).affectnet
-             or src.startswith("test/")]
-  if sources:
-    line += f"; {', '.join(sources)}"
-  if manifest["unused_inputs"]:
-    line += f"; not used: {', '.join(manifest['unused_inputs'])}"
-  return line + f" (this run: {todo_rows} rows in {elapsed:.1f}s)"
-
-
-def _fail_on_empty_splits(output_dir: str, manifest: dict,
-                          indexes: dict) -> None:
-  """Raises EmptySplitError for a split with zero examples.
-
-  Its (empty) shards and markers are removed, so that a rerun converts it
-  again; the other splits' finished shards are kept for the rerun.
-  """
-  empty = [s for s, info in manifest["splits"].items() if not info["written"]]
-  if not empty:
-    return
-  messages = []
-  for split in empty:
-    info = manifest["splits"][split]
-    for sh in info["shards"]:
-      for p in (os.path.join(output_dir, sh["file"]),
-                shards.state_path(output_dir, sh["file"])):
-        if os.path.exists(p):
-          os.remove(p)
-    top = sorted(info["skipped"].items(), key=lambda kv: (-kv[1], kv[0]))
-    reason, count = top[0] if top else ("none", 0)
-    ex = info["skip_examples"].get(reason, [{}])[0]
-    others = ", ".join(f"{r} {n}" for r, n in top[1:4])
-    messages.append(
-        f"split {split!r} ({indexes[split].inputs()[0]}): 0 of {info['rows']} "
-        f"rows written; {count} skipped as {reason}"
-        + (f" (also {others})" if others else "")
-        + f", e.g. row {ex.get('row')} {ex.get('path')!r}: {ex.get('detail')}."
-        + f" What to do: {_ADVICE.get(reason, 'see the reasons in docs/DATA.md and fix the input')}.")
-  kept = _completed_shards(output_dir)
-  raise EmptySplitError(
-      "\n".join(messages) + "\nmanifest.json was not written."
-      + (" Finished shards of the other splits are kept: a rerun with the same"
-         " flags resumes; with other flags, add --overwrite." if kept else ""))
-
-
-def _manifest(output_dir, input_dir, layout, opts, indexes, shard_counts,
-              num_shards, examples_per_shard, missing_splits, unused,
-              follow_symlinks, holdout_fraction, holdout_seed,
-              folder_numbers="auto") -> dict[str, Any]:
-  """Aggregates the per-shard stats into manifest.json's content."""
-  splits = {}
-  for split in indexes:
-    k = shard_counts[split]
-    stats = []
-    for i in range(k):
-      name = affect_data.shard_filename(split, i, k)
-      s = shards.load_done(output_dir, name)
-      if s is None:
-        raise RuntimeError(f"shard {name} did not complete; rerun the same "
-                           "command to finish it.")
-      stats.append(s)
-    splits[split] = _aggregate(stats, opts.num_classes, len(indexes[split]))
-  names = affect_data.label_names(opts.num_classes)
-  # Source label -> class id, for the labels the run keeps.
-  spec = registry.get(layout)
-  mapping = spec.label_mapping or {
-      str(c): c for c in range(len(affect_data.LABEL_NAMES_8))}
-  return {
-      "tool": "data_prep.affectnet",
-      "tool_version": TOOL_VERSION,
-      "input_dir": input_dir,
-      "layout": layout,
-      "dataset": spec.dataset,
-      "options": {**dataclasses.asdict(opts), "layout": layout,
-                  "num_shards": num_shards,
-                  "examples_per_shard": examples_per_shard,
-                  "follow_symlinks": follow_symlinks,
-                  "folder_numbers": folder_numbers,
-                  "holdout_fraction": holdout_fraction,
-                  "holdout_seed": holdout_seed},
-      "num_classes": opts.num_classes,
-      # affectjax's class names, index = class id (the same ids and names for
-      # every dataset, so models and datasets are matched by name).
-      "label_names": list(names),
-      # Source label (as the input writes it) -> class id, for the kept
-      # labels (identity for AffectNet).
-      "label_mapping": {k: v for k, v in mapping.items()
-                        if v < opts.num_classes},
-      # The public sets' own names for their labels (None for AffectNet).
-      "source_label_names": ({str(k): v for k, v in
-                              spec.source_labels.items()}
-                             if spec.source_labels else None),
-      # Where each split was read from (a folder, or a CSV's Usage value).
-      "split_sources": {s: getattr(idx, "source", "") or _default_source(
-          s, idx, input_dir, layout) for s, idx in indexes.items()},
-      # folders layout: each class folder's name -> expression code.
-      "class_folders": {s: getattr(idx, "class_folders", None)
-                        for s, idx in indexes.items()
-                        if getattr(idx, "class_folders", None) is not None},
-      "image_size": opts.image_size,
-      "encoding": opts.encoding,
-      "jpeg_quality": opts.jpeg_quality if opts.encoding == "jpeg" else None,
-      "no_value": affect_data.NO_VALUE,
-      "record_format": ("tf.train.Example (tfds FeaturesDict: image, "
-                        "expression, valence, arousal, landmarks, path) in "
-                        "ArrayRecord, options "
-                        f"{shards.WRITER_OPTIONS[opts.encoding]!r}"),
-      "landmarks": "68 (x, y) points in output-image pixels; NaN if unknown",
-      "missing_splits": missing_splits,
-      # Top-level entries of input_dir that no split reads (e.g. test/).
-      "unused_inputs": unused,
-      # `holdout` (if any) is drawn from the train rows: never in train.
-      # The dataset's own holdout (FER2013's PublicTest) is named by its
-      # source; otherwise it is drawn from train.
-      "holdout": (None if rows.HOLDOUT not in indexes else
-                  {"from": indexes[rows.HOLDOUT].source}
-                  if not holdout_fraction else
-                  {"from": "train", "fraction": holdout_fraction,
-                   "seed": holdout_seed, "stratified_by": "expression"}),
-      "splits": splits,
-  }
-
-
-def _default_source(split: str, idx, input_dir: str, layout: str) -> str:
-  """Where a split was read from: its first input, relative to input_dir."""
-  if split == rows.HOLDOUT and split not in registry.source_splits(
-      layout, input_dir):
-    return "train (--holdout_fraction)"
-  first = idx.inputs()[0]
-  rel = os.path.relpath(first, input_dir)
-  return rel + ("/" if os.path.isdir(first) else "")
-
-
-def _aggregate(stats: list, num_classes: int,
-               num_rows: int) -> dict[str, Any]:
-  skipped: dict[str, int] = {}
-  examples: dict[str, list] = {}
-  class_counts = [0] * num_classes
-  for s in stats:
-    for reason, n in s["skipped"].items():
-      skipped[reason] = skipped.get(reason, 0) + n
-    for reason, ex in s["skip_examples"].items():
-      room = shards.MAX_SKIP_EXAMPLES - len(examples.setdefault(reason, []))
-      examples[reason].extend(ex[:room])
-    class_counts = [a + b for a, b in zip(class_counts, s["class_counts"])]
-  written = sum(s["num_examples"] for s in stats)
-  sides = [s["min_source_side"] for s in stats
-           if s["min_source_side"] is not None]
-  return {
-      "rows": num_rows,
-      "written": written,
-      "skipped": dict(sorted(skipped.items())),
-      "skip_examples": dict(sorted(examples.items())),
-      "class_counts": class_counts,
-      # Written faces whose source crop was smaller than image_size (so
-      # upscaled), and the smallest source crop side in px (None if none).
-      "upscaled": sum(s["upscaled"] for s in stats),
-      "min_source_side": min(sides) if sides else None,
-      "num_shards": len(stats),
-      "shards": [{"file": s["file"], "num_examples": s["num_examples"],
-                  "num_bytes": s["num_bytes"], "sha256": s["sha256"]}
-                 for s in stats],
-  }
 
 
 def define_flags() -> None:
