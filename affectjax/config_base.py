@@ -66,6 +66,10 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.batch_size = 256  # Global, over all devices of all hosts.
   c.eval_batch_size = 256
+  # JAX devices the host CPU is split into (data-parallel): 0 = one per core
+  # while each gets 16+ images of both batches (affectjax/cpu_devices.py);
+  # N = exactly N; 1 = one device. Only where the CPU is the backend.
+  c.cpu_devices = 0
   c.total_steps = 30_000
   c.log_every_steps = 100
   c.eval_every_steps = 2_000

@@ -186,7 +186,8 @@ def check_launch(*, joined: bool, independent: bool,
       "--workdir).")
 
 
-def _has_accelerator_plugin() -> bool:
+def has_accelerator_plugin() -> bool:
+  """Whether a GPU or TPU plugin of jax is installed (JAX would prefer it)."""
   return any(importlib.util.find_spec(m) is not None
              for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
 
@@ -212,7 +213,7 @@ def initialize(*, auto: bool = False, coordinator_address: str | None = None,
       raise ValueError("--coordinator_address needs --num_processes and "
                        "--process_id too.")
     if (jax.config.jax_platforms in (None, "", "cpu")
-        and not _has_accelerator_plugin()):
+        and not has_accelerator_plugin()):
       # CPU processes need a collectives backend to talk to each other.
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id,

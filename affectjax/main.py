@@ -47,6 +47,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from affectjax import cli
+from affectjax import cpu_devices
 from affectjax import distributed
 from affectjax import preemption
 from affectjax import run_lock
@@ -107,6 +108,7 @@ def main(argv) -> int:
         auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
         local_device_ids=_LOCAL_DEVICE_IDS.value)
+    cpu_devices.configure(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   distributed.enable_compilation_cache(config.compilation_cache_dir)
