@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import jax
 from absl import logging
 
-from affectjax import preemption
+from affectjax import early_signals
 
 
 def parse_device_ids(value: str | Sequence[int] | None, *,
@@ -202,8 +202,8 @@ def initialize(*, auto: bool = False, coordinator_address: str | None = None,
   cluster auto-detection (TPU pods, SLURM, Open MPI). Neither: one process.
   ``jax.distributed`` replaces the SIGTERM handler with XLA's notifier,
   which would swallow the signal; it is put back
-  (``preemption.reclaim_sigterm``): the early handler of
-  ``preemption.catch_signals_early`` if the process installed one (the
+  (``early_signals.reclaim_sigterm``): the early handler of
+  ``early_signals.catch_signals_early`` if the process installed one (the
   trainer: a SIGTERM during start-up stops the run before its first step),
   else the default (SIGTERM ends the process).
   """
@@ -228,7 +228,7 @@ def initialize(*, auto: bool = False, coordinator_address: str | None = None,
   if jax.distributed.is_initialized():
     # jax.distributed's preemption notifier swallows SIGTERM (see
     # affectjax.preemption); ours comes back until StopRequest takes over.
-    preemption.reclaim_sigterm()
+    early_signals.reclaim_sigterm()
   _selected_ids.clear()
   _selected_ids.extend(ids or [])
 

@@ -17,7 +17,7 @@ Exit status, for schedulers and retry wrappers:
       first step (a signal during start-up: nothing new to save): rerun the
       same command to resume;
   128 + N  a second signal N (a second SIGINT; a SIGTERM 2 s or more after
-      the first, never under SLURM: see affectjax.preemption), or no step
+      the first, never under SLURM: see affectjax.signal_rules), or no step
       finished within 5 minutes of the first (aborted without saving; the
       last checkpoint is kept);
   2   the command must change: a config or flag that cannot work
@@ -38,9 +38,9 @@ import sys
 
 if __name__ == "__main__":
   # Before anything slow (importing JAX takes seconds): a scheduler's
-  # SIGTERM during start-up stops the run cleanly (see affectjax.preemption).
-  from affectjax import preemption as _preemption
-  _preemption.catch_signals_early()
+  # SIGTERM during start-up stops the run cleanly (see affectjax.early_signals).
+  from affectjax import early_signals as _early_signals
+  _early_signals.catch_signals_early()
 
 import jax
 from absl import app, flags
@@ -49,6 +49,7 @@ from ml_collections import config_flags
 from affectjax import cli
 from affectjax import cpu_devices
 from affectjax import distributed
+from affectjax import early_signals
 from affectjax import preemption
 from affectjax import run_lock
 from affectjax import summary
@@ -116,7 +117,7 @@ def main(argv) -> int:
   lock = _lock_workdir(_WORKDIR.value)
   try:
     result = _train(config, _WORKDIR.value)
-  except preemption.StoppedBeforeStart as e:
+  except early_signals.StoppedBeforeStart as e:
     result = {"preempted": True, "step": None, "signal": e.signal_name}
   except Exception as e:  # pylint: disable=broad-except
     if preemption.loop_entered() and _is_damage(e):
@@ -199,7 +200,7 @@ def _train(config, workdir) -> dict:
   which raises the same. A ``ConfigError`` (refused before training) is
   reported by ``cli.tool``: one line, exit 2.
   """
-  preemption.stop_if_signalled_during_start_up()
+  early_signals.stop_if_signalled_during_start_up()
   from affectjax import train  # pylint: disable=g-import-not-at-top
   return train.train_and_evaluate(config, workdir)
 
@@ -233,7 +234,7 @@ def run() -> None:
   SIGTERM and SIGINT are caught from here on (``python -m affectjax.main``
   catches them earlier still, before importing JAX).
   """
-  preemption.catch_signals_early()
+  early_signals.catch_signals_early()
   try:
     app.run(cli.tool(main, "affectjax.main"), flags_parser=cli.parse_flags)
   except Preempted:

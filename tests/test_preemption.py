@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from affectjax import distributed, preemption
+from affectjax import distributed, preemption, signal_rules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -380,7 +380,7 @@ def test_under_slurm_a_later_sigterm_still_saves(tmp_path, reap):
   env = _no_slurm_env(SLURM_JOB_ID="4242")
   proc = _start_stepping(tmp_path, reap, 5.0, env)  # Signalled mid-step.
   proc.send_signal(signal.SIGTERM)
-  time.sleep(preemption.SCHEDULER_REPEAT_S + 1.0)
+  time.sleep(signal_rules.SCHEDULER_REPEAT_S + 1.0)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=60)
   assert proc.returncode == 75, err[-2000:]
@@ -412,7 +412,7 @@ def test_slurms_repeated_sigterm_still_saves_a_later_one_aborts(tmp_path, reap):
 
   proc = start(step_s=30.0)  # Still in its first step when signalled again.
   proc.send_signal(signal.SIGTERM)
-  time.sleep(preemption.SCHEDULER_REPEAT_S + 1.0)
+  time.sleep(signal_rules.SCHEDULER_REPEAT_S + 1.0)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=30)
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
