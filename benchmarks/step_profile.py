@@ -50,12 +50,27 @@ def _computations(hlo: str) -> dict[str, str]:
 
 
 def _ops(comps, name, depth=0):
+  return [op for op, _ in _op_lines(comps, name, depth)]
+
+
+def _op_lines(comps, name, depth=0):
+  """(opcode, instruction line) of computation `name` and what it calls."""
   body = comps.get(name, "")
-  ops = re.findall(r"= .*? ([a-z][a-z\-]*)\(", body)
+  ops = [(m.group(1), m.group(0)) for m in
+         re.finditer(r"= .*? ([a-z][a-z\-]*)\(.*", body)]
   if depth < 4:
     for c in re.findall(r"(?:calls|to_apply)=(%[\w.\-]+)", body):
-      ops += _ops(comps, c, depth + 1)
+      ops += _op_lines(comps, c, depth + 1)
   return ops
+
+
+def _group_count(lines, attr):
+  for op, line in lines:
+    if op == "convolution":
+      m = re.search(attr + r"=(\d+)", line)
+      if m and int(m.group(1)) > 1:
+        return int(m.group(1))
+  return 0
 
 
 def classify(hlo: str, batch: int) -> dict[str, tuple[str, str]]:
@@ -68,20 +83,40 @@ def classify(hlo: str, batch: int) -> dict[str, tuple[str, str]]:
     if not m:
       continue
     name, shape, op = m.groups()
-    ops = [op]
+    lines = [(op, line)]
     c = re.search(r"calls=(%[\w.\-]+)", line)
     if c:
-      ops += _ops(comps, c.group(1))
+      lines += _op_lines(comps, c.group(1))
+    ops = [o for o, _ in lines]
     meta = re.search(r'op_name="([^"]+)"', line)
     meta = meta.group(1) if meta else ""
     dims = [int(v) for v in re.findall(r"\d+", shape.split("[", 1)[-1].split("]")[0])]
-    if "convolution" in ops:
+    # Squeeze-excite works on (B, 1, 1, C) maps: its 1x1 convs, their
+    # gradients, and the spatial means / gate gradients reduced to them.
+    se_shaped = (len(dims) == 4 and dims[0] == batch and dims[1:3] == [1, 1]
+                 ) or (len(dims) == 2 and dims[0] == batch)
+    grouped = _group_count(lines, "feature_group_count")
+    batch_grouped = _group_count(lines, "batch_group_count")
+    if "convolution" in ops and se_shaped:
+      cat = "squeeze-excite (1x1 convs on pooled maps, their gradients)"
+    elif "convolution" in ops and (grouped or batch_grouped):
+      # Depthwise: feature_group_count = channels (fwd, dx); XLA writes the
+      # filter gradient with batch_group_count = channels.
+      if batch_grouped:
+        cat = "depthwise conv dw (filter gradient)"
+      elif "transpose(" in meta:
+        cat = "depthwise conv dx (input gradient)"
+      else:
+        cat = "depthwise conv fwd"
+    elif "convolution" in ops:
       if "transpose(" not in meta:
         cat = "conv fwd"
       elif len(dims) == 4 and dims[0] == batch and dims[1] > 3:
         cat = "conv dx (input gradient)"
       else:
         cat = "conv dw (filter gradient)"
+    elif "reduce" in ops and se_shaped:
+      cat = "squeeze-excite (1x1 convs on pooled maps, their gradients)"
     elif "dot" in ops:
       cat = "dot (head)"
     elif "reduce-window" in ops or "reduce-window" in name:
@@ -90,12 +125,14 @@ def classify(hlo: str, batch: int) -> dict[str, tuple[str, str]]:
     elif "select-and-scatter" in ops or "scatter" in ops:
       cat = "maxpool gradient (scatter)"
     elif "reduce" in ops:
-      cat = "reductions (BN statistics, BN gradients)"
+      cat = "reductions (BatchNorm statistics and gradients, bias gradients)"
     elif op in ("transpose", "copy") or "transpose" in name or "copy" in name:
       cat = "layout transposes/copies"
     elif op in ("parameter", "constant", "tuple", "get-tuple-element",
                 "bitcast"):
       continue
+    elif "logistic" in ops:
+      cat = "swish / sigmoid (and what XLA fused with them)"
     else:
       cat = "elementwise (BN apply, ReLU, their gradients, optimizer)"
     out[name] = (cat, shape.split("{")[0])
@@ -105,12 +142,18 @@ def classify(hlo: str, batch: int) -> dict[str, tuple[str, str]]:
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="custom_cnn",
+                 choices=("custom_cnn", "vgg16", "efficientnet_b3"))
   p.add_argument("--image_size", type=int, default=48)
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--widths", default="32,64,128,256")
   p.add_argument("--convs_per_stage", type=int, default=2)
-  p.add_argument("--impl", default="fused", help="custom CNN impl.")
+  p.add_argument("--impl", default="fused",
+                 help="The model's impl (config.model.kwargs.impl); "
+                      "'impl:bfloat16' computes in bfloat16.")
   p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--top", type=int, default=15,
+                 help="Rows of the per-shape conv and per-op tables.")
   args = p.parse_args()
   work = tempfile.mkdtemp(prefix="step_profile_")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -139,8 +182,10 @@ def main():
       per_cat[ops[e["name"]][0]] += e["dur"] / 1e3 / args.steps
       per_op[e["name"]] += e["dur"] / 1e3 / args.steps
   total = sum(per_cat.values())
-  print(f"# step_profile: {args.image_size} px, batch {args.batch_size}, widths "
-        f"{args.widths} x{args.convs_per_stage}, impl={args.impl}; jax "
+  model = (f"custom CNN widths {args.widths} x{args.convs_per_stage}"
+           if args.model == "custom_cnn" else args.model)
+  print(f"# step_profile: {model}, {args.image_size} px, batch "
+        f"{args.batch_size}, impl={args.impl}; jax "
         f"{jax.__version__}; traced step wall {wall:.0f} ms (profiler on); "
         f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
   print(f"| category | ms/step | share |\n|---|---:|---:|")
@@ -151,12 +196,16 @@ def main():
   rows = collections.defaultdict(lambda: collections.Counter())
   for name, ms in per_op.items():
     cat, shape = ops[name]
-    if cat.startswith("conv"):
-      rows[cat.split()[1]][shape] += ms
+    if cat.startswith(("conv", "depthwise")):
+      rows[cat.split(" (")[0]][shape] += ms
   print("\n| conv | output shape | ms/step |\n|---|---|---:|")
-  for kind in ("fwd", "dx", "dw"):
-    for shape, ms in sorted(rows[kind].items(), key=lambda kv: -kv[1]):
+  for kind in sorted(rows):
+    for shape, ms in sorted(rows[kind].items(), key=lambda kv: -kv[1])[:args.top]:
       print(f"| {kind} | {shape} | {ms:.1f} |")
+  print("\n| op (top by time) | category | output shape | ms/step |\n"
+        "|---|---|---|---:|")
+  for name, ms in per_op.most_common(args.top):
+    print(f"| {name} | {ops[name][0]} | {ops[name][1]} | {ms:.1f} |")
   print(f"\n(trace and HLO dump kept in {work})")
 
 

@@ -55,6 +55,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN = 256
+# Stochastic depth of EfficientNet-B3 in all three (Keras' and torchvision's default).
+DROP_CONNECT = 0.2
 NUM_CLASSES = 8
 
 
@@ -74,15 +76,29 @@ def _widths(args):
 # ----------------------------------------------------------------------------
 # Workers (run in subprocesses). Each returns run(n): n train steps, blocking.
 # ----------------------------------------------------------------------------
+def _jax_spec(impl):
+  """'fused' -> ('fused', 'float32'); 'fused:bfloat16' -> ('fused', 'bfloat16')."""
+  impl, _, dtype = impl.partition(":")
+  return impl, dtype or "float32"
+
+
 def _jax_config(args, impl):
+  """The `--model` config at the bench's size, its head and impl, no dropout."""
   sys.path.insert(0, REPO)
-  from configs import custom_cnn  # pylint: disable=g-import-not-at-top
-  c = custom_cnn.get_config()
-  c.model.kwargs.widths = _widths(args)
-  c.model.kwargs.convs_per_stage = args.convs_per_stage
+  import importlib  # pylint: disable=g-import-not-at-top
+  impl, dtype = _jax_spec(impl)
+  c = importlib.import_module(f"configs.{args.model}").get_config()
+  if args.model == "custom_cnn":
+    c.model.kwargs.widths = _widths(args)
+    c.model.kwargs.convs_per_stage = args.convs_per_stage
+  elif args.model == "efficientnet_b3":
+    c.model.kwargs.drop_connect_rate = DROP_CONNECT
   c.model.kwargs.dropout = 0.0
   c.model.kwargs.head_hidden = HIDDEN
   c.model.kwargs.impl = impl
+  c.model.dtype = dtype
+  c.model.init = "scratch"  # Random weights, as the peers'.
+  c.transfer.mode = "full"
   c.num_classes = NUM_CLASSES
   c.image_size, c.batch_size = args.image_size, args.batch_size
   c.optimizer.grad_clip_norm = 0.0
@@ -107,9 +123,11 @@ def make_jax_step(args, impl):
                           "valence": va[:, 0], "arousal": va[:, 1]})
 
   def train_step(params, rest, opt_state, batch):
+    key = jax.random.key(0)  # EfficientNet's drop-connect.
     def loss_fn(params):  # As affectjax.train.train_step's.
       m = nnx.merge(graphdef, params, rest, copy=True)
-      logits, v = m(m.preprocess(batch["image"]), train=True)
+      logits, v = m(m.preprocess(batch["image"]), train=True,
+                    rngs=nnx.Rngs(dropout=key))
       loss = losses.multitask_loss(
           logits, v, expression=batch["expression"],
           valence=batch["valence"], arousal=batch["arousal"])[0]
@@ -154,26 +172,75 @@ def step_jax_train(args):
   return run
 
 
+def _torch_backbone(args):
+  """(backbone module ending in ReLU(Dense 256), its output width) for --model."""
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  if args.model == "custom_cnn":
+    layers, cin = [], 3
+    for i, w in enumerate(_widths(args)):
+      if i:
+        layers.append(nn.MaxPool2d(2))
+      for _ in range(args.convs_per_stage):
+        layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(w, eps=1e-3, momentum=0.01), nn.ReLU()]
+        cin = w
+    features = nn.Sequential(*layers)
+  else:
+    models = _torchvision_models()
+    if args.model == "vgg16":
+      features, cin = models.vgg16(weights=None).features, 512
+    else:
+      net = models.efficientnet_b3(weights=None,
+                                   stochastic_depth_prob=DROP_CONNECT)
+      features, cin = net.features, 1536
+  return nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                       nn.Linear(cin, HIDDEN), nn.ReLU())
+
+
+def _torchvision_models():
+  """`torchvision.models`, even where torchvision's C ops fail to load.
+
+  The registry's torchvision wheel can fail to load its compiled ops
+  (`torchvision._C`, `torchvision::nms`) beside a torch +cpu build; the
+  model definitions (pure `torch.nn`) need none of them. `import
+  torchvision` registers its ops' fake kernels at import time, which is
+  what fails, so on failure the ops' registration is skipped and the
+  import retried.
+  """
+  try:
+    import torchvision.models as models  # pylint: disable=g-import-not-at-top
+    return models
+  except (ImportError, RuntimeError, OSError) as e:
+    print(f"torchvision import failed ({e!r}); retrying without its C ops",
+          file=sys.stderr)
+  for name in [m for m in sys.modules if m.startswith("torchvision")]:
+    del sys.modules[name]
+  import torch  # pylint: disable=g-import-not-at-top
+  real = torch.library.register_fake
+  torch.library.register_fake = lambda *a, **k: (lambda f: f)
+  try:
+    import torchvision.models as models  # pylint: disable=g-import-not-at-top
+  finally:
+    torch.library.register_fake = real
+  return models
+
+
 def step_torch(args):
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
-  layers, cin = [], 3
-  for i, w in enumerate(_widths(args)):
-    if i:
-      layers.append(nn.MaxPool2d(2))
-    for _ in range(args.convs_per_stage):
-      layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False),
-                 nn.BatchNorm2d(w, eps=1e-3, momentum=0.01), nn.ReLU()]
-      cin = w
-  backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                           nn.Linear(cin, HIDDEN), nn.ReLU())
+  torch.set_num_threads(args.threads or os.cpu_count())
+  backbone = _torch_backbone(args)
+  backbone.train()
   expr, va_head = nn.Linear(HIDDEN, NUM_CLASSES), nn.Linear(HIDDEN, 2)
   params = [*backbone.parameters(), *expr.parameters(), *va_head.parameters()]
   opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
   images, labels, va = _batch(args)
-  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+  if args.model == "vgg16":  # Keras' 'caffe' preprocessing (as affectjax's).
+    mean = torch.tensor([123.68, 116.779, 103.939]).view(1, 3, 1, 1)
+    std = torch.ones(1, 3, 1, 1)
+  else:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
   x_u8 = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
   y, t = torch.from_numpy(labels).long(), torch.from_numpy(va)
 
@@ -190,12 +257,20 @@ def step_torch(args):
   return run
 
 
-def step_keras(args):
-  os.environ["KERAS_BACKEND"] = "tensorflow"
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _keras_features(args, inp):
+  """The --model backbone on Keras input `inp` (float32, 0..255 RGB)."""
   import keras  # pylint: disable=g-import-not-at-top
   from keras import layers as L  # pylint: disable=g-import-not-at-top
-  inp = keras.Input((args.image_size, args.image_size, 3))
+  shape = (args.image_size, args.image_size, 3)
+  if args.model == "efficientnet_b3":  # Normalization is inside the model.
+    return keras.applications.EfficientNetB3(
+        include_top=False, weights=None, input_shape=shape,
+        drop_connect_rate=DROP_CONNECT)(inp)
+  if args.model == "vgg16":  # 'caffe': BGR, minus the means.
+    x = L.Normalization(mean=[103.939, 116.779, 123.68], variance=[1, 1, 1])(
+        inp[..., ::-1])
+    return keras.applications.VGG16(include_top=False, weights=None,
+                                    input_shape=shape)(x)
   x = L.Normalization(mean=[123.675, 116.28, 103.53],
                       variance=[58.395**2, 57.12**2, 57.375**2])(inp)
   for i, w in enumerate(_widths(args)):
@@ -205,7 +280,19 @@ def step_keras(args):
       x = L.Conv2D(w, 3, padding="same", use_bias=False)(x)
       x = L.BatchNormalization()(x)
       x = L.ReLU()(x)
-  x = L.GlobalAveragePooling2D()(x)
+  return x
+
+
+def step_keras(args):
+  os.environ["KERAS_BACKEND"] = "tensorflow"
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if args.threads:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+  import keras  # pylint: disable=g-import-not-at-top
+  from keras import layers as L  # pylint: disable=g-import-not-at-top
+  inp = keras.Input((args.image_size, args.image_size, 3))
+  x = L.GlobalAveragePooling2D()(_keras_features(args, inp))
   x = L.Dense(HIDDEN, activation="relu")(x)
   model = keras.Model(inp, [L.Dense(NUM_CLASSES, name="expr")(x),
                             L.Dense(2, activation="tanh", name="va")(x)])
@@ -257,13 +344,24 @@ def _cpu_model():
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="custom_cnn",
+                 choices=("custom_cnn", "vgg16", "efficientnet_b3"),
+                 help="Backbone in every framework: the custom CNN (--widths, "
+                      "--convs_per_stage), or VGG16 / EfficientNet-B3 "
+                      "(keras.applications, torchvision.models, random "
+                      "weights).")
   p.add_argument("--image_size", type=int, default=48)
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--widths", default="32,64,128,256",
                  help="Comma-separated stage widths of the custom CNN.")
   p.add_argument("--convs_per_stage", type=int, default=2)
   p.add_argument("--jax_impls", default="fused,plain",
-                 help="custom CNN impls to time, one jax_<impl> worker each.")
+                 help="The model's impls to time (config.model.kwargs.impl), "
+                      "one jax_<impl> worker each; 'impl:bfloat16' computes "
+                      "in bfloat16 (config.model.dtype).")
+  p.add_argument("--threads", type=int, default=0,
+                 help="Intra-op threads of torch and keras (0: all cores). "
+                      "jax rows use XLA:CPU's own pool (all cores).")
   p.add_argument("--frameworks", default="jax,torch,keras",
                  help="Subset of jax (the --jax_impls rows), jax_train, "
                       "torch, keras.")
@@ -284,8 +382,10 @@ def main():
       names.append(f)
     else:
       p.error(f"--frameworks: unknown {f!r}; use jax, jax_train, torch, keras.")
-  print(f"# {_cpu_model()}, {os.cpu_count()} cores; image {args.image_size} px, "
-        f"batch {args.batch_size}, widths {args.widths} x{args.convs_per_stage}; "
+  model = (f"custom CNN widths {args.widths} x{args.convs_per_stage}"
+           if args.model == "custom_cnn" else args.model)
+  print(f"# {_cpu_model()}, {os.cpu_count()} cores; {model}; image "
+        f"{args.image_size} px, batch {args.batch_size}; "
         f"{args.repeats} rounds of {args.steps} steps; load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
   env = dict(os.environ, JAX_PLATFORMS="cpu")

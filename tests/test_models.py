@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from affectjax import models
-from affectjax.models import custom_cnn, layers, preprocessing
+from affectjax.models import custom_cnn, depthwise, layers, preprocessing
 
 TINY = dict(widths=(4, 8), head_hidden=8, dropout=0.5)
 
@@ -290,3 +290,108 @@ def test_conv_chunked_filter_grad_matches_lax(strides, padding):
   ref = run(jax.lax.conv_general_dilated)
   for a, b in zip(ours, ref):  # value, input gradient, filter gradient
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --- depthwise convolutions as shifted multiply-adds (EfficientNet impl='fused'). ---
+
+def _depthwise_lax(x, w, strides, padding):
+  return jax.lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((3, 7, 6, 5), 3, (1, 1), "SAME"),
+    ((2, 9, 8, 4), 5, (1, 1), "SAME"),
+    ((3, 7, 6, 5), 3, (2, 2), "SAME"),       # Odd height, stride 2.
+    ((2, 9, 11, 3), 5, (2, 2), "SAME"),
+    ((2, 8, 8, 4), 3, (2, 2), ((0, 1), (0, 1))),  # Keras' correct_pad + VALID.
+    ((2, 8, 7, 4), 5, (2, 2), ((1, 2), (2, 2))),
+    ((2, 6, 7, 3), 3, (2, 1), "VALID"),
+    ((2, 5, 5, 3), 3, (1, 1), ((2, 0), (1, 3))),  # Padding over a kernel's reach.
+])
+def test_depthwise_conv_matches_lax(shape, kernel, strides, padding):
+  """Value, input gradient and filter gradient equal lax's grouped convolution."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, shape[-1])), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def run(fn):
+    y, vjp = jax.vjp(lambda x, w: fn(x, w, strides, padding, dimension_numbers=dn,
+                                     feature_group_count=shape[-1]), x, w)
+    g = jnp.asarray(np.random.default_rng(9).normal(size=y.shape), jnp.float32)
+    return (y, *vjp(g))
+
+  ours = jax.jit(lambda: run(depthwise.conv_general_dilated))()
+  ref = run(jax.lax.conv_general_dilated)
+  for a, b in zip(ours, ref):  # value, input gradient, filter gradient
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_conv_general_dilated_leaves_other_convs_to_lax(monkeypatch):
+  """Dense, dilated, channel-multiplier and NCHW convs are not depthwise_conv's."""
+  calls = []
+  real = depthwise.depthwise_conv
+  monkeypatch.setattr(depthwise, "depthwise_conv",
+                      lambda *a: calls.append(a) or real(*a))
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+  others = [
+      (x, rng.normal(size=(3, 3, 4, 4)), dict(feature_group_count=1)),
+      (x, rng.normal(size=(3, 3, 1, 4)), dict(feature_group_count=4,
+                                              rhs_dilation=(2, 2))),
+      (x, rng.normal(size=(3, 3, 1, 8)), dict(feature_group_count=4)),
+      (x, rng.normal(size=(3, 3, 2, 4)), dict(feature_group_count=2)),
+  ]
+  for lhs, rhs, kw in others:
+    rhs = jnp.asarray(rhs, jnp.float32)
+    np.testing.assert_array_equal(
+        depthwise.conv_general_dilated(lhs, rhs, (1, 1), "SAME",
+                                       dimension_numbers=dn, **kw),
+        jax.lax.conv_general_dilated(lhs, rhs, (1, 1), "SAME",
+                                     dimension_numbers=dn, **kw))
+  assert not calls
+  w = jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)
+  depthwise.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn,
+                                 feature_group_count=4)
+  assert len(calls) == 1
+
+
+def test_efficientnet_fused_impl_equals_plain():
+  """Same variables, outputs, BN statistics; gradients within float32 rounding."""
+  x = jnp.asarray(np.random.default_rng(11).normal(size=(3, 35, 33, 3)), jnp.float32)
+  results = {}
+  for impl in ("plain", "fused"):
+    model = random_model("efficientnet_b3", seed=3, impl=impl, head_hidden=8,
+                         dropout=0.0, drop_connect_rate=0.0, **SMALL_EFFNET)
+    assert model.backbone.impl == impl
+
+    def loss(m):
+      logits, va = m(x, train=True)
+      return jnp.sum(logits ** 2) + jnp.sum(va)
+
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+    results[impl] = (value, nnx.jit(lambda m: m(x)[0])(model),
+                     nnx.to_pure_dict(grads), _bn_stats(model))
+  (v0, e0, g0, s0), (v1, e1, g1, s1) = results["plain"], results["fused"]
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  np.testing.assert_allclose(e1, e0, rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(g1) == jax.tree.structure(g0)
+  # Some gradients are zero but for rounding (a BN bias whose shift the next
+  # training BN removes), so the tolerance also scales with the largest.
+  scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(g0))
+  for (path, a), b in zip(jax.tree.leaves_with_path(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(
+        a, b, rtol=1e-3, atol=1e-4 * float(np.max(np.abs(b))) + 1e-6 * scale,
+        err_msg=jax.tree_util.keystr(path))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), s1, s0)
+
+
+def test_efficientnet_impl_auto_and_bad_name():
+  model = models.create("efficientnet_b3", rngs=nnx.Rngs(0), **SHALLOW_EFFNET)
+  assert model.backbone.impl == ("fused" if jax.default_backend() == "cpu" else "plain")
+  with pytest.raises(ValueError, match="config.model.kwargs.impl"):
+    models.create("efficientnet_b3", rngs=nnx.Rngs(0), impl="fast", **SHALLOW_EFFNET)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from affectjax.models import depthwise
 from affectjax.models import keras_plan
 from affectjax.models import layers
 from affectjax.models import preprocessing
@@ -44,6 +45,19 @@ _B0_STAGES = (
     (3, 1, 192, 320, 6, 1),
 )
 _SE_RATIO = 0.25
+
+
+IMPLS = ("auto", "plain", "fused")
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> 'fused' on the CPU backend, 'plain' elsewhere; checks the name."""
+  if impl not in IMPLS:
+    raise ValueError(f"efficientnet_b3 impl={impl!r} (config.model.kwargs.impl): "
+                     f"use one of {', '.join(IMPLS)}.")
+  if impl == "auto":
+    return "fused" if jax.default_backend() == "cpu" else "plain"
+  return impl
 
 
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
@@ -63,8 +77,9 @@ class MBConv(nnx.Module):
   """Keras efficientnet.block: expand 1x1 -> depthwise -> SE -> project 1x1 (+ drop-connect skip)."""
 
   def __init__(self, *, filters_in, filters_out, kernel_size, strides,
-               expand_ratio, drop_rate, dtype, rngs):
+               expand_ratio, drop_rate, dtype, rngs, fused: bool = False):
     self.kernel_size = kernel_size
+    self.fused = fused
     self.strides = strides
     self.drop_rate = float(drop_rate)
     self.residual = strides == 1 and filters_in == filters_out
@@ -72,19 +87,21 @@ class MBConv(nnx.Module):
     if expand_ratio != 1:
       self.expand_conv = layers.conv(filters_in, filters, 1, use_bias=False,
                                      dtype=dtype, rngs=rngs)
-      self.expand_bn = layers.batch_norm(filters, dtype=dtype, rngs=rngs)
+      self.expand_bn = layers.batch_norm(filters, dtype=dtype, rngs=rngs, fused_grad=fused)
     else:
       self.expand_conv = self.expand_bn = None
     self.dwconv = layers.conv(filters, filters, kernel_size, strides=strides,
                               padding="VALID" if strides == 2 else "SAME",
-                              use_bias=False, groups=filters, dtype=dtype, rngs=rngs)
-    self.bn = layers.batch_norm(filters, dtype=dtype, rngs=rngs)
+                              use_bias=False, groups=filters, dtype=dtype, rngs=rngs,
+                              conv_general_dilated=(depthwise.conv_general_dilated
+                                                    if fused else None))
+    self.bn = layers.batch_norm(filters, dtype=dtype, rngs=rngs, fused_grad=fused)
     filters_se = max(1, int(filters_in * _SE_RATIO))
     self.se_reduce = layers.conv(filters, filters_se, 1, dtype=dtype, rngs=rngs)
     self.se_expand = layers.conv(filters_se, filters, 1, dtype=dtype, rngs=rngs)
     self.project_conv = layers.conv(filters, filters_out, 1, use_bias=False,
                                     dtype=dtype, rngs=rngs)
-    self.project_bn = layers.batch_norm(filters_out, dtype=dtype, rngs=rngs)
+    self.project_bn = layers.batch_norm(filters_out, dtype=dtype, rngs=rngs, fused_grad=fused)
 
   def __call__(self, inputs, *, train: bool, rngs):
     x = inputs
@@ -124,7 +141,10 @@ class EfficientNet(nnx.Module):
   """Keras EfficientNet feature extractor (everything up to top_activation)."""
 
   def __init__(self, *, width_coefficient: float, depth_coefficient: float,
-               drop_connect_rate: float = 0.2, dtype=jnp.float32, rngs: nnx.Rngs):
+               drop_connect_rate: float = 0.2, impl: str = "auto",
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.impl = resolve_impl(impl)
+    fused = self.impl == "fused"
     if not 0.0 <= drop_connect_rate < 1.0:
       raise ValueError(f"drop_connect_rate must be in [0, 1) "
                        f"(config.model.kwargs), got {drop_connect_rate}.")
@@ -140,7 +160,7 @@ class EfficientNet(nnx.Module):
     stem = rf(32)
     self.stem_conv = layers.conv(3, stem, 3, strides=2, padding="VALID",
                                  use_bias=False, dtype=dtype, rngs=rngs)
-    self.stem_bn = layers.batch_norm(stem, dtype=dtype, rngs=rngs)
+    self.stem_bn = layers.batch_norm(stem, dtype=dtype, rngs=rngs, fused_grad=fused)
     total = float(sum(_round_repeats(s[1], depth_coefficient) for s in _B0_STAGES))
     blocks, names, b = [], [], 0
     for i, (k, repeats, f_in, f_out, expand, strides) in enumerate(_B0_STAGES):
@@ -150,7 +170,7 @@ class EfficientNet(nnx.Module):
             filters_in=f_in if j == 0 else f_out, filters_out=f_out,
             kernel_size=k, strides=strides if j == 0 else 1,
             expand_ratio=expand, drop_rate=drop_connect_rate * b / total,
-            dtype=dtype, rngs=rngs))
+            dtype=dtype, rngs=rngs, fused=fused))
         names.append(f"block{i + 1}{chr(j + 97)}_")
         b += 1
     self.blocks = nnx.List(blocks)
@@ -158,7 +178,8 @@ class EfficientNet(nnx.Module):
     self.num_features = rf(1280)
     self.top_conv = layers.conv(f_out, self.num_features, 1, use_bias=False,
                                 dtype=dtype, rngs=rngs)
-    self.top_bn = layers.batch_norm(self.num_features, dtype=dtype, rngs=rngs)
+    self.top_bn = layers.batch_norm(self.num_features, dtype=dtype, rngs=rngs,
+                                    fused_grad=fused)
 
   @staticmethod
   def default_preprocess(images_uint8: jax.Array) -> jax.Array:
@@ -237,7 +258,8 @@ class EfficientNetB3(EfficientNet):
 
   def __init__(self, *, drop_connect_rate: float = 0.2,
                width_coefficient: float = 1.2, depth_coefficient: float = 1.4,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
     super().__init__(width_coefficient=width_coefficient,
                      depth_coefficient=depth_coefficient,
-                     drop_connect_rate=drop_connect_rate, dtype=dtype, rngs=rngs)
+                     drop_connect_rate=drop_connect_rate, impl=impl,
+                     dtype=dtype, rngs=rngs)

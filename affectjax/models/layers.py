@@ -147,16 +147,21 @@ def batch_norm(features: int, *, dtype, rngs: nnx.Rngs,
 def conv(in_features: int, out_features: int, kernel_size: int, *,
          strides: int = 1, padding="SAME", use_bias: bool = True,
          groups: int = 1, dtype, rngs: nnx.Rngs,
-         filter_grad_chunk: int = 0) -> nnx.Conv:
+         filter_grad_chunk: int = 0, conv_general_dilated=None) -> nnx.Conv:
   """A 2D NHWC convolution with float32 parameters and `dtype` compute.
 
   Flax's 'SAME' padding is TensorFlow's: for stride 2 on an even input the
   extra padding row/column goes at the bottom/right, exactly as Keras
   `padding='same'` does. `filter_grad_chunk > 0` computes the kernel's
   gradient in batch chunks of that many images (`conv_chunked_filter_grad`);
-  the forward pass is unchanged.
+  the forward pass is unchanged. `conv_general_dilated` replaces
+  `lax.conv_general_dilated` (same signature), e.g.
+  `depthwise.conv_general_dilated`; not together with `filter_grad_chunk`.
   """
-  conv_fn = jax.lax.conv_general_dilated
+  conv_fn = conv_general_dilated or jax.lax.conv_general_dilated
+  if filter_grad_chunk and conv_general_dilated is not None:
+    raise ValueError("conv: filter_grad_chunk and conv_general_dilated "
+                     "are exclusive.")
   if filter_grad_chunk:
     conv_fn = functools.partial(conv_chunked_filter_grad,
                                 images_per_chunk=filter_grad_chunk)

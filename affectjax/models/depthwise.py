@@ -1,0 +1,165 @@
+"""Depthwise 2D convolution as shifted multiply-adds, with its gradients in the same form.
+
+A depthwise convolution (`feature_group_count` = channels, one k x k filter
+per channel) does k*k multiply-adds per output value. XLA:CPU runs it, and
+worse its two gradients, as grouped convolutions it handles poorly: its
+filter gradient becomes a *dense* channels x channels convolution whose
+diagonal is kept (C times the work), and the forward and input-gradient
+convolutions run far below the machine's speed (docs/BENCHMARKS.md,
+EfficientNet-B3 profile: together about 80% of the train step).
+
+`depthwise_conv` computes the same convolution as k*k shifted, strided slices
+of the padded input, each multiplied by one filter tap (a per-channel
+vector) and summed; XLA fuses them into one elementwise loop over the
+output. Its `custom_vjp` does the same for the gradients:
+
+  input gradient   each tap's dy * w[i, j] placed back where the tap read
+                   (a strided, zero-interior `lax.pad`), summed: one loop;
+  filter gradient  for each tap, the sum over batch and positions of the
+                   tap's input slice times dy: k*k reductions, accumulated
+                   in float32.
+
+Values and gradients equal lax's within float rounding (a different
+summation order). `conv_general_dilated` is a drop-in for
+`lax.conv_general_dilated` (what `nnx.Conv` calls) that takes this path for
+depthwise NHWC/HWIO convolutions without dilation and lax's otherwise.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = (0, 3, 1, 2)  # ConvDimensionNumbers.lhs_spec / out_spec of NHWC.
+_HWIO = (3, 2, 0, 1)  # rhs_spec of HWIO.
+
+
+def _tap(xp, i, j, out_h, out_w, strides):
+  """xp[:, i + s*h, j + s*w, :] for h < out_h, w < out_w."""
+  sh, sw = strides
+  n, _, _, c = xp.shape
+  return lax.slice(xp, (0, i, j, 0),
+                   (n, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, c),
+                   (1, sh, sw, 1))
+
+
+def _out_size(padded, k, s):
+  return (padded - k) // s + 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv(x, w, strides, padding):
+  """Depthwise conv of NHWC `x` with HWIO `w` of shape (kh, kw, 1, C).
+
+  `strides` is (sh, sw); `padding` ((top, bottom), (left, right)) explicit
+  zero padding, as `lax.padtype_to_pads` gives for 'SAME'. Equal to
+  `lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=
+  ('NHWC', 'HWIO', 'NHWC'), feature_group_count=C)`.
+  """
+  return _forward(x, w, strides, padding)
+
+
+def _forward(x, w, strides, padding):
+  kh, kw = w.shape[0], w.shape[1]
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  oh = _out_size(xp.shape[1], kh, strides[0])
+  ow = _out_size(xp.shape[2], kw, strides[1])
+  w = w.astype(x.dtype)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      t = _tap(xp, i, j, oh, ow, strides) * w[i, j, 0]
+      y = t if y is None else y + t
+  return y
+
+
+def _fwd(x, w, strides, padding):
+  return _forward(x, w, strides, padding), (x, w)
+
+
+def _bwd(strides, padding, res, dy):
+  x, w = res
+  kh, kw = w.shape[0], w.shape[1]
+  sh, sw = strides
+  (pt, pb), (pl, pr) = padding
+  n, h, wd, c = x.shape
+  hp, wp = h + pt + pb, wd + pl + pr
+  oh, ow = dy.shape[1], dy.shape[2]
+  dy = dy.astype(x.dtype)
+  wx = w.astype(x.dtype)
+  # Input gradient: tap (i, j) read xp[i + sh*a, j + sw*b]; put dy * w[i, j]
+  # back there (interior padding sh-1 spreads it to the stride), sum the taps.
+  zero = jnp.zeros((), x.dtype)
+  dxp = None
+  for i in range(kh):
+    for j in range(kw):
+      hi_h = hp - (i + sh * (oh - 1) + 1)
+      hi_w = wp - (j + sw * (ow - 1) + 1)
+      t = lax.pad(dy * wx[i, j, 0], zero,
+                  ((0, 0, 0), (i, hi_h, sh - 1), (j, hi_w, sw - 1), (0, 0, 0)))
+      dxp = t if dxp is None else dxp + t
+  dx = lax.slice(dxp, (0, pt, pl, 0), (n, pt + h, pl + wd, c))
+  # Filter gradient: one reduction over (batch, positions) per tap.
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  dyf = dy.astype(jnp.float32)
+  taps = [jnp.sum(_tap(xp, i, j, oh, ow, strides).astype(jnp.float32) * dyf,
+                  axis=(0, 1, 2))
+          for i in range(kh) for j in range(kw)]
+  dw = jnp.stack(taps).reshape(kh, kw, 1, c)
+  return dx, dw.astype(w.dtype)
+
+
+depthwise_conv.defvjp(_fwd, _bwd)
+
+
+def applies(lhs_shape, rhs_shape, *, dimension_numbers, feature_group_count,
+            batch_group_count=1, lhs_dilation=None, rhs_dilation=None) -> bool:
+  """Whether `depthwise_conv` can compute this `lax.conv_general_dilated` call."""
+  if len(lhs_shape) != 4 or batch_group_count != 1:
+    return False
+  dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+  if (tuple(dn.lhs_spec) != _NHWC or tuple(dn.out_spec) != _NHWC
+      or tuple(dn.rhs_spec) != _HWIO):
+    return False
+  channels = lhs_shape[3]
+  if not (feature_group_count == channels > 1 and rhs_shape[2] == 1
+          and rhs_shape[3] == channels):
+    return False
+  for d in (lhs_dilation, rhs_dilation):
+    if d is not None and any(v != 1 for v in d):
+      return False
+  return True
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None,
+                         **kwargs):
+  """`lax.conv_general_dilated`, through `depthwise_conv` where it `applies`.
+
+  Drop-in for `nnx.Conv(conv_general_dilated=...)`. Other convolutions, and
+  calls with `preferred_element_type` or extra keyword arguments other than
+  a None `out_sharding`, go to lax unchanged.
+  """
+  extra = {k: v for k, v in kwargs.items()
+           if not (k == "out_sharding" and v is None)}
+  if (preferred_element_type is None and not extra and applies(
+      lhs.shape, rhs.shape, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation)):
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[0:2],
+                                    window_strides, padding)
+    padding = tuple(tuple(int(v) for v in p) for p in padding)
+    return depthwise_conv(lhs, rhs, tuple(int(s) for s in window_strides),
+                          padding)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type, **kwargs)
