@@ -14,7 +14,7 @@ under ``--root`` (speed does not depend on the weights).
 
   .venv/bin/python benchmarks/video_bench.py frames [--workdir=runs/demo]
       [--frames=150] [--width=640 --height=360] [--repeats=3]
-      [--detector=auto|libfacedetection|haar]
+      [--detector=auto|libfacedetection|haar] [--max_side=960 (0: none)]
 
 ``detectors``: recall and false positives of face detectors on frames
 composed from real faces: FER2013 test JPEGs (``--faces``, class folders of
@@ -249,7 +249,7 @@ def frames(a) -> None:
     video_fixtures.write_two_face_clip(clip, num_frames=a.frames,
                                        width=a.width, height=a.height)
   workdir = a.workdir or _short_run(a.root)
-  det = face_detect.make(a.detector)
+  det = face_detect.make(a.detector, max_side=a.max_side or None)
   p = predict.Predictor.from_workdir(workdir, checkpoint="latest",
                                      batch_size=a.batch_size,
                                      video_face_detector=det)
@@ -282,7 +282,8 @@ def frames(a) -> None:
       runs[name].append(a.frames / (time.perf_counter() - t))
   print(f"load average {os.getloadavg()}; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}; {a.frames} frames {a.width}x"
-        f"{a.height}; detector {det.name}; batch {p.batch_size}; "
+        f"{a.height}; detector {det.name} (max side {a.max_side}); "
+        f"batch {p.batch_size}; "
         f"workdir {workdir}")
   print("| stage | frames/s (median) | runs |")
   print("|---|---|---|")
@@ -306,6 +307,9 @@ def main() -> None:
   f.add_argument("--height", type=int, default=360)
   f.add_argument("--batch_size", type=int, default=64)
   f.add_argument("--repeats", type=int, default=3)
+  f.add_argument("--max_side", type=int, default=960,
+                 help="frames downscaled to this longer side for detection "
+                 "(face_detect.MAX_SIDE); 0: never")
   f.add_argument("--detector", default="auto",
                  help="affectjax.face_detect's name: auto, libfacedetection, haar")
   d = sub.add_parser("detectors")
