@@ -109,3 +109,35 @@ def test_layouts_sit_below_the_registry():
                                       "data_prep.prepare"}), (m, graph[m])
   assert layouts <= graph["data_prep.registry"]
   assert graph["data_prep.rows"] <= {"data_prep.labels", "affectjax.face_crop"}
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+  """Every module ``start`` imports, directly or through others."""
+  seen, todo = set(), [start]
+  while todo:
+    for nxt in graph.get(todo.pop(), ()):
+      if nxt not in seen:
+        seen.add(nxt)
+        todo.append(nxt)
+  return seen
+
+
+def test_split_off_modules_sit_below_the_module_they_serve():
+  """A module split off for its own concern (issue 27) is used by the one
+  it came from and never reaches back to it: the error meanings and Orbax's
+  log routing below the checkpointer, the cache's locations below the cache,
+  the manifest and the rerun state below the driver, one face below the
+  synthetic dataset."""
+  graph = import_graph()
+  below = {
+      "affectjax.checkpoint": {"affectjax.checkpoint_errors",
+                               "affectjax.orbax_logging",
+                               "affectjax.orbax_internals"},
+      "affectjax.pixel_cache": {"affectjax.cache_location"},
+      "data_prep.prepare": {"data_prep.manifest", "data_prep.output_state"},
+      "data_prep.synthetic": {"data_prep.synthetic_face"},
+  }
+  for owner, parts in below.items():
+    assert parts <= graph[owner], (owner, parts - graph[owner])
+    for part in parts:
+      assert owner not in _reachable(graph, part), (part, owner)
