@@ -31,7 +31,9 @@ Storage. On local disks and NFS the lock is created the way open(2)'s manual
 recommends for NFS: written under a unique name, then ``link``ed to
 ``run.lock`` (atomic and exclusive on every NFS version; a lost reply is
 told apart by the link count) -- no ``flock``, which NFS does not always
-honour. The heartbeat replaces the file by ``rename``. A takeover first
+honour. Where ``link`` is refused (gcsfuse, some SMB and FUSE mounts) the
+file is created with ``O_CREAT | O_EXCL`` instead (exclusive on NFSv3 and
+later too). The heartbeat replaces the file by ``rename``. A takeover first
 wins an exclusive ``run.lock.takeover-<token>`` the same way, so that two
 contenders never both remove a stale lock. On ``gs://`` the lock is an
 object written with generation preconditions (``if_generation_match=0`` to
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import json
 import multiprocessing
 import os
@@ -60,6 +63,14 @@ LOCK_NAME = "run.lock"
 # another host's holder must be before that holder counts as gone.
 HEARTBEAT_S = 30.0
 LEASE_S = 180.0
+
+
+# ``link`` errors of a file system without hard links.
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS,
+                  errno.EMLINK)
+# How long an unparseable lock is read again before it counts as torn (a
+# writer without ``link`` fills it in microseconds).
+_TORN_AFTER_S = 2.0
 
 
 class WorkdirBusyError(RuntimeError):
@@ -192,13 +203,32 @@ class _LocalStore:
       return True
     except FileExistsError:
       return False
-    except OSError:
+    except OSError as e:
+      if e.errno in _NO_HARD_LINKS:
+        return self._create_exclusive(path, data)
       # NFS: the link may have been made though its reply was lost.
       if os.stat(tmp).st_nlink == 2:
         return True
       raise
     finally:
       os.unlink(tmp)
+
+  @staticmethod
+  def _create_exclusive(path: str, data: bytes) -> bool:
+    """``O_CREAT | O_EXCL``, for file systems without hard links (gcsfuse,
+    some SMB and FUSE mounts); exclusive on local disks and NFSv3+. A reader
+    may see the file before its bytes: ``acquire`` reads an unparseable lock
+    again before it counts it as gone."""
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    try:
+      os.write(fd, data)
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    return True
 
   def read(self, path: str | None = None) -> tuple[bytes, str] | None:
     """(content, version) of the lock; None if there is none."""
@@ -444,6 +474,16 @@ def acquire(workdir, *, heartbeat_s: float = HEARTBEAT_S,
       continue  # Released just now.
     data, stale = current
     holder = Holder.from_bytes(data)
+    deadline = time.monotonic() + _TORN_AFTER_S
+    while holder is None and time.monotonic() < deadline:
+      time.sleep(0.1)  # Perhaps still being written (_create_exclusive).
+      current = store.read()
+      if current is None:
+        break
+      data, stale = current
+      holder = Holder.from_bytes(data)
+    if current is None:
+      continue
     if holder is None:
       why = "it is not a lock file this version writes"
     else:

@@ -287,3 +287,32 @@ def test_lock_on_gcs_is_an_object_under_generation_preconditions(
     lock.renew()
     assert json.loads(obj.read_text())["token"] == lock.holder.token
   assert not obj.exists()
+
+
+def test_without_hard_links_the_lock_is_created_exclusively(
+    tmp_path, monkeypatch):
+  """gcsfuse and some FUSE/SMB mounts refuse link(2): O_CREAT|O_EXCL then."""
+  import errno  # pylint: disable=g-import-not-at-top
+
+  def no_link(src, dst):
+    raise OSError(errno.EPERM, "Operation not permitted", src)
+
+  monkeypatch.setattr(os, "link", no_link)
+  workdir = tmp_path / "run"
+  with run_lock.acquire(workdir) as lock:
+    assert _lock(workdir)["token"] == lock.holder.token
+    with pytest.raises(run_lock.WorkdirBusyError, match=f"pid {os.getpid()}"):
+      run_lock.acquire(workdir)
+  assert not (workdir / run_lock.LOCK_NAME).exists()
+
+
+def test_a_lock_file_still_empty_is_read_again_then_taken_over(tmp_path):
+  """An O_EXCL writer's file is empty for a moment: not taken at once; one
+  that stays torn is."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / run_lock.LOCK_NAME).write_bytes(b"")
+  t0 = time.monotonic()
+  with run_lock.acquire(workdir) as lock:
+    assert time.monotonic() - t0 >= run_lock._TORN_AFTER_S  # pylint: disable=protected-access
+    assert _lock(workdir)["token"] == lock.holder.token
