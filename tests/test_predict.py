@@ -166,17 +166,18 @@ def test_detectors_find_drawn_faces_with_a_score_and_nothing_in_a_blank_frame(
 
 
 def test_photo_detection_writes_face_score(run_dir, tmp_path):
+  """--detect_faces' table: a face_score column after face_box, the
+  detector's score in it (in-process: the CLI's path is the same writer)."""
+  from affectjax import predict_table  # pylint: disable=g-import-not-at-top
   from tests import video_fixtures  # pylint: disable=g-import-not-at-top
   Image.fromarray(video_fixtures.compose(160, 88, [video_fixtures.Placed(
       video_fixtures.face(1, 6, 72), 40, 12)])).save(tmp_path / "group.png")
+  p = predict.Predictor.from_workdir(
+      run_dir, checkpoint="latest", batch_size=8,
+      face_detector=face_detect.make("libfacedetection"))
   out = tmp_path / "preds.csv"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  proc = subprocess.run(
-      [sys.executable, "-m", "affectjax.predict", f"--workdir={run_dir}",
-       "--checkpoint=latest", f"--output={out}", "--detect_faces",
-       "--detector=libfacedetection", str(tmp_path / "group.png")],
-      capture_output=True, text=True, env=env, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  predict_table.write_rows(p.predict([str(tmp_path / "group.png")]),
+                           p.columns(scores=True), out)
   rows = list(csv.DictReader(open(out)))
   assert len(rows) == 1 and rows[0]["status"] == "ok"
   assert list(rows[0])[:4] == ["path", "face_box", "face_score", "status"]
