@@ -168,15 +168,17 @@ def iter_rows(predictor, path, *, fps: float | None = None,
       stats["ok"] += row["status"] == "ok"
       yield row
 
-  def end_tracks(ids, final=False) -> None:
+  def end_tracks(ids) -> None:
+    # Ended tracks (or all at the video's end): decided; centred values
+    # computed unless some of their faces still wait for the model.
     for tid in ids:
       st = state.get(tid)
       if st is None:
         continue
       st.ended = True
       decide(tid, final=True)
-      if centred and st.waiting and not any(r is not None and r[0].get(
-          "track") == tid for r in pending):
+      if centred and st.waiting and not any(
+          row.get("track") == tid for row, _ in pending):
         do_centred(st, True)
 
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -219,8 +221,7 @@ def iter_rows(predictor, path, *, fps: float | None = None,
         flush()
       yield from release()
     flush()
-    for tid in list(state):
-      end_tracks([tid], final=True)
+    end_tracks(list(state))
     yield from release()
     bar.close()
   assert not queue, "rows left unreleased"
