@@ -386,6 +386,7 @@ class RunLock:
     self._version = version
     self._heartbeat_s = heartbeat_s
     self._on_lost = on_lost
+    self.created_dir: str | None = None  # Set by ``acquire``.
     self._done = threading.Event()
     self._thread = threading.Thread(target=self._beat, name="RunLock",
                                     daemon=True)
@@ -441,6 +442,13 @@ class RunLock:
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("Could not remove the workdir lock %s (%s); the next "
                       "run takes it over.", self.path, e)
+    if self.created_dir:
+      # A run refused at start (a typo in --config.data.dir) leaves no empty
+      # workdir behind.
+      try:
+        os.rmdir(self.created_dir)
+      except OSError:
+        pass  # Not empty: the run wrote into it.
 
   def __enter__(self) -> RunLock:
     return self
@@ -453,22 +461,27 @@ def acquire(workdir, *, heartbeat_s: float = HEARTBEAT_S,
             lease_s: float = LEASE_S,
             on_lost: Callable[[str], None] = _exit_lost) -> RunLock | None:
   """Takes the workdir's lock, or raises ``WorkdirBusyError`` naming its
-  live holder. Creates the workdir if needed. None for a URL scheme without
-  a lock (a warning says so)."""
+  live holder. Creates the workdir if needed (and ``release`` removes it
+  again if it is still empty). None for a URL scheme without a lock (a
+  warning says so)."""
   workdir = os.fspath(workdir)
   store = _store(workdir)
   if store is None:
     logging.warning("No run lock on %s (only local paths, NFS and gs://): "
                     "make sure no other trainer uses this workdir.", workdir)
     return None
-  if isinstance(store, _LocalStore):
+  created = None
+  if isinstance(store, _LocalStore) and not os.path.isdir(workdir):
     os.makedirs(workdir, exist_ok=True)
+    created = workdir
   me = Holder.me(uuid.uuid4().hex)
   for _ in range(20):
     version = store.create(me)
     if version is not None:
-      return RunLock(store, me, version, heartbeat_s=heartbeat_s,
+      lock = RunLock(store, me, version, heartbeat_s=heartbeat_s,
                      on_lost=on_lost)
+      lock.created_dir = created
+      return lock
     current = store.read()
     if current is None:
       continue  # Released just now.

@@ -316,3 +316,13 @@ def test_a_lock_file_still_empty_is_read_again_then_taken_over(tmp_path):
   with run_lock.acquire(workdir) as lock:
     assert time.monotonic() - t0 >= run_lock._TORN_AFTER_S  # pylint: disable=protected-access
     assert _lock(workdir)["token"] == lock.holder.token
+
+
+def test_a_run_refused_at_start_leaves_no_workdir(tmp_path):
+  """The lock comes before the trainer's own checks; a run refused there (a
+  data dir that does not exist) leaves no empty workdir behind."""
+  p = _trainer(tmp_path / "no_data", tmp_path / "run")
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 2, err[-3000:]
+  assert "manifest.json" in err, err[-3000:]
+  assert not (tmp_path / "run").exists()
