@@ -19,9 +19,11 @@ whatever ``--fps`` picked.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -164,12 +166,29 @@ def _copy_into(local: str, dest: epath.Path) -> None:
     raise
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+  """File descriptor 2 sent to /dev/null for the block (C libraries' prints)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "wb") as null:
+      os.dup2(null.fileno(), 2)
+      yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
 def _open_writer(cv2, path_stem: str, rate: float, size):
   """(writer, path): VP8 in WebM, else MPEG-4 part 2 in mp4 (module doc)."""
   for fourcc, ext in (("VP80", ".webm"), ("mp4v", ".mp4")):
     path = path_stem + ext
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), rate,
-                             size)
+    with _quiet_stderr():  # FFmpeg's misleading "tag VP80 is not supported
+      # with codec id 139" (it then writes VP8 all the same); failure is
+      # told by isOpened() below.
+      writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), rate,
+                               size)
     if writer.isOpened():
       if ext != ".webm":
         logging.warning("OpenCV cannot write VP8 WebM here; the annotated "
