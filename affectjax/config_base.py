@@ -71,6 +71,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # N = exactly N; 1 = one device. Only where the CPU is the backend.
   c.cpu_devices = 0
   c.total_steps = 30_000
+  # Wall-clock budget for the train command, from process start: '30m',
+  # '1h30m', '90s' or seconds ('' = off). The run measures its step speed
+  # and trains as many steps as fit (evaluations and saves included);
+  # total_steps then only sets the shape: the evaluation/checkpoint
+  # cadences and transfer.unfreeze_step scale with the planned length
+  # (affectjax/time_budget.py; the plan is kept in W/time_budget.json).
+  c.time_budget = ""
   c.log_every_steps = 100
   c.eval_every_steps = 2_000
   c.checkpoint_every_steps = 2_000

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 GROUPS = ("backbone", "head")
@@ -64,9 +65,17 @@ def _decay_mask(params):
   return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def schedule(config, total_steps: int | None = None) -> optax.Schedule:
-  """Linear warmup from 0, then cosine decay to 0 or a constant, per config.optimizer."""
+def schedule(config, total_steps=None) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to 0 or a constant, per config.optimizer.
+
+  ``total_steps`` (default ``config.total_steps``) may be a traced integer
+  (the time budget's plan reaches the compiled step as an argument): the
+  schedule is then the same arithmetic in ``jnp`` (``_traced_schedule``),
+  with no Python branch on the length.
+  """
   opt = config.optimizer
+  if total_steps is not None and not isinstance(total_steps, (int, np.integer)):
+    return _traced_schedule(config, total_steps)
   total = int(config.total_steps if total_steps is None else total_steps)
   lr = float(opt.learning_rate)
   warmup = max(0, min(int(opt.warmup_steps), total))
@@ -80,6 +89,41 @@ def schedule(config, total_steps: int | None = None) -> optax.Schedule:
     return optax.linear_schedule(0.0, lr, warmup)
   raise ValueError(f"Unknown config.optimizer.schedule {opt.schedule!r}; "
                    "use 'cosine' or 'constant'.")
+
+
+def _traced_schedule(config, total_steps) -> optax.Schedule:
+  """``schedule`` for a traced ``total_steps``: optax's formulas, step for step.
+
+  optax's warmup-cosine is ``join_schedules([linear(0, lr, W), cosine(lr,
+  D - W)], [W])`` with ``W = min(warmup, total)`` and ``D = max(total, W +
+  1)``; its constructors branch in Python on the lengths, so they cannot
+  take a traced one. The same expressions here agree with them to float32
+  rounding (tests/test_optim.py compares every step).
+  """
+  opt = config.optimizer
+  if opt.schedule not in ("cosine", "constant"):
+    raise ValueError(f"Unknown config.optimizer.schedule {opt.schedule!r}; "
+                     "use 'cosine' or 'constant'.")
+  lr = float(opt.learning_rate)
+  total = jnp.asarray(total_steps, jnp.float32)
+  warmup = jnp.clip(jnp.float32(max(0, int(opt.warmup_steps))), 0.0, total)
+
+  def warm(count):
+    c = jnp.clip(count, 0.0, warmup)
+    frac = 1.0 - c / jnp.maximum(warmup, 1.0)
+    # linear_schedule with no steps is its constant init value, 0.
+    return jnp.where(warmup > 0, (0.0 - lr) * frac + lr, 0.0)
+
+  def fn(count):
+    count = jnp.asarray(count, jnp.float32)
+    if opt.schedule == "constant":
+      return jnp.where(count < warmup, warm(count), lr)
+    decay = jnp.maximum(total, warmup + 1.0) - warmup
+    c = jnp.minimum(count - warmup, decay)
+    cosine = lr * (0.5 * (1 + jnp.cos(jnp.pi * c / decay)))
+    return jnp.where(count < warmup, warm(count), cosine)
+
+  return fn
 
 
 def _base_optimizer(config, learning_rate) -> optax.GradientTransformation:
@@ -112,17 +156,23 @@ def _start_at(step: int, inner: optax.GradientTransformation) -> optax.GradientT
         lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
     new_inner = jax.tree_util.tree_map(
         lambda n, o: jnp.where(active, n, o), new_inner, state.inner)
-    count = jnp.minimum(state.count + 1, jnp.int32(step))  # Saturates; no overflow.
+    # Saturates; no overflow. `step` may be traced (a time budget's plan).
+    count = jnp.minimum(state.count + 1, jnp.asarray(step, jnp.int32))
     return new_updates, _GateState(count, new_inner)
 
   return optax.GradientTransformation(init, update)
 
 
-def create(config, params=None) -> optax.GradientTransformation:
+def create(config, params=None, *, total_steps=None,
+           unfreeze_step=None) -> optax.GradientTransformation:
   """The full optimizer for `config`: clipping, schedule, decay and transfer mode.
 
   `params` (the nnx.Param state) is only used to validate the parameter
   grouping early; labels are recomputed from the params at init/update.
+  `total_steps` and `unfreeze_step` default to the config's; the trainer
+  passes traced ones under a time budget (`affectjax.time_budget`), so the
+  compiled step takes the plan's lengths as arguments. The optimizer
+  state's structure does not depend on them.
   """
   mode = config.transfer.mode
   if mode not in MODES:
@@ -130,7 +180,8 @@ def create(config, params=None) -> optax.GradientTransformation:
   if params is not None:
     param_groups(params)
   mult = float(config.transfer.backbone_lr_multiplier)
-  head_lr = schedule(config)
+  total = config.total_steps if total_steps is None else total_steps
+  head_lr = schedule(config, total)
 
   head_tx = _base_optimizer(config, head_lr)
   if mode == "full":
@@ -138,12 +189,14 @@ def create(config, params=None) -> optax.GradientTransformation:
   elif mode == "frozen":
     backbone_tx = optax.set_to_zero()
   else:
-    start = int(config.transfer.unfreeze_step)
-    if not 0 <= start < int(config.total_steps):
+    start = (config.transfer.unfreeze_step if unfreeze_step is None
+             else unfreeze_step)
+    if isinstance(start, (int, np.integer)) and isinstance(
+        total, (int, np.integer)) and not 0 <= start < total:
       raise ValueError(
           f"config.transfer.unfreeze_step={start} must be in [0, total_steps="
-          f"{config.total_steps}) for mode 'two_phase'.")
-    backbone_lr = schedule(config, int(config.total_steps) - start)
+          f"{total}) for mode 'two_phase'.")
+    backbone_lr = schedule(config, total - start)
     backbone_tx = _start_at(
         start, _base_optimizer(config, lambda s: mult * backbone_lr(s)))
 

@@ -93,6 +93,11 @@ class TrainProgress:
     elif scalars:
       self._bar.refresh()
 
+  def set_total(self, total_steps: int) -> None:
+    """A new last step (a time budget's plan, known after the window)."""
+    self._bar.total = int(total_steps)
+    self._bar.refresh()
+
   def write(self, message: str) -> None:
     """Prints a line above the bar (or plainly when the bar is off)."""
     if self.enabled:

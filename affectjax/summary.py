@@ -65,6 +65,22 @@ def table(result: dict, *, workdir: str | None = None,
     lines.append(f"{name:<{width}}" + "".join(
         f"  {_fmt(record.get(key)):>{col}}" for _, record in columns))
   lines.append(rule)
+  budget = result.get("time_budget")
+  if budget:
+    lines.append(_budget_line(budget))
   if workdir:
     lines.append(f"Workdir: {workdir} (metrics.jsonl, checkpoints/)")
   return "\n".join(lines)
+
+
+def _budget_line(budget: dict) -> str:
+  """One line on the time budget (``train_and_evaluate``'s ``time_budget``)."""
+  from affectjax import time_budget  # pylint: disable=g-import-not-at-top
+  head = (f"Time budget {time_budget.describe(budget['budget_s'])}: "
+          f"{budget['spent_s']:.0f} s used")
+  if budget.get("stopped_early_at") is not None:
+    return (f"{head}; stopped at step {budget['stopped_early_at']} of the "
+            f"plan's {budget['total_steps']} (the machine slowed; the "
+            "learning-rate schedule did not reach its end)")
+  return (f"{head}; the plan's {budget['total_steps']} steps "
+          f"({budget['step_s'] * 1e3:.1f} ms each) completed")

@@ -16,7 +16,11 @@ The run, in order (the sections below follow it):
      (``holdout`` when it exists) and of ``val``; the best checkpoint by
      ``config.checkpoint.best_metric`` is kept besides the latest N;
   8. SIGTERM/SIGINT (preemption) finishes the step, saves synchronously and
-     returns; an exception never leaves an async save or workers behind.
+     returns; an exception never leaves an async save or workers behind;
+  9. under ``config.time_budget`` (``affectjax.time_budget``) the first
+     steps are a measurement window, then a plan sets the step count and
+     cadences (the schedule's length is an argument of the compiled step),
+     and a deadline may end the run early with a final evaluation and save.
 
 The hot step is a pure function of the ``nnx.split`` state (plain ``jax.jit``,
 not ``nnx.jit``), which keeps per-step host work to a dispatch.
@@ -53,6 +57,7 @@ from affectjax import report
 from affectjax import run_contract
 from affectjax import scoring
 from affectjax import sharding
+from affectjax import time_budget
 from affectjax import train_state
 from affectjax import workdir as workdir_lib
 
@@ -155,9 +160,22 @@ def stream_keys(seed: int) -> dict[str, jax.Array]:
   return {"dropout": dropout, "augment": augment_root}
 
 
-def train_step(state: State, batch: dict, *, graphdef, tx, config,
-               class_weights, train_backbone: bool) -> tuple[State, dict]:
-  """One optimizer step on a global batch of uint8 images (any stored size)."""
+def train_step(state: State, batch: dict, schedule: dict | None = None, *,
+               graphdef, tx, config, class_weights,
+               train_backbone: bool) -> tuple[State, dict]:
+  """One optimizer step on a global batch of uint8 images (any stored size).
+
+  ``schedule``: None (the config's lengths, fixed in the compiled step) or
+  ``{"total_steps", "unfreeze_step"}`` as int32 arrays, a time budget's plan
+  (see ``affectjax.time_budget``): the optimizer is then built on them here,
+  so a new plan needs no new compile. The step returns the learning rate it
+  applied (the head's).
+  """
+  total = config.total_steps
+  if schedule is not None:
+    total = schedule["total_steps"]
+    tx = optim.create(config, total_steps=total,
+                      unfreeze_step=schedule["unfreeze_step"])
   keys = stream_keys(config.seed)
   rng = jax.random.fold_in(keys["dropout"], state["step"])
   images = augment.train_images(batch["image"], key=keys["augment"],
@@ -188,7 +206,9 @@ def train_step(state: State, batch: dict, *, graphdef, tx, config,
         state["step"])
   return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
                      "correct": stats["correct_sum"],
-                     "labelled": stats["expression_count"]}
+                     "labelled": stats["expression_count"],
+                     "learning_rate": optim.schedule(config, total)(
+                         state["step"])}
 
 
 def make_steps(graphdef, tx, config, mesh, class_weights=None):
@@ -219,6 +239,8 @@ def _summarize_train(history: list[dict], step: int, seconds: float,
   return {"loss": loss,
           "accuracy": sum(float(h["correct"]) for h in host) / max(labelled, 1),
           "grad_norm": float(np.mean([h["grad_norm"] for h in host])),
+          # The rate the window's last step applied (from the step itself).
+          "learning_rate": float(host[-1]["learning_rate"]),
           "steps_per_sec": len(history) / max(seconds, 1e-9),
           "examples_per_sec": examples / max(seconds, 1e-9),
           # Share of the wall time the loop spent waiting for input: near 0
@@ -248,8 +270,13 @@ def _write_config(config, workdir: epath.Path) -> None:
                     config.to_json_best_effort(indent=2))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
+                       started_at: float | None = None) -> dict:
   """Trains to ``config.total_steps`` (resuming if possible); returns final eval.
+
+  Under ``config.time_budget`` the step count is the plan's instead (see
+  ``affectjax.time_budget``); the budget counts from ``started_at``
+  (``time.time()`` seconds; default: this process's start).
 
   The final eval is the last step's ``val`` record; on process 0 it carries
   ``best`` (see ``_best_evaluation``) once a checkpoint has been ranked.
@@ -265,6 +292,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                      "of `./launch.sh prep` (`./launch.sh demo` prepares a "
                      "synthetic one in runs/demo/data/arrayrecord).")
   check_selection(config)
+  try:
+    budget_s = time_budget.parse(config.get("time_budget", ""))
+  except time_budget.BudgetError as e:
+    raise ConfigError(str(e)) from None
+  if started_at is None:
+    started_at = time_budget.process_start_time()
   manifest = data.read_manifest(config.data.dir)
   check_prepared_data(config, manifest)
   select_split = selection_split(config, manifest)
@@ -312,7 +345,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     # before its next checkpoint; they are replayed now, so they go.
     log = metric_log.MetricLog(workdir, resume_step=step)
     cleanup.callback(log.close)
-    bar = cleanup.enter_context(progress.TrainProgress(config.total_steps, step))
+    # The time budget (off: run_config is config, schedule None).
+    try:
+      budget = time_budget.Tracker(config, workdir, budget_s=budget_s,
+                                   started_at=started_at, step=step, mesh=mesh)
+    except time_budget.BudgetError as e:
+      raise ConfigError(str(e)) from None
+    run_config = budget.run_config
+    bar = cleanup.enter_context(progress.TrainProgress(
+        run_config.total_steps, step))
 
     def run_evals(step: int) -> tuple[dict, dict | None]:
       """Evaluates the selection split (and val).
@@ -321,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       report, which is refreshed only once the step is saved and ranked).
       """
       records, examples = {}, None
-      for split in dict.fromkeys((select_split, "val")):
+      for split in eval_splits:
         result = scoring.evaluate(state, eval_fn, config, mesh, split=split,
                                   collect=split == "val", manifest=manifest)
         if split == "val":
@@ -336,22 +377,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
             records["val"]["confusion_matrix"], names))
       return records, examples
 
+    def measure_eval() -> float:
+      """Seconds of one evaluation round as ``run_evals`` does it (for the
+      time budget's plan): the selection split twice (the first pass
+      compiles), the other splits by their size, the confusion-matrix image
+      and the report (process 0's work, which every process waits for)."""
+      scoring.evaluate(state, eval_fn, config, mesh, split=select_split,
+                       manifest=manifest)
+      t = time.perf_counter()
+      result = scoring.evaluate(state, eval_fn, config, mesh,
+                                split=select_split, collect=True,
+                                manifest=manifest)
+      seconds = time.perf_counter() - t
+      sizes = {s: manifest["splits"][s].get("written") for s in eval_splits}
+      if all(sizes.values()):
+        seconds *= sum(sizes.values()) / sizes[select_split]
+      else:
+        seconds *= len(eval_splits)
+      t = time.perf_counter()
+      if jax.process_index() == 0:
+        report.confusion_matrix_image(result["confusion_matrix"],
+                                      data.label_names(config.num_classes))
+        report.refresh(workdir, config, result.pop("examples", None),
+                       manifest=manifest, selection_split=select_split)
+      return seconds + time.perf_counter() - t
+
+    def measure_save() -> float:
+      """Saves ``step`` synchronously; its seconds."""
+      nonlocal saved_step
+      saved_step = step
+      t = time.perf_counter()
+      ckpt.save(step, state, train_iter, wait=True)
+      return time.perf_counter() - t
+
+    eval_splits = tuple(dict.fromkeys((select_split, "val")))
     stopper = EarlyStopping(
         config, [r for r in log.read() if r["step"] <= step], select_split)
     history, last_eval, saved_step = [], None, latest
     wait, t0 = progress.DataWait(), time.perf_counter()
-    while step < config.total_steps and not stopper.stopped:
+    while ((budget.measuring or step < run_config.total_steps)
+           and not stopper.stopped and not budget.finished_early):
       with wait:
         batch = next(train_iter)
-      state, m = train_fn(state, batch,
-                          train_backbone=optim.backbone_trainable(config, step))
+      state, m = train_fn(state, batch, budget.schedule,
+                          train_backbone=optim.backbone_trainable(run_config,
+                                                                  step))
       step += 1
       history.append(m)
-      if step % config.log_every_steps == 0 or step == config.total_steps:
+      if budget.window_done(step, m, warm_up=measure_save):
+        budget.make_plan(step, m, measure_eval=measure_eval,
+                         measure_save=measure_save)
+        run_config = budget.run_config
+        bar.set_total(run_config.total_steps)
+      last = not budget.measuring and step == run_config.total_steps
+      if step % config.log_every_steps == 0 or last:
         summary = _summarize_train(history, step, time.perf_counter() - t0,
                                    len(history) * config.batch_size,
                                    wait.share())
-        summary["learning_rate"] = optim.learning_rate(config, step - 1)
         log.write("train", step, **summary)
         bar.update(step, loss=summary["loss"], lr=summary["learning_rate"],
                    images_per_sec=summary["examples_per_sec"],
@@ -363,15 +445,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                      100 * summary["input_wait_share"])
         history, t0 = [], time.perf_counter()
       records = None
-      if step % config.eval_every_steps == 0 or step == config.total_steps:
+      eval_due = not budget.measuring and (
+          step % run_config.eval_every_steps == 0 or last)
+      # The budget is checked before the evaluation, which is then the
+      # final one if the rest would not fit.
+      budget_stop = budget.should_stop(step, eval_due, m)
+      if eval_due or budget_stop:
         records, examples = run_evals(step)
         last_eval = records["val"]
+        budget.after_eval()
       # Every evaluated step is saved with its selection metrics, so the
       # best checkpoint is always one that exists.
-      if ckpt.should_save(step, config.total_steps) or records:
+      if (not budget.measuring and saved_step != step and (
+          _save_due(step, run_config) or records)):
         ckpt.save(step, state, train_iter,
                   metrics=records[select_split] if records else None)
         saved_step = step
+        budget.record_save(step)
       if records and jax.process_index() == 0:
         # After the save, which records this evaluation's rank in best.json:
         # the report's "Best checkpoint" then includes this evaluation.
@@ -384,14 +474,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
             select_split, stopper.patience, stopper.best, stopper.best_step)
         last_eval = {**last_eval, "early_stopped": True}
         break
-      if stop.should_stop(step) and step < config.total_steps:
+      if budget_stop:  # Evaluated and saved above; the save made synchronous.
+        ckpt.wait()
+        line = budget.stopped(step)
+        logging.warning("%s", line)
+        bar.write(line)
+        break
+      if stop.should_stop(step) and (budget.measuring
+                                     or step < run_config.total_steps):
         if saved_step != step:
           ckpt.save(step, state, train_iter)
+          budget.record_save(step)
         ckpt.wait()  # Synchronous: the process may be killed right after.
         logging.warning("Stopped by %s at step %d; checkpoint saved in %s.",
                         stop.signal_name, step, ckpt.directory)
         return {"preempted": True, "step": step, "signal": stop.signal_name}
 
+    if last_eval is not None and not budget.finished_early:
+      budget.finished(step)
     if last_eval is None:  # Already finished before this run: evaluate only.
       last_eval = {"split": "val", "step": step,
                    **scoring.evaluate(state, eval_fn, config, mesh,
@@ -403,7 +503,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       best = _best_evaluation(ckpt, log.read(), select_split)
       if best:
         last_eval = {**last_eval, "best": best}
+    if budget.result():
+      last_eval = {**last_eval, "time_budget": budget.result()}
   return last_eval
+
+
+def _save_due(step: int, config) -> bool:
+  """A periodic save at ``step`` (every ``checkpoint_every_steps`` and the last)."""
+  every = int(config.checkpoint_every_steps)
+  return step == int(config.total_steps) or (every > 0 and step % every == 0)
 
 
 def _best_evaluation(ckpt, records: list[dict], split: str) -> dict | None:

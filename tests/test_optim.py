@@ -371,3 +371,42 @@ def test_learning_rate_for_logging():
                              c.optimizer.learning_rate, rtol=1e-6)
   np.testing.assert_allclose(optim.learning_rate(c, 60),
                              c.optimizer.learning_rate / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("warmup,total", [(10, 110), (0, 50), (500, 300),
+                                          (5, 6), (3, 3)])
+def test_schedule_with_a_traced_length_is_optax_s(schedule, warmup, total):
+  """A time budget passes the schedule's length into the compiled step; the
+  jnp version must be optax's, step for step, past the end too."""
+  c = tiny_config()
+  c.optimizer.schedule, c.optimizer.warmup_steps = schedule, warmup
+  c.total_steps = total
+  steps = jnp.arange(total + 5)
+  fixed = jax.vmap(optim.schedule(c))(steps)
+  traced = jax.jit(lambda n, t: jax.vmap(optim.schedule(c, t))(n))(
+      steps, jnp.int32(total))
+  np.testing.assert_allclose(traced, fixed, rtol=1e-6, atol=1e-9)
+
+
+def test_two_phase_with_traced_lengths_equals_fixed_ones():
+  """The whole optimizer built on traced total/unfreeze steps updates as the
+  one built on the config's (the state is the same structure)."""
+  c = tiny_config(mode="two_phase")
+  c.optimizer.schedule = "cosine"
+  c.total_steps, c.transfer.unfreeze_step, c.optimizer.warmup_steps = 20, 4, 2
+  params = {"backbone": {"w": jnp.ones((3, 3))}, "head": {"w": jnp.ones((3, 2))}}
+  grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+  fixed = optim.create(c)
+
+  @jax.jit
+  def traced_update(state, total, unfreeze):
+    tx = optim.create(c, total_steps=total, unfreeze_step=unfreeze)
+    return tx.update(grads, state, params)
+
+  a = b = fixed.init(params)
+  for _ in range(8):
+    ua, a = fixed.update(grads, a, params)
+    ub, b = traced_update(b, jnp.int32(20), jnp.int32(4))
+    for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
