@@ -8,6 +8,7 @@ replicated. Hosts feed only their local slice of each global batch
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -27,6 +28,22 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,),
               axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def traced_under(mesh: Mesh, fn):
+  """``fn``, traced with ``mesh`` as the abstract mesh in context.
+
+  Layers that work per device find the mesh through
+  ``jax.sharding.get_abstract_mesh()`` (the convolutions' filter gradient,
+  affectjax/models/filter_grad.py, sums each device's images inside
+  ``jax.shard_map``). Only tracing sees it: the arguments' shardings are the
+  caller's, as without it.
+  """
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

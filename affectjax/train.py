@@ -215,8 +215,9 @@ def make_steps(graphdef, tx, config, mesh, class_weights=None):
   """Jitted train/eval steps: state replicated and donated, batch sharded."""
   repl = sharding.replicated(mesh)
   train = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, config=config,
-                        class_weights=class_weights),
+      sharding.traced_under(mesh, functools.partial(
+          train_step, graphdef=graphdef, tx=tx, config=config,
+          class_weights=class_weights)),
       static_argnames=("train_backbone",), donate_argnums=0,
       out_shardings=(repl, repl))
   return train, scoring.make_eval_step(graphdef, config, mesh, class_weights)

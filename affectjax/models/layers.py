@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# The data-parallel mesh axis (affectjax.sharding.DATA_AXIS; models stay
+# below the trainer's modules).
+DATA_AXIS = "data"
 # Keras BatchNormalization defaults. Flax uses epsilon 1e-5, which would make a
 # converted model differ from Keras by ~1e-3 relative on small-variance channels.
 KERAS_BN_EPSILON = 1e-3
@@ -196,6 +199,14 @@ def conv_chunked_filter_grad(lhs, rhs, window_strides, padding,
   taken as one such convolution per `images_per_chunk` images, accumulated
   in float32, costs less. Equal to the plain gradient within float rounding
   (a different summation order).
+
+  Per device: traced under a data-parallel mesh (`sharding.traced_under`, as
+  the trainer's step is), the chunks are each device's own images, summed
+  inside `jax.shard_map` and added across devices by one `psum`. Chunks of
+  the global batch instead made XLA's partitioner split every chunk across
+  devices with collective-permutes (16 per layer for 64 images on 2 CPU
+  devices), and two devices that took two such permutes in opposite orders
+  on a 2-core host deadlocked XLA:CPU's in-process collectives.
   """
   conv = functools.partial(
       jax.lax.conv_general_dilated, window_strides=window_strides,
@@ -209,8 +220,27 @@ def conv_chunked_filter_grad(lhs, rhs, window_strides, padding,
   n = lhs.shape[lhs_batch]
   # A symbolic batch (jax.export with a polymorphic batch: inference only)
   # has no chunks to count; lax's own conv serves it.
-  if not isinstance(n, int) or batch_group_count != 1 or n <= images_per_chunk:
+  if not isinstance(n, int) or batch_group_count != 1:
     return conv(lhs, rhs)
+  mesh = jax.sharding.get_abstract_mesh()
+  devices = 1
+  if not mesh.empty and mesh.axis_names == (DATA_AXIS,):
+    devices = mesh.shape[DATA_AXIS]
+  if n % devices or lhs_batch != 0 or out_batch != 0:
+    devices = 1
+  if n // devices <= images_per_chunk and devices == 1:
+    return conv(lhs, rhs)
+
+  def chunked_filter_grad(x, g, w):
+    """dL/dw summed over x's images, images_per_chunk at a time (float32)."""
+    dw = jnp.zeros(w.shape, jnp.float32)
+    for start in range(0, x.shape[lhs_batch], images_per_chunk):
+      stop = min(start + images_per_chunk, x.shape[lhs_batch])
+      xs = jax.lax.slice_in_dim(x, start, stop, axis=lhs_batch)
+      gs = jax.lax.slice_in_dim(g, start, stop, axis=out_batch)
+      dw = dw + jax.vjp(lambda w, xs=xs: conv(xs, w), w)[1](gs)[0].astype(
+          jnp.float32)
+    return dw
 
   @jax.custom_vjp
   def f(x, w):
@@ -222,13 +252,15 @@ def conv_chunked_filter_grad(lhs, rhs, window_strides, padding,
   def bwd(res, g):
     x, w = res
     dx = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
-    dw = jnp.zeros(w.shape, jnp.float32)
-    for start in range(0, n, images_per_chunk):
-      stop = min(start + images_per_chunk, n)
-      xs = jax.lax.slice_in_dim(x, start, stop, axis=lhs_batch)
-      gs = jax.lax.slice_in_dim(g, start, stop, axis=out_batch)
-      dw = dw + jax.vjp(lambda w, xs=xs: conv(xs, w), w)[1](gs)[0].astype(
-          jnp.float32)
+    if devices > 1:
+      batch = jax.sharding.PartitionSpec(DATA_AXIS)
+      dw = jax.shard_map(
+          lambda x, g, w: jax.lax.psum(chunked_filter_grad(x, g, w),
+                                       DATA_AXIS),
+          in_specs=(batch, batch, jax.sharding.PartitionSpec()),
+          out_specs=jax.sharding.PartitionSpec(), check_vma=False)(x, g, w)
+    else:
+      dw = chunked_filter_grad(x, g, w)
     return dx, dw.astype(w.dtype)
 
   f.defvjp(fwd, bwd)
