@@ -23,6 +23,7 @@ from etils import epath
 from affectjax import cli, data, evaluate, init_from, report, run_contract
 from affectjax import sharding, train, train_state
 from configs import custom_cnn
+from configs.recipes import finetune
 from tests import gcs_emulator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -362,3 +363,25 @@ def test_a_source_on_gcs(synthetic_arrayrecord, no_va_data, tmp_path):
     np.testing.assert_array_equal(value, src[f"ema/params/backbone/{key}"])
   assert contract["init_from"]["workdir"] == source
   assert contract["init_from"]["classes"]["new"] == ["contempt"]
+
+
+def test_finetune_recipe_tiny_from_a_7_class_run_learns_valence_arousal(
+    source7, synthetic_arrayrecord, tmp_path):
+  """configs/recipes/finetune.py:tiny (widths (4, 8), as the tests' source)
+  from the 7-class run without valence/arousal onto the 8-class synthetic
+  set with them: contempt and the valence/arousal head start fresh, and the
+  new run learns valence/arousal (its contract records it)."""
+  config = finetune.get_config("tiny")
+  config.data.dir = synthetic_arrayrecord
+  config.init_from = source7
+  config.total_steps = STEPS
+  config.eval_every_steps = STEPS
+  assert config.model.init == "scratch" and config.loss.va_ccc_weight > 0
+  ft = str(tmp_path / "ft")
+  result = train.train_and_evaluate(config, ft)
+  assert result["step"] == STEPS and np.isfinite(result["loss"])
+  contract = json.load(open(os.path.join(ft, "run_contract.json")))
+  assert contract["init_from"]["classes"]["new"] == ["contempt"]
+  assert contract["init_from"]["valence_arousal"]["valence"] == "fresh"
+  assert contract["valence_arousal"]["learned"] == {"valence": True,
+                                                    "arousal": True}
