@@ -80,6 +80,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.time_budget = ""
   c.log_every_steps = 100
   c.eval_every_steps = 2_000
+  # Evaluate val at each evaluation while training (besides the selection
+  # split). False: training reads only the selection split (holdout), and
+  # val is read once, after, by `evaluate --split=val` (a test split the
+  # protocol reads once, as FER2013's PrivateTest); the run's result, summary,
+  # report and confusion matrix are then the selection split's. val is
+  # evaluated anyway when it is the selection split (no holdout).
+  c.eval_val_during_training = True
   c.checkpoint_every_steps = 2_000
   c.keep_checkpoints = 3
   c.checkpoint = ml_collections.ConfigDict()

@@ -1,9 +1,11 @@
 """The human-readable table printed at the end of a run.
 
-Two columns of validation metrics: the last step's (the weights the run ended
-with) and the best checkpoint's (the step ``best.json`` names, which
-``evaluate``/``predict``/``export`` open by default). Each heading says which
-step it is, so the last step is never passed off as the best.
+Two columns of metrics on the run's result split (``val``; the selection
+split, e.g. ``holdout``, when ``config.eval_val_during_training`` is off): the
+last step's (the weights the run ended with) and the best checkpoint's (the
+step ``best.json`` names, which ``evaluate``/``predict``/``export`` open by
+default). Each heading says which step it is, so the last step is never
+passed off as the best, and which split.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ _ROWS = (
     ("Arousal PCC", "arousal_pcc"),
     ("Arousal RMSE", "arousal_rmse"),
     ("Arousal SAGR", "arousal_sagr"),
-    ("Validation loss", "loss"),
+    ("Loss", "loss"),
 )
+_TITLES = {"val": "Validation", "holdout": "Holdout", "train": "Training"}
 
 
 def _fmt(value) -> str:
@@ -35,16 +38,19 @@ def table(result: dict, *, workdir: str | None = None,
   """Formats the final evaluation as an aligned table.
 
   Args:
-    result: ``train.train_and_evaluate``'s return: the last step's ``val``
-      record, with ``best`` (``{"step", "metric", "split", "value", "val"}``,
-      ``val`` being that step's ``val`` record) when a checkpoint was ranked;
-      or any evaluation record with ``heading`` saying what it is.
+    result: ``train.train_and_evaluate``'s return: the last step's record
+      of its result split (``val``, or the selection split), with ``best``
+      (``{"step", "metric", "split", "value", "val", "result"}``, ``result``
+      being that step's record of the same split) when a checkpoint was
+      ranked; or any evaluation record with ``heading`` saying what it is.
     workdir: printed at the bottom, where the files are.
     heading: the first line; default: the trainer's ("Validation at step N
-      (k examples), the last step").
+      (k examples), the last step"; "Holdout at ..." for the holdout).
   """
   step = result.get("step", "?")
-  lines = [heading or f"Validation at step {step} "
+  split = result.get("split", "val")
+  title = _TITLES.get(split, f"Split {split!r}")
+  lines = [heading or f"{title} at step {step} "
            f"({result.get('num_examples', '?')} examples), the last step"]
   best = result.get("best")
   columns = [(f"last, step {step}", result)]
@@ -53,8 +59,9 @@ def table(result: dict, *, workdir: str | None = None,
         f"Best checkpoint: step {best['step']}, {best['metric']} "
         f"{_fmt(best.get('value'))} on {best['split']}"
         + (" (the last step)" if best["step"] == step else ""))
-    if best["step"] != step and best.get("val"):
-      columns.append((f"best, step {best['step']}", best["val"]))
+    at_best = best.get("result", best.get("val") if split == "val" else None)
+    if best["step"] != step and at_best:
+      columns.append((f"best, step {best['step']}", at_best))
   width = max(len(name) for name, _ in _ROWS)
   col = max(8, *(len(title) for title, _ in columns))
   rule = "-" * (width + (col + 2) * len(columns))

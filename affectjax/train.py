@@ -13,7 +13,9 @@ The run, in order (the sections below follow it):
      the device); metrics stay on the device until a log step, where the host
      checks them for NaN and logs the input-wait share;
   7. periodic and final evaluation over every example of the selection split
-     (``holdout`` when it exists) and of ``val``; the best checkpoint by
+     (``holdout`` when it exists) and of ``val`` (unless
+     ``config.eval_val_during_training`` is off: then val is read only by
+     ``evaluate --split=val``, after); the best checkpoint by
      ``config.checkpoint.best_metric`` is kept besides the latest N;
   8. SIGTERM/SIGINT (preemption) finishes the step, saves synchronously and
      returns; an exception never leaves an async save or workers behind;
@@ -129,6 +131,17 @@ def check_prepared_data(config: ml_collections.ConfigDict,
         f"--image_size={config.image_size}` (or larger; the default 320 fits "
         f"every shipped config), or lower --config.image_size to "
         f"{prepared_size}.")
+
+
+def training_splits(config: ml_collections.ConfigDict,
+                    select_split: str) -> tuple[str, ...]:
+  """The splits evaluated while training: the selection split, then ``val``
+  unless ``config.eval_val_during_training`` is off (a protocol that reads its
+  test split once, after training: FER2013's PrivateTest). ``val`` is still
+  evaluated when it is the selection split itself (no holdout)."""
+  if config.get("eval_val_during_training", True):
+    return tuple(dict.fromkeys((select_split, "val")))
+  return (select_split,)
 
 
 def selection_split(config: ml_collections.ConfigDict, manifest: dict) -> str:
@@ -279,8 +292,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
   ``affectjax.time_budget``); the budget counts from ``started_at``
   (``time.time()`` seconds; default: this process's start).
 
-  The final eval is the last step's ``val`` record; on process 0 it carries
-  ``best`` (see ``_best_evaluation``) once a checkpoint has been ranked.
+  The final eval is the last step's ``val`` record (the selection split's
+  when ``config.eval_val_during_training`` is off; its ``split`` says which);
+  on process 0 it carries ``best`` (see ``_best_evaluation``) once a
+  checkpoint has been ranked.
   ``workdir`` is any ``etils.epath`` path that every host sees (a local
   directory, a shared filesystem, ``gs://bucket/run``). A run stopped by
   SIGTERM/SIGINT returns ``{"preempted": True, "step", "signal"}`` after a
@@ -357,16 +372,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
         run_config.total_steps, step))
 
     def run_evals(step: int) -> tuple[dict, dict | None]:
-      """Evaluates the selection split (and val).
+      """Evaluates the selection split (and val, unless it is off).
 
-      Returns ({split: metrics record}, val's per-example arrays for the
-      report, which is refreshed only once the step is saved and ranked).
+      Returns ({split: metrics record}, the result split's per-example
+      arrays for the report, which is refreshed only once the step is saved
+      and ranked).
       """
       records, examples = {}, None
       for split in eval_splits:
         result = scoring.evaluate(state, eval_fn, config, mesh, split=split,
-                                  collect=split == "val", manifest=manifest)
-        if split == "val":
+                                  collect=split == result_split,
+                                  manifest=manifest)
+        if split == result_split:
           examples = result.pop("examples", None)
         records[split] = log.write(split, step, **result)
         bar.write(f"eval {split} at step {step}: {_short(records[split])}")
@@ -374,8 +391,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
                      _short(records[split]))
       if jax.process_index() == 0:
         names = data.label_names(config.num_classes)
-        log.image("val/confusion_matrix", step, report.confusion_matrix_image(
-            records["val"]["confusion_matrix"], names))
+        log.image(f"{result_split}/confusion_matrix", step,
+                  report.confusion_matrix_image(
+                      records[result_split]["confusion_matrix"], names))
       return records, examples
 
     def measure_eval() -> float:
@@ -411,7 +429,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
       ckpt.save(step, state, train_iter, wait=True)
       return time.perf_counter() - t
 
-    eval_splits = tuple(dict.fromkeys((select_split, "val")))
+    # What training evaluates, and the split of its result, confusion
+    # matrix, report examples and summary: val, or the selection split when
+    # val is left for after training.
+    eval_splits = training_splits(config, select_split)
+    result_split = "val" if "val" in eval_splits else select_split
     stopper = EarlyStopping(
         config, [r for r in log.read() if r["step"] <= step], select_split)
     history, last_eval, saved_step = [], None, latest
@@ -453,7 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
       budget_stop = budget.should_stop(step, eval_due, m)
       if eval_due or budget_stop:
         records, examples = run_evals(step)
-        last_eval = records["val"]
+        last_eval = records[result_split]
         budget.after_eval()
       # Every evaluated step is saved with its selection metrics, so the
       # best checkpoint is always one that exists.
@@ -494,14 +516,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     if last_eval is not None and not budget.finished_early:
       budget.finished(step)
     if last_eval is None:  # Already finished before this run: evaluate only.
-      last_eval = {"split": "val", "step": step,
+      last_eval = {"split": result_split, "step": step,
                    **scoring.evaluate(state, eval_fn, config, mesh,
-                                      manifest=manifest)}
-      if not log.has("val", step):
-        log.write("val", step, **{k: v for k, v in last_eval.items()
-                                  if k not in ("split", "step")})
+                                      split=result_split, manifest=manifest)}
+      if not log.has(result_split, step):
+        log.write(result_split, step, **{k: v for k, v in last_eval.items()
+                                         if k not in ("split", "step")})
     if jax.process_index() == 0:
-      best = _best_evaluation(ckpt, log.read(), select_split)
+      best = _best_evaluation(ckpt, log.read(), select_split, result_split)
       if best:
         last_eval = {**last_eval, "best": best}
     if budget.result():
@@ -515,12 +537,14 @@ def _save_due(step: int, config) -> bool:
   return step == int(config.total_steps) or (every > 0 and step % every == 0)
 
 
-def _best_evaluation(ckpt, records: list[dict], split: str) -> dict | None:
+def _best_evaluation(ckpt, records: list[dict], split: str,
+                     result_split: str = "val") -> dict | None:
   """The best checkpoint, for the end-of-run summary (None if none is ranked).
 
-  ``{"step", "metric", "split", "value", "val"}``: the step ``best.json``
-  names, its value of the selection metric on ``split``, and its ``val``
-  line of ``metrics.jsonl``.
+  ``{"step", "metric", "split", "value", "val", "result"}``: the step
+  ``best.json`` names, its value of the selection metric on ``split``, its
+  ``val`` line of ``metrics.jsonl`` (None when val was not evaluated while
+  training) and its ``result_split`` line (the run's result's split).
   """
   step = ckpt.best_step()
   if step is None:
@@ -529,7 +553,7 @@ def _best_evaluation(ckpt, records: list[dict], split: str) -> dict | None:
   metric = ckpt.best_metric
   return {"step": step, "metric": metric, "split": split,
           "value": at_step.get(split, {}).get(metric),
-          "val": at_step.get("val")}
+          "val": at_step.get("val"), "result": at_step.get(result_split)}
 
 
 class EarlyStopping:

@@ -142,3 +142,43 @@ def test_resumed_run_stops_at_the_same_step(stopped_run, disagreeing_data,
   assert (json.load(open(os.path.join(ckpt_dir, "best.json")))["step"]
           == json.load(open(os.path.join(workdir, "checkpoints",
                                          "best.json")))["step"])
+
+
+def test_val_off_during_training_reads_only_the_holdout(
+    disagreeing_data, tmp_path, monkeypatch):
+  """``eval_val_during_training=False``: val's records are never opened while
+  training; the result, summary, best checkpoint and report are holdout's."""
+  from affectjax import summary  # pylint: disable=g-import-not-at-top
+  opened = []
+  source = data.source
+
+  def spy(data_dir, split, *args, **kwargs):
+    opened.append(split)
+    return source(data_dir, split, *args, **kwargs)
+
+  monkeypatch.setattr(data, "source", spy)
+  c = _config(disagreeing_data)
+  c.total_steps, c.early_stopping_patience = 2 * EVERY, 0
+  c.eval_val_during_training = False
+  workdir = str(tmp_path)
+  result = train.train_and_evaluate(c, workdir)
+  assert "val" not in opened and {"train", "holdout"} <= set(opened), opened
+  assert _lines(workdir, "val") == []
+  assert [r["step"] for r in _lines(workdir, "holdout")] == [EVERY, 2 * EVERY]
+  assert (result["split"], result["step"]) == ("holdout", 2 * EVERY)
+  best = result["best"]
+  assert best["split"] == "holdout" and best["val"] is None
+  assert best["result"] == next(r for r in _lines(workdir, "holdout")
+                                if r["step"] == best["step"])
+  table = summary.table(result, workdir=workdir)
+  assert table.startswith(f"Holdout at step {2 * EVERY} (52 examples), the "
+                          "last step"), table
+  assert f"on holdout" in table and "n/a" not in table.split("\n")[3], table
+  with open(os.path.join(workdir, "report.html")) as f:
+    report = f.read()
+  assert f"Latest evaluation: holdout at step {2 * EVERY}" in report
+  assert "circumplex.png" in report  # The holdout's examples.
+  # A rerun of the finished run only evaluates, again the holdout.
+  opened.clear()
+  again = train.train_and_evaluate(c, workdir)
+  assert again["split"] == "holdout" and "val" not in opened, opened
