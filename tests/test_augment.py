@@ -241,7 +241,8 @@ def test_recipes_load_with_valid_augmentation_and_no_unknown_fields(recipe):
   # FER2013 and FER+ have no valence/arousal (masked in the loss); they
   # choose on their own holdout (PublicTest) and have a CPU-hour variant.
   fer = recipe.startswith("fer")
-  for arg in (None, "tiny") + (("cpu",) if fer else ()):
+  variants = {"fer2013": ("cpu", "cpu_hour"), "ferplus": ("cpu",)}
+  for arg in (None, "tiny") + variants.get(recipe, ()):
     c = module.get_config(arg)
     assert fields(c) == schema
     augment._options(c.augment)  # Raises naming the flag if invalid.
@@ -250,6 +251,15 @@ def test_recipes_load_with_valid_augmentation_and_no_unknown_fields(recipe):
     if fer:
       assert c.data.selection_split == "holdout"
       assert c.num_classes == {"fer2013": 7, "ferplus": 8}[recipe]
+  if recipe == "fer2013":
+    # :cpu fits the 30-minute budget; :cpu_hour is the fixed-length run.
+    assert module.get_config("cpu").time_budget == "30m"
+    assert module.get_config("cpu_hour").time_budget == ""
+    assert module.get_config("cpu_hour").total_steps == 11_000
+  if recipe == "ferplus":
+    # FER+'s :cpu keeps the measured fixed-length run (8,000 steps).
+    cpu = module.get_config("cpu")
+    assert (cpu.time_budget, cpu.total_steps) == ("", 8_000)
   tiny = module.get_config("tiny")
   assert tiny.total_steps <= 6 and tiny.ema_decay > 0
   with pytest.raises(ValueError, match="tiny"):

@@ -19,15 +19,24 @@ Variants:
              2 x conv3x3-BN-ReLU, widths 64-512) with SGD + Nesterov-free
              momentum and a cosine schedule over ~300 epochs, aimed at the
              73% of Khaireddin & Chen (arXiv 2105.03588). NOT RUN YET.
-  :cpu       the CPU-hour run: a narrower network of the same shape, about
-             25 epochs, finishing within 60 minutes on 2 CPU cores,
-             compilation and evaluations included (see docs/RECIPES.md for
-             the measured result and the exact commands).
-  :tiny      every knob of :cpu at test size.
+  :cpu       the 30-minute CPU run: a narrower network of the same shape
+             trained for `--config.time_budget=30m` of wall time (start-up,
+             compilation, evaluations and saves included). The run measures
+             its own step speed and trains as many steps as fit, its cosine
+             schedule ending on the last one: about 15 epochs on the 2-core
+             Intel Xeon VM; a slower CPU trains fewer steps, not longer
+             (docs/RECIPES.md has the measured result and the commands).
+             total_steps (7,000) only shapes it: 7 evaluations of PublicTest.
+  :cpu_hour  the same network for a fixed 11,000 steps (24.5 epochs), the
+             earlier hour-long run: 66.79% PrivateTest on the 2-core AMD EPYC
+             VM in 58 minutes (about 1 h 45 on the Intel Xeon VM).
+  :tiny      every knob of :cpu_hour at test size.
 
   ./launch.sh train --config=configs/recipes/fer2013.py:cpu \
       --config.data.dir=data/fer2013 --workdir=runs/fer2013_cpu
-  ./launch.sh evaluate --workdir=runs/fer2013_cpu --split=val   # PrivateTest, once
+  # Choices on PublicTest (the holdout), then PrivateTest once:
+  ./launch.sh evaluate --workdir=runs/fer2013_cpu --split=holdout [--tta=flip] [--nouse_ema]
+  ./launch.sh evaluate --workdir=runs/fer2013_cpu --split=val --tta=flip   # PrivateTest, once
 """
 from affectjax import config_base as base
 
@@ -71,7 +80,7 @@ def get_config(arg: str | None = None):
   c.augment.rotate_degrees = 10.0
   c.augment.translate = 0.1
 
-  if arg in ("cpu", "tiny"):
+  if arg in ("cpu", "cpu_hour", "tiny"):
     c.model.kwargs = base.model_kwargs(widths=(32, 64, 128, 256), dropout=0.4)
     c.total_steps = 11_000  # 24.5 epochs.
     c.eval_every_steps = 1_000
@@ -83,14 +92,25 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_steps = 500
     c.optimizer.grad_clip_norm = 1.0
     c.ema_decay = 0.999
+  if arg == "cpu":
+    c.time_budget = "30m"
+    c.total_steps = 7_000  # The shape: the budget sets the real length.
+    c.eval_every_steps = 1_000
+    c.checkpoint_every_steps = 1_000
+    c.optimizer.warmup_steps = 300
+    # About 14 epochs underfit with :cpu_hour's regularization (a pilot on
+    # PublicTest: training-batch accuracy 61%, PublicTest 62.4%): lighter.
+    c.model.kwargs = base.model_kwargs(c.model.kwargs, dropout=0.2)
+    c.augment.crop_scale = (0.8, 1.0)
+    c.augment.erasing_prob = 0.1
   if arg == "tiny":
     c.model.kwargs = base.model_kwargs(c.model.kwargs, widths=(4, 8), dropout=0.0)
     c.ema_decay = 0.5
     base.small_run(c, "tiny", image_size=16, batch_size=16, eval_batch_size=24,
                    total_steps=6, log_every_steps=2, eval_every_steps=3,
                    learning_rate=2e-3, warmup_steps=1)
-  elif arg not in (None, "", "cpu"):
+  elif arg not in (None, "", "cpu", "cpu_hour"):
     raise ValueError(f"Unknown variant {arg!r} of this recipe; use ':cpu', "
-                     "':tiny' or none.")
+                     "':cpu_hour', ':tiny' or none.")
   c.unlock()
   return c

@@ -27,10 +27,14 @@ from configs.recipes import fer2013
 
 
 def get_config(arg: str | None = None):
-  c = fer2013.get_config(arg)
+  # :cpu is FER2013's fixed-length hour run (measured so, 82.44%), shortened.
+  c = fer2013.get_config("cpu_hour" if arg == "cpu" else arg)
   c.num_classes = 8  # Contempt is one of FER+'s classes.
   if arg != "tiny":
     c.data.dir = "data/ferplus"
   if arg == "cpu":
     c.total_steps = 8_000
+  elif arg not in (None, "", "tiny"):
+    raise ValueError(f"Unknown variant {arg!r} of this recipe; use ':cpu', "
+                     "':tiny' or none.")
   return c
