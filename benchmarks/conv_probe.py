@@ -22,6 +22,13 @@ Formulations compared (all numerically equal to `lax.conv_general_dilated`):
 
   .venv/bin/python benchmarks/conv_probe.py --image_size=48 --batch_size=64
 
+`--depthwise` instead compares, for some of EfficientNet-B3's depthwise
+convolutions (112 px, batch --batch_size), lax's grouped convolution with
+`affectjax.models.depthwise`'s shifted multiply-adds, and for some of its
+1x1 convolutions lax's convolution with a matrix product:
+
+  .venv/bin/python benchmarks/conv_probe.py --depthwise --batch_size=32
+
 Prints milliseconds per call (median of --repeats, each of --iters calls).
 """
 from __future__ import annotations
@@ -111,6 +118,64 @@ def _time(f, args, iters, repeats):
   return statistics.median(out)
 
 
+# EfficientNet-B3 at 112 px, batch 32: (size, channels, kernel, stride) of
+# some depthwise convs, (size, in, out) of some 1x1 convs.
+DEPTHWISE_SHAPES = ((56, 144, 3, 1), (56, 144, 3, 2), (28, 192, 5, 1),
+                    (14, 288, 5, 2), (7, 816, 5, 1))
+POINTWISE_SHAPES = ((56, 24, 144), (56, 144, 24), (28, 192, 32), (7, 136, 816))
+
+
+def depthwise_main(args):
+  """--depthwise: lax's grouped conv vs affectjax.models.depthwise, and 1x1
+  convs as lax convs vs matrix products (fwd, dx, dw; ms per call)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from affectjax.models import depthwise  # pylint: disable=g-import-not-at-top
+  n = args.batch_size
+  key = jax.random.PRNGKey(0)
+
+  def three(fn, x, w):
+    """(fwd, dx, dw) jitted, and their results for the equality check."""
+    y = fn(x, w)
+    dy = jax.random.normal(key, y.shape)
+    fs = (jax.jit(fn),
+          jax.jit(lambda x, w, dy: jax.vjp(lambda x: fn(x, w), x)[1](dy)[0]),
+          jax.jit(lambda x, w, dy: jax.vjp(lambda w: fn(x, w), w)[1](dy)[0]))
+    return fs, ((x, w), (x, w, dy), (x, w, dy))
+
+  def row(label, variants):
+    out, ref = [], None
+    for name, fn, x, w in variants:
+      fs, argss = three(fn, x, w)
+      res = [f(*a) for f, a in zip(fs, argss)]
+      if ref is None:
+        ref = res
+      for a, b in zip(res, ref):
+        err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
+        assert err < 1e-4, (label, name, err)
+      if not args.check:
+        ms = [_time(f, a, args.iters, args.repeats) for f, a in zip(fs, argss)]
+        out.append(f"{name}: fwd {ms[0]:.1f} dx {ms[1]:.1f} dw {ms[2]:.1f}")
+    print(f"{label:28s} " + " | ".join(out), flush=True)
+
+  for size, c, k, stride in DEPTHWISE_SHAPES:
+    x = jax.random.normal(key, (n, size, size, c))
+    w = jax.random.normal(key, (k, k, 1, c)) * 0.1
+    kw = dict(dimension_numbers=DN, feature_group_count=c)
+    row(f"depthwise {size}px {c}ch {k}x{k}/{stride}", [
+        ("lax", lambda x, w: lax.conv_general_dilated(x, w, (stride,) * 2, "SAME", **kw), x, w),
+        ("taps", lambda x, w: depthwise.conv_general_dilated(x, w, (stride,) * 2, "SAME", **kw), x, w)])
+  for size, ci, co in POINTWISE_SHAPES:
+    x = jax.random.normal(key, (n, size, size, ci))
+    w = jax.random.normal(key, (1, 1, ci, co)) * 0.1
+    row(f"1x1 {size}px {ci}->{co}", [
+        ("lax", lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN), x, w),
+        ("dot", lambda x, w: depthwise.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN), x, w)])
+  if args.check:
+    print("all formulations equal within 1e-4 relative")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,7 +186,13 @@ def main():
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--check", action="store_true", help="Check equality only.")
+  p.add_argument("--depthwise", action="store_true",
+                 help="EfficientNet-B3's depthwise and 1x1 convs (112 px "
+                      "shapes; use --batch_size=32) instead of the custom "
+                      "CNN's 3x3 convs.")
   args = p.parse_args()
+  if args.depthwise:
+    return depthwise_main(args)
   widths = [int(v) for v in args.widths.split(",")]
   shapes, cin, s = [], 3, args.image_size
   for i, wd in enumerate(widths):

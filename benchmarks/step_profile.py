@@ -73,8 +73,13 @@ def _group_count(lines, attr):
   return 0
 
 
-def classify(hlo: str, batch: int) -> dict[str, tuple[str, str]]:
-  """ENTRY instruction name -> (category, output shape)."""
+def classify(hlo: str, batch: int, depthwise: bool = False
+             ) -> dict[str, tuple[str, str]]:
+  """ENTRY instruction name -> (category, output shape).
+
+  `depthwise`: the model has depthwise convolutions (EfficientNet), whose
+  filter gradient XLA:CPU may rewrite as a dense (C, k, k, C) convolution.
+  """
   comps = _computations(hlo)
   entry = next(c for c in comps.values() if c.startswith("ENTRY"))
   out = {}
@@ -97,19 +102,33 @@ def classify(hlo: str, batch: int) -> dict[str, tuple[str, str]]:
                  ) or (len(dims) == 2 and dims[0] == batch)
     grouped = _group_count(lines, "feature_group_count")
     batch_grouped = _group_count(lines, "batch_group_count")
-    if "convolution" in ops and se_shaped:
+    # affectjax/models/depthwise.py names its ops (jax.named_scope); the
+    # efficientnet module names its squeeze-excite.
+    named = re.search(r"depthwise_(fwd|dx|dw)", meta)
+    if named:
+      cat = {"fwd": "depthwise conv fwd", "dx": "depthwise conv dx (input gradient)",
+             "dw": "depthwise conv dw (filter gradient)"}[named.group(1)]
+    elif "squeeze_excite" in meta:
+      cat = "squeeze-excite (1x1 convs on pooled maps, their gradients)"
+    elif "convolution" in ops and se_shaped:
       cat = "squeeze-excite (1x1 convs on pooled maps, their gradients)"
     elif "convolution" in ops and (grouped or batch_grouped):
       # Depthwise: feature_group_count = channels (fwd, dx); XLA writes the
       # filter gradient with batch_group_count = channels.
       if batch_grouped:
         cat = "depthwise conv dw (filter gradient)"
+
       elif "transpose(" in meta:
         cat = "depthwise conv dx (input gradient)"
       else:
         cat = "depthwise conv fwd"
     elif "convolution" in ops:
-      if "transpose(" not in meta:
+      if (depthwise and len(dims) == 4 and dims[0] == dims[3] != batch
+          and 1 < dims[1] == dims[2] <= 7):
+        # XLA:CPU's rewrite of a depthwise filter gradient (lax's, impl
+        # 'plain'): a dense (C, k, k, C) convolution whose diagonal is kept.
+        cat = "depthwise conv dw (filter gradient)"
+      elif "transpose(" not in meta:
         cat = "conv fwd"
       elif len(dims) == 4 and dims[0] == batch and dims[1] > 3:
         cat = "conv dx (input gradient)"
@@ -118,7 +137,7 @@ def classify(hlo: str, batch: int) -> dict[str, tuple[str, str]]:
     elif "reduce" in ops and se_shaped:
       cat = "squeeze-excite (1x1 convs on pooled maps, their gradients)"
     elif "dot" in ops:
-      cat = "dot (head)"
+      cat = "dot (head; EfficientNet's 1x1 convs under impl=fused)"
     elif "reduce-window" in ops or "reduce-window" in name:
       cat = ("maxpool fwd with argmax (plain pool's gradient)" if "s32" in shape
              else "maxpool (reduce-window)")
@@ -131,7 +150,7 @@ def classify(hlo: str, batch: int) -> dict[str, tuple[str, str]]:
     elif op in ("parameter", "constant", "tuple", "get-tuple-element",
                 "bitcast"):
       continue
-    elif "logistic" in ops:
+    elif "silu" in meta or "logistic" in ops:
       cat = "swish / sigmoid (and what XLA fused with them)"
     else:
       cat = "elementwise (BN apply, ReLU, their gradients, optimizer)"
@@ -172,7 +191,8 @@ def main():
     jax.block_until_ready(loss)
   wall = (time.perf_counter() - t) / args.steps * 1e3
   hlo_files = glob.glob(f"{work}/dump/*jit_train_step*.cpu_after_optimizations.txt")
-  ops = classify(open(hlo_files[0]).read(), args.batch_size)
+  ops = classify(open(hlo_files[0]).read(), args.batch_size,
+                 depthwise=args.model == "efficientnet_b3")
   trace = glob.glob(f"{work}/trace/**/perfetto_trace.json.gz", recursive=True)[0]
   events = json.load(gzip.open(trace))
   events = events["traceEvents"] if isinstance(events, dict) else events

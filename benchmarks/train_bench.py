@@ -1,12 +1,24 @@
 r"""Training-step throughput: affectjax vs PyTorch vs Keras-TF, same model, interleaved.
 
-The model is the custom CNN (affectjax/models/custom_cnn.py), mirrored layer
-for layer in each framework: stages of `--convs_per_stage` x [conv3x3 (no
-bias) -> BatchNorm (eps 1e-3) -> ReLU], a 2x2 max-pool between stages,
-global average pooling, Dense(256)-ReLU, then 8 logits and 2 tanh outputs;
+`--model` picks the backbone, the same in every framework:
+
+  custom_cnn       affectjax/models/custom_cnn.py, mirrored layer for layer:
+                   stages of `--convs_per_stage` x [conv3x3 (no bias) ->
+                   BatchNorm (eps 1e-3) -> ReLU], a 2x2 max-pool between
+                   stages (`--widths`);
+  vgg16            affectjax's VGG16, `keras.applications.VGG16` and
+                   `torchvision.models.vgg16` (`include_top=False` /
+                   `.features`: 13 convs, 5 pools), random weights;
+  efficientnet_b3  affectjax's EfficientNet-B3, `keras.applications.
+                   EfficientNetB3` and `torchvision.models.efficientnet_b3`
+                   (`.features`, up to the 1536-channel top conv), random
+                   weights, stochastic depth 0.2 in all three.
+
+Then global average pooling, Dense(256)-ReLU, 8 logits and 2 tanh outputs;
 loss = cross-entropy + MSE(tanh), AdamW. Every step starts from the same
-fixed uint8 batch in memory (normalization inside the step) and nothing is
-augmented in any framework, so the rows are like for like.
+fixed uint8 batch in memory (normalization inside the step: ImageNet
+mean/std, or 'caffe' mean subtraction for VGG16) and nothing is augmented
+in any framework, so the rows are like for like.
 
 Workers (each its own subprocess, so thread pools and allocators don't
 interfere):
@@ -14,13 +26,14 @@ interfere):
   jax_<impl>   affectjax: `jax.jit` (donated) of normalize, forward, loss,
                backward and optax AdamW over the `nnx.split` state -- the
                trainer's step without its device augmentation -- for each
-               custom CNN `impl` in --jax_impls ('fused', 'plain', 'auto';
-               see custom_cnn.py).
+               model `impl` in --jax_impls ('fused', 'plain', 'auto'; see
+               docs/MODELS.md); `<impl>:bfloat16` computes in bfloat16
+               (config.model.dtype).
   jax_train    the real `affectjax.train` step (`train.make_steps`), which
                also runs the device augmentation (random resized crop,
                flip): not like for like, shown for what a run costs.
   torch        PyTorch eager (torch.compile needs a C++ toolchain warm-up
-               longer than the run), NCHW, all cores.
+               longer than the run), NCHW, all cores (--threads).
   keras        Keras 3 on TensorFlow, `train_on_batch`, `jit_compile="auto"`
                (Keras 3's default: XLA where the model allows).
 
@@ -34,13 +47,17 @@ cores), the ratios to torch and keras, and the load average before and
 after.
 
   python3 -m venv .venv-bench
-  .venv-bench/bin/pip install torch==2.13.0 && .venv-bench/bin/pip install -e '.[bench]'
+  .venv-bench/bin/pip install torch==2.13.0 torchvision==0.28.0 \
+      && .venv-bench/bin/pip install -e '.[bench]'
   .venv-bench/bin/python benchmarks/train_bench.py --image_size=48 \
       --widths=32,64,128,256 --batch_size=64
+  .venv-bench/bin/python benchmarks/train_bench.py --model=efficientnet_b3 \
+      --image_size=112 --batch_size=32 --steps=2
 
-(`torch==2.13.0` first: the CPU wheel; the `bench` extra's plain `torch`
-would otherwise pull a CUDA build.) `benchmarks/step_profile.py` explains
-the jax numbers op by op; docs/BENCHMARKS.md records both.
+(`torch==2.13.0` and its torchvision first: the CPU wheel; the `bench`
+extra's plain `torch` would otherwise pull a CUDA build.)
+`benchmarks/step_profile.py` explains the jax numbers op by op;
+docs/BENCHMARKS.md records both.
 """
 from __future__ import annotations
 
@@ -76,9 +93,20 @@ def _widths(args):
 # ----------------------------------------------------------------------------
 # Workers (run in subprocesses). Each returns run(n): n train steps, blocking.
 # ----------------------------------------------------------------------------
+# XLA:CPU flag sets a jax row can run under: `--jax_impls=fused@onednn`.
+XLA_FLAG_SETS = {
+    # oneDNN convolutions and matmuls (custom calls) instead of YNNPACK/Eigen.
+    "onednn": "--xla_cpu_use_onednn=true "
+              "--xla_cpu_experimental_onednn_custom_call=true",
+    # Eigen convolutions instead of YNNPACK's.
+    "eigen": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+}
+
+
 def _jax_spec(impl):
-  """'fused' -> ('fused', 'float32'); 'fused:bfloat16' -> ('fused', 'bfloat16')."""
-  impl, _, dtype = impl.partition(":")
+  """'fused' -> ('fused', 'float32'); 'fused:bfloat16@onednn' -> ('fused',
+  'bfloat16') (the flag set is the driver's business)."""
+  impl, _, dtype = impl.split("@")[0].partition(":")
   return impl, dtype or "float32"
 
 
@@ -263,9 +291,9 @@ def _keras_features(args, inp):
   from keras import layers as L  # pylint: disable=g-import-not-at-top
   shape = (args.image_size, args.image_size, 3)
   if args.model == "efficientnet_b3":  # Normalization is inside the model.
+    # drop_connect_rate: EfficientNetB3's own default, DROP_CONNECT (0.2).
     return keras.applications.EfficientNetB3(
-        include_top=False, weights=None, input_shape=shape,
-        drop_connect_rate=DROP_CONNECT)(inp)
+        include_top=False, weights=None, input_shape=shape)(inp)
   if args.model == "vgg16":  # 'caffe': BGR, minus the means.
     x = L.Normalization(mean=[103.939, 116.779, 123.68], variance=[1, 1, 1])(
         inp[..., ::-1])
@@ -358,7 +386,8 @@ def main():
   p.add_argument("--jax_impls", default="fused,plain",
                  help="The model's impls to time (config.model.kwargs.impl), "
                       "one jax_<impl> worker each; 'impl:bfloat16' computes "
-                      "in bfloat16 (config.model.dtype).")
+                      "in bfloat16 (config.model.dtype); 'impl@onednn' / "
+                      "'impl@eigen' runs under that XLA_FLAG_SETS entry.")
   p.add_argument("--threads", type=int, default=0,
                  help="Intra-op threads of torch and keras (0: all cores). "
                       "jax rows use XLA:CPU's own pool (all cores).")
@@ -394,8 +423,14 @@ def main():
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}"] + [
         f"--{k}={v}" for k, v in vars(args).items() if k != "worker"]
     err = tempfile.TemporaryFile(mode="w+")
+    flags = name.partition("@")[2]
+    if flags and flags not in XLA_FLAG_SETS:
+      p.error(f"--jax_impls: unknown flag set @{flags}; use one of "
+              f"{', '.join(XLA_FLAG_SETS)}.")
+    wenv = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " "
+                                + XLA_FLAG_SETS[flags]).strip()) if flags else env
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=err, text=True, env=env, cwd=REPO)
+                            stderr=err, text=True, env=wenv, cwd=REPO)
     if proc.stdout.readline().strip() != "ready":
       proc.wait()
       err.seek(0)

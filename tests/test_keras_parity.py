@@ -90,8 +90,10 @@ def assert_layers_match_keras(model, ref: Reference, x_uint8):
                           batch_size=len(x_uint8), verbose=0)
   for tap, out in zip(ours, outs):
     assert_close(ours[tap], out)
-  # The backbone's call (what model.features runs) is the last tap.
-  np.testing.assert_array_equal(_features(model.backbone, x_uint8), ours[list(ours)[-1]])
+  # The backbone's call (what model.features runs) is the last tap. Not
+  # bit-equal: with impl='fused' (the CPU default) the depthwise taps' sums
+  # fuse differently in the two programs, which rounds differently.
+  assert_close(_features(model.backbone, x_uint8), ours[list(ours)[-1]], rtol=1e-5)
 
 
 def snapshot(model):

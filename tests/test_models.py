@@ -395,3 +395,70 @@ def test_efficientnet_impl_auto_and_bad_name():
   assert model.backbone.impl == ("fused" if jax.default_backend() == "cpu" else "plain")
   with pytest.raises(ValueError, match="config.model.kwargs.impl"):
     models.create("efficientnet_b3", rngs=nnx.Rngs(0), impl="fast", **SHALLOW_EFFNET)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((0, 0), (0, 0))])
+def test_pointwise_conv_matches_lax(padding, monkeypatch):
+  """1x1 convolutions as matrix products: value and both gradients equal lax's."""
+  calls = []
+  real = depthwise.pointwise_conv
+  monkeypatch.setattr(depthwise, "pointwise_conv",
+                      lambda *a: calls.append(a) or real(*a))
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(rng.normal(size=(3, 5, 7, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(1, 1, 6, 4)), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def run(fn):
+    y, vjp = jax.vjp(lambda x, w: fn(x, w, (1, 1), padding, dimension_numbers=dn), x, w)
+    g = jnp.asarray(np.random.default_rng(13).normal(size=y.shape), jnp.float32)
+    return (y, *vjp(g))
+
+  ours = run(depthwise.conv_general_dilated)
+  assert len(calls) == 1
+  for a, b in zip(ours, run(jax.lax.conv_general_dilated)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # Strided or padded 1x1 convs are not matrix products: lax's.
+  for strides, pad in (((2, 2), "SAME"), ((1, 1), ((1, 0), (0, 0)))):
+    np.testing.assert_array_equal(
+        depthwise.conv_general_dilated(x, w, strides, pad, dimension_numbers=dn),
+        jax.lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=dn))
+  assert len(calls) == 1
+
+
+def test_vgg16_fused_impl_equals_plain(monkeypatch):
+  """Chunked filter gradients and the reshape pool: same values, gradients within rounding."""
+  from affectjax.models import vgg16  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(vgg16, "FILTER_GRAD_CHUNK", 2)  # Chunks of 2 + 1 images.
+  x = jnp.asarray(np.random.default_rng(14).normal(size=(3, 35, 33, 3)), jnp.float32)
+  results = {}
+  for impl in ("plain", "fused"):
+    model = random_model("vgg16", seed=4, impl=impl, width_multiplier=1 / 16,
+                         head_hidden=8, dropout=0.0)
+    assert model.backbone.impl == impl
+
+    def loss(m):
+      logits, va = m(x, train=True)
+      return jnp.sum(logits ** 2) + jnp.sum(va)
+
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+    results[impl] = (value, nnx.jit(lambda m: m(x)[0])(model), nnx.to_pure_dict(grads))
+  (v0, e0, g0), (v1, e1, g1) = results["plain"], results["fused"]
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  np.testing.assert_allclose(e1, e0, rtol=1e-5, atol=1e-5)
+  for (path, a), b in zip(jax.tree.leaves_with_path(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))),
+                               err_msg=jax.tree_util.keystr(path))
+  with pytest.raises(ValueError, match="config.model.kwargs.impl"):
+    models.create("vgg16", rngs=nnx.Rngs(0), impl="fast", width_multiplier=1 / 16)
+
+
+def test_efficientnet_swish_gradient_matches_autodiff():
+  from affectjax.models import efficientnet  # pylint: disable=g-import-not-at-top
+  x = jnp.linspace(-30.0, 30.0, 601, dtype=jnp.float32)
+  g = jnp.asarray(np.random.default_rng(15).normal(size=x.shape), jnp.float32)
+  np.testing.assert_array_equal(efficientnet.swish(x), nnx.swish(x))
+  ours = jax.grad(lambda x: jnp.sum(efficientnet.swish(x) * g))(x)
+  ref = jax.grad(lambda x: jnp.sum(nnx.swish(x) * g))(x)
+  np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from affectjax.models import depthwise
+from affectjax.models import impl as impl_lib
 from affectjax.models import keras_plan
 from affectjax.models import layers
 from affectjax.models import preprocessing
@@ -47,19 +48,6 @@ _B0_STAGES = (
 _SE_RATIO = 0.25
 
 
-IMPLS = ("auto", "plain", "fused")
-
-
-def resolve_impl(impl: str) -> str:
-  """'auto' -> 'fused' on the CPU backend, 'plain' elsewhere; checks the name."""
-  if impl not in IMPLS:
-    raise ValueError(f"efficientnet_b3 impl={impl!r} (config.model.kwargs.impl): "
-                     f"use one of {', '.join(IMPLS)}.")
-  if impl == "auto":
-    return "fused" if jax.default_backend() == "cpu" else "plain"
-  return impl
-
-
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
   """Keras' round_filters: scale, round to a multiple of 8, never drop >10%."""
   filters *= width
@@ -73,6 +61,29 @@ def _round_repeats(repeats: int, depth: float) -> int:
   return int(math.ceil(depth * repeats))
 
 
+@jax.custom_vjp
+def swish(x):
+  """x * sigmoid(x), as `nnx.swish`, with a one-pass gradient (impl='fused').
+
+  The gradient, g * s * (1 + x * (1 - s)) with s = sigmoid(x), is computed
+  from x alone in one elementwise pass; autodiff of x * sigmoid(x) keeps s
+  and x and takes more passes over each activation on XLA:CPU.
+  """
+  return nnx.swish(x)
+
+
+def _swish_fwd(x):
+  return nnx.swish(x), x
+
+
+def _swish_bwd(x, g):
+  s = jax.nn.sigmoid(x)
+  return (g * (s * (1 + x * (1 - s))),)
+
+
+swish.defvjp(_swish_fwd, _swish_bwd)
+
+
 class MBConv(nnx.Module):
   """Keras efficientnet.block: expand 1x1 -> depthwise -> SE -> project 1x1 (+ drop-connect skip)."""
 
@@ -84,38 +95,45 @@ class MBConv(nnx.Module):
     self.drop_rate = float(drop_rate)
     self.residual = strides == 1 and filters_in == filters_out
     filters = filters_in * expand_ratio
+    # impl='fused': depthwise convs as shifted multiply-adds, 1x1 convs as
+    # matrix products (depthwise.conv_general_dilated; others go to lax).
+    fast = dict(conv_general_dilated=depthwise.conv_general_dilated if fused
+                else None)
     if expand_ratio != 1:
       self.expand_conv = layers.conv(filters_in, filters, 1, use_bias=False,
-                                     dtype=dtype, rngs=rngs)
+                                     dtype=dtype, rngs=rngs, **fast)
       self.expand_bn = layers.batch_norm(filters, dtype=dtype, rngs=rngs, fused_grad=fused)
     else:
       self.expand_conv = self.expand_bn = None
     self.dwconv = layers.conv(filters, filters, kernel_size, strides=strides,
                               padding="VALID" if strides == 2 else "SAME",
                               use_bias=False, groups=filters, dtype=dtype, rngs=rngs,
-                              conv_general_dilated=(depthwise.conv_general_dilated
-                                                    if fused else None))
+                              **fast)
     self.bn = layers.batch_norm(filters, dtype=dtype, rngs=rngs, fused_grad=fused)
     filters_se = max(1, int(filters_in * _SE_RATIO))
-    self.se_reduce = layers.conv(filters, filters_se, 1, dtype=dtype, rngs=rngs)
-    self.se_expand = layers.conv(filters_se, filters, 1, dtype=dtype, rngs=rngs)
+    self.se_reduce = layers.conv(filters, filters_se, 1, dtype=dtype, rngs=rngs,
+                                 **fast)
+    self.se_expand = layers.conv(filters_se, filters, 1, dtype=dtype, rngs=rngs,
+                                 **fast)
     self.project_conv = layers.conv(filters, filters_out, 1, use_bias=False,
-                                    dtype=dtype, rngs=rngs)
+                                    dtype=dtype, rngs=rngs, **fast)
     self.project_bn = layers.batch_norm(filters_out, dtype=dtype, rngs=rngs, fused_grad=fused)
 
   def __call__(self, inputs, *, train: bool, rngs):
+    act = swish if self.fused else nnx.swish
     x = inputs
     if self.expand_conv is not None:
-      x = nnx.swish(self.expand_bn(self.expand_conv(x), use_running_average=not train))
+      x = act(self.expand_bn(self.expand_conv(x), use_running_average=not train))
     if self.strides == 2:
       x = layers.zero_pad(x, layers.keras_correct_pad(x.shape[1], x.shape[2],
                                                       self.kernel_size))
-    x = nnx.swish(self.bn(self.dwconv(x), use_running_average=not train))
+    x = act(self.bn(self.dwconv(x), use_running_average=not train))
     # Squeeze-and-excitation: per-channel gates from the global average.
-    se = jnp.mean(x, axis=(1, 2), keepdims=True)
-    se = nnx.swish(self.se_reduce(se))
-    se = nnx.sigmoid(self.se_expand(se))
-    x = x * se
+    with jax.named_scope("squeeze_excite"):  # Op names for step_profile.py.
+      se = jnp.mean(x, axis=(1, 2), keepdims=True)
+      se = act(self.se_reduce(se))
+      se = nnx.sigmoid(self.se_expand(se))
+      x = x * se
     x = self.project_bn(self.project_conv(x), use_running_average=not train)
     if self.residual:
       if train:
@@ -143,7 +161,7 @@ class EfficientNet(nnx.Module):
   def __init__(self, *, width_coefficient: float, depth_coefficient: float,
                drop_connect_rate: float = 0.2, impl: str = "auto",
                dtype=jnp.float32, rngs: nnx.Rngs):
-    self.impl = resolve_impl(impl)
+    self.impl = impl_lib.resolve("efficientnet_b3", impl)
     fused = self.impl == "fused"
     if not 0.0 <= drop_connect_rate < 1.0:
       raise ValueError(f"drop_connect_rate must be in [0, 1) "
@@ -176,8 +194,9 @@ class EfficientNet(nnx.Module):
     self.blocks = nnx.List(blocks)
     self.block_names = tuple(names)
     self.num_features = rf(1280)
-    self.top_conv = layers.conv(f_out, self.num_features, 1, use_bias=False,
-                                dtype=dtype, rngs=rngs)
+    self.top_conv = layers.conv(
+        f_out, self.num_features, 1, use_bias=False, dtype=dtype, rngs=rngs,
+        conv_general_dilated=depthwise.conv_general_dilated if fused else None)
     self.top_bn = layers.batch_norm(self.num_features, dtype=dtype, rngs=rngs,
                                     fused_grad=fused)
 
@@ -205,12 +224,13 @@ class EfficientNet(nnx.Module):
     out = {}
     x = x.astype(self.dtype)
     x = layers.zero_pad(x, layers.keras_correct_pad(x.shape[1], x.shape[2], 3))
-    x = nnx.swish(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+    act = swish if self.impl == "fused" else nnx.swish
+    x = act(self.stem_bn(self.stem_conv(x), use_running_average=not train))
     out["stem_activation"] = x
     for name, block in zip(self.block_names, self.blocks):
       x = block(x, train=train, rngs=rngs)
       out[name + ("add" if block.residual else "project_bn")] = x
-    x = nnx.swish(self.top_bn(self.top_conv(x), use_running_average=not train))
+    x = act(self.top_bn(self.top_conv(x), use_running_average=not train))
     out["top_activation"] = x
     return out
 

@@ -12,11 +12,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from affectjax.models import custom_cnn
+from affectjax.models import impl as impl_lib
 from affectjax.models import keras_plan
 from affectjax.models import layers
 from affectjax.models import preprocessing
 
 _BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+# Images per filter-gradient convolution under impl='fused'.
+FILTER_GRAD_CHUNK = 8
 
 
 class VGG16(nnx.Module):
@@ -27,19 +31,23 @@ class VGG16(nnx.Module):
   (loading checks every shape).
   """
 
-  def __init__(self, *, width_multiplier: float = 1.0, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, *, width_multiplier: float = 1.0, impl: str = "auto",
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if width_multiplier <= 0:
       raise ValueError(f"vgg16 width_multiplier must be > 0 (config.model.kwargs), "
                        f"got {width_multiplier}.")
     self.dtype = dtype
+    self.impl = impl_lib.resolve("vgg16", impl)
+    fused = self.impl == "fused"
     blocks = []
     in_features = 3
     for filters, repeats in _BLOCKS:
       filters = max(1, int(round(filters * width_multiplier)))
       convs = []
       for _ in range(repeats):
-        convs.append(layers.conv(in_features, filters, 3, dtype=dtype, rngs=rngs))
+        convs.append(layers.conv(
+            in_features, filters, 3, dtype=dtype, rngs=rngs,
+            filter_grad_chunk=FILTER_GRAD_CHUNK if fused else 0))
         in_features = filters
       blocks.append(nnx.List(convs))
     self.blocks = nnx.List(blocks)
@@ -67,7 +75,10 @@ class VGG16(nnx.Module):
     for b, convs in enumerate(self.blocks):
       for conv in convs:
         x = nnx.relu(conv(x))
-      x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+      if self.impl == "fused":
+        x = custom_cnn.max_pool_2x2(x)
+      else:
+        x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       out[f"block{b + 1}_pool"] = x
     return out
 
