@@ -9,7 +9,7 @@ worse its two gradients, as grouped convolutions it handles poorly: its
 filter gradient becomes a *dense* channels x channels convolution whose
 diagonal is kept (C times the work), and the forward and input-gradient
 convolutions run far below the machine's speed (docs/BENCHMARKS.md,
-EfficientNet-B3 profile: together about 80% of the train step).
+EfficientNet-B3 profile: together at least 70% of the train step).
 
 `depthwise_conv` computes the same convolution as k*k shifted, strided slices
 of the padded input, each multiplied by one filter tap (a per-channel
@@ -52,6 +52,19 @@ def _out_size(padded, k, s):
   return (padded - k) // s + 1
 
 
+def _padded(x, padding):
+  """x zero-padded as one array of its own (negative padding crops).
+
+  The barrier keeps XLA from fusing the pad (and what produced x) into each
+  of the k*k tap slices: fused, every tap became an array of its own,
+  written and read once more; materialized once, each tap is a plain
+  strided read inside one multiply-add loop.
+  """
+  zero = jnp.zeros((), x.dtype)
+  return lax.optimization_barrier(lax.pad(
+      x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0))))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def depthwise_conv(x, w, strides, padding):
   """Depthwise conv of NHWC `x` with HWIO `w` of shape (kh, kw, 1, C).
@@ -67,7 +80,7 @@ def depthwise_conv(x, w, strides, padding):
 @jax.named_scope("depthwise_fwd")  # Names the ops for step_profile.py.
 def _forward(x, w, strides, padding):
   kh, kw = w.shape[0], w.shape[1]
-  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  xp = _padded(x, padding)
   oh = _out_size(xp.shape[1], kh, strides[0])
   ow = _out_size(xp.shape[2], kw, strides[1])
   w = w.astype(x.dtype)
@@ -101,6 +114,16 @@ def _input_grad(dy, w, x_shape, strides, padding):
   hp, wp = h + pt + pb, wd + pl + pr
   oh, ow = dy.shape[1], dy.shape[2]
   wx = w.astype(dy.dtype)
+  if strides == (1, 1):
+    # dx[a, b] = sum_ij dy[a + pt - i, b + pl - j] w[i, j]: the forward's
+    # taps over dy padded by (k-1-pt, k-1-pb), with the kernel flipped.
+    dyp = _padded(dy, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+    dx = None
+    for i in range(kh):
+      for j in range(kw):
+        t = _tap(dyp, kh - 1 - i, kw - 1 - j, h, wd, strides) * wx[i, j, 0]
+        dx = t if dx is None else dx + t
+    return dx
   zero = jnp.zeros((), dy.dtype)
   dxp = None
   for i in range(kh):
@@ -119,14 +142,15 @@ def _filter_grad(x, dy, w, strides, padding):
   kh, kw = w.shape[0], w.shape[1]
   oh, ow = dy.shape[1], dy.shape[2]
   c = x.shape[3]
-  # The barrier keeps XLA from sharing these tap slices with the forward
-  # pass's (common-subexpression elimination would otherwise materialize
-  # every tap of the padded input as an array of its own for the two users).
-  xp = jnp.pad(lax.optimization_barrier(x), ((0, 0), padding[0], padding[1],
-                                             (0, 0)))
+  # The inner barrier keeps XLA from merging this padded copy with the
+  # forward pass's (common-subexpression elimination), which would keep it
+  # alive from the forward pass to here.
+  xp = _padded(lax.optimization_barrier(x), padding)
   dyf = dy.astype(jnp.float32)
-  taps = [jnp.sum(_tap(xp, i, j, oh, ow, strides).astype(jnp.float32) * dyf,
-                  axis=(0, 1, 2))
+  # Over the batch first (whole images added up, long contiguous rows),
+  # then over the positions.
+  taps = [jnp.sum(jnp.sum(_tap(xp, i, j, oh, ow, strides).astype(jnp.float32)
+                          * dyf, axis=0), axis=(0, 1))
           for i in range(kh) for j in range(kw)]
   return jnp.stack(taps).reshape(kh, kw, 1, c).astype(w.dtype)
 
@@ -182,7 +206,7 @@ def pointwise_conv(x, w, precision=None, preferred_element_type=None):
 
   XLA:CPU runs 1x1 convolutions through its convolution emitter, whose
   filter gradient (a contraction over every image and position) is slow:
-  5-20x a matrix product's at EfficientNet-B3's 112 px shapes; autodiff of
+  3-23x a matrix product's at EfficientNet-B3's 112 px shapes; autodiff of
   the product gives matrix products for both gradients.
   """
   n, h, wd, c = x.shape
