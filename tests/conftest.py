@@ -35,6 +35,18 @@ def pytest_sessionfinish(session):
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
+@pytest.fixture
+def procs():
+  """Subprocesses a test started (append them); any still running at
+  teardown are killed, so no trainer outlives its test."""
+  started = []
+  yield started
+  for p in started:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
 @pytest.fixture(scope="session")
 def synthetic_arrayrecord(tmp_path_factory):
   """A small synthetic AffectNet, generated and prepared once per session.

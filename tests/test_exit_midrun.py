@@ -62,16 +62,6 @@ def _damage(shard):
   os.replace(tmp, shard)
 
 
-@pytest.fixture
-def procs():
-  started = []
-  yield started
-  for p in started:
-    if p.poll() is None:
-      p.kill()
-      p.wait()
-
-
 @pytest.mark.slow  # Two tiny training runs to their first evaluation.
 def test_data_gone_or_damaged_during_training_exits_1(
     procs, synthetic_arrayrecord, tmp_path):

@@ -30,17 +30,6 @@ def _env(devices):
   return env
 
 
-@pytest.fixture
-def procs():
-  """Started subprocesses; any still running at teardown are killed."""
-  started = []
-  yield started
-  for p in started:
-    if p.poll() is None:
-      p.kill()
-      p.wait()
-
-
 def _spawn(procs, args, *, devices, process_id=None, port=None, num=2):
   extra = [] if port is None else [
       f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num}",

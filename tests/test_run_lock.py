@@ -35,16 +35,6 @@ def _env(**extra):
   return {**env, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", **extra}
 
 
-@pytest.fixture
-def procs():
-  started = []
-  yield started
-  for p in started:
-    if p.poll() is None:
-      p.kill()
-      p.wait()
-
-
 def _hold(procs, tmp_path, workdir, heartbeat_s=30.0, env=None):
   script = tmp_path / "holder.py"
   script.write_text(textwrap.dedent(_HOLDER))
