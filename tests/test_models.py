@@ -360,13 +360,14 @@ def test_depthwise_conv_general_dilated_leaves_other_convs_to_lax(monkeypatch):
   assert len(calls) == 1
 
 
+@pytest.mark.slow  # Four EfficientNet compiles.
 def test_efficientnet_fused_impl_equals_plain():
   """Same variables, outputs, BN statistics; gradients within float32 rounding."""
   x = jnp.asarray(np.random.default_rng(11).normal(size=(3, 35, 33, 3)), jnp.float32)
   results = {}
   for impl in ("plain", "fused"):
     model = random_model("efficientnet_b3", seed=3, impl=impl, head_hidden=8,
-                         dropout=0.0, drop_connect_rate=0.0, **SMALL_EFFNET)
+                         dropout=0.0, drop_connect_rate=0.0, **SHALLOW_EFFNET)
     assert model.backbone.impl == impl
 
     def loss(m):
@@ -391,7 +392,8 @@ def test_efficientnet_fused_impl_equals_plain():
 
 
 def test_efficientnet_impl_auto_and_bad_name():
-  model = models.create("efficientnet_b3", rngs=nnx.Rngs(0), **SHALLOW_EFFNET)
+  model = nnx.eval_shape(lambda: models.create("efficientnet_b3", rngs=nnx.Rngs(0),
+                                               **SHALLOW_EFFNET))
   assert model.backbone.impl == ("fused" if jax.default_backend() == "cpu" else "plain")
   with pytest.raises(ValueError, match="config.model.kwargs.impl"):
     models.create("efficientnet_b3", rngs=nnx.Rngs(0), impl="fast", **SHALLOW_EFFNET)
