@@ -10,8 +10,10 @@ Figures (matplotlib, Agg backend: no display needed), each also saved as PNG:
 ``refresh(workdir, config, examples, manifest=..., selection_split=...)``
 rewrites ``W/report.html`` (+ PNGs in ``W/report/``) at each evaluation:
 learning curves (loss, accuracy, macro-F1, CCC against step), the latest
-confusion matrix (an HTML table: no plotting cost) and circumplex, the config,
-the dataset manifest summary, the best checkpoint and the software versions.
+confusion matrix (an HTML table: no plotting cost) and circumplex, the
+dataset (a table of classes by name with their counts per split), the
+config (a table of fields, those changed from ``config_base``'s defaults
+first), the best checkpoint and the software versions.
 The trainer passes what it already holds (its config, the manifest it read at
 start, the split it selects checkpoints on); called on a workdir alone, the
 report opens it the way the tools do (``workdir.load_config``). It never
@@ -271,15 +273,91 @@ def _read_manifest(data_dir: str) -> dict[str, Any] | None:
     return None
 
 
-def _manifest_summary(data_dir: str, m: dict[str, Any]) -> dict[str, Any]:
-  splits = {}
-  for name, info in (m.get("splits") or {}).items():
-    splits[name] = {k: info.get(k) for k in ("num_examples", "class_counts",
-                                             "num_skipped", "skipped")
-                    if k in info}
-  return {"dir": data_dir, "splits": splits,
-          **{k: m.get(k) for k in ("image_size", "encoding", "num_classes",
-                                   "layout", "skipped") if k in m}}
+_SPLIT_ORDER = ("train", "holdout", "val")
+
+
+def dataset_html(data_dir: str, m: dict[str, Any]) -> str:
+  """The Dataset section's tables: the prepared dir's facts, then one row per
+  class (by name) with its count in each split, the examples written and
+  skipped per split."""
+  facts = [("dir", data_dir)] + [
+      (k, m[k]) for k in ("dataset", "layout", "image_size", "encoding",
+                          "num_classes") if k in m]
+  parts = [_table(facts)]
+  splits = m.get("splits") or {}
+  names = sorted(splits, key=lambda s: (
+      _SPLIT_ORDER.index(s) if s in _SPLIT_ORDER else len(_SPLIT_ORDER), s))
+  if not names:
+    return parts[0]
+  counts = {s: splits[s].get("class_counts") or [] for s in names}
+  n = max([len(c) for c in counts.values()]
+          + [int(m.get("num_classes") or 0)])
+  labels = m.get("label_names")
+  if not labels or len(labels) != n:
+    labels = data.label_names(n) if n in (7, 8) else [str(i) for i in range(n)]
+  head = "".join(f"<th>{html.escape(s)}</th>" for s in names)
+  rows = []
+  for i, label in enumerate(labels):
+    cells = "".join(
+        f"<td style='text-align:right'>"
+        f"{counts[s][i] if i < len(counts[s]) else 'n/a'}</td>" for s in names)
+    rows.append(f"<tr><th>{html.escape(str(label))}</th>{cells}</tr>")
+
+  def total_row(title, value):
+    cells = "".join(f"<td style='text-align:right'>{html.escape(_fmt(value(splits[s])))}"
+                    "</td>" for s in names)
+    return f"<tr><th>{title}</th>{cells}</tr>"
+
+  rows.append(total_row("examples", lambda i: i.get(
+      "written", i.get("num_examples"))))
+  if any("skipped" in splits[s] for s in names):
+    rows.append(total_row("skipped", lambda i: sum(
+        (i.get("skipped") or {}).values()) if isinstance(
+            i.get("skipped"), dict) else i.get("skipped")))
+  parts.append(f"<table class='dataset'><tr><th>class</th>{head}</tr>"
+               f"{''.join(rows)}</table>")
+  return "\n".join(parts)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (config fields by their flag name)."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def config_html(config) -> str:
+  """The Config section's table: every field by its ``--config.`` name, the
+  fields that differ from ``config_base``'s defaults first (with the
+  default beside them), then the rest."""
+  from affectjax import config_base  # pylint: disable=g-import-not-at-top
+  values = _flat(fileio.to_json_compatible(config.to_dict()))
+  defaults = _flat(fileio.to_json_compatible(
+      config_base.get_base_config().to_dict()))
+  def same(k):
+    return k in defaults and json.dumps(values[k]) == json.dumps(defaults[k])
+  changed = [k for k in values if not same(k)]
+  rest = [k for k in values if same(k)]
+
+  def cell(v):
+    return html.escape(json.dumps(v) if not isinstance(v, str) else repr(v))
+
+  rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{cell(values[k])}</td>"
+                 f"<td>{cell(defaults[k]) if k in defaults else '(none)'}"
+                 "</td></tr>" for k in changed)
+  same_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{cell(values[k])}"
+                      "</td></tr>" for k in rest)
+  return (f"<h3>Changed from the defaults ({len(changed)})</h3>"
+          "<table class='config'><tr><th>field</th><th>value</th>"
+          f"<th>default</th></tr>{rows}</table>"
+          f"<details><summary>The other {len(rest)} fields, at their "
+          "defaults</summary><table class='config'><tr><th>field</th>"
+          f"<th>value</th></tr>{same_rows}</table></details>")
 
 
 def _table(rows: Sequence[tuple[str, Any]]) -> str:
@@ -382,12 +460,11 @@ def build_report(workdir, config, examples: dict | None = None, *,
   parts.extend(_start_section(workdir))
   parts.append("<h2>Dataset</h2>")
   if manifest:
-    summary = _manifest_summary(str(config.data.dir), manifest)
-    parts.append(f"<pre>{html.escape(json.dumps(summary, indent=1))}</pre>")
+    parts.append(dataset_html(str(config.data.dir), manifest))
   else:
     parts.append("<p>manifest.json not found.</p>")
-  parts.append("<h2>Config</h2><pre>" + html.escape(config.to_json_best_effort(
-      indent=1)) + "</pre>")
+  parts.extend(_budget_section(workdir))
+  parts.append("<h2>Config</h2>" + config_html(config))
   parts.append("<h2>Software</h2>" + _table(list(software_versions().items())))
   style = ("<style>body{font-family:sans-serif;margin:1.5em}"
            "table{border-collapse:collapse}th,td{border:1px solid #ccc;"
@@ -421,6 +498,31 @@ def _start_section(workdir) -> list[str]:
           _table([(k, record.get(k)) for k in (
               "workdir", "checkpoint", "step", "ema", "model",
               "data_fingerprint", "weights_sha256")])]
+
+
+def _budget_section(workdir) -> list[str]:
+  """"Time budget": the run's plan (``W/time_budget.json``), if it has one."""
+  from affectjax import time_budget  # pylint: disable=g-import-not-at-top
+  try:
+    plan = time_budget.load(workdir)
+  except (OSError, ValueError):
+    return []
+  if plan is None:
+    return []
+  rows = [("budget", time_budget.describe(plan.budget_s)),
+          ("planned steps", plan.total_steps),
+          ("measured", f"{plan.step_s * 1e3:.1f} ms/step over "
+                       f"{plan.window_steps} steps"),
+          ("evaluation every", f"{plan.eval_every_steps} steps "
+                               f"({plan.eval_s:.1f} s each)"),
+          ("checkpoint every", f"{plan.checkpoint_every_steps} steps"),
+          ("spent before the plan", f"{plan.planned_at_s:.0f} s")]
+  if plan.stopped_early_at is not None:
+    rows.append(("stopped early at", f"step {plan.stopped_early_at} (the "
+                 "machine slowed; the schedule did not reach its end)"))
+  elif plan.finished_at_s is not None:
+    rows.append(("finished", f"in {plan.finished_at_s:.0f} s"))
+  return ["<h2>Time budget</h2>", _table(rows)]
 
 
 def _latest_circumplex(workdir) -> str | None:

@@ -28,7 +28,7 @@ def test_refresh_writes_report_with_curves_confusion_config_versions(run_dir):
   page = (run_dir / "report.html").read_text()
   for needle in ("Learning curves", "report/learning_curves.png",
                  "class='cm'", "at step 6", "macro_f1",
-                 "&quot;num_classes&quot;", "flax", "Dataset", "examples"):
+                 "<th>num_classes</th>", "flax", "Dataset", "examples"):
     assert needle in page, needle
   for name in ("learning_curves.png",):
     with Image.open(run_dir / "report" / name) as im:
@@ -108,3 +108,47 @@ def test_learning_curves_leave_out_a_panel_no_record_has():
   assert titles(records) == ["loss", "accuracy", "macro-F1"]
   with_va = [dict(r, valence_ccc=0.4, arousal_ccc=0.3) for r in records]
   assert titles(with_va) == ["loss", "accuracy", "macro-F1", "CCC"]
+
+
+def test_dataset_and_config_are_tables(run_dir):
+  """Dataset: one row per class, by name, with its count in each split;
+  Config: the fields changed from config_base's defaults first, each beside
+  its default, the rest after; neither is a JSON dump."""
+  import json  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  config = workdir_lib.load_config(run_dir)
+  manifest = data.read_manifest(config.data.dir)
+  assert report.refresh(run_dir, config, manifest=manifest)
+  page = (run_dir / "report.html").read_text()
+  assert "<pre>" not in page
+  dataset = re.search(r"<table class='dataset'>(.*?)</table>", page).group(1)
+  cells = lambda row: re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row)
+  rows = [cells(r) for r in re.findall(r"<tr>(.*?)</tr>", dataset)]
+  assert rows[0] == ["class", "train", "val"]
+  by_class = {r[0]: [int(v) for v in r[1:]] for r in rows[1:]
+              if r[0] not in ("examples", "skipped")}
+  for i, name in enumerate(data.label_names(8)):
+    assert by_class[name] == [manifest["splits"][s]["class_counts"][i]
+                              for s in ("train", "val")], name
+  examples = next(r for r in rows if r[0] == "examples")
+  assert examples[1:] == ["160", "52"]
+  section = page[page.index("<h2>Config</h2>"):page.index("<h2>Software")]
+  changed, rest = section.split("<details>", 1)
+  changed_rows = {r[0]: r[1:] for r in map(
+      cells, re.findall(r"<tr>(.*?)</tr>", changed))}
+  assert changed_rows["image_size"] == [str(config.image_size), "112"]
+  assert changed_rows["data.dir"][0] == html_repr(config.data.dir)
+  assert "loss.valence_weight" not in changed_rows
+  assert "<th>loss.valence_weight</th><td>1.0</td>" in rest
+  # Changed fields come first, the defaults after: every field once.
+  fields = [f for f in re.findall(r"<tr><th>([a-z_.0-9]+)</th>", section)
+            if f != "field"]
+  assert len(fields) == len(set(fields))
+  flat = json.loads(json.dumps(config.to_dict(), default=list))
+  assert "model.kwargs.widths" in changed_rows and "seed" in fields
+  assert len(fields) >= len(flat)
+
+
+def html_repr(text):
+  import html  # pylint: disable=g-import-not-at-top
+  return html.escape(repr(text))
