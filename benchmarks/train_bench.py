@@ -184,9 +184,12 @@ def step_jax_train(args):
   """The real trainer step (`train.make_steps`): with the device augmentation."""
   import jax  # pylint: disable=g-import-not-at-top
   c = _jax_config(args, "auto")
-  from affectjax import sharding, train, train_state  # pylint: disable=g-import-not-at-top
+  from affectjax import cpu_devices, sharding, train, train_state  # pylint: disable=g-import-not-at-top
+  # The trainer's CPU split (one device per core unless --cpu_devices).
+  c.cpu_devices = args.cpu_devices
+  cpu_devices.configure(c)
   images, labels, va = _batch(args)
-  mesh = sharding.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh()
   batch = sharding.shard_batch({"image": images, "expression": labels,
                                 "valence": va[:, 0], "arousal": va[:, 1]}, mesh)
   graphdef, state, tx = train_state.init_state(c, mesh)
@@ -388,6 +391,9 @@ def main():
                       "one jax_<impl> worker each; 'impl:bfloat16' computes "
                       "in bfloat16 (config.model.dtype); 'impl@onednn' / "
                       "'impl@eigen' runs under that XLA_FLAG_SETS entry.")
+  p.add_argument("--cpu_devices", type=int, default=0,
+                 help="JAX CPU devices of the jax_train row, as the trainer's "
+                 "--config.cpu_devices (0: one per core, automatic; 1: one).")
   p.add_argument("--threads", type=int, default=0,
                  help="Intra-op threads of torch and keras (0: all cores). "
                       "jax rows use XLA:CPU's own pool (all cores).")
