@@ -26,7 +26,8 @@ e.g. widths=(4, 8).
            and one filter-gradient convolution over the whole batch is
            poorly blocked (docs/BENCHMARKS.md has the profile).
   'auto'   (default) 'fused' when JAX's default backend is the CPU, else
-           'plain'.
+           'plain' (`impl.resolve`, the rule VGG16 and EfficientNet-B3
+           share).
 
 The pool's gradient goes to one pixel of each window, the first of equal
 maxima, as reduce_window's does. Here the pool follows a ReLU, so equal maxima
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from affectjax.models import impl as impl_lib
 from affectjax.models import layers
 from affectjax.models import preprocessing
 
@@ -59,20 +61,10 @@ class ConvBNReLU(nnx.Module):
     return nnx.relu(self.bn(self.conv(x), use_running_average=not train))
 
 
-IMPLS = ("auto", "plain", "fused")
-# Images per filter-gradient convolution under impl='fused' (8 and 16 were
-# the fastest of 2-64 at 48 px, batch 64, on XLA:CPU; docs/BENCHMARKS.md).
+# Images per filter-gradient convolution under impl='fused', per device (8 and
+# 16 were the fastest of 2-64 at 48 px, batch 64, on XLA:CPU; 8 per device
+# of 2 devices beat 4: docs/BENCHMARKS.md).
 FILTER_GRAD_CHUNK = 8
-
-
-def resolve_impl(impl: str) -> str:
-  """'auto' -> 'fused' on the CPU backend, 'plain' elsewhere; checks the name."""
-  if impl not in IMPLS:
-    raise ValueError(f"custom_cnn impl={impl!r} (config.model.kwargs.impl): "
-                     f"use one of {', '.join(IMPLS)}.")
-  if impl == "auto":
-    return "fused" if jax.default_backend() == "cpu" else "plain"
-  return impl
 
 
 @jax.custom_vjp
@@ -134,7 +126,7 @@ class CustomCNN(nnx.Module):
           f"convs_per_stage >= 1; got widths={widths}, "
           f"convs_per_stage={convs_per_stage} (config.model.kwargs).")
     self.dtype = dtype
-    self.impl = resolve_impl(impl)
+    self.impl = impl_lib.resolve("custom_cnn", impl)
     fused = self.impl == "fused"
     self.num_features = widths[-1]
     stages = []
