@@ -43,6 +43,10 @@ def traced_under(mesh: Mesh, fn):
   def traced(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args, **kwargs)
+  # jit names the computation (profiles, the compilation cache's log) after
+  # the function; a partial's is its function's, as jit alone would use.
+  traced.__name__ = traced.__qualname__ = getattr(
+      fn, "__name__", getattr(getattr(fn, "func", None), "__name__", "traced"))
   return traced
 
 

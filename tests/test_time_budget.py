@@ -278,5 +278,10 @@ def test_two_processes_agree_on_the_plan(synthetic_arrayrecord, tmp_path):
   assert len(plans[0]) == 1 and plans[0] == plans[1], plans
   plan = _plan(str(tmp_path))
   assert f"{plan['total_steps']} steps" in plans[0][0]
-  assert _steps(str(tmp_path))[-1] == plan["total_steps"]
-  assert _lines(str(tmp_path), "train")[-1]["step"] == plan["total_steps"]
+  last = _steps(str(tmp_path))[-1]
+  if last != plan["total_steps"]:
+    # A loaded machine (the suite's other worker): the deadline stopped the
+    # run early, and process 0's decision stopped both at the same step.
+    assert any(f"reached: stopped at step {last} of the plan's" in err
+               for _, err in outs), outs[0][1][-3000:]
+  assert _lines(str(tmp_path), "train")[-1]["step"] == last
