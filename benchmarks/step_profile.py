@@ -178,6 +178,14 @@ def main():
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_dump_to={work}/dump --xla_dump_hlo_as_text")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # As the trainer: Eigen convolutions (affectjax/xla_cpu.py). Their thunks
+  # hand the work to Eigen's thread pool and are traced as dispatch only, so
+  # their time is the step's wall time less the listed ops; set
+  # XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution
+  # to profile XLA's YNNPACK convolutions op by op.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from affectjax import xla_cpu  # pylint: disable=g-import-not-at-top
+  xla_cpu.configure()
   import jax  # pylint: disable=g-import-not-at-top
   import train_bench  # pylint: disable=g-import-not-at-top
   step, state, batch = train_bench.make_jax_step(args, args.impl)

@@ -93,13 +93,19 @@ def _widths(args):
 # ----------------------------------------------------------------------------
 # Workers (run in subprocesses). Each returns run(n): n train steps, blocking.
 # ----------------------------------------------------------------------------
-# XLA:CPU flag sets a jax row can run under: `--jax_impls=fused@onednn`.
+# XLA:CPU flag sets a jax row can run under: `--jax_impls=fused@ynn`. Without
+# one, jax rows run as the trainer does: Eigen convolutions
+# (affectjax/xla_cpu.py).
 XLA_FLAG_SETS = {
+    # XLA's default: YNNPACK convolutions (the trainer's before xla_cpu.py).
+    "ynn": "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution",
     # oneDNN convolutions and matmuls (custom calls) instead of YNNPACK/Eigen.
     "onednn": "--xla_cpu_use_onednn=true "
               "--xla_cpu_experimental_onednn_custom_call=true",
-    # Eigen convolutions instead of YNNPACK's.
-    "eigen": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+    # Eigen convolutions, each op on one thread (for one device per core).
+    "eigen1": "--xla_cpu_multi_thread_eigen=false",
+    # No YNNPACK fusions at all (convolutions, dots, reductions: XLA's own).
+    "noynn": "--xla_cpu_experimental_ynn_fusion_type=",
 }
 
 
@@ -180,13 +186,16 @@ def step_jax(args, impl):
   return run
 
 
-def step_jax_train(args):
-  """The real trainer step (`train.make_steps`): with the device augmentation."""
+def step_jax_train(args, devices=None):
+  """The real trainer step (`train.make_steps`): with the device augmentation.
+
+  `devices`: the row's CPU device count (`jax_train:N`), else --cpu_devices.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   c = _jax_config(args, "auto")
   from affectjax import cpu_devices, sharding, train, train_state  # pylint: disable=g-import-not-at-top
   # The trainer's CPU split (one device per core unless --cpu_devices).
-  c.cpu_devices = args.cpu_devices
+  c.cpu_devices = args.cpu_devices if devices is None else devices
   cpu_devices.configure(c)
   images, labels, va = _batch(args)
   mesh = sharding.make_mesh()
@@ -340,9 +349,12 @@ def step_keras(args):
 
 
 def _make_worker(name, args):
-  if name.startswith("jax_") and name != "jax_train":
+  if name.startswith("jax_train"):  # jax_train[:N][@flags]
+    n = name.split("@")[0].partition(":")[2]
+    return step_jax_train(args, int(n) if n else None)
+  if name.startswith("jax_"):
     return step_jax(args, name[len("jax_"):])
-  return {"jax_train": step_jax_train, "torch": step_torch,
+  return {"torch": step_torch,
           "keras": step_keras}[name](args)
 
 
@@ -389,8 +401,8 @@ def main():
   p.add_argument("--jax_impls", default="fused,plain",
                  help="The model's impls to time (config.model.kwargs.impl), "
                       "one jax_<impl> worker each; 'impl:bfloat16' computes "
-                      "in bfloat16 (config.model.dtype); 'impl@onednn' / "
-                      "'impl@eigen' runs under that XLA_FLAG_SETS entry.")
+                      "in bfloat16 (config.model.dtype); 'impl@ynn' / "
+                      "'impl@onednn' runs under that XLA_FLAG_SETS entry.")
   p.add_argument("--cpu_devices", type=int, default=0,
                  help="JAX CPU devices of the jax_train row, as the trainer's "
                  "--config.cpu_devices (0: one per core, automatic; 1: one).")
@@ -398,7 +410,9 @@ def main():
                  help="Intra-op threads of torch and keras (0: all cores). "
                       "jax rows use XLA:CPU's own pool (all cores).")
   p.add_argument("--frameworks", default="jax,torch,keras",
-                 help="Subset of jax (the --jax_impls rows), jax_train, "
+                 help="Subset of jax (the --jax_impls rows), jax_train "
+                      "(also jax_train:N for N CPU devices, and @flagset as "
+                      "in --jax_impls, e.g. jax_train:2@ynn), "
                       "torch, keras.")
   p.add_argument("--steps", type=int, default=10, help="Steps per repeat.")
   p.add_argument("--warmup", type=int, default=3)
@@ -413,7 +427,7 @@ def main():
   for f in args.frameworks.split(","):
     if f == "jax":
       names += [f"jax_{i}" for i in args.jax_impls.split(",")]
-    elif f in ("jax_train", "torch", "keras"):
+    elif f in ("torch", "keras") or f.startswith("jax_train"):
       names.append(f)
     else:
       p.error(f"--frameworks: unknown {f!r}; use jax, jax_train, torch, keras.")
@@ -435,6 +449,11 @@ def main():
               f"{', '.join(XLA_FLAG_SETS)}.")
     wenv = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " "
                                 + XLA_FLAG_SETS[flags]).strip()) if flags else env
+    if name.startswith("jax"):  # TF's XLA would refuse XLA:CPU's new flags.
+      sys.path.insert(0, REPO)
+      from affectjax import xla_cpu  # pylint: disable=g-import-not-at-top
+      wenv = dict(wenv)
+      xla_cpu.configure(wenv)
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=err, text=True, env=wenv, cwd=REPO)
     if proc.stdout.readline().strip() != "ready":

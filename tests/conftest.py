@@ -17,6 +17,9 @@ for _flag in ("--xla_force_host_platform_device_count=8",
               "--xla_backend_optimization_level=0"):
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# Eigen convolutions, as every entry point runs them (affectjax/xla_cpu.py).
+from affectjax import xla_cpu  # noqa: E402
+xla_cpu.configure()
 
 # The decoded-image cache goes to a directory of this test run, never the
 # user's ~/.cache: set here, in the process that starts the xdist workers, so
