@@ -13,7 +13,14 @@ off) the run's length comes from the clock, not from ``config.total_steps``:
   3. ``make_plan`` sets the step count so that training, the planned
      evaluations and saves and a safety margin end within what is left of
      the budget, and scales the config's step cadences with it (below);
-  4. while training, ``Deadline`` stops the run early (a final evaluation and
+  4. after each evaluation while training, the rest is planned again
+     (``Tracker.replan``) from the pace the steps actually kept since the
+     last plan (evaluations and saves excluded), with the evaluation and
+     checkpoint cadences kept: the window's 30 s can misjudge a long run's
+     pace (on the 2-core Intel VM the FER2013 recipe's steady steps were 5%
+     slower than its window's, and two 30-minute runs stopped at 95% and 98%
+     of their plans with the learning rate not yet at its end);
+  5. while training, ``Deadline`` stops the run early (a final evaluation and
      checkpoint, and a warning that says the schedule did not reach its end)
      if the machine slowed so much that the rest would not fit.
 
@@ -31,7 +38,9 @@ the first absolute steps of Adam; it is capped at the plan's length) and so
 is ``log_every_steps``. The learning-rate schedule is the config's with
 ``total_steps`` replaced, so it ends on the plan's last step. The schedule's
 length and ``unfreeze_step`` reach the compiled step as traced arguments:
-planning does not compile it again. The window's steps run with the
+planning (and planning again) does not compile it again; a new length
+moves the cosine's remaining curve by as much as the length changed, without
+a jump in the rate larger than that. The window's steps run with the
 config's own ``total_steps``: its learning rates are the plan's while the
 window is inside the warmup (the usual case), and differ by a cosine factor
 within about ``window/total`` of 1 otherwise.
@@ -66,6 +75,10 @@ from affectjax import fileio
 
 PLAN_NAME = "time_budget.json"
 MIN_WINDOW_STEPS = 3
+# Planning again needs this many steps paced since the last plan, and keeps
+# the plan when the new length differs by less than REPLAN_MIN_CHANGE of it.
+MIN_REPLAN_STEPS = 10
+REPLAN_MIN_CHANGE = 0.005
 # The plan leaves this share of the budget (at least MIN_MARGIN_S) unused,
 # for jitter: other processes on the host, a slower input for a while.
 MARGIN_FRACTION = 0.03
@@ -167,6 +180,9 @@ class Plan:
   evaluations: int  # Evaluation rounds the plan reserves time for.
   # [[step, budget spent when that step was saved], ...]
   ledger: list = dataclasses.field(default_factory=list)
+  # [[step, total_steps before, after, paced seconds per step], ...]: each
+  # planning again (the first entry's "before" is the first plan's length).
+  replans: list = dataclasses.field(default_factory=list)
   stopped_early_at: int | None = None
   finished_at_s: float | None = None
 
@@ -237,7 +253,8 @@ def _rounds(every: int, start: int, total: int) -> int:
 
 def make_plan(config, *, budget_s: float, spent_s: float, step: int,
               step_s: float, window_steps: int, window_s: float,
-              eval_s: float, save_s: float, processes: int = 1) -> Plan:
+              eval_s: float, save_s: float, processes: int = 1,
+              cadence: Plan | None = None) -> Plan:
   """The step count and cadences that fit the rest of the budget.
 
   Args:
@@ -253,6 +270,9 @@ def make_plan(config, *, budget_s: float, spent_s: float, step: int,
     processes: process count (recorded; the deadline is checked about
       every second: each check waits for the step, and with several
       processes is a broadcast).
+    cadence: planning again: the plan whose evaluation and checkpoint
+      cadences, unfreeze and warmup steps are kept (``step`` was just
+      evaluated and saved; only later rounds are counted).
   """
   del processes  # The same rule for any count.
   step_s = max(float(step_s), 1e-6)
@@ -264,14 +284,20 @@ def make_plan(config, *, budget_s: float, spent_s: float, step: int,
             + 2 * check_every * step_s)
   base_total = max(1, int(config.total_steps))
 
+  first = step if cadence is None else step + 1  # The first round to count.
+
   def cost(total: int):
     """(seconds from now to the end, eval cadence, save cadence, rounds)."""
     factor = total / base_total
-    eval_every = _scaled(config.eval_every_steps, factor)
-    ckpt_every = (_scaled(config.checkpoint_every_steps, factor)
-                  if int(config.checkpoint_every_steps) > 0 else 0)
-    evals = _rounds(eval_every, step, total)
-    saves = evals + (_rounds(ckpt_every, step, total) if ckpt_every else 0)
+    if cadence is None:
+      eval_every = _scaled(config.eval_every_steps, factor)
+      ckpt_every = (_scaled(config.checkpoint_every_steps, factor)
+                    if int(config.checkpoint_every_steps) > 0 else 0)
+    else:
+      eval_every = cadence.eval_every_steps
+      ckpt_every = cadence.checkpoint_every_steps
+    evals = _rounds(eval_every, first, total)
+    saves = evals + (_rounds(ckpt_every, first, total) if ckpt_every else 0)
     seconds = (total - step) * step_s + evals * eval_s + saves * save_s
     return seconds, eval_every, ckpt_every, evals
 
@@ -300,13 +326,16 @@ def make_plan(config, *, budget_s: float, spent_s: float, step: int,
         max(left, 0.0))
   factor = total / base_total
   unfreeze = int(config.transfer.unfreeze_step)
-  if config.transfer.mode == "two_phase":
+  if cadence is not None:
+    unfreeze = cadence.unfreeze_step
+  elif config.transfer.mode == "two_phase":
     unfreeze = min(int(round(unfreeze * factor)), total - 1)
   return Plan(
       budget_s=float(budget_s), total_steps=int(total),
       eval_every_steps=int(eval_every), checkpoint_every_steps=int(ckpt_every),
       unfreeze_step=int(unfreeze),
-      warmup_steps=int(min(int(config.optimizer.warmup_steps), total)),
+      warmup_steps=int(min(int(config.optimizer.warmup_steps), total)
+                       if cadence is None else cadence.warmup_steps),
       check_every_steps=int(check_every), step_s=float(step_s),
       window_steps=int(window_steps), window_s=float(window_s),
       eval_s=float(eval_s), save_s=float(save_s), margin_s=float(margin),
@@ -379,6 +408,8 @@ class Deadline:
     self._last = None  # (step, time) of the last check.
     self._next = 0  # The next check's step (several processes).
     self.slowdown = 1.0
+    # Steps and seconds between checks (evaluations excluded): the pace.
+    self.paced_steps, self.paced_s = 0, 0.0
 
   def remaining(self) -> float:
     return self.deadline - time.time()
@@ -392,6 +423,8 @@ class Deadline:
     if self._last is not None and step > self._last[0]:
       per_step = (now - self._last[1]) / (step - self._last[0])
       self.slowdown = max(1.0, per_step / max(self.plan.step_s, 1e-9))
+      self.paced_steps += step - self._last[0]
+      self.paced_s += now - self._last[1]
     self._last = (step, now)
     step_s = self.plan.step_s * self.slowdown
     interval = 1 if jax.process_count() == 1 else max(
@@ -553,6 +586,57 @@ class Tracker:
     # On every process (each received it from process 0).
     logging.info("Plan: %s.", plan.summary())
     return plan
+
+  def replan(self, step: int) -> Plan | None:
+    """After an evaluation and its save at ``step``: the rest planned again.
+
+    Process 0 sets the length from the pace its deadline checks saw since
+    the last plan (at least MIN_REPLAN_STEPS steps; evaluations and saves
+    are not steps), keeping the cadences; every process gets the same
+    plan. Returns the new plan, or None when it is kept (too few steps
+    paced, or a change below REPLAN_MIN_CHANGE of the length).
+    """
+    old = self.plan
+    if (self.deadline is None or old is None or step >= old.total_steps
+        or self.measuring):
+      return None
+    mine = None
+    paced = self.deadline.paced_steps
+    if jax.process_index() == 0 and paced >= MIN_REPLAN_STEPS:
+      pace = self.deadline.paced_s / paced
+      mine = make_plan(
+          self.config, budget_s=old.budget_s, spent_s=self.spent(),
+          step=step, step_s=pace, window_steps=old.window_steps,
+          window_s=old.window_s, eval_s=old.eval_s, save_s=old.save_s,
+          processes=jax.process_count(), cadence=old)
+      if abs(mine.total_steps - old.total_steps) < max(
+          1, REPLAN_MIN_CHANGE * old.total_steps):
+        mine = None
+      else:
+        # The first plan's measurement and bookkeeping stay.
+        mine.window_steps, mine.window_s = old.window_steps, old.window_s
+        mine.planned_at_step = old.planned_at_step
+        mine.planned_at_s = old.planned_at_s
+        mine.evaluations = _rounds(old.eval_every_steps, old.planned_at_step,
+                                   mine.total_steps)
+        mine.ledger = list(old.ledger)
+        mine.replans = list(old.replans) + [
+            [int(step), int(old.total_steps), int(mine.total_steps),
+             round(pace, 6)]]
+    new = agree(mine)
+    if new is None:  # The pace keeps accumulating until the next try.
+      return None
+    if jax.process_index() != 0:  # Process 0's bookkeeping is the file's.
+      new.ledger = list(old.ledger)
+    self._use(new)
+    if jax.process_index() == 0:
+      save(self.workdir, new)
+    logging.info(
+        "Time budget %s: planned again at step %d from the pace since the "
+        "last plan (%.1f ms/step, was %.1f): %d steps (was %d).",
+        describe(new.budget_s), step, new.step_s * 1e3, old.step_s * 1e3,
+        new.total_steps, old.total_steps)
+    return new
 
   def record_save(self, step: int) -> None:
     """Notes the budget spent at a save (the resume's accounting)."""

@@ -490,6 +490,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
         # the report's "Best checkpoint" then includes this evaluation.
         report.refresh(workdir, config, examples, manifest=manifest,
                        selection_split=select_split)
+      if records and not last and not budget_stop and budget.replan(step):
+        run_config = budget.run_config  # The pace seen: a new length.
+        bar.set_total(run_config.total_steps)
       if records and stopper.update(step, records[select_split]):
         logging.warning(
             "Early stopping at step %d: %s on %s has not improved for %d "

@@ -4,6 +4,7 @@ Also the run as users start it: real subprocesses of ``affectjax.main`` (and
 ``launch.sh``) stopped by SIGTERM, killed with SIGKILL at random moments and
 rerun, which must end exactly where an uninterrupted run does.
 """
+import concurrent.futures
 import json
 import os
 import random
@@ -229,6 +230,18 @@ def _finish(proc, timeout=300):
   return out, err
 
 
+def _finish_all(procs, timeout=300):
+  """``_finish`` for several processes at once, reading every pipe.
+
+  Waiting on one process while another's pipes go unread deadlocks a
+  multi-process run: a pipe holds 64 KiB, the blocked process stops at its
+  next collective, and so do the others (seen with the 2-step log lines of a
+  time-budget test).
+  """
+  with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+    return list(pool.map(lambda p: _finish(p, timeout), procs))
+
+
 def _metrics_lines(workdir) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -412,7 +425,7 @@ def test_two_processes_stop_together_and_resume_as_one_process(
   procs = _start_processes(args)
   _wait_for_train_step(procs[0], str(tmp_path), 2)
   procs[1].send_signal(signal.SIGTERM)
-  outs = [_finish(p, timeout=120) for p in procs]
+  outs = _finish_all(procs, timeout=120)
   for p, (_, err) in zip(procs, outs):
     # Both, not only the signalled one: a scheduler requeues each task.
     assert p.returncode == PREEMPTED, err[-3000:]
@@ -425,7 +438,7 @@ def test_two_processes_stop_together_and_resume_as_one_process(
   assert str(stopped) in os.listdir(tmp_path / "checkpoints")
 
   procs = _start_processes(args)
-  outs = [_finish(p) for p in procs]
+  outs = _finish_all(procs)
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert "Expression accuracy" in outs[0][0]  # Only process 0 prints.

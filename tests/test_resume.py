@@ -20,7 +20,7 @@ from configs import custom_cnn
 from tests import use_fixtures
 from test_checkpoint import AbslWarnings
 from test_end_to_end import (  # pylint: disable=unused-import
-    _kill_leftovers, _finish, _metrics_lines, _start,
+    _kill_leftovers, _finish_all, _metrics_lines, _start,
     _start_processes)
 
 TOTAL = 4
@@ -85,7 +85,7 @@ def _resume(source, workdir, step, data_dir, cache, *, written_by, processes,
   else:
     assert devices == 2
     procs = _start_processes(args, n=processes)
-  outs = [_finish(p) for p in procs]
+  outs = _finish_all(procs)
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   resumed = outs[0][1].split("Resumed from")[1].splitlines()[0]
