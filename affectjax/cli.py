@@ -10,6 +10,8 @@ which, once the flags are parsed:
 
 * runs XLA:CPU's convolutions in Eigen (``xla_cpu.configure``: measured
   faster than its YNNPACK default; a user's own ``XLA_FLAGS`` setting wins).
+  (Keeping XLA:CPU's step buffers in the process, ``host_malloc``, is done
+  earlier, by ``import affectjax``.)
 * keeps third-party INFO logging out of the output. Orbax, Grain and JAX log
   their internals at INFO (handler registries, read throughput, metadata
   stores closing); a tool's output is its own progress and its result. Their

@@ -185,7 +185,7 @@ def main():
   # to profile XLA's YNNPACK convolutions op by op.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from affectjax import xla_cpu  # pylint: disable=g-import-not-at-top
-  xla_cpu.configure()
+  xla_cpu.configure()  # (The import set malloc as the trainer has it.)
   import jax  # pylint: disable=g-import-not-at-top
   import train_bench  # pylint: disable=g-import-not-at-top
   step, state, batch = train_bench.make_jax_step(args, args.impl)

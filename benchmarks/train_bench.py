@@ -32,6 +32,14 @@ interfere):
   jax_train    the real `affectjax.train` step (`train.make_steps`), which
                also runs the device augmentation (random resized crop,
                flip): not like for like, shown for what a run costs.
+               `jax_train:N` splits the CPU into N JAX devices as the
+               trainer's --config.cpu_devices does (default: --cpu_devices).
+
+Every jax row runs with the trainer's XLA flags (affectjax/xla_cpu.py:
+Eigen convolutions) and malloc settings (affectjax/host_malloc.py); `@<set>`
+after a row's name (`fused@ynn`, `jax_train:2@ynn`) adds an XLA_FLAG_SETS
+entry below (`ynn`: XLA's YNNPACK default; `nomalloc`: glibc's default
+malloc settings).
   torch        PyTorch eager (torch.compile needs a C++ toolchain warm-up
                longer than the run), NCHW, all cores (--threads).
   keras        Keras 3 on TensorFlow, `train_on_batch`, `jit_compile="auto"`
@@ -106,6 +114,9 @@ XLA_FLAG_SETS = {
     "eigen1": "--xla_cpu_multi_thread_eigen=false",
     # No YNNPACK fusions at all (convolutions, dots, reductions: XLA's own).
     "noynn": "--xla_cpu_experimental_ynn_fusion_type=",
+    # The trainer's XLA flags, but glibc's default malloc settings (not
+    # affectjax/host_malloc.py's): XLA's buffers mapped afresh every step.
+    "nomalloc": "",
 }
 
 
@@ -360,6 +371,11 @@ def _make_worker(name, args):
 
 def _worker(args):
   """Serves 'run' requests on stdin: each times --steps steps, prints JSON."""
+  if args.worker.startswith("jax"):
+    # Before jax starts any thread: the trainer's malloc settings
+    # (affectjax/host_malloc.py), as `python -m affectjax.main` has them.
+    sys.path.insert(0, REPO)
+    import affectjax  # pylint: disable=g-import-not-at-top,unused-import
   run = _make_worker(args.worker, args)
   run(args.warmup)
   print("ready", flush=True)
@@ -451,9 +467,11 @@ def main():
                                 + XLA_FLAG_SETS[flags]).strip()) if flags else env
     if name.startswith("jax"):  # TF's XLA would refuse XLA:CPU's new flags.
       sys.path.insert(0, REPO)
-      from affectjax import xla_cpu  # pylint: disable=g-import-not-at-top
+      from affectjax import host_malloc, xla_cpu  # pylint: disable=g-import-not-at-top
       wenv = dict(wenv)
       xla_cpu.configure(wenv)
+      if flags == "nomalloc":  # The worker's `import affectjax` then skips it.
+        wenv[host_malloc.OPT_OUT] = "default"
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=err, text=True, env=wenv, cwd=REPO)
     if proc.stdout.readline().strip() != "ready":

@@ -18,6 +18,8 @@ for _flag in ("--xla_force_host_platform_device_count=8",
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 # Eigen convolutions, as every entry point runs them (affectjax/xla_cpu.py).
+# (Importing affectjax also sets malloc as every entry point has it:
+# affectjax/host_malloc.py.)
 from affectjax import xla_cpu  # noqa: E402
 xla_cpu.configure()
 
