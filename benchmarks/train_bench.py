@@ -51,8 +51,8 @@ repeats are interleaved round-robin (jax, torch, keras, jax, torch, keras,
 hits every framework alike. Each repeat is `--steps` steps; the script
 prints every worker's median img/s (and its runs), its median CPU time per
 image (process time, all threads: a fairer figure when other jobs share the
-cores), the ratios to torch and keras, and the load average before and
-after.
+cores; the kernel's share in brackets), its minor page faults per step,
+the ratios to torch and keras, and the load average before and after.
 
   python3 -m venv .venv-bench
   .venv-bench/bin/pip install torch==2.13.0 torchvision==0.28.0 \
@@ -72,6 +72,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -383,9 +384,13 @@ def _worker(args):
     if line.strip() != "run":
       break
     t, c = time.perf_counter(), time.process_time()
+    r = resource.getrusage(resource.RUSAGE_SELF)
     run(args.steps)
+    r2 = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"wall": time.perf_counter() - t,
-                      "cpu": time.process_time() - c}), flush=True)
+                      "cpu": time.process_time() - c,
+                      "sys": r2.ru_stime - r.ru_stime,
+                      "faults": r2.ru_minflt - r.ru_minflt}), flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -503,8 +508,11 @@ def main():
     rate[name] = imgs / statistics.median(r["wall"] for r in rs)
     cpu_ms[name] = statistics.median(r["cpu"] for r in rs) / imgs * 1e3
     each = ", ".join(f"{imgs / r['wall']:.0f}" for r in rs)
+    faults = statistics.median(r["faults"] for r in rs) / args.steps
+    sys_ms = statistics.median(r["sys"] for r in rs) / imgs * 1e3
     print(f"{name:12s} median {rate[name]:8.1f} img/s (runs: {each}); "
-          f"CPU {cpu_ms[name]:.2f} ms/img", flush=True)
+          f"CPU {cpu_ms[name]:.2f} ms/img (kernel {sys_ms:.2f}); "
+          f"{faults:.0f} page faults/step", flush=True)
   for ours in (n for n in rate if n.startswith("jax")):
     for peer in ("torch", "keras"):
       if peer in rate:
