@@ -7,7 +7,11 @@ keep only one core busy. Splitting the CPU into one JAX device per core and
 the batch over them (the trainer's data-parallel mesh, unchanged) runs those
 serial stretches side by side: measured on the 2-core VMs, the FER2013
 recipe's step goes from 207 to 256 images/s (docs/BENCHMARKS.md, "CPU
-devices"); four devices on the same two cores were slower (147).
+devices"); four devices on the same two cores were slower (147). Since
+``host_malloc`` removed the step's page faults that gain is gone on the
+Intel VM (1 device 311, 2 devices 299 images/s at 48 px; equal at 112 px),
+and EfficientNet-B3 looked slower split: the automatic rule is due to be
+measured again per model (docs/BENCHMARKS.md, "Issue 25's four cases").
 
 Semantics are unchanged: the batch is global, BatchNorm's statistics and the
 gradients are reduced over every device (the float summation order differs,
