@@ -488,12 +488,18 @@ def main():
   runs = {n: [] for n in workers}
   for _ in range(args.repeats):
     for name, (proc, err) in list(workers.items()):
-      proc.stdin.write("run\n")
-      proc.stdin.flush()
-      line = proc.stdout.readline()
+      try:
+        proc.stdin.write("run\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+      except BrokenPipeError:  # The worker died (the OOM killer, say).
+        line = ""
       if not line:
         err.seek(0)
-        print(f"{name}: FAILED\n{err.read()[-3000:]}", file=sys.stderr)
+        status = proc.wait()
+        print(f"{name}: FAILED (exit status {status}"
+              f"{', killed by the OOM killer?' if status == -9 else ''})\n"
+              f"{err.read()[-3000:]}", file=sys.stderr)
         del workers[name]
         continue
       runs[name].append(json.loads(line))
