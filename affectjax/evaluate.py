@@ -1,7 +1,7 @@
 r"""Evaluate a checkpoint of a run: metrics, per-example predictions, plots.
 
   python -m affectjax.evaluate --workdir=runs/demo [--checkpoint=best|latest|STEP]
-      [--data_dir=DIR] [--split=val] [--tta=none|flip] [--classes=8|7]
+      [--data_dir=DIR] [--split=val] [--tta=none|flip|crops] [--classes=8|7]
 
 Writes ``W/eval/<checkpoint>-<split>[-flip][-Nclass][-on-<data dir name>]/``:
   metrics.json      every metric of the trainer's evaluation plus per-class
@@ -193,7 +193,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("split", "val", "Split to evaluate: val, holdout (when "
                       "data_prep made one) or train.")
   flags.DEFINE_enum("tta", "none", scoring.TTA_MODES,
-                    "flip: average the image and its mirror.")
+                    "flip: average the image and its mirror; crops: ten "
+                    "views (the image, its 4 corner crops, their mirrors).")
   flags.DEFINE_enum("classes", None, ["8", "7"], "Default: every class the "
                     "model and the data share. 7 scores an 8-class model on "
                     "the 7-class protocol (Contempt logit and rows dropped).")

@@ -184,7 +184,8 @@ def _define_flags() -> None:
                     "Platforms the jax_export artifact is lowered for (an "
                     "ONNX model runs wherever ONNX Runtime does).")
   flags.DEFINE_enum("tta", "none", scoring.TTA_MODES,
-                    "flip: bake mirror averaging into the artifact.")
+                    "flip: bake mirror averaging into the artifact; crops: "
+                    "the ten views of scoring.tta_views.")
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when present.")
 
 

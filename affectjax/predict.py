@@ -371,7 +371,8 @@ def _define_flags() -> None:
                       "OUTPUT.partial, renamed at the end.")
   flags.DEFINE_integer("batch_size", 64, "Images per device call.")
   flags.DEFINE_enum("tta", "none", scoring.TTA_MODES,
-                    "flip: average the image and its mirror.")
+                    "flip: average the image and its mirror; crops: ten "
+                    "views (the image, its 4 corner crops, their mirrors).")
   flags.DEFINE_string("image_root", None, "Root of the image paths in a "
                       "boxes CSV (default: the CSV's folder).")
   flags.DEFINE_float("margin", None, "Face-box margin for boxed inputs "

@@ -15,7 +15,10 @@ Batches are uint8 (B, S, S, 3) at the host size S (what the input path decodes
 to: the prepared size, or a DCT-scaled fraction of it); the step resizes to
 ``config.image_size`` on the device (``augment.resize_images``), then applies
 the model's own preprocessing. With ``tta="flip"`` the step also runs the
-mirrored batch and averages logits and valence/arousal of the two passes.
+mirrored batch and averages logits and valence/arousal of the two passes;
+``tta="crops"`` averages ten views (``tta_views``): the image, its four
+corner crops of ``TTA_CROP_SIDE`` of the side resized back, and the mirror of
+each, the multi-crop testing of FER papers.
 
 Classes are matched by name (``ClassMatch``): the model's class names (the
 run's) against the data's (its manifest's ``label_names``). Only the classes
@@ -45,7 +48,11 @@ from affectjax import losses
 from affectjax import metrics as metrics_lib
 from affectjax import sharding
 
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "crops")
+# tta="crops": the corner crops' side, as a fraction of the image's. Their
+# area (0.81) is inside the random crops training draws (the recipes'
+# `augment.crop_scale` reaches 0.7-0.8), so the views look like training's.
+TTA_CROP_SIDE = 0.9
 
 
 def eval_weights(state: dict, use_ema: bool = True) -> dict:
@@ -60,22 +67,39 @@ def predict_images(graphdef, weights: dict, images, *, image_size: int,
   """(logits float32 (B, C), va float32 (B, 2)) of uint8 images (B, S, S, 3).
 
   Pure and jit-able: the one forward pass used by evaluation, prediction and
-  export. ``tta="flip"`` averages the image and its horizontal mirror.
+  export. ``tta`` averages the logits and valence/arousal of the views
+``tta_views`` makes (one pass each).
   """
-  if tta not in TTA_MODES:
-    raise ValueError(f"--tta={tta!r}: use one of {TTA_MODES}.")
   model = nnx.merge(graphdef, weights["params"], weights["rest"])
-  x = augment.resize_images(images, image_size)
 
   def forward(x):
     logits, va = model(model.preprocess(x), train=False)
     return logits.astype(jnp.float32), va.astype(jnp.float32)
 
-  logits, va = forward(x)
-  if tta == "flip":
-    logits_m, va_m = forward(x[:, :, ::-1, :])
-    logits, va = (logits + logits_m) / 2, (va + va_m) / 2
-  return logits, va
+  views = tta_views(augment.resize_images(images, image_size), tta)
+  outs = [forward(x) for x in views]
+  return (sum(o[0] for o in outs) / len(outs),
+          sum(o[1] for o in outs) / len(outs))
+
+
+def tta_views(x: jax.Array, tta: str) -> list[jax.Array]:
+  """The views of a float32 batch (B, S, S, C) that ``tta`` averages.
+
+  "none": the batch; "flip": it and its mirror; "crops": the batch and its
+  four corner crops of TTA_CROP_SIDE of the side, each resampled to S x S
+  (bilinear, `augment.crop_batch`), and the mirror of each (10 views).
+  """
+  if tta not in TTA_MODES:
+    raise ValueError(f"--tta={tta!r}: use one of {TTA_MODES}.")
+  if tta == "none":
+    return [x]
+  views = [x]
+  if tta == "crops":
+    side = TTA_CROP_SIDE * x.shape[1], TTA_CROP_SIDE * x.shape[2]
+    far = x.shape[1] - side[0], x.shape[2] - side[1]
+    views += [augment.crop_batch(x, (top, left, *side))
+              for top in (0.0, far[0]) for left in (0.0, far[1])]
+  return views + [v[:, :, ::-1, :] for v in views]
 
 
 def eval_step(state: dict, batch: dict, *, graphdef, config, class_weights,

@@ -73,6 +73,19 @@ def test_crop_and_resize_matches_pillow_box():
     np.testing.assert_allclose(ours, ref, atol=1.01, err_msg=str((top, left)))
 
 
+def test_crop_batch_matches_pillow_box_for_every_image():
+  imgs = np.stack([smooth_image(k, 30, 30) for k in (4, 5)])
+  box = (2.75, 1.5, 27.0, 26.5)  # top, left, height, width; back to 30 x 30.
+  ours = np.asarray(jax.jit(augment.crop_batch, static_argnums=1)(
+      imgs.astype(np.float32), box))
+  assert ours.shape == imgs.shape
+  for img, out in zip(imgs, ours):
+    ref = np.asarray(Image.fromarray(img).resize(
+        (30, 30), Image.BILINEAR, box=(1.5, 2.75, 1.5 + 26.5, 2.75 + 27.0)))
+    np.testing.assert_allclose(out, ref, atol=1.01)
+  assert not np.allclose(ours[0], imgs[0], atol=2)  # Really cropped.
+
+
 def test_color_jitter_matches_pillow_image_enhance():
   img = smooth_image(2, 24, 24)
   f = jax.jit(augment.color_jitter)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from affectjax import augment
 from affectjax import data
 from affectjax import evaluate as evaluate_lib
 from affectjax import scoring
@@ -121,6 +122,41 @@ def test_flip_tta_equals_mean_of_two_explicit_passes(run):
   np.testing.assert_allclose(flipped["examples"]["va"], (va1 + va2) / 2,
                              atol=1e-5)
   assert not np.allclose(l1, l2, atol=1e-4)  # The mirror really differs.
+
+
+def test_crops_tta_equals_mean_of_ten_pillow_views(run):
+  """tta="crops": the image, 4 corner crops (Pillow's BILINEAR with a box,
+  side TTA_CROP_SIDE) and the 5 mirrors, one plain pass each, averaged."""
+  crops = _examples(run, tta="crops")
+  graphdef, w = run.graphdef, run.weights()
+  src = data.source(run.config.data.dir, "val")
+  images = np.stack([src[i]["image"] for i in range(52)])
+  size = run.config.image_size
+  side = scoring.TTA_CROP_SIDE * size
+  fwd = jax.jit(lambda x: scoring.predict_images(graphdef, w, x,
+                                                 image_size=size))
+  # The crops are of the model-size image (resize_images: Pillow-tested).
+  resized = np.asarray(augment.resize_images(images, size))
+  assert images.shape[1] != size == resized.shape[1]
+
+  def pillow_crop(im, top, left):  # Float ("F") channels: no uint8 rounding.
+    return np.stack([np.asarray(Image.fromarray(im[..., c]).resize(
+        (size, size), Image.BILINEAR,
+        box=(left, top, left + side, top + side))) for c in range(3)], -1)
+
+  views = [resized]
+  for top in (0.0, size - side):
+    for left in (0.0, size - side):
+      views.append(np.stack([pillow_crop(im, top, left) for im in resized]))
+  views += [v[:, :, ::-1] for v in views]
+  outs = [fwd(v) for v in views]
+  logits = np.mean([o[0] for o in outs], axis=0)
+  va = np.mean([o[1] for o in outs], axis=0)
+  np.testing.assert_allclose(crops["examples"]["logits"], logits, atol=1e-4)
+  np.testing.assert_allclose(crops["examples"]["va"], va, atol=1e-4)
+  flipped = _examples(run, tta="flip")
+  assert not np.allclose(crops["examples"]["logits"],
+                         flipped["examples"]["logits"], atol=1e-2)
 
 
 def test_bad_checkpoint_and_classes_name_the_flag(run_dir, run):
