@@ -6,21 +6,27 @@ the cores by an intra-op thread pool; many ops of a small convnet's step
 keep only one core busy. Splitting the CPU into one JAX device per core and
 the batch over them (the trainer's data-parallel mesh, unchanged) runs those
 serial stretches side by side: measured on the 2-core VMs, the FER2013
-recipe's step goes from 207 to 256 images/s (docs/BENCHMARKS.md, "CPU
-devices"); four devices on the same two cores were slower (147). Since
-``host_malloc`` removed the step's page faults that gain is gone on the
-Intel VM (1 device 311, 2 devices 299 images/s at 48 px; equal at 112 px),
-and EfficientNet-B3 looked slower split: the automatic rule is due to be
-measured again per model (docs/BENCHMARKS.md, "Issue 25's four cases").
+recipe's step went from 207 to 256 images/s (docs/BENCHMARKS.md, "CPU
+devices"); four devices on the same two cores were slower (147).
+
+That gain is gone since ``host_malloc`` removed the step's page faults, and
+the split costs models with many BatchNorm layers: each layer's statistics
+are an all-reduce across the devices (77 a step for EfficientNet-B3), most
+likely a rendezvous where one device waits for the other. On the Intel Xeon VM (docs/BENCHMARKS.md, "CPU devices after
+host_malloc") the custom CNN ran within 4% either way split or not (48 and
+112 px), and EfficientNet-B3 (112 px, batch 32, 77 all-reduces a step) ran
+at 7.0 images/s on two devices against 14.5-22.6 on one, with three times
+the CPU time per image. So the default is now one device
+(``config.cpu_devices = 1``); the split stays available.
 
 Semantics are unchanged: the batch is global, BatchNorm's statistics and the
 gradients are reduced over every device (the float summation order differs,
 as on any other topology), and checkpoints restore onto any device count.
 
-``config.cpu_devices``: 0 (default) = automatic, N = exactly N, 1 = the old
-single device. Automatic means one device per core this process may run on,
-but no more than leave 16 images of the per-process batch (and of the eval
-batch) per device, and a count that divides both. It applies only where the
+``config.cpu_devices``: 1 (default) = one device, N = exactly N, 0 =
+automatic: one device per core this process may run on, but no more than
+leave 16 images of the per-process batch (and of the eval batch) per device,
+and a count that divides both. It applies only where the
 CPU is the default backend, and never overrides a device count the user set
 (``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``, or
 ``jax_num_cpu_devices``), which is how the tests keep their 8 devices.
@@ -92,7 +98,7 @@ def configure(config) -> int | None:
   ``distributed.initialize`` (the batch is split over every process) and
   before the first ``jax.devices()``, which fixes the count.
   """
-  requested = int(config.get("cpu_devices", 0))
+  requested = int(config.get("cpu_devices", 1))
   if requested < 0:
     raise ValueError(f"--config.cpu_devices={requested}: use 0 (one device "
                      "per core, automatic) or a positive count.")

@@ -68,7 +68,7 @@ def predict_images(graphdef, weights: dict, images, *, image_size: int,
 
   Pure and jit-able: the one forward pass used by evaluation, prediction and
   export. ``tta`` averages the logits and valence/arousal of the views
-``tta_views`` makes (one pass each).
+  ``tta_views`` makes (one pass each).
   """
   model = nnx.merge(graphdef, weights["params"], weights["rest"])
 

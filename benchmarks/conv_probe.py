@@ -19,8 +19,20 @@ Formulations compared (all numerically equal to `lax.conv_general_dilated`):
   im2col     dw as patches^T @ dy with the patches built from 9 shifted
              slices of the padded input (one (N*H*W, 9*Cin) matrix)
   patches    dw as lax.conv_general_dilated_patches(x)^T @ dy
+  chunkK     dw as XLA's filter gradient summed over chunks of K images (the
+             trainer's `layers.conv_chunked_filter_grad`; --chunks=8,16)
+  flat       dw with x zero-padded and flattened over (image, row, column):
+             each tap is then one contiguous row offset, x[off:off+M]^T @ dy
+             on dy padded alike (no strided slices, 9 dots)
 
   .venv/bin/python benchmarks/conv_probe.py --image_size=48 --batch_size=64
+  # with PyTorch's (oneDNN) fwd/dx/dw of the same layers beside them:
+  .venv-bench/bin/python benchmarks/conv_probe.py --torch --only=fwd/xla,dx/xla,dw/xla,dw/chunk8
+
+Runs under the trainer's XLA setting (Eigen convolutions, `affectjax.xla_cpu`)
+and malloc settings (`import affectjax`); `--ynn` keeps XLA's default
+YNNPACK convolutions (the setting of the numbers in BENCHMARKS.md before
+"Eigen convolutions").
 
 `--depthwise` instead compares, for some of EfficientNet-B3's depthwise
 convolutions (112 px, batch --batch_size), lax's grouped convolution with
@@ -34,12 +46,22 @@ Prints milliseconds per call (median of --repeats, each of --iters calls).
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from jax import lax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import affectjax  # noqa: F401,E402  (host_malloc, before XLA's threads start)
+from affectjax import xla_cpu
+
+if "--ynn" not in sys.argv:
+  xla_cpu.configure()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax import lax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -74,6 +96,55 @@ def dw_patches(x, dy):
                                        dimension_numbers=DN)
   g = p.reshape(-1, c * 9).T @ dy.reshape(-1, dy.shape[-1])  # (c, kh, kw) order
   return g.reshape(c, 3, 3, -1).transpose(1, 2, 0, 3)
+
+
+def dw_chunked(x, dy, *, images):
+  dw = 0
+  for s in range(0, x.shape[0], images):
+    dw = dw + jax.vjp(lambda w, s=s: conv_xla(x[s:s + images], w),
+                      jnp.zeros((3, 3, x.shape[-1], dy.shape[-1])))[1](
+                          dy[s:s + images])[0]
+  return dw
+
+
+def dw_flat(x, dy):
+  n, h, wd, c = x.shape
+  row = wd + 2
+  m = n * (h + 2) * row
+  xf = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(m, c)
+  xf = jnp.pad(xf, ((0, 2 * row + 2), (0, 0)))
+  # dy on the padded grid: output (i, j) reads x from row i, column j on.
+  d = jnp.pad(dy, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(m, -1)
+  return jnp.stack([xf[i * row + j:i * row + j + m].T @ d
+                    for i in range(3) for j in range(3)]).reshape(
+                        3, 3, c, dy.shape[-1])
+
+
+def torch_layer_fns(x, w, dy):
+  """PyTorch's (oneDNN) fwd, dx and dw of the same layer (NCHW copies)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  xt = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
+  wt = torch.tensor(np.asarray(w)).permute(3, 2, 0, 1).contiguous()
+  dt = torch.tensor(np.asarray(dy)).permute(0, 3, 1, 2).contiguous()
+  g = torch.nn.grad
+  return {
+      "fwd/torch": lambda: torch.nn.functional.conv2d(xt, wt, padding=1),
+      "dx/torch": lambda: g.conv2d_input(xt.shape, wt, dt, padding=1),
+      "dw/torch": lambda: g.conv2d_weight(xt, wt.shape, dt, padding=1),
+  }
+
+
+def _time_torch(fn, iters, repeats):
+  fn()
+  out = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(iters):
+      fn()
+    out.append((time.perf_counter() - t) / iters * 1e3)
+  return statistics.median(out)
 
 
 def dx_flip(dy, w):
@@ -186,6 +257,14 @@ def main():
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--check", action="store_true", help="Check equality only.")
+  p.add_argument("--chunks", default="8",
+                 help="Images per chunk of the dw/chunkK rows.")
+  p.add_argument("--only", default="",
+                 help="Comma-separated columns to time (default: all).")
+  p.add_argument("--torch", action="store_true",
+                 help="Also time PyTorch's fwd/dx/dw (run from .venv-bench).")
+  p.add_argument("--ynn", action="store_true",
+                 help="XLA's default YNNPACK convolutions instead of Eigen's.")
   p.add_argument("--depthwise", action="store_true",
                  help="EfficientNet-B3's depthwise and 1x1 convs (112 px "
                       "shapes; use --batch_size=32) instead of the custom "
@@ -215,9 +294,19 @@ def main():
       "dw/taps": (jax.jit(dw_taps), "xd"),
       "dw/im2col": (jax.jit(dw_im2col), "xd"),
       "dw/patches": (jax.jit(dw_patches), "xd"),
+      "dw/flat": (jax.jit(dw_flat), "xd"),
   }
-  totals = {k: 0.0 for k in cands}
-  print(f"{'layer':>18s} " + " ".join(f"{k:>10s}" for k in cands))
+  for k in (int(v) for v in args.chunks.split(",") if v):
+    cands[f"dw/chunk{k}"] = (
+        jax.jit(functools.partial(dw_chunked, images=k)), "xd")
+  if args.only:
+    cands = {k: v for k, v in cands.items() if k in args.only.split(",")}
+  names = list(cands) + (["fwd/torch", "dx/torch", "dw/torch"]
+                         if args.torch else [])
+  totals = {k: 0.0 for k in names}
+  print(f"# XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; batch {args.batch_size}, "
+        f"{args.image_size} px; ms per call, median of {args.repeats}")
+  print(f"{'layer':>18s} " + " ".join(f"{k:>10s}" for k in names))
   for (s, ci, co) in shapes:
     k1, k2, k3 = jax.random.split(jax.random.fold_in(key, s * 1000 + co), 3)
     x = jax.random.normal(k1, (args.batch_size, s, s, ci))
@@ -237,6 +326,11 @@ def main():
       ms = _time(f, a, args.iters, args.repeats)
       totals[name] += ms
       row.append(ms)
+    if args.torch and not args.check:
+      for name, fn in torch_layer_fns(x, w, dy).items():
+        ms = _time_torch(fn, args.iters, args.repeats)
+        totals[name] += ms
+        row.append(ms)
     if not args.check:
       print(f"{s:3d}px {ci:4d}->{co:4d}    " + " ".join(f"{v:10.2f}" for v in row),
             flush=True)

@@ -206,7 +206,7 @@ def step_jax_train(args, devices=None):
   import jax  # pylint: disable=g-import-not-at-top
   c = _jax_config(args, "auto")
   from affectjax import cpu_devices, sharding, train, train_state  # pylint: disable=g-import-not-at-top
-  # The trainer's CPU split (one device per core unless --cpu_devices).
+  # The trainer's CPU split (--cpu_devices, as --config.cpu_devices).
   c.cpu_devices = args.cpu_devices if devices is None else devices
   cpu_devices.configure(c)
   images, labels, va = _batch(args)
@@ -424,9 +424,10 @@ def main():
                       "one jax_<impl> worker each; 'impl:bfloat16' computes "
                       "in bfloat16 (config.model.dtype); 'impl@ynn' / "
                       "'impl@onednn' runs under that XLA_FLAG_SETS entry.")
-  p.add_argument("--cpu_devices", type=int, default=0,
+  p.add_argument("--cpu_devices", type=int, default=1,
                  help="JAX CPU devices of the jax_train row, as the trainer's "
-                 "--config.cpu_devices (0: one per core, automatic; 1: one).")
+                 "--config.cpu_devices (1: one, the trainer's default; 0: one per "
+                 "core, automatic).")
   p.add_argument("--threads", type=int, default=0,
                  help="Intra-op threads of torch and keras (0: all cores). "
                       "jax rows use XLA:CPU's own pool (all cores).")

@@ -61,6 +61,19 @@ def test_auto_is_one_device_per_usable_core():
   assert set_to == (expected if expected > 1 else None)
 
 
+def test_the_trainers_default_config_keeps_one_device():
+  """The base config's default (cpu_devices=1): no split, one device."""
+  code = (
+      "import jax\n"
+      "from affectjax import config_base, cpu_devices\n"
+      "c = config_base.get_base_config()\n"
+      "print(c.cpu_devices, cpu_devices.configure(c), len(jax.devices()))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120, check=True)
+  assert out.stdout.split() == ["1", "None", "1"]
+
+
 def test_a_count_the_user_forced_wins():
   set_to, devices, _ = _devices_in_subprocess(
       cpu_devices_value=3,

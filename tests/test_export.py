@@ -45,11 +45,12 @@ def _child_env():
   return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
-def _assert_matches_jax(run_dir, x, got):
+def _assert_matches_jax(run_dir, x, got, tta="none"):
   """The exported model's outputs ``got`` equal JAX's on ``x``, within 1e-4."""
   run = workdir_lib.open_run(run_dir, checkpoint="latest")
   logits, va = jax.jit(lambda x: scoring.predict_images(
-      run.graphdef, run.weights(), x, image_size=run.config.image_size))(x)
+      run.graphdef, run.weights(), x, image_size=run.config.image_size,
+      tta=tta))(x)
   np.testing.assert_allclose(got["logits"], logits, atol=1e-4, rtol=0)
   np.testing.assert_allclose(got["va"], va, atol=1e-4, rtol=0)
   return logits, va
@@ -90,6 +91,27 @@ def test_exported_model_equals_jax_in_a_process_without_affectjax(
   assert rows[0]["status"] == "ok" and rows[1]["status"] == "error"
   probs = np.exp(logits[0] - logits[0].max())
   np.testing.assert_allclose(rows[0]["probs"], probs / probs.sum(), atol=1e-4)
+
+
+def test_exported_crops_tta_equals_jax_and_differs_from_plain(run_dir,
+                                                              tmp_path):
+  """--tta=crops is baked into the artifact: its ten views, as evaluate's."""
+  out = export.run_export(run_dir, checkpoint="latest", tta="crops",
+                          platforms=("cpu",), output_dir=tmp_path / "export")
+  assert json.loads((out / "signature.json").read_text())["tta"] == "crops"
+  s = json.loads((out / "signature.json").read_text())["input_size"]
+  x = np.random.default_rng(1).integers(0, 256, (3, s, s, 3), dtype=np.uint8)
+  np.save(tmp_path / "x.npy", x)
+  proc = subprocess.run(
+      [sys.executable, "-c", _CHILD, str(out / export.MODEL_FILE),
+       str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
+      capture_output=True, text=True, env=_child_env(), cwd=tmp_path,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(tmp_path / "y.npz")
+  _assert_matches_jax(run_dir, x, got, tta="crops")
+  with pytest.raises(AssertionError):  # Not the plain pass.
+    _assert_matches_jax(run_dir, x, got, tta="none")
 
 
 def test_unknown_format_names_the_flag(run_dir):
