@@ -17,11 +17,7 @@ host_malloc") the custom CNN ran within 4% either way split or not (48 and
 112 px), and EfficientNet-B3 (112 px, batch 32, 77 all-reduces a step) ran
 at 7.0 images/s on two devices against 14.5-22.6 on one, with three times
 the CPU time per image. So the default is now one device
-(``config.cpu_devices = 1``); the split stays available, and pays for the
-custom CNN when each device's Eigen ops run on one thread (``ONE_EIGEN_THREAD``,
-added when the devices cover the cores): 48 px, batch 64, 230.5 against
-213.3 images/s on one device (CPU time per image 8.32 against 9.11 ms,
-PyTorch's 8.35), so the FER2013 recipes ask for it (``cpu_devices = 0``).
+(``config.cpu_devices = 1``); the split stays available.
 
 Semantics are unchanged: the batch is global, BatchNorm's statistics and the
 gradients are reduced over every device (the float summation order differs,
@@ -47,11 +43,6 @@ from absl import logging
 # per-device convolutions get too small to use a core well.
 MIN_IMAGES_PER_DEVICE = 16
 _FORCE_FLAG = "--xla_force_host_platform_device_count"
-# With a device per core, each device's Eigen ops (convolutions, matrix
-# products) run on one thread: multi-threaded, two devices put four threads
-# on two cores (docs/BENCHMARKS.md, "CPU devices after host_malloc").
-EIGEN_THREADS_FLAG = "--xla_cpu_multi_thread_eigen"
-ONE_EIGEN_THREAD = f"{EIGEN_THREADS_FLAG}=false"
 
 
 def usable_cores() -> int:
@@ -126,25 +117,7 @@ def configure(config) -> int | None:
   if count <= 1:
     return None
   jax.config.update("jax_num_cpu_devices", count)
-  one_thread = one_eigen_thread_per_device(count, usable_cores())
   logging.info("CPU split into %d JAX devices (--config.cpu_devices=%s; "
-               "%d usable cores)%s.", count, requested or "0 = automatic",
-               usable_cores(),
-               ", Eigen single-threaded per device" if one_thread else "")
+               "%d usable cores).", count, requested or "0 = automatic",
+               usable_cores())
   return count
-
-
-def one_eigen_thread_per_device(count: int, cores: int, environ=None) -> bool:
-  """Adds ONE_EIGEN_THREAD to ``XLA_FLAGS`` when the devices cover the cores.
-
-  Only with at least one device per core (fewer devices than cores keep
-  Eigen's threads to use them all), and never over a user's own setting of
-  the flag. XLA reads ``XLA_FLAGS`` when the backend starts, which
-  ``configure``'s callers have not done yet. Returns whether it added it.
-  """
-  environ = os.environ if environ is None else environ
-  flags = environ.get("XLA_FLAGS", "")
-  if count < cores or EIGEN_THREADS_FLAG in flags:
-    return False
-  environ["XLA_FLAGS"] = f"{flags} {ONE_EIGEN_THREAD}".strip()
-  return True

@@ -74,40 +74,6 @@ def test_the_trainers_default_config_keeps_one_device():
   assert out.stdout.split() == ["1", "None", "1"]
 
 
-def test_a_device_per_core_runs_eigen_on_one_thread_per_device():
-  """configure() before the backend starts: the devices and the flag both
-  reach XLA (it reads XLA_FLAGS once, when the backend starts; an unknown
-  flag there would abort the process)."""
-  code = (
-      "import os, jax, ml_collections\n"
-      "from affectjax import cpu_devices\n"
-      "c = ml_collections.ConfigDict(dict(cpu_devices=0, batch_size=64, "
-      "eval_batch_size=512))\n"
-      "n = cpu_devices.configure(c) or 1\n"
-      "jax.numpy.ones(3).block_until_ready()\n"
-      "print(n, len(jax.devices()), cpu_devices.usable_cores(), "
-      "cpu_devices.ONE_EIGEN_THREAD in os.environ['XLA_FLAGS'])\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=120, check=True)
-  n, devices, cores, one_thread = out.stdout.split()
-  assert int(n) == int(devices)
-  assert one_thread == str(int(n) > 1 and int(n) >= int(cores))
-
-
-@pytest.mark.parametrize("count,cores,flags,added", [
-    (2, 2, "", True),
-    (4, 2, "--a=1", True),
-    (2, 16, "", False),     # fewer devices than cores: Eigen keeps them busy
-    (2, 2, "--xla_cpu_multi_thread_eigen=true", False),  # the user's wins
-])
-def test_one_eigen_thread_per_device(count, cores, flags, added):
-  env = {"XLA_FLAGS": flags}
-  assert cpu_devices.one_eigen_thread_per_device(count, cores, env) == added
-  assert (cpu_devices.ONE_EIGEN_THREAD in env["XLA_FLAGS"]) == added
-  assert env["XLA_FLAGS"].startswith(flags)
-
-
 def test_a_count_the_user_forced_wins():
   set_to, devices, _ = _devices_in_subprocess(
       cpu_devices_value=3,
