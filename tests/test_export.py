@@ -45,6 +45,20 @@ def _child_env():
   return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
+def _call_exported(out, x, tmp_path):
+  """Runs the artifact in ``out`` on ``x`` in a fresh process (_CHILD):
+  (its outputs, what it reported)."""
+  np.save(tmp_path / "x.npy", x)
+  proc = subprocess.run(
+      [sys.executable, "-c", _CHILD, str(out / export.MODEL_FILE),
+       str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
+      capture_output=True, text=True, env=_child_env(), cwd=tmp_path,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return (np.load(tmp_path / "y.npz"),
+          json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
 def _assert_matches_jax(run_dir, x, got, tta="none"):
   """The exported model's outputs ``got`` equal JAX's on ``x``, within 1e-4."""
   run = workdir_lib.open_run(run_dir, checkpoint="latest")
@@ -65,17 +79,9 @@ def test_exported_model_equals_jax_in_a_process_without_affectjax(
   assert sig["class_names"][7] == "contempt" and sig["source"]["step"] == 6
   assert "stablehlo" in (out / "model.stablehlo.mlir").read_text()[:2000]
   x = np.random.default_rng(0).integers(0, 256, (5, s, s, 3), dtype=np.uint8)
-  np.save(tmp_path / "x.npy", x)
-  proc = subprocess.run(
-      [sys.executable, "-c", _CHILD, str(out / export.MODEL_FILE),
-       str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
-      capture_output=True, text=True, env=_child_env(), cwd=tmp_path,
-      timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  info = json.loads(proc.stdout.strip().splitlines()[-1])
+  got, info = _call_exported(out, x, tmp_path)
   assert info["foreign_modules"] == []
   assert set(info["platforms"]) == {"cpu", "cuda", "tpu"}
-  got = np.load(tmp_path / "y.npz")
   logits, va = _assert_matches_jax(run_dir, x, got)
   assert got["logits"].shape == (5, 8) and np.ptp(got["logits"]) > 1e-3
 
@@ -101,14 +107,7 @@ def test_exported_crops_tta_equals_jax_and_differs_from_plain(run_dir,
   assert json.loads((out / "signature.json").read_text())["tta"] == "crops"
   s = json.loads((out / "signature.json").read_text())["input_size"]
   x = np.random.default_rng(1).integers(0, 256, (3, s, s, 3), dtype=np.uint8)
-  np.save(tmp_path / "x.npy", x)
-  proc = subprocess.run(
-      [sys.executable, "-c", _CHILD, str(out / export.MODEL_FILE),
-       str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
-      capture_output=True, text=True, env=_child_env(), cwd=tmp_path,
-      timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  got = np.load(tmp_path / "y.npz")
+  got, _ = _call_exported(out, x, tmp_path)
   _assert_matches_jax(run_dir, x, got, tta="crops")
   with pytest.raises(AssertionError):  # Not the plain pass.
     _assert_matches_jax(run_dir, x, got, tta="none")
