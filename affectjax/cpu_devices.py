@@ -12,12 +12,14 @@ devices"); four devices on the same two cores were slower (147).
 That gain is gone since ``host_malloc`` removed the step's page faults, and
 the split costs models with many BatchNorm layers: each layer's statistics
 are an all-reduce across the devices (77 a step for EfficientNet-B3), most
-likely a rendezvous where one device waits for the other. On the Intel Xeon VM (docs/BENCHMARKS.md, "CPU devices after
-host_malloc") the custom CNN ran within 4% either way split or not (48 and
-112 px), and EfficientNet-B3 (112 px, batch 32, 77 all-reduces a step) ran
-at 7.0 images/s on two devices against 14.5-22.6 on one, with three times
-the CPU time per image. So the default is now one device
-(``config.cpu_devices = 1``); the split stays available.
+likely a rendezvous where one device waits for the other. On the Intel
+Xeon VM (docs/BENCHMARKS.md, "CPU devices after host_malloc"):
+EfficientNet-B3 (112 px, batch 32) ran at 7.0 images/s on two devices
+against 14.5-22.6 on one, with three times the CPU time per image; the
+custom CNN's step alone (train_bench) was within 4% either way, but the
+FER2013 recipe's real train command, with its host input threads on the
+same cores, trained 40-45% faster on one device. So the default is one
+device (``config.cpu_devices = 1``); the split stays available.
 
 Semantics are unchanged: the batch is global, BatchNorm's statistics and the
 gradients are reduced over every device (the float summation order differs,
