@@ -8,8 +8,8 @@ reads, device computes"), where it costs little next to the model.
 
 Contract (shared by the trainer, evaluation, prediction and export):
   resize_images(images, size) -> float32     deterministic, for eval/predict
-  crop_batch(images, box) -> float32         one box of every image, resampled
-                                             to the batch's size (test-time crops)
+  crop_batch(images, box) -> float32         one box of every (square) image,
+                                             resampled to its size (test-time crops)
   train_images(images, *, key, step, augment, size) -> float32
       random per image; the randomness of global row r at `step` is
       fold_in(fold_in(key, step), r), so it does not depend on the number of
@@ -250,15 +250,13 @@ def crop_and_resize(image, box, size: int):
 
 
 def crop_batch(images: jax.Array, box) -> jax.Array:
-  """The same box (top, left, height, width), in pixels, of every image of a
-  batch (B, H, W, C), resampled to H x W like `crop_and_resize` (test-time
+  """`crop_and_resize` of the same box (top, left, height, width), in pixels,
+  of every image of a square batch (B, S, S, C), back to S x S (test-time
   crops, `scoring.tta_views`)."""
-  y0, x0, ch, cw = box
-  h, w = images.shape[1], images.shape[2]
-  sy, sx = h / ch, w / cw
-  return jax.image.scale_and_translate(
-      images, images.shape, (1, 2), jnp.array([sy, sx], jnp.float32),
-      jnp.array([-y0 * sy, -x0 * sx], jnp.float32), "linear", antialias=True)
+  size = images.shape[1]
+  if images.shape[2] != size:
+    raise ValueError(f"crop_batch: square images expected, got {images.shape}.")
+  return jax.vmap(lambda image: crop_and_resize(image, box, size))(images)
 
 
 def affine(image, angle_degrees, shift_yx):
