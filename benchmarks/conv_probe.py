@@ -20,10 +20,12 @@ Formulations compared (all numerically equal to `lax.conv_general_dilated`):
              slices of the padded input (one (N*H*W, 9*Cin) matrix)
   patches    dw as lax.conv_general_dilated_patches(x)^T @ dy
   chunkK     dw as XLA's filter gradient summed over chunks of K images (the
-             trainer's `layers.conv_chunked_filter_grad`; --chunks=8,16)
+             trainer's fallback in `layers.conv_cpu_filter_grad`; --chunks=8,16)
   flat       dw with x zero-padded and flattened over (image, row, column):
              each tap is then one contiguous row offset, x[off:off+M]^T @ dy
              on dy padded alike (no strided slices, 9 dots)
+  native     dw by the trainer's native kernel
+             (`affectjax.models.native_filter_grad`, an XLA FFI call)
 
   .venv/bin/python benchmarks/conv_probe.py --image_size=48 --batch_size=64
   # with PyTorch's (oneDNN) fwd/dx/dw of the same layers beside them:
@@ -62,6 +64,8 @@ if "--ynn" not in sys.argv:
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax import lax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from affectjax.models import native_filter_grad  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -118,6 +122,11 @@ def dw_flat(x, dy):
   return jnp.stack([xf[i * row + j:i * row + j + m].T @ d
                     for i in range(3) for j in range(3)]).reshape(
                         3, 3, c, dy.shape[-1])
+
+
+def dw_native(x, dy):
+  return native_filter_grad.filter_grad(
+      x, dy, (3, 3, x.shape[-1], dy.shape[-1]), (1, 1), "SAME")
 
 
 def torch_layer_fns(x, w, dy):
@@ -296,6 +305,10 @@ def main():
       "dw/patches": (jax.jit(dw_patches), "xd"),
       "dw/flat": (jax.jit(dw_flat), "xd"),
   }
+  if native_filter_grad.available():
+    cands["dw/native"] = (jax.jit(dw_native), "xd")
+  else:
+    print(f"# dw/native: off ({native_filter_grad.unavailable_reason()})")
   for k in (int(v) for v in args.chunks.split(",") if v):
     cands[f"dw/chunk{k}"] = (
         jax.jit(functools.partial(dw_chunked, images=k)), "xd")

@@ -39,7 +39,8 @@ Every jax row runs with the trainer's XLA flags (affectjax/xla_cpu.py:
 Eigen convolutions) and malloc settings (affectjax/host_malloc.py); `@<set>`
 after a row's name (`fused@ynn`, `jax_train:2@ynn`) adds an XLA_FLAG_SETS
 entry below (`ynn`: XLA's YNNPACK default; `nomalloc`: glibc's default
-malloc settings).
+malloc settings; `nonative`: XLA's filter gradients instead of the native
+kernel, affectjax/models/native_filter_grad.py).
   torch        PyTorch eager (torch.compile needs a C++ toolchain warm-up
                longer than the run), NCHW, all cores (--threads).
   keras        Keras 3 on TensorFlow, `train_on_batch`, `jit_compile="auto"`
@@ -118,6 +119,9 @@ XLA_FLAG_SETS = {
     # The trainer's XLA flags, but glibc's default malloc settings (not
     # affectjax/host_malloc.py's): XLA's buffers mapped afresh every step.
     "nomalloc": "",
+    # The trainer's settings, but XLA's filter gradients (in chunks) instead
+    # of the native kernel (affectjax/models/native_filter_grad.py).
+    "nonative": "",
 }
 
 
@@ -478,6 +482,9 @@ def main():
       xla_cpu.configure(wenv)
       if flags == "nomalloc":  # The worker's `import affectjax` then skips it.
         wenv[host_malloc.OPT_OUT] = "default"
+      if flags == "nonative":
+        from affectjax.models import native_filter_grad  # pylint: disable=g-import-not-at-top
+        wenv[native_filter_grad.OPT_OUT] = "0"
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=err, text=True, env=wenv, cwd=REPO)
     if proc.stdout.readline().strip() != "ready":

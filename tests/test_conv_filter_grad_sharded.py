@@ -1,7 +1,8 @@
-"""The chunked filter gradient per device (layers.conv_chunked_filter_grad).
+"""The CPU filter gradient per device (layers.conv_cpu_filter_grad).
 
 Traced under the trainer's mesh (`sharding.traced_under`), each device sums
-its own images and one psum adds the devices' sums. Chunking the global
+its own images (the native kernel's or XLA's chunks) and one psum adds the
+devices' sums. Chunking the global
 batch instead made XLA's partitioner move every chunk between devices with
 collective-permutes, which deadlocked XLA:CPU's in-process collectives on a
 2-core host (the FER2013 recipe with 2 CPU devices, exit 134).
@@ -25,8 +26,8 @@ def _loss(conv, x, w):
   return jnp.sum(jnp.sin(conv(x, w, (1, 1), "SAME", dimension_numbers=DN)))
 
 
-@pytest.mark.parametrize("chunk", [2, 3])
-def test_filter_grad_per_device_equals_lax_without_permutes(chunk):
+@pytest.mark.parametrize("chunk,native", [(2, False), (3, False), (3, True)])
+def test_filter_grad_per_device_equals_lax_without_permutes(chunk, native):
   mesh = sharding.make_mesh()
   devices = mesh.devices.size
   assert devices > 1, "the suite runs with 8 CPU devices (tests/conftest.py)"
@@ -36,8 +37,8 @@ def test_filter_grad_per_device_equals_lax_without_permutes(chunk):
   w = (0.3 * rng.standard_normal((3, 3, 3, 4))).astype(np.float32)
   x = jax.device_put(x, sharding.batch_sharding(mesh))
   w = jax.device_put(w, sharding.replicated(mesh))
-  ours = functools.partial(layers.conv_chunked_filter_grad,
-                           images_per_chunk=chunk)
+  ours = functools.partial(layers.conv_cpu_filter_grad,
+                           images_per_chunk=chunk, native=native)
   grad = jax.jit(sharding.traced_under(
       mesh, jax.grad(functools.partial(_loss, ours), argnums=(0, 1))))
   reference = jax.jit(jax.grad(
@@ -47,6 +48,7 @@ def test_filter_grad_per_device_equals_lax_without_permutes(chunk):
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
 
   hlo = grad.lower(x, w).compile().as_text()
+  assert ("affectjax_conv_filter_grad" in hlo) == native
   assert not re.search(r"collective-permute(-start)?\(", hlo)
   assert len(re.findall(r" all-reduce(-start)?\(", hlo)) >= 1  # The psum.
 
@@ -57,7 +59,8 @@ def test_filter_grad_outside_a_mesh_is_whole_batch_chunks():
   rng = np.random.default_rng(1)
   x = rng.standard_normal((6, 5, 5, 2)).astype(np.float32)
   w = rng.standard_normal((3, 3, 2, 3)).astype(np.float32)
-  ours = functools.partial(layers.conv_chunked_filter_grad, images_per_chunk=4)
+  ours = functools.partial(layers.conv_cpu_filter_grad, images_per_chunk=4,
+                           native=False)
   dw = jax.jit(jax.grad(functools.partial(_loss, ours), argnums=1))(x, w)
   dw_ref = jax.grad(functools.partial(_loss, jax.lax.conv_general_dilated),
                     argnums=1)(x, w)

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from affectjax import models
-from affectjax.models import custom_cnn, depthwise, layers, preprocessing
+from affectjax.models import (custom_cnn, depthwise, layers, native_filter_grad,
+                              preprocessing)
 
 TINY = dict(widths=(4, 8), head_hidden=8, dropout=0.5)
 
@@ -241,9 +242,31 @@ def test_max_pool_2x2_gradient_is_reduce_windows_with_ties():
   assert ours[0, 0, 0, 0] == g[0, 0, 0, 0] and ours[0, 0, 1, 0] == 0
 
 
-def test_custom_cnn_fused_impl_equals_plain(monkeypatch):
+def _native_filter_grad(monkeypatch, on: bool) -> list:
+  """The fused convs' filter gradient: the native kernel (asserted built) or XLA's chunks.
+
+  Returns the list that records each traced native call, for the caller to
+  check which path ran.
+  """
+  if on:
+    assert native_filter_grad.available(), native_filter_grad.unavailable_reason()
+  else:
+    monkeypatch.setattr(native_filter_grad, "available", lambda: False)
+  calls, kernel = [], native_filter_grad.filter_grad
+
+  def counted(*args, **kwargs):
+    calls.append(args[2])  # the kernel's shape
+    return kernel(*args, **kwargs)
+
+  monkeypatch.setattr(native_filter_grad, "filter_grad", counted)
+  return calls
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_custom_cnn_fused_impl_equals_plain(monkeypatch, native):
   """Same variables, same outputs, same BN statistics, gradients within float32 rounding."""
   monkeypatch.setattr(custom_cnn, "FILTER_GRAD_CHUNK", 3)  # Chunks of 3 + 1 images.
+  native_calls = _native_filter_grad(monkeypatch, native)
   x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 17, 16, 3)), jnp.float32)
   results = {}
   for impl in ("plain", "fused"):
@@ -258,6 +281,7 @@ def test_custom_cnn_fused_impl_equals_plain(monkeypatch):
     value, grads = nnx.value_and_grad(loss)(model)
     results[impl] = (value, model(x)[0], nnx.to_pure_dict(grads),
                      _bn_stats(model))
+  assert bool(native_calls) == native  # The path under test ran.
   (v0, e0, g0, s0), (v1, e1, g1, s1) = results["plain"], results["fused"]
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
   np.testing.assert_allclose(e1, e0, rtol=1e-5, atol=1e-6)
@@ -274,8 +298,10 @@ def test_custom_cnn_impl_auto_and_bad_name():
     models.create("custom_cnn", rngs=nnx.Rngs(0), impl="fast", **TINY)
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("strides,padding", [((1, 1), "SAME"), ((2, 2), ((0, 1), (1, 1)))])
-def test_conv_chunked_filter_grad_matches_lax(strides, padding):
+def test_conv_cpu_filter_grad_matches_lax(strides, padding, native):
+  """The native kernel's and the chunked XLA filter gradients (tests/test_native_filter_grad.py: the kernel alone)."""
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.normal(size=(5, 7, 6, 3)), jnp.float32)  # 5 = 2 + 2 + 1.
   w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
@@ -286,7 +312,8 @@ def test_conv_chunked_filter_grad_matches_lax(strides, padding):
     g = jnp.asarray(np.random.default_rng(7).normal(size=y.shape), jnp.float32)
     return (y, *vjp(g))
 
-  ours = run(functools.partial(layers.conv_chunked_filter_grad, images_per_chunk=2))
+  ours = run(functools.partial(layers.conv_cpu_filter_grad, images_per_chunk=2,
+                               native=native))
   ref = run(jax.lax.conv_general_dilated)
   for a, b in zip(ours, ref):  # value, input gradient, filter gradient
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -429,10 +456,12 @@ def test_pointwise_conv_matches_lax(padding, monkeypatch):
   assert len(calls) == 1
 
 
-def test_vgg16_fused_impl_equals_plain(monkeypatch):
-  """Chunked filter gradients and the reshape pool: same values, gradients within rounding."""
+@pytest.mark.parametrize("native", [True, False])
+def test_vgg16_fused_impl_equals_plain(monkeypatch, native):
+  """Native or chunked filter gradients and the reshape pool: same values, gradients within rounding."""
   from affectjax.models import vgg16  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(vgg16, "FILTER_GRAD_CHUNK", 2)  # Chunks of 2 + 1 images.
+  native_calls = _native_filter_grad(monkeypatch, native)
   x = jnp.asarray(np.random.default_rng(14).normal(size=(3, 35, 33, 3)), jnp.float32)
   results = {}
   for impl in ("plain", "fused"):
@@ -446,6 +475,7 @@ def test_vgg16_fused_impl_equals_plain(monkeypatch):
 
     value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
     results[impl] = (value, nnx.jit(lambda m: m(x)[0])(model), nnx.to_pure_dict(grads))
+  assert bool(native_calls) == native  # The path under test ran.
   (v0, e0, g0), (v1, e1, g1) = results["plain"], results["fused"]
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
   np.testing.assert_allclose(e1, e0, rtol=1e-5, atol=1e-5)

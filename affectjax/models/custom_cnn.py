@@ -17,8 +17,9 @@ e.g. widths=(4, 8).
   'fused'  the 2x2 max-pool as a reshape + max over the window axes,
            BatchNorm's training gradient in closed form
            (`layers.batch_norm_train`), and each conv's filter gradient
-           summed over chunks of FILTER_GRAD_CHUNK images
-           (`layers.conv_chunked_filter_grad`). Same parameters, same
+           by a native kernel (`native_filter_grad`), or where it is not
+           built, XLA's summed over chunks of FILTER_GRAD_CHUNK images
+           (`layers.conv_cpu_filter_grad`). Same parameters, same
            forward values; the gradients are equal within float32
            rounding. On XLA:CPU the plain max-pool's gradient goes through
            a variadic reduce-window that carries argmax indices, the

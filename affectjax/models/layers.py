@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from affectjax.models import native_filter_grad
+
 # The data-parallel mesh axis (affectjax.sharding.DATA_AXIS; models stay
 # below the trainer's modules).
 DATA_AXIS = "data"
@@ -156,7 +158,8 @@ def conv(in_features: int, out_features: int, kernel_size: int, *,
   Flax's 'SAME' padding is TensorFlow's: for stride 2 on an even input the
   extra padding row/column goes at the bottom/right, exactly as Keras
   `padding='same'` does. `filter_grad_chunk > 0` computes the kernel's
-  gradient in batch chunks of that many images (`conv_chunked_filter_grad`);
+  gradient on the CPU by `conv_cpu_filter_grad` (the native kernel, else
+  XLA's in batch chunks of that many images);
   the forward pass is unchanged. `conv_general_dilated` replaces
   `lax.conv_general_dilated` (same signature), e.g.
   `depthwise.conv_general_dilated`; not together with `filter_grad_chunk`.
@@ -166,7 +169,7 @@ def conv(in_features: int, out_features: int, kernel_size: int, *,
     raise ValueError("conv: filter_grad_chunk and conv_general_dilated "
                      "are exclusive.")
   if filter_grad_chunk:
-    conv_fn = functools.partial(conv_chunked_filter_grad,
+    conv_fn = functools.partial(conv_cpu_filter_grad,
                                 images_per_chunk=filter_grad_chunk)
   return nnx.Conv(
       in_features,
@@ -184,24 +187,34 @@ def conv(in_features: int, out_features: int, kernel_size: int, *,
   )
 
 
-def conv_chunked_filter_grad(lhs, rhs, window_strides, padding,
-                             lhs_dilation=None, rhs_dilation=None,
-                             dimension_numbers=None, feature_group_count=1,
-                             batch_group_count=1, precision=None,
-                             preferred_element_type=None, *,
-                             images_per_chunk: int = 8, **kwargs):
-  """`lax.conv_general_dilated` whose filter gradient is summed over batch chunks.
+def conv_cpu_filter_grad(lhs, rhs, window_strides, padding,
+                         lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None,
+                         preferred_element_type=None, *,
+                         images_per_chunk: int = 8, native: bool = True,
+                         **kwargs):
+  """`lax.conv_general_dilated` with a faster filter gradient on the CPU.
 
   The value and the input gradient are lax's own. The filter gradient is a
   convolution that contracts over the whole batch and every output pixel;
   XLA:CPU runs it as one large, poorly blocked convolution (the biggest item
-  of the custom CNN's CPU train step, docs/BENCHMARKS.md). The same sum
-  taken as one such convolution per `images_per_chunk` images, accumulated
-  in float32, costs less. Equal to the plain gradient within float rounding
-  (a different summation order).
+  of the dense convnets' CPU train step, docs/BENCHMARKS.md). Instead:
+
+  * `native_filter_grad.filter_grad`, a native kernel (an XLA FFI call),
+    where it supports the convolution (CPU backend, float32 NHWC/HWIO, no
+    dilation, one group; `native=False` or ``AFFECTJAX_NATIVE_KERNELS=0``
+    turn it off);
+  * otherwise the same sum taken as one XLA convolution per
+    `images_per_chunk` images, accumulated in float32, which XLA:CPU runs
+    faster than the whole-batch one (and lax's own gradient when the batch
+    is one chunk or less).
+
+  Both equal the plain gradient within float rounding (a different
+  summation order).
 
   Per device: traced under a data-parallel mesh (`sharding.traced_under`, as
-  the trainer's step is), the chunks are each device's own images, summed
+  the trainer's step is), the gradient is each device's own images', taken
   inside `jax.shard_map` and added across devices by one `psum`. Chunks of
   the global batch instead made XLA's partitioner split every chunk across
   devices with collective-permutes (16 per layer for 64 images on 2 CPU
@@ -228,11 +241,19 @@ def conv_chunked_filter_grad(lhs, rhs, window_strides, padding,
     devices = mesh.shape[DATA_AXIS]
   if n % devices or lhs_batch != 0 or out_batch != 0:
     devices = 1
-  if n // devices <= images_per_chunk and devices == 1:
+  use_native = native and native_filter_grad.supports(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count)
+  if not use_native and n // devices <= images_per_chunk and devices == 1:
     return conv(lhs, rhs)
 
-  def chunked_filter_grad(x, g, w):
-    """dL/dw summed over x's images, images_per_chunk at a time (float32)."""
+  def filter_grad(x, g, w):
+    """dL/dw summed over x's images (float32)."""
+    if use_native:
+      return native_filter_grad.filter_grad(x, g, w.shape, window_strides,
+                                            padding)
     dw = jnp.zeros(w.shape, jnp.float32)
     for start in range(0, x.shape[lhs_batch], images_per_chunk):
       stop = min(start + images_per_chunk, x.shape[lhs_batch])
@@ -255,12 +276,12 @@ def conv_chunked_filter_grad(lhs, rhs, window_strides, padding,
     if devices > 1:
       batch = jax.sharding.PartitionSpec(DATA_AXIS)
       dw = jax.shard_map(
-          lambda x, g, w: jax.lax.psum(chunked_filter_grad(x, g, w),
+          lambda x, g, w: jax.lax.psum(filter_grad(x, g, w),
                                        DATA_AXIS),
           in_specs=(batch, batch, jax.sharding.PartitionSpec()),
           out_specs=jax.sharding.PartitionSpec(), check_vma=False)(x, g, w)
     else:
-      dw = chunked_filter_grad(x, g, w)
+      dw = filter_grad(x, g, w)
     return dx, dw.astype(w.dtype)
 
   f.defvjp(fwd, bwd)

@@ -19,7 +19,8 @@ from affectjax.models import layers
 from affectjax.models import preprocessing
 
 _BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
-# Images per filter-gradient convolution under impl='fused'.
+# Images per filter-gradient convolution under impl='fused' where the native
+# kernel is off (layers.conv_cpu_filter_grad).
 FILTER_GRAD_CHUNK = 8
 
 

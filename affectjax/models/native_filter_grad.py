@@ -1,0 +1,215 @@
+"""The CPU filter gradient of a 2D convolution as a native XLA FFI kernel.
+
+XLA:CPU computes a convolution's filter gradient as another convolution,
+whose "kernel" is the whole output map and whose contraction is over the
+images; Eigen blocks that shape badly, and it was what kept the dense
+convnets' CPU train step below PyTorch's (docs/BENCHMARKS.md, "The filter
+gradient, layer by layer": 96 ms in chunks of 8 images against oneDNN's 52
+for the custom CNN's eight convolutions). `csrc/conv_filter_grad.cc`
+computes it as the GEMM it is: cache-sized blocks of output rows, a
+register-blocked micro-kernel over each run of output columns (no im2col
+copy), the images split between XLA's CPU threads.
+
+The kernel is C++ built on first use, like PyTorch's `cpp_extension.load`:
+`g++ -O3 -march=native` (``$CXX`` if set) against the XLA FFI headers that
+jaxlib ships (`jax.ffi.include_dir()`), into
+``~/.cache/affectjax/native`` (``$AFFECTJAX_CACHE_DIR/native`` when set),
+under a name that hashes the source, jaxlib's version, the compiler and the
+CPU's model and flags, so one home directory shared by different CPUs or
+jaxlibs keeps one build each. The build is written to a temporary name and
+renamed, so concurrent processes never load a partial file. Without a
+compiler, or where the build fails, `available()` says why (logged once)
+and the callers keep XLA's formulation.
+
+``AFFECTJAX_NATIVE_KERNELS=0`` turns the kernel off (XLA's formulation
+everywhere), for comparisons (`benchmarks/train_bench.py
+--jax_impls=fused@nonative`). The kernel runs on the CPU backend only, for
+float32 NHWC inputs and HWIO kernels with no dilation and one feature
+group (`supports`); anything else keeps XLA's gradient.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("csrc") / "conv_filter_grad.cc"
+TARGET = "affectjax_conv_filter_grad"
+SYMBOL = "AffectjaxConvFilterGrad"
+OPT_OUT = "AFFECTJAX_NATIVE_KERNELS"
+CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+             "-fno-math-errno")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cache_dir() -> Path:
+  root = os.environ.get("AFFECTJAX_CACHE_DIR")
+  base = Path(root) if root else Path.home() / ".cache" / "affectjax"
+  return base / "native"
+
+
+def _cpu_signature() -> str:
+  """The CPU's model name and feature flags (-march=native depends on them)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      lines = [l for l in f.read().splitlines()
+               if l.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(lines)))
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> list[str]:
+  return (os.environ.get("CXX") or "g++").split()
+
+
+def _library_path() -> tuple[Path, list[str]]:
+  """Where this source, jaxlib, compiler and CPU's build goes, and its command."""
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  cxx = _compiler()
+  version = subprocess.run(cxx + ["--version"], capture_output=True,
+                           text=True, check=True).stdout
+  digest = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(),
+               version.encode(), _cpu_signature().encode(),
+               " ".join(CXX_FLAGS).encode()):
+    digest.update(part)
+    digest.update(b"\0")
+  path = _cache_dir() / f"conv_filter_grad-{digest.hexdigest()[:16]}.so"
+  cmd = cxx + list(CXX_FLAGS) + ["-isystem", jax.ffi.include_dir(),
+                                 str(SOURCE), "-o"]
+  return path, cmd
+
+
+def build() -> Path:
+  """Compiles the kernel unless this machine's build exists; returns its path.
+
+  Raises RuntimeError naming the command and the compiler's message when the
+  build fails, and OSError / FileNotFoundError when there is no compiler.
+  """
+  path, cmd = _library_path()
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
+                             dir=path.parent)
+  os.close(fd)
+  try:
+    done = subprocess.run(cmd + [tmp], capture_output=True, text=True)
+    if done.returncode:
+      raise RuntimeError(
+          f"building {SOURCE.name} failed ({' '.join(cmd + [tmp])}):\n"
+          f"{done.stderr[-2000:]}")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return path
+
+
+def available() -> bool:
+  """Whether the kernel is built, loaded and registered with XLA:CPU (once).
+
+  False when ``AFFECTJAX_NATIVE_KERNELS=0``, or when the build or load
+  failed; the reason is logged once and kept in `unavailable_reason()`.
+  """
+  with _lock:
+    if "ok" in _state:
+      return bool(_state["ok"])
+    if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "off", "no"):
+      _state.update(ok=False, reason=f"{OPT_OUT}={os.environ[OPT_OUT]}")
+      return False
+    try:
+      path = build()
+      lib = ctypes.cdll.LoadLibrary(str(path))
+      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
+                                  platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError,
+            AttributeError) as e:
+      _state.update(ok=False, reason=str(e))
+      logging.warning(
+          "The native CPU filter-gradient kernel is off (%s); convolutions "
+          "keep XLA's filter gradient, which trains the dense convnets "
+          "about 10-20%% slower on the CPU. It needs a C++17 compiler "
+          "(g++, or $CXX).", e)
+      return False
+    _state.update(ok=True, reason="", path=str(path))
+    logging.info("Native CPU filter-gradient kernel: %s", path)
+    return True
+
+
+def unavailable_reason() -> str:
+  """Why `available()` returned False ('' when it is on or not yet asked)."""
+  return str(_state.get("reason", ""))
+
+
+def supports(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
+             rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+             batch_group_count=1) -> bool:
+  """Whether `filter_grad` computes this convolution's filter gradient.
+
+  The CPU backend, float32 NHWC input and HWIO kernel of static shapes, no
+  dilation, one group, no negative padding, and the kernel built
+  (`available`). The arguments are `lax.conv_general_dilated`'s.
+  """
+  if jax.default_backend() != "cpu":
+    return False
+  if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+    return False
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    return False
+  if not all(isinstance(d, int) for d in (*lhs.shape, *rhs.shape)):
+    return False
+  if any(d is not None and any(v != 1 for v in d)
+         for d in (lhs_dilation, rhs_dilation)):
+    return False
+  if feature_group_count != 1 or batch_group_count != 1:
+    return False
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  if (dn.lhs_spec, dn.rhs_spec, dn.out_spec) != ((0, 3, 1, 2), (3, 2, 0, 1),
+                                                 (0, 3, 1, 2)):
+    return False  # not NHWC / HWIO / NHWC
+  pads = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
+  if any(v < 0 for pair in pads for v in pair):
+    return False
+  return available()
+
+
+def explicit_padding(lhs_shape, rhs_shape, window_strides, padding):
+  """lax's padding argument ('SAME', 'VALID', 'SAME_LOWER' or pairs) as pairs."""
+  if isinstance(padding, str):
+    return jax.lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2],
+                                   window_strides, padding)
+  return [tuple(p) for p in padding]
+
+
+def filter_grad(x, dy, kernel_shape, window_strides, padding):
+  """dL/dw (float32, `kernel_shape` HWIO) of conv(x, w) given dL/dy = `dy`.
+
+  `x` is the NHWC input, `dy` the NHWC output gradient; `padding` lax's
+  (a string or (low, high) pairs). Equal to `jax.vjp` of
+  `lax.conv_general_dilated` within float32 rounding (another summation
+  order). Call only where `supports` said yes.
+  """
+  (top, _), (left, _) = explicit_padding(x.shape, kernel_shape,
+                                         window_strides, padding)
+  if top < 0 or left < 0:
+    raise ValueError(f"filter_grad: negative padding {padding} is not supported.")
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(tuple(kernel_shape),
+                                                       jnp.float32))
+  return call(x, dy.astype(jnp.float32),
+              stride_h=np.int64(window_strides[0]),
+              stride_w=np.int64(window_strides[1]),
+              pad_top=np.int64(top), pad_left=np.int64(left))
