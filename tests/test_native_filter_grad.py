@@ -161,3 +161,25 @@ def test_conv_cpu_filter_grad_uses_the_kernel_on_the_cpu(native):
   for a, b in zip(ours(x, w), ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   assert (native_filter_grad.TARGET in ours.lower(x, w).as_text()) == native
+
+
+def test_forward_passes_never_build_the_kernel(tmp_path):
+  # evaluate / predict / export trace only forward passes: no compiler run.
+  code = """
+      import jax, jax.numpy as jnp
+      from flax import nnx
+      from affectjax import models
+      from affectjax.models import native_filter_grad
+      model = models.create("custom_cnn", rngs=nnx.Rngs(0), widths=(4, 8),
+                            head_hidden=8, dropout=0.0, impl="fused")
+      x = jnp.ones((12, 16, 16, 3), jnp.float32)
+      nnx.jit(lambda m, x: m(x)[0])(model, x)
+      print("after forward", "ok" in native_filter_grad._state)
+      grads = nnx.grad(lambda m: jnp.sum(m(x, train=True)[0]))(model)
+      print("after backward", native_filter_grad._state.get("ok"))
+  """
+  done = _run_child(code, {}, tmp_path)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "after forward False" in done.stdout
+  assert "after backward True" in done.stdout
+  assert len(list((tmp_path / "cache" / "native").glob("*.so"))) == 1

@@ -251,7 +251,7 @@ def conv_cpu_filter_grad(lhs, rhs, window_strides, padding,
 
   def filter_grad(x, g, w):
     """dL/dw summed over x's images (float32)."""
-    if use_native:
+    if use_native and native_filter_grad.available():  # Builds it once.
       return native_filter_grad.filter_grad(x, g, w.shape, window_strides,
                                             padding)
     dw = jnp.zeros(w.shape, jnp.float32)

@@ -119,6 +119,10 @@ def build() -> Path:
   return path
 
 
+def _opted_out() -> bool:
+  return os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "off", "no")
+
+
 def available() -> bool:
   """Whether the kernel is built, loaded and registered with XLA:CPU (once).
 
@@ -128,7 +132,7 @@ def available() -> bool:
   with _lock:
     if "ok" in _state:
       return bool(_state["ok"])
-    if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "off", "no"):
+    if _opted_out():
       _state.update(ok=False, reason=f"{OPT_OUT}={os.environ[OPT_OUT]}")
       return False
     try:
@@ -158,11 +162,14 @@ def unavailable_reason() -> str:
 def supports(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
              rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
              batch_group_count=1) -> bool:
-  """Whether `filter_grad` computes this convolution's filter gradient.
+  """Whether `filter_grad` can compute this convolution's filter gradient.
 
   The CPU backend, float32 NHWC input and HWIO kernel of static shapes, no
-  dilation, one group, no negative padding, and the kernel built
-  (`available`). The arguments are `lax.conv_general_dilated`'s.
+  dilation, one group, no negative padding, and the kernel not turned off
+  or known to have failed. It does not build the kernel: a forward pass
+  (evaluate, predict, export) never needs it, so the build waits for the
+  first backward pass, whose caller asks `available()`. The arguments are
+  `lax.conv_general_dilated`'s.
   """
   if jax.default_backend() != "cpu":
     return False
@@ -184,7 +191,7 @@ def supports(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
   pads = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
   if any(v < 0 for pair in pads for v in pair):
     return False
-  return available()
+  return not _opted_out() and _state.get("ok", True)
 
 
 def explicit_padding(lhs_shape, rhs_shape, window_strides, padding):

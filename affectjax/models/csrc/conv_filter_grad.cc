@@ -18,8 +18,8 @@
 //    rank-1 updates x[..., c] * dy[..., o] along each contiguous run of q
 //    (the input positions of a run are `sw * Ci` floats apart), with no
 //    im2col copy;
-//  * the images are split between XLA's CPU worker threads, each summing
-//    into a float32 buffer of its own; the buffers are added at the end.
+//  * the images, or for small maps the output channels, are split between
+//    XLA's CPU worker threads (`Job`).
 //
 // The vector width follows the machine the file is compiled on
 // (-march=native): 16 floats with AVX-512, 8 with AVX, 4 otherwise.
@@ -30,6 +30,8 @@
 #include <memory>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -176,14 +178,24 @@ void TileRows(int m, const Geometry& g, const float* x, const float* dy,
   }
 }
 
+// Half of the L2 cache (glibc's sysconf), at least 256 KiB; 384 KiB where
+// the size is unknown.
+int64_t BlockBytes() {
+  static const int64_t bytes = [] {
+    long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 > 0 ? std::max<int64_t>(l2 / 2, 256 << 10) : int64_t{384} << 10;
+  }();
+  return bytes;
+}
+
 // dw (kh * kw * ci * co floats, zeroed by the caller) += the filter gradient
-// over images [n0, n1).
+// over images [n0, n1), output channels [o_begin, o_end).
 void FilterGrad(const Geometry& g, const float* x, const float* dy, int64_t n0,
-                int64_t n1, float* dw) {
+                int64_t n1, int64_t o_begin, int64_t o_end, float* dw) {
   // Rows per block: the block's x rows (sh per output row, plus the taps'
-  // overlap) and dy rows within about 384 KiB, inside any L2 this runs on.
+  // overlap) and dy rows within half the core's L2 cache.
   const int64_t row_bytes = (g.sh * g.w * g.ci + g.wo * g.co) * 4;
-  const int64_t block = std::max<int64_t>(1, (384 << 10) / std::max<int64_t>(row_bytes, 1));
+  const int64_t block = std::max<int64_t>(1, BlockBytes() / std::max<int64_t>(row_bytes, 1));
   const int64_t tap_size = g.ci * g.co;
   // Input channels per tile. Tiles of 8 where 12 leaves a narrow tail
   // (Ci = 32, 64, 128) measured slower than 12s and the tail.
@@ -194,8 +206,8 @@ void FilterGrad(const Geometry& g, const float* x, const float* dy, int64_t n0,
     const int64_t r1 = std::min(r0 + block, n1 * g.ho);
     for (int64_t c0 = 0; c0 < g.ci; c0 += mr) {
       const int m = static_cast<int>(std::min<int64_t>(mr, g.ci - c0));
-      for (int64_t o0 = 0; o0 < g.co;) {
-        const int64_t left = g.co - o0;
+      for (int64_t o0 = o_begin; o0 < o_end;) {
+        const int64_t left = o_end - o0;
         const int64_t step = left >= kNV * kVL ? kNV * kVL : left >= kVL ? kVL : left;
         for (int64_t i = 0; i < g.kh; ++i) {
           for (int64_t j = 0; j < g.kw; ++j) {
@@ -218,24 +230,39 @@ void FilterGrad(const Geometry& g, const float* x, const float* dy, int64_t n0,
 
 // One call's work, shared with the tasks it schedules on XLA's pool; a
 // task may start after the call has returned (it then finds nothing left).
+//
+// The work is split between threads in one of two ways. Over images, each
+// unit summing into a float32 buffer of its own (unit 0 into the output),
+// the buffers added at the end: for large maps, where that addition is
+// nothing beside the GEMM. Over output channels, each unit writing its own
+// columns of the output: for small maps with many channels (VGG16's 7-14
+// px, 512 channels), where per-thread copies of the 9.4 MB gradient cost
+// more than the GEMM's imbalance.
 struct Job {
   Geometry g;
   const float* x;
   const float* dy;
   int64_t units;
-  std::vector<float*> sums;                  // per unit; sums[0] is the output
+  bool by_channels;
+  std::vector<int64_t> o_bounds;             // by_channels: unit u's [o_bounds[u], o_bounds[u+1])
+  std::vector<float*> sums;                  // by images: per unit; sums[0] is the output
   std::vector<std::vector<float>> buffers;   // backing for sums[1:]
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
 
 void Work(Job* job) {
+  const Geometry& g = job->g;
   for (;;) {
     const int64_t u = job->next.fetch_add(1, std::memory_order_relaxed);
     if (u >= job->units) return;
-    const int64_t n0 = u * job->g.n / job->units;
-    const int64_t n1 = (u + 1) * job->g.n / job->units;
-    FilterGrad(job->g, job->x, job->dy, n0, n1, job->sums[u]);
+    if (job->by_channels) {
+      FilterGrad(g, job->x, job->dy, 0, g.n, job->o_bounds[u],
+                 job->o_bounds[u + 1], job->sums[0]);
+    } else {
+      FilterGrad(g, job->x, job->dy, u * g.n / job->units,
+                 (u + 1) * g.n / job->units, 0, g.co, job->sums[u]);
+    }
     job->done.fetch_add(1, std::memory_order_release);
   }
 }
@@ -264,20 +291,37 @@ ffi::Error ConvFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   job->x = x.typed_data();
   job->dy = dy.typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  job->units = std::min<int64_t>(g.n, threads);
-  job->sums.assign(job->units, out);
-  job->buffers.resize(job->units);
-  for (int64_t u = 1; u < job->units; ++u) {
-    job->buffers[u].assign(size, 0.0f);
-    job->sums[u] = job->buffers[u].data();
+  // Output channel tiles to share out, and the output pixels each element
+  // of the gradient sums: with fewer than 4096 pixels per thread, a copy of
+  // the gradient per thread costs more than a tenth of the GEMM.
+  const int64_t tile = kNV * kVL;
+  const int64_t o_tiles = (g.co + tile - 1) / tile;
+  const int64_t pixels = g.n * g.ho * g.wo;
+  job->by_channels = threads > 1 && o_tiles >= 2 * threads &&
+                     pixels < 4096 * threads;
+  job->sums.assign(1, out);
+  if (job->by_channels) {
+    job->units = threads;
+    for (int64_t u = 0; u <= threads; ++u)
+      job->o_bounds.push_back(std::min(g.co, (u * o_tiles / threads) * tile));
+  } else {
+    job->units = std::min<int64_t>(g.n, threads);
+    job->sums.assign(job->units, out);
+    job->buffers.resize(job->units);
+    for (int64_t u = 1; u < job->units; ++u) {
+      job->buffers[u].assign(size, 0.0f);
+      job->sums[u] = job->buffers[u].data();
+    }
   }
   for (int64_t u = 1; u < job->units; ++u) pool.Schedule([job] { Work(job.get()); });
   Work(job.get());
   // Every unit has been claimed; wait for those other threads are running.
   while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
-  for (int64_t u = 1; u < job->units; ++u) {
-    const float* s = job->sums[u];
-    for (int64_t k = 0; k < size; ++k) out[k] += s[k];
+  if (!job->by_channels) {
+    for (int64_t u = 1; u < job->units; ++u) {
+      const float* s = job->sums[u];
+      for (int64_t k = 0; k < size; ++k) out[k] += s[k];
+    }
   }
   return ffi::Error::Success();
 }
