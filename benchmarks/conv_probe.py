@@ -25,7 +25,7 @@ Formulations compared (all numerically equal to `lax.conv_general_dilated`):
              each tap is then one contiguous row offset, x[off:off+M]^T @ dy
              on dy padded alike (no strided slices, 9 dots)
   native     dw by the trainer's native kernel
-             (`affectjax.models.native_filter_grad`, an XLA FFI call)
+             (`affectjax.models.native_kernels`, an XLA FFI call)
 
   .venv/bin/python benchmarks/conv_probe.py --image_size=48 --batch_size=64
   # with PyTorch's (oneDNN) fwd/dx/dw of the same layers beside them:
@@ -65,7 +65,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax import lax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from affectjax.models import native_filter_grad  # pylint: disable=g-import-not-at-top,wrong-import-position
+from affectjax.models import native_kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -125,7 +125,7 @@ def dw_flat(x, dy):
 
 
 def dw_native(x, dy):
-  return native_filter_grad.filter_grad(
+  return native_kernels.filter_grad(
       x, dy, (3, 3, x.shape[-1], dy.shape[-1]), (1, 1), "SAME")
 
 
@@ -305,10 +305,10 @@ def main():
       "dw/patches": (jax.jit(dw_patches), "xd"),
       "dw/flat": (jax.jit(dw_flat), "xd"),
   }
-  if native_filter_grad.available():
+  if native_kernels.available():
     cands["dw/native"] = (jax.jit(dw_native), "xd")
   else:
-    print(f"# dw/native: off ({native_filter_grad.unavailable_reason()})")
+    print(f"# dw/native: off ({native_kernels.unavailable_reason()})")
   for k in (int(v) for v in args.chunks.split(",") if v):
     cands[f"dw/chunk{k}"] = (
         jax.jit(functools.partial(dw_chunked, images=k)), "xd")

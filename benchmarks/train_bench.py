@@ -40,7 +40,7 @@ Eigen convolutions) and malloc settings (affectjax/host_malloc.py); `@<set>`
 after a row's name (`fused@ynn`, `jax_train:2@ynn`) adds an XLA_FLAG_SETS
 entry below (`ynn`: XLA's YNNPACK default; `nomalloc`: glibc's default
 malloc settings; `nonative`: XLA's filter gradients instead of the native
-kernel, affectjax/models/native_filter_grad.py).
+kernel, affectjax/models/native_kernels.py).
   torch        PyTorch eager (torch.compile needs a C++ toolchain warm-up
                longer than the run), NCHW, all cores (--threads).
   keras        Keras 3 on TensorFlow, `train_on_batch`, `jit_compile="auto"`
@@ -120,7 +120,7 @@ XLA_FLAG_SETS = {
     # affectjax/host_malloc.py's): XLA's buffers mapped afresh every step.
     "nomalloc": "",
     # The trainer's settings, but XLA's filter gradients (in chunks) instead
-    # of the native kernel (affectjax/models/native_filter_grad.py).
+    # of the native kernel (affectjax/models/native_kernels.py).
     "nonative": "",
 }
 
@@ -483,8 +483,8 @@ def main():
       if flags == "nomalloc":  # The worker's `import affectjax` then skips it.
         wenv[host_malloc.OPT_OUT] = "default"
       if flags == "nonative":
-        from affectjax.models import native_filter_grad  # pylint: disable=g-import-not-at-top
-        wenv[native_filter_grad.OPT_OUT] = "0"
+        from affectjax.models import native_kernels  # pylint: disable=g-import-not-at-top
+        wenv[native_kernels.OPT_OUT] = "0"
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=err, text=True, env=wenv, cwd=REPO)
     if proc.stdout.readline().strip() != "ready":

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from affectjax import models
-from affectjax.models import (custom_cnn, depthwise, layers, native_filter_grad,
+from affectjax.models import (custom_cnn, depthwise, layers, native_kernels,
                               preprocessing)
 
 TINY = dict(widths=(4, 8), head_hidden=8, dropout=0.5)
@@ -242,23 +242,23 @@ def test_max_pool_2x2_gradient_is_reduce_windows_with_ties():
   assert ours[0, 0, 0, 0] == g[0, 0, 0, 0] and ours[0, 0, 1, 0] == 0
 
 
-def _native_filter_grad(monkeypatch, on: bool) -> list:
+def _native_kernels(monkeypatch, on: bool) -> list:
   """The fused convs' filter gradient: the native kernel (asserted built) or XLA's chunks.
 
   Returns the list that records each traced native call, for the caller to
   check which path ran.
   """
   if on:
-    assert native_filter_grad.available(), native_filter_grad.unavailable_reason()
+    assert native_kernels.available(), native_kernels.unavailable_reason()
   else:
-    monkeypatch.setattr(native_filter_grad, "available", lambda: False)
-  calls, kernel = [], native_filter_grad.filter_grad
+    monkeypatch.setattr(native_kernels, "available", lambda: False)
+  calls, kernel = [], native_kernels.filter_grad
 
   def counted(*args, **kwargs):
     calls.append(args[2])  # the kernel's shape
     return kernel(*args, **kwargs)
 
-  monkeypatch.setattr(native_filter_grad, "filter_grad", counted)
+  monkeypatch.setattr(native_kernels, "filter_grad", counted)
   return calls
 
 
@@ -266,7 +266,7 @@ def _native_filter_grad(monkeypatch, on: bool) -> list:
 def test_custom_cnn_fused_impl_equals_plain(monkeypatch, native):
   """Same variables, same outputs, same BN statistics, gradients within float32 rounding."""
   monkeypatch.setattr(custom_cnn, "FILTER_GRAD_CHUNK", 3)  # Chunks of 3 + 1 images.
-  native_calls = _native_filter_grad(monkeypatch, native)
+  native_calls = _native_kernels(monkeypatch, native)
   x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 17, 16, 3)), jnp.float32)
   results = {}
   for impl in ("plain", "fused"):
@@ -301,7 +301,7 @@ def test_custom_cnn_impl_auto_and_bad_name():
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("strides,padding", [((1, 1), "SAME"), ((2, 2), ((0, 1), (1, 1)))])
 def test_conv_cpu_filter_grad_matches_lax(strides, padding, native):
-  """The native kernel's and the chunked XLA filter gradients (tests/test_native_filter_grad.py: the kernel alone)."""
+  """The native kernel's and the chunked XLA filter gradients (tests/test_native_kernels.py: the kernel alone)."""
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.normal(size=(5, 7, 6, 3)), jnp.float32)  # 5 = 2 + 2 + 1.
   w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
@@ -461,7 +461,7 @@ def test_vgg16_fused_impl_equals_plain(monkeypatch, native):
   """Native or chunked filter gradients and the reshape pool: same values, gradients within rounding."""
   from affectjax.models import vgg16  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(vgg16, "FILTER_GRAD_CHUNK", 2)  # Chunks of 2 + 1 images.
-  native_calls = _native_filter_grad(monkeypatch, native)
+  native_calls = _native_kernels(monkeypatch, native)
   x = jnp.asarray(np.random.default_rng(14).normal(size=(3, 35, 33, 3)), jnp.float32)
   results = {}
   for impl in ("plain", "fused"):

@@ -17,7 +17,7 @@ e.g. widths=(4, 8).
   'fused'  the 2x2 max-pool as a reshape + max over the window axes,
            BatchNorm's training gradient in closed form
            (`layers.batch_norm_train`), and each conv's filter gradient
-           by a native kernel (`native_filter_grad`), or where it is not
+           by a native kernel (`native_kernels`), or where it is not
            built, XLA's summed over chunks of FILTER_GRAD_CHUNK images
            (`layers.conv_cpu_filter_grad`). Same parameters, same
            forward values; the gradients are equal within float32

@@ -22,6 +22,11 @@ output. Its `custom_vjp` does the same for the gradients:
                    tap's input slice times dy: k*k reductions, accumulated
                    in float32.
 
+In training (the `custom_vjp`'s rules) on the CPU, native kernels
+(`native_kernels`) compute the forward pass, the filter gradient and the
+stride-1 input gradient, reading the arrays in place instead of a padded
+copy and k*k slices.
+
 Values and gradients equal lax's within float rounding (a different
 summation order). `conv_general_dilated` is a drop-in for
 `lax.conv_general_dilated` (what `nnx.Conv` calls) that takes this path for
@@ -34,6 +39,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from affectjax.models import native_kernels
 
 _NHWC = (0, 3, 1, 2)  # ConvDimensionNumbers.lhs_spec / out_spec of NHWC.
 _HWIO = (3, 2, 0, 1)  # rhs_spec of HWIO.
@@ -93,12 +100,35 @@ def _forward(x, w, strides, padding):
 
 
 def _fwd(x, w, strides, padding):
+  """The forward pass under differentiation (training): on the CPU the
+  native kernel (`native_kernels.depthwise_conv`), else `_forward`.
+  Inference and `jax.export` trace the primal body, XLA's ops only."""
+  if native_kernels.depthwise_supported(x, w) and native_kernels.available():
+    (pt, pb), (pl, pr) = padding
+    y_shape = (x.shape[0],
+               _out_size(x.shape[1] + pt + pb, w.shape[0], strides[0]),
+               _out_size(x.shape[2] + pl + pr, w.shape[1], strides[1]),
+               x.shape[3])
+    return native_kernels.depthwise_conv(x, w, strides, padding, y_shape), (x, w)
   return _forward(x, w, strides, padding), (x, w)
 
 
 def _bwd(strides, padding, res, dy):
+  """On the CPU the native kernels: the filter gradient, and for stride 1 the
+  input gradient (the forward kernel over dy with the flipped filter)."""
   x, w = res
   dy = dy.astype(x.dtype)
+  if native_kernels.depthwise_supported(x, w) and native_kernels.available():
+    dw = native_kernels.depthwise_filter_grad(x, dy, w.shape, strides, padding)
+    if tuple(strides) == (1, 1):
+      kh, kw = w.shape[0], w.shape[1]
+      (pt, pb), (pl, pr) = padding
+      dx = native_kernels.depthwise_conv(
+          dy, w[::-1, ::-1], (1, 1),
+          ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), x.shape)
+    else:
+      dx = _input_grad(dy, w, x.shape, strides, padding)
+    return dx, dw.astype(w.dtype)
   return (_input_grad(dy, w, x.shape, strides, padding),
           _filter_grad(x, dy, w, strides, padding))
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affectjax.models import native_filter_grad
+from affectjax.models import native_kernels
 
 # The data-parallel mesh axis (affectjax.sharding.DATA_AXIS; models stay
 # below the trainer's modules).
@@ -201,7 +201,7 @@ def conv_cpu_filter_grad(lhs, rhs, window_strides, padding,
   XLA:CPU runs it as one large, poorly blocked convolution (the biggest item
   of the dense convnets' CPU train step, docs/BENCHMARKS.md). Instead:
 
-  * `native_filter_grad.filter_grad`, a native kernel (an XLA FFI call),
+  * `native_kernels.filter_grad`, a native kernel (an XLA FFI call),
     where it supports the convolution (CPU backend, float32 NHWC/HWIO, no
     dilation, one group; `native=False` or ``AFFECTJAX_NATIVE_KERNELS=0``
     turn it off);
@@ -241,7 +241,7 @@ def conv_cpu_filter_grad(lhs, rhs, window_strides, padding,
     devices = mesh.shape[DATA_AXIS]
   if n % devices or lhs_batch != 0 or out_batch != 0:
     devices = 1
-  use_native = native and native_filter_grad.supports(
+  use_native = native and native_kernels.supports(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count,
@@ -251,8 +251,8 @@ def conv_cpu_filter_grad(lhs, rhs, window_strides, padding,
 
   def filter_grad(x, g, w):
     """dL/dw summed over x's images (float32)."""
-    if use_native and native_filter_grad.available():  # Builds it once.
-      return native_filter_grad.filter_grad(x, g, w.shape, window_strides,
+    if use_native and native_kernels.available():  # Builds it once.
+      return native_kernels.filter_grad(x, g, w.shape, window_strides,
                                             padding)
     dw = jnp.zeros(w.shape, jnp.float32)
     for start in range(0, x.shape[lhs_batch], images_per_chunk):

@@ -1,5 +1,5 @@
 // The filter gradient of a 2D NHWC convolution on the CPU, as an XLA FFI
-// custom call (affectjax/models/native_filter_grad.py builds and registers it).
+// custom call (affectjax/models/native_kernels.py builds and registers it).
 //
 //   dw[i, j, c, o] = sum over n, p, q of
 //       x[n, p*sh + i - pt, q*sw + j - pl, c] * dy[n, p, q, o]

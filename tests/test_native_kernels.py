@@ -1,4 +1,4 @@
-"""The native CPU filter-gradient kernel (affectjax.models.native_filter_grad).
+"""The native CPU filter-gradient kernel (affectjax.models.native_kernels).
 
 Its output is checked against lax's own filter gradient (`jax.vjp` of
 `lax.conv_general_dilated`) over odd sizes, strides, paddings, kernel shapes
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from affectjax.models import layers, native_filter_grad
+from affectjax.models import layers, native_kernels
 
 DN = ("NHWC", "HWIO", "NHWC")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,12 +30,12 @@ def _lax_filter_grad(x, w, dy, strides, padding):
 
 def test_kernel_builds_and_registers_here():
   # CI and every machine of this project have g++: the kernel must be on.
-  assert native_filter_grad.available(), native_filter_grad.unavailable_reason()
-  path = native_filter_grad.build()
+  assert native_kernels.available(), native_kernels.unavailable_reason()
+  path = native_kernels.build()
   assert path.exists() and path.suffix == ".so"
-  assert path.parent == native_filter_grad._cache_dir()
+  assert path.parent == native_kernels._cache_dir()
   mtime = path.stat().st_mtime_ns
-  assert native_filter_grad.build() == path  # Cached: not built again.
+  assert native_kernels.build() == path  # Cached: not built again.
   assert path.stat().st_mtime_ns == mtime
 
 
@@ -59,10 +59,10 @@ def test_filter_grad_equals_lax(n, h, w, ci, co, kernel, strides, padding):
   y = jax.eval_shape(lambda x, w: jax.lax.conv_general_dilated(
       x, w, strides, padding, dimension_numbers=DN), x, wt)
   dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-  assert native_filter_grad.supports(x, wt, strides, padding, dimension_numbers=DN)
-  fn = jax.jit(lambda x, dy: native_filter_grad.filter_grad(
+  assert native_kernels.supports(x, wt, strides, padding, dimension_numbers=DN)
+  fn = jax.jit(lambda x, dy: native_kernels.filter_grad(
       x, dy, wt.shape, strides, padding))
-  assert native_filter_grad.TARGET in fn.lower(x, dy).as_text()
+  assert native_kernels.TARGET in fn.lower(x, dy).as_text()
   ours = fn(x, dy)
   ref = _lax_filter_grad(x, wt, dy, strides, padding)
   scale = float(jnp.max(jnp.abs(ref)))
@@ -72,7 +72,7 @@ def test_filter_grad_equals_lax(n, h, w, ci, co, kernel, strides, padding):
 def test_supports_only_what_the_kernel_computes():
   x = jnp.zeros((2, 8, 8, 4), jnp.float32)
   w = jnp.zeros((3, 3, 4, 8), jnp.float32)
-  ok = lambda x, w, **kw: native_filter_grad.supports(
+  ok = lambda x, w, **kw: native_kernels.supports(
       x, w, kw.pop("strides", (1, 1)), kw.pop("padding", "SAME"),
       **{"dimension_numbers": DN, **kw})
   assert ok(x, w)
@@ -86,15 +86,15 @@ def test_supports_only_what_the_kernel_computes():
 
 
 def test_cache_key_follows_cpu_and_source(monkeypatch, tmp_path):
-  path, cmd = native_filter_grad._library_path()
+  path, cmd = native_kernels._library_path()
   assert "-march=native" in cmd and jax.ffi.include_dir() in cmd
-  monkeypatch.setattr(native_filter_grad, "_cpu_signature", lambda: "other cpu")
-  assert native_filter_grad._library_path()[0] != path
+  monkeypatch.setattr(native_kernels, "_cpu_signature", lambda: "other cpu")
+  assert native_kernels._library_path()[0] != path
   monkeypatch.undo()
-  source = tmp_path / "conv_filter_grad.cc"
-  source.write_text(native_filter_grad.SOURCE.read_text() + "\n// edited\n")
-  monkeypatch.setattr(native_filter_grad, "SOURCE", source)
-  assert native_filter_grad._library_path()[0] != path
+  source = tmp_path / "depthwise_conv.cc"
+  source.write_text(native_kernels.SOURCES[1].read_text() + "\n// edited\n")
+  monkeypatch.setattr(native_kernels, "SOURCES", (native_kernels.SOURCES[0], source))
+  assert native_kernels._library_path()[0] != path
 
 
 def _run_child(code, env_extra, tmp_path):
@@ -107,7 +107,7 @@ def _run_child(code, env_extra, tmp_path):
 
 _FALLBACK_CHILD = """
     import functools, jax, jax.numpy as jnp, numpy as np
-    from affectjax.models import layers, native_filter_grad
+    from affectjax.models import layers, native_kernels
     x = jnp.asarray(np.random.default_rng(0).normal(size=(12, 6, 6, 3)), jnp.float32)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 5)), jnp.float32)
     dn = ("NHWC", "HWIO", "NHWC")
@@ -115,9 +115,9 @@ _FALLBACK_CHILD = """
     ours = jax.jit(jax.grad(functools.partial(loss, layers.conv_cpu_filter_grad)))
     ref = jax.grad(functools.partial(loss, jax.lax.conv_general_dilated))(w)
     np.testing.assert_allclose(ours(w), ref, rtol=1e-4, atol=1e-4)
-    assert native_filter_grad.TARGET not in ours.lower(w).as_text()
-    print("available", native_filter_grad.available())
-    print("reason", native_filter_grad.unavailable_reason().splitlines()[0])
+    assert native_kernels.TARGET not in ours.lower(w).as_text()
+    print("available", native_kernels.available())
+    print("reason", native_kernels.unavailable_reason().splitlines()[0])
 """
 
 
@@ -130,17 +130,17 @@ def test_failed_build_falls_back_to_xla_with_a_warning(tmp_path):
   done = _run_child(_FALLBACK_CHILD, {"CXX": str(cxx)}, tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "available False" in done.stdout
-  assert "building conv_filter_grad.cc failed" in done.stdout
-  assert "native CPU filter-gradient kernel is off" in done.stderr
+  assert "building the native kernels failed" in done.stdout
+  assert "native CPU kernels are off" in done.stderr
   assert "broken-cxx: error: cannot compile" in done.stderr
   assert not list((tmp_path / "cache" / "native").glob("*"))  # No partial file.
 
 
 def test_opt_out_keeps_xla(tmp_path):
-  done = _run_child(_FALLBACK_CHILD, {native_filter_grad.OPT_OUT: "0"}, tmp_path)
+  done = _run_child(_FALLBACK_CHILD, {native_kernels.OPT_OUT: "0"}, tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "available False" in done.stdout
-  assert f"reason {native_filter_grad.OPT_OUT}=0" in done.stdout
+  assert f"reason {native_kernels.OPT_OUT}=0" in done.stdout
   assert not (tmp_path / "cache" / "native").exists()  # Nothing was built.
 
 
@@ -160,7 +160,7 @@ def test_conv_cpu_filter_grad_uses_the_kernel_on_the_cpu(native):
                  argnums=(0, 1))(x, w)
   for a, b in zip(ours(x, w), ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  assert (native_filter_grad.TARGET in ours.lower(x, w).as_text()) == native
+  assert (native_kernels.TARGET in ours.lower(x, w).as_text()) == native
 
 
 def test_forward_passes_never_build_the_kernel(tmp_path):
@@ -169,17 +169,55 @@ def test_forward_passes_never_build_the_kernel(tmp_path):
       import jax, jax.numpy as jnp
       from flax import nnx
       from affectjax import models
-      from affectjax.models import native_filter_grad
+      from affectjax.models import native_kernels
       model = models.create("custom_cnn", rngs=nnx.Rngs(0), widths=(4, 8),
                             head_hidden=8, dropout=0.0, impl="fused")
       x = jnp.ones((12, 16, 16, 3), jnp.float32)
       nnx.jit(lambda m, x: m(x)[0])(model, x)
-      print("after forward", "ok" in native_filter_grad._state)
+      print("after forward", "ok" in native_kernels._state)
       grads = nnx.grad(lambda m: jnp.sum(m(x, train=True)[0]))(model)
-      print("after backward", native_filter_grad._state.get("ok"))
+      print("after backward", native_kernels._state.get("ok"))
   """
   done = _run_child(code, {}, tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "after forward False" in done.stdout
   assert "after backward True" in done.stdout
   assert len(list((tmp_path / "cache" / "native").glob("*.so"))) == 1
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((2, 9, 8, 37), (3, 3), (1, 1), "SAME"),     # 2 vectors + a 5-channel tail
+    ((2, 11, 10, 32), (5, 5), (2, 2), "SAME"),   # stride 2: XLA's input gradient
+    ((3, 7, 9, 20), (5, 5), (1, 1), ((1, 3), (2, 2))),
+    ((2, 8, 8, 16), (7, 7), (1, 1), "SAME"),     # neither 3x3 nor 5x5: generic taps
+    ((2, 9, 7, 17), (3, 5), (2, 1), "VALID"),
+])
+def test_depthwise_kernels_equal_lax(shape, kernel, strides, padding):
+  """The native depthwise forward, input and filter gradients (training only)."""
+  from affectjax.models import depthwise  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(shape[-1])
+  c = shape[-1]
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(*kernel, 1, c)), jnp.float32)
+
+  def run(fn):
+    conv = lambda x, w: fn(x, w, strides, padding, dimension_numbers=DN,
+                           feature_group_count=c)
+    y, vjp = jax.vjp(conv, x, w)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+    return (y, *vjp(g))
+
+  ours = jax.jit(lambda x, w: run(depthwise.conv_general_dilated))
+  text = ours.lower(x, w).as_text()
+  assert native_kernels.DEPTHWISE_TARGET in text
+  assert native_kernels.DEPTHWISE_GRAD_TARGET in text
+  # Stride 1: the input gradient is the forward kernel too (two calls).
+  assert text.count(f"@{native_kernels.DEPTHWISE_TARGET}(") == (
+      2 if strides == (1, 1) else 1)
+  ref = run(jax.lax.conv_general_dilated)
+  for a, b in zip(ours(x, w), ref):  # value, input gradient, filter gradient
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  # Inference (and jax.export) traces the primal: XLA's ops, no custom call.
+  primal = jax.jit(lambda x, w: depthwise.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=DN, feature_group_count=c))
+  assert "affectjax_" not in primal.lower(x, w).as_text()

@@ -1,4 +1,5 @@
-"""The CPU filter gradient of a 2D convolution as a native XLA FFI kernel.
+"""Native CPU kernels (XLA FFI custom calls): a convolution's filter gradient
+and a depthwise convolution's forward pass.
 
 XLA:CPU computes a convolution's filter gradient as another convolution,
 whose "kernel" is the whole output map and whose contraction is over the
@@ -10,7 +11,14 @@ computes it as the GEMM it is: cache-sized blocks of output rows, a
 register-blocked micro-kernel over each run of output columns (no im2col
 copy), the images split between XLA's CPU threads.
 
-The kernel is C++ built on first use, like PyTorch's `cpp_extension.load`:
+`depthwise_conv` (`csrc/depthwise_conv.cc`) is EfficientNet's depthwise
+convolution, forward, reading the input in place: XLA runs
+`depthwise.py`'s shifted multiply-adds through a padded copy and per-tap
+slices, 1.2-2.7x the time. `depthwise.py` calls it in training only (its
+`custom_vjp` forward rule); inference and `jax.export` keep XLA's ops, so
+an exported model carries no custom call.
+
+The kernels are C++ built on first use, like PyTorch's `cpp_extension.load`:
 `g++ -O3 -march=native` (``$CXX`` if set) against the XLA FFI headers that
 jaxlib ships (`jax.ffi.include_dir()`), into
 ``~/.cache/affectjax/native`` (``$AFFECTJAX_CACHE_DIR/native`` when set),
@@ -43,9 +51,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("csrc") / "conv_filter_grad.cc"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("conv_filter_grad.cc", "depthwise_conv.cc"))
+# XLA custom-call target -> the handler symbol in the library.
 TARGET = "affectjax_conv_filter_grad"
-SYMBOL = "AffectjaxConvFilterGrad"
+DEPTHWISE_TARGET = "affectjax_depthwise_conv"
+DEPTHWISE_GRAD_TARGET = "affectjax_depthwise_filter_grad"
+SYMBOLS = {TARGET: "AffectjaxConvFilterGrad",
+           DEPTHWISE_TARGET: "AffectjaxDepthwiseConv",
+           DEPTHWISE_GRAD_TARGET: "AffectjaxDepthwiseFilterGrad"}
 OPT_OUT = "AFFECTJAX_NATIVE_KERNELS"
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
              "-fno-math-errno")
@@ -82,14 +96,14 @@ def _library_path() -> tuple[Path, list[str]]:
   version = subprocess.run(cxx + ["--version"], capture_output=True,
                            text=True, check=True).stdout
   digest = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(),
+  for part in (*(src.read_bytes() for src in SOURCES), jaxlib.__version__.encode(),
                version.encode(), _cpu_signature().encode(),
                " ".join(CXX_FLAGS).encode()):
     digest.update(part)
     digest.update(b"\0")
-  path = _cache_dir() / f"conv_filter_grad-{digest.hexdigest()[:16]}.so"
+  path = _cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
   cmd = cxx + list(CXX_FLAGS) + ["-isystem", jax.ffi.include_dir(),
-                                 str(SOURCE), "-o"]
+                                 *map(str, SOURCES), "-o"]
   return path, cmd
 
 
@@ -110,7 +124,7 @@ def build() -> Path:
     done = subprocess.run(cmd + [tmp], capture_output=True, text=True)
     if done.returncode:
       raise RuntimeError(
-          f"building {SOURCE.name} failed ({' '.join(cmd + [tmp])}):\n"
+          f"building the native kernels failed ({' '.join(cmd + [tmp])}):\n"
           f"{done.stderr[-2000:]}")
     os.replace(tmp, path)
   finally:
@@ -138,19 +152,20 @@ def available() -> bool:
     try:
       path = build()
       lib = ctypes.cdll.LoadLibrary(str(path))
-      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
-                                  platform="cpu")
+      for target, symbol in SYMBOLS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError,
             AttributeError) as e:
       _state.update(ok=False, reason=str(e))
       logging.warning(
-          "The native CPU filter-gradient kernel is off (%s); convolutions "
-          "keep XLA's filter gradient, which trains the dense convnets "
-          "about 10-20%% slower on the CPU. It needs a C++17 compiler "
-          "(g++, or $CXX).", e)
+          "The native CPU kernels are off (%s); convolutions keep XLA's "
+          "filter gradients and depthwise convolutions, which train the "
+          "models about 10-20%% slower on the CPU. They need a C++17 "
+          "compiler (g++, or $CXX).", e)
       return False
     _state.update(ok=True, reason="", path=str(path))
-    logging.info("Native CPU filter-gradient kernel: %s", path)
+    logging.info("Native CPU kernels: %s", path)
     return True
 
 
@@ -220,3 +235,45 @@ def filter_grad(x, dy, kernel_shape, window_strides, padding):
               stride_h=np.int64(window_strides[0]),
               stride_w=np.int64(window_strides[1]),
               pad_top=np.int64(top), pad_left=np.int64(left))
+
+
+def depthwise_supported(x, w) -> bool:
+  """Whether `depthwise_conv` computes this depthwise convolution.
+
+  The CPU backend, float32 of static shapes, a (kh, kw, 1, C) filter, and
+  the kernels not turned off or known to have failed (`supports`' rule:
+  the caller builds them with `available()` when it traces a backward pass).
+  """
+  return (jax.default_backend() == "cpu" and x.dtype == jnp.float32
+          and w.dtype == jnp.float32 and x.ndim == 4 and w.ndim == 4
+          and all(isinstance(d, int) for d in (*x.shape, *w.shape))
+          and w.shape[2] == 1 and w.shape[3] == x.shape[3]
+          and not _opted_out() and _state.get("ok", True))
+
+
+def depthwise_conv(x, w, strides, padding, out_shape):
+  """The depthwise convolution of NHWC `x` with (kh, kw, 1, C) `w`.
+
+  `padding` is explicit ((top, bottom), (left, right)); `out_shape` the
+  NHWC output's. Equal to `depthwise.depthwise_conv`
+  within float32 rounding. Call where `depthwise_supported` and
+  `available()` said yes.
+  """
+  (top, _), (left, _) = padding
+  call = jax.ffi.ffi_call(DEPTHWISE_TARGET,
+                          jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32))
+  return call(x, w.reshape(w.shape[0], w.shape[1], w.shape[3]),
+              sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+              pt=np.int64(top), pl=np.int64(left))
+
+
+def depthwise_filter_grad(x, dy, kernel_shape, strides, padding):
+  """dL/dw ((kh, kw, 1, C), float32) of the depthwise convolution of `x`
+  given dL/dy = `dy` (both NHWC float32); `padding` explicit. Equal to
+  `depthwise._filter_grad` within float32 rounding."""
+  kh, kw, _, c = kernel_shape
+  (top, _), (left, _) = padding
+  call = jax.ffi.ffi_call(DEPTHWISE_GRAD_TARGET,
+                          jax.ShapeDtypeStruct((kh, kw, c), jnp.float32))
+  return call(x, dy, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+              pt=np.int64(top), pl=np.int64(left)).reshape(kh, kw, 1, c)
