@@ -38,8 +38,10 @@ YNNPACK convolutions (the setting of the numbers in BENCHMARKS.md before
 
 `--depthwise` instead compares, for some of EfficientNet-B3's depthwise
 convolutions (112 px, batch --batch_size), lax's grouped convolution with
-`affectjax.models.depthwise`'s shifted multiply-adds, and for some of its
-1x1 convolutions lax's convolution with a matrix product:
+`affectjax.models.depthwise`'s shifted multiply-adds (its gradients are the
+native kernels' unless AFFECTJAX_NATIVE_KERNELS=0) and the native forward
+kernel, and for some of its 1x1 convolutions lax's convolution with a
+matrix product:
 
   .venv/bin/python benchmarks/conv_probe.py --depthwise --batch_size=32
 
@@ -246,6 +248,15 @@ def depthwise_main(args):
     row(f"depthwise {size}px {c}ch {k}x{k}/{stride}", [
         ("lax", lambda x, w: lax.conv_general_dilated(x, w, (stride,) * 2, "SAME", **kw), x, w),
         ("taps", lambda x, w: depthwise.conv_general_dilated(x, w, (stride,) * 2, "SAME", **kw), x, w)])
+    if native_kernels.available() and not args.check:
+      # The training forward (the custom_vjp's rule); the rows above time
+      # the primal, XLA's taps, and (kernels on) the native gradients.
+      pads = lax.padtype_to_pads((size, size), (k, k), (stride, stride), "SAME")
+      shape = depthwise.conv_general_dilated(x, w, (stride,) * 2, "SAME", **kw).shape
+      fwd = jax.jit(lambda x, w: native_kernels.depthwise_conv(
+          x, w, (stride, stride), pads, shape))
+      print(f"{'':28s} native fwd {_time(fwd, (x, w), args.iters, args.repeats):.1f}",
+            flush=True)
   for size, ci, co in POINTWISE_SHAPES:
     x = jax.random.normal(key, (n, size, size, ci))
     w = jax.random.normal(key, (1, 1, ci, co)) * 0.1

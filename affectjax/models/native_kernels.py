@@ -1,5 +1,6 @@
-"""Native CPU kernels (XLA FFI custom calls): a convolution's filter gradient
-and a depthwise convolution's forward pass.
+"""Native CPU kernels (XLA FFI custom calls) for what XLA:CPU runs slowly in
+training: a dense convolution's filter gradient, and EfficientNet's
+depthwise convolution (forward and filter gradient).
 
 XLA:CPU computes a convolution's filter gradient as another convolution,
 whose "kernel" is the whole output map and whose contraction is over the
@@ -7,33 +8,38 @@ images; Eigen blocks that shape badly, and it was what kept the dense
 convnets' CPU train step below PyTorch's (docs/BENCHMARKS.md, "The filter
 gradient, layer by layer": 96 ms in chunks of 8 images against oneDNN's 52
 for the custom CNN's eight convolutions). `csrc/conv_filter_grad.cc`
-computes it as the GEMM it is: cache-sized blocks of output rows, a
-register-blocked micro-kernel over each run of output columns (no im2col
-copy), the images split between XLA's CPU threads.
+computes it as the GEMM it is (`filter_grad`): cache-sized blocks of output
+rows, a register-blocked micro-kernel over each run of output columns (no
+im2col copy), the images or output channels split between XLA's CPU
+threads.
 
-`depthwise_conv` (`csrc/depthwise_conv.cc`) is EfficientNet's depthwise
-convolution, forward, reading the input in place: XLA runs
-`depthwise.py`'s shifted multiply-adds through a padded copy and per-tap
-slices, 1.2-2.7x the time. `depthwise.py` calls it in training only (its
-`custom_vjp` forward rule); inference and `jax.export` keep XLA's ops, so
-an exported model carries no custom call.
+`csrc/depthwise_conv.cc` computes a depthwise convolution
+(`depthwise_conv`) and its filter gradient (`depthwise_filter_grad`)
+reading the arrays in place; XLA runs `depthwise.py`'s shifted
+multiply-adds through a padded copy and per-tap slices (the forward 1.2-2.7x
+the kernel's time). `depthwise.py` calls them from its `custom_vjp` rules,
+which only differentiation uses: inference and `jax.export` keep XLA's ops,
+so an exported model carries no custom call.
 
 The kernels are C++ built on first use, like PyTorch's `cpp_extension.load`:
 `g++ -O3 -march=native` (``$CXX`` if set) against the XLA FFI headers that
 jaxlib ships (`jax.ffi.include_dir()`), into
 ``~/.cache/affectjax/native`` (``$AFFECTJAX_CACHE_DIR/native`` when set),
-under a name that hashes the source, jaxlib's version, the compiler and the
-CPU's model and flags, so one home directory shared by different CPUs or
-jaxlibs keeps one build each. The build is written to a temporary name and
-renamed, so concurrent processes never load a partial file. Without a
+under a name that hashes the sources, jaxlib's version, the compiler and
+the CPU's model and flags, so one home directory shared by different CPUs
+or jaxlibs keeps one build each. The build is written to a temporary name
+and renamed, so concurrent processes never load a partial file. Without a
 compiler, or where the build fails, `available()` says why (logged once)
-and the callers keep XLA's formulation.
+and the callers keep XLA's formulations.
 
-``AFFECTJAX_NATIVE_KERNELS=0`` turns the kernel off (XLA's formulation
+``AFFECTJAX_NATIVE_KERNELS=0`` turns them off (XLA's formulations
 everywhere), for comparisons (`benchmarks/train_bench.py
---jax_impls=fused@nonative`). The kernel runs on the CPU backend only, for
-float32 NHWC inputs and HWIO kernels with no dilation and one feature
-group (`supports`); anything else keeps XLA's gradient.
+--jax_impls=fused@nonative`). They run on the CPU backend only, for
+float32 NHWC inputs (`supports`, `depthwise_supported`).
+
+A dense forward kernel of the same design was tried and left out: with the
+filter panel blocked for L1 it stayed 0-40% slower than Eigen's forward
+convolution on VGG16's layers (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 

@@ -27,9 +27,9 @@ Variants:
              Intel Xeon VM; a slower CPU trains fewer steps, not longer
              (docs/RECIPES.md has the measured result and the commands).
              total_steps (7,000) only shapes it: 7 evaluations of PublicTest.
-             Measured: 66.43% PrivateTest in 29 minutes on the Intel Xeon
-             VM, ten-crop TTA (--tta=crops) chosen on PublicTest (65.70% in
-             a later, slower hour); docs/RECIPES.md has all five runs.
+             Measured: 67.07% PrivateTest in 29 minutes on the Intel Xeon
+             VM (one CPU device), ten-crop TTA (--tta=crops) and EMA
+             weights chosen on PublicTest; docs/RECIPES.md has all six runs.
   :cpu_hour  the same network for a fixed 11,000 steps (24.5 epochs), the
              earlier hour-long run: 66.79% PrivateTest on the 2-core AMD EPYC
              VM in 58 minutes (about 1 h 45 on the Intel Xeon VM).
