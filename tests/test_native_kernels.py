@@ -221,3 +221,14 @@ def test_depthwise_kernels_equal_lax(shape, kernel, strides, padding):
   primal = jax.jit(lambda x, w: depthwise.conv_general_dilated(
       x, w, strides, padding, dimension_numbers=DN, feature_group_count=c))
   assert "affectjax_" not in primal.lower(x, w).as_text()
+
+
+def test_kernels_stay_off_on_other_backends(monkeypatch):
+  # Measured on XLA:CPU only; a GPU or TPU keeps lax's / XLA's ops.
+  x = jnp.zeros((2, 8, 8, 16), jnp.float32)
+  dense, depthwise_w = jnp.zeros((3, 3, 16, 16)), jnp.zeros((3, 3, 1, 16))
+  assert native_kernels.supports(x, dense, (1, 1), "SAME", dimension_numbers=DN)
+  assert native_kernels.depthwise_supported(x, depthwise_w)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not native_kernels.supports(x, dense, (1, 1), "SAME", dimension_numbers=DN)
+  assert not native_kernels.depthwise_supported(x, depthwise_w)

@@ -59,6 +59,7 @@ import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("conv_filter_grad.cc", "depthwise_conv.cc"))
+HEADERS = (Path(__file__).with_name("csrc") / "cpu_kernel.h",)
 # XLA custom-call target -> the handler symbol in the library.
 TARGET = "affectjax_conv_filter_grad"
 DEPTHWISE_TARGET = "affectjax_depthwise_conv"
@@ -102,7 +103,8 @@ def _library_path() -> tuple[Path, list[str]]:
   version = subprocess.run(cxx + ["--version"], capture_output=True,
                            text=True, check=True).stdout
   digest = hashlib.sha256()
-  for part in (*(src.read_bytes() for src in SOURCES), jaxlib.__version__.encode(),
+  for part in (*(src.read_bytes() for src in SOURCES + HEADERS),
+               jaxlib.__version__.encode(),
                version.encode(), _cpu_signature().encode(),
                " ".join(CXX_FLAGS).encode()):
     digest.update(part)

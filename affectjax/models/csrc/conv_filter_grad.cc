@@ -19,52 +19,37 @@
 //    (the input positions of a run are `sw * Ci` floats apart), with no
 //    im2col copy;
 //  * the images, or for small maps the output channels, are split between
-//    XLA's CPU worker threads (`Job`).
+//    XLA's CPU worker threads (`affectjax::ParallelFor`).
 //
 // The vector width follows the machine the file is compiled on
 // (-march=native): 16 floats with AVX-512, 8 with AVX, 4 otherwise.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include <unistd.h>
 
+#include "cpu_kernel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using affectjax::kVL;
+using affectjax::LoadU;
+using affectjax::vf;
+
 #if defined(__AVX512F__)
-constexpr int kVL = 16;  // floats per vector
 constexpr int kMR = 12;  // input channels per tile: 12 x 2 accumulators
 #elif defined(__AVX__)
-constexpr int kVL = 8;
 constexpr int kMR = 6;   // the classic 6 x 16 tile of 16 AVX registers
 #else
-constexpr int kVL = 4;
 constexpr int kMR = 4;
 #endif
 constexpr int kNV = 2;  // vectors of output channels per tile
 
-typedef float vf __attribute__((vector_size(kVL * sizeof(float))));
-
-inline vf LoadU(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(vf));
-  return v;
-}
-
-inline void AddU(float* p, vf v) {
-  vf old;
-  std::memcpy(&old, p, sizeof(vf));
-  old += v;
-  std::memcpy(p, &old, sizeof(vf));
-}
+inline void AddU(float* p, vf v) { affectjax::StoreU(p, LoadU(p) + v); }
 
 struct Geometry {
   int64_t n, h, w, ci;   // x
@@ -230,9 +215,6 @@ void FilterGrad(const Geometry& g, const float* x, const float* dy, int64_t n0,
   }
 }
 
-// One call's work, shared with the tasks it schedules on XLA's pool; a
-// task may start after the call has returned (it then finds nothing left).
-//
 // The work is split between threads in one of two ways. Over images, each
 // unit summing into a float32 buffer of its own (unit 0 into the output),
 // the buffers added at the end: for large maps, where that addition is
@@ -240,35 +222,6 @@ void FilterGrad(const Geometry& g, const float* x, const float* dy, int64_t n0,
 // columns of the output: for small maps with many channels (VGG16's 7-14
 // px, 512 channels), where per-thread copies of the 9.4 MB gradient cost
 // more than the GEMM's imbalance.
-struct Job {
-  Geometry g;
-  const float* x;
-  const float* dy;
-  int64_t units;
-  bool by_channels;
-  std::vector<int64_t> o_bounds;             // by_channels: unit u's [o_bounds[u], o_bounds[u+1])
-  std::vector<float*> sums;                  // by images: per unit; sums[0] is the output
-  std::vector<std::vector<float>> buffers;   // backing for sums[1:]
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void Work(Job* job) {
-  const Geometry& g = job->g;
-  for (;;) {
-    const int64_t u = job->next.fetch_add(1, std::memory_order_relaxed);
-    if (u >= job->units) return;
-    if (job->by_channels) {
-      FilterGrad(g, job->x, job->dy, 0, g.n, job->o_bounds[u],
-                 job->o_bounds[u + 1], job->sums[0]);
-    } else {
-      FilterGrad(g, job->x, job->dy, u * g.n / job->units,
-                 (u + 1) * g.n / job->units, 0, g.co, job->sums[u]);
-    }
-    job->done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error ConvFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> dy,
                               ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h,
@@ -288,10 +241,8 @@ ffi::Error ConvFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::fill(out, out + size, 0.0f);
   if (g.n == 0 || g.ho == 0 || g.wo == 0) return ffi::Error::Success();
 
-  auto job = std::make_shared<Job>();
-  job->g = g;
-  job->x = x.typed_data();
-  job->dy = dy.typed_data();
+  const float* xs = x.typed_data();
+  const float* dys = dy.typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // Output channel tiles to share out, and the output pixels each element
   // of the gradient sums: with fewer than 4096 pixels per thread, a copy of
@@ -299,32 +250,22 @@ ffi::Error ConvFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t tile = kNV * kVL;
   const int64_t o_tiles = (g.co + tile - 1) / tile;
   const int64_t pixels = g.n * g.ho * g.wo;
-  job->by_channels = threads > 1 && o_tiles >= 2 * threads &&
-                     pixels < 4096 * threads;
-  job->sums.assign(1, out);
-  if (job->by_channels) {
-    job->units = threads;
-    for (int64_t u = 0; u <= threads; ++u)
-      job->o_bounds.push_back(std::min(g.co, (u * o_tiles / threads) * tile));
-  } else {
-    job->units = std::min<int64_t>(g.n, threads);
-    job->sums.assign(job->units, out);
-    job->buffers.resize(job->units);
-    for (int64_t u = 1; u < job->units; ++u) {
-      job->buffers[u].assign(size, 0.0f);
-      job->sums[u] = job->buffers[u].data();
-    }
+  if (threads > 1 && o_tiles >= 2 * threads && pixels < 4096 * threads) {
+    affectjax::ParallelFor(pool, threads, [&](int64_t u) {
+      FilterGrad(g, xs, dys, 0, g.n, std::min(g.co, (u * o_tiles / threads) * tile),
+                 std::min(g.co, ((u + 1) * o_tiles / threads) * tile), out);
+    });
+    return ffi::Error::Success();
   }
-  for (int64_t u = 1; u < job->units; ++u) pool.Schedule([job] { Work(job.get()); });
-  Work(job.get());
-  // Every unit has been claimed; wait for those other threads are running.
-  while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
-  if (!job->by_channels) {
-    for (int64_t u = 1; u < job->units; ++u) {
-      const float* s = job->sums[u];
-      for (int64_t k = 0; k < size; ++k) out[k] += s[k];
-    }
-  }
+  const int64_t units = std::min<int64_t>(g.n, threads);
+  std::vector<std::vector<float>> sums(units);
+  for (int64_t u = 1; u < units; ++u) sums[u].assign(size, 0.0f);
+  affectjax::ParallelFor(pool, units, [&](int64_t u) {
+    FilterGrad(g, xs, dys, u * g.n / units, (u + 1) * g.n / units, 0, g.co,
+               u == 0 ? out : sums[u].data());
+  });
+  for (int64_t u = 1; u < units; ++u)
+    for (int64_t k = 0; k < size; ++k) out[k] += sums[u][k];
   return ffi::Error::Success();
 }
 

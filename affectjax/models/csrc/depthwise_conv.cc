@@ -12,26 +12,20 @@
 // on EfficientNet-B3's layers (docs/BENCHMARKS.md). The rows are shared out
 // between XLA's CPU threads in 4 blocks per thread.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
+
+#include "cpu_kernel.h"
 #include "xla/ffi/api/ffi.h"
+
 namespace ffi = xla::ffi;
+
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kVL = 16;
-#elif defined(__AVX__)
-constexpr int kVL = 8;
-#else
-constexpr int kVL = 4;
-#endif
-typedef float vf __attribute__((vector_size(kVL * sizeof(float))));
-inline vf LoadU(const float* p) { vf v; std::memcpy(&v, p, sizeof(vf)); return v; }
-inline void StoreU(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
+using affectjax::kVL;
+using affectjax::LoadU;
+using affectjax::StoreU;
+using affectjax::vf;
 
 // Shapes: x (n, h, w, c), y (n, ho, wo, c), taps kh x kw, strides, padding before.
 struct G { int64_t n, h, w, c, ho, wo, kh, kw, sh, sw, pt, pl; };
@@ -84,25 +78,7 @@ void Rows(const G& g, const float* x, const float* w, float* y, int64_t r0, int6
   }
 }
 
-struct Job {
-  G g;
-  const float *x, *w;
-  float* y;
-  int64_t units;
-  std::atomic<int64_t> next{0}, done{0};
-};
-void Work(Job* j) {
-  const int64_t rows = j->g.n * j->g.ho;
-  for (;;) {
-    int64_t u = j->next.fetch_add(1);
-    if (u >= j->units) return;
-    Rows(j->g, j->x, j->w, j->y, u * rows / j->units, (u + 1) * rows / j->units);
-    j->done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// Rows in 4 blocks per thread, claimed by whichever thread is free; a task
-// that starts after the call has returned finds nothing left.
+// Rows in 4 blocks per thread, claimed by whichever thread is free.
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                 ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   auto xd = x.dimensions();
@@ -112,17 +88,15 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
       yd[0] != xd[0] || yd[3] != xd[3] || sh < 1 || sw < 1)
     return ffi::Error::InvalidArgument("depthwise_conv: shapes or strides do not match.");
   G g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], wd[0], wd[1], sh, sw, pt, pl};
-  auto job = std::make_shared<Job>();
-  job->g = g;
-  job->x = x.typed_data();
-  job->w = w.typed_data();
-  job->y = y->typed_data();
-  if (g.n * g.ho == 0) return ffi::Error::Success();
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  job->units = std::min<int64_t>(g.n * g.ho, threads * 4);
-  for (int64_t u = 1; u < std::min<int64_t>(threads, job->units); ++u) pool.Schedule([job] { Work(job.get()); });
-  Work(job.get());
-  while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
+  const int64_t rows = g.n * g.ho;
+  if (rows == 0) return ffi::Error::Success();
+  const int64_t units = std::min<int64_t>(rows, std::max<int64_t>(1, pool.num_threads()) * 4);
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  float* ys = y->typed_data();
+  affectjax::ParallelFor(pool, units, [&](int64_t u) {
+    Rows(g, xs, ws, ys, u * rows / units, (u + 1) * rows / units);
+  });
   return ffi::Error::Success();
 }
 
@@ -182,30 +156,15 @@ void FilterGradRows(const G& g, const float* x, const float* dy, float* acc_out,
     }
 }
 
-struct GradJob {
-  G g;
-  const float *x, *dy;
-  int64_t units;
-  std::vector<std::vector<float>> sums;  // per unit, kh * kw * c floats
-  std::atomic<int64_t> next{0}, done{0};
-};
-
-void GradWork(GradJob* j) {
-  const G& g = j->g;
-  const int64_t rows = g.n * g.ho;
-  for (;;) {
-    const int64_t u = j->next.fetch_add(1);
-    if (u >= j->units) return;
-    const int64_t r0 = u * rows / j->units, r1 = (u + 1) * rows / j->units;
-    float* out = j->sums[u].data();
-    if (g.kh == 3 && g.kw == 3) {
-      FilterGradRows<3, 3>(g, j->x, j->dy, out, r0, r1);
-    } else if (g.kh == 5 && g.kw == 5) {
-      FilterGradRows<5, 5>(g, j->x, j->dy, out, r0, r1);
-    } else {
-      FilterGradRows<0, 0>(g, j->x, j->dy, out, r0, r1);
-    }
-    j->done.fetch_add(1, std::memory_order_release);
+// dw (kh * kw * c floats, zeroed) += the filter gradient over rows [r0, r1).
+void FilterGradDispatch(const G& g, const float* x, const float* dy, float* out,
+                        int64_t r0, int64_t r1) {
+  if (g.kh == 3 && g.kw == 3) {
+    FilterGradRows<3, 3>(g, x, dy, out, r0, r1);
+  } else if (g.kh == 5 && g.kw == 5) {
+    FilterGradRows<5, 5>(g, x, dy, out, r0, r1);
+  } else {
+    FilterGradRows<0, 0>(g, x, dy, out, r0, r1);
   }
 }
 
@@ -226,18 +185,15 @@ ffi::Error GradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::fill(out, out + size, 0.0f);
   const int64_t rows = g.n * g.ho;
   if (rows == 0 || g.wo == 0) return ffi::Error::Success();
-  auto job = std::make_shared<GradJob>();
-  job->g = g;
-  job->x = x.typed_data();
-  job->dy = dy.typed_data();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  job->units = std::min<int64_t>(rows, threads);
-  job->sums.assign(job->units, std::vector<float>(size, 0.0f));
-  for (int64_t u = 1; u < job->units; ++u) pool.Schedule([job] { GradWork(job.get()); });
-  GradWork(job.get());
-  while (job->done.load(std::memory_order_acquire) < job->units) std::this_thread::yield();
-  for (int64_t u = 0; u < job->units; ++u)
-    for (int64_t k = 0; k < size; ++k) out[k] += job->sums[u][k];
+  const int64_t units = std::min<int64_t>(rows, std::max<int64_t>(1, pool.num_threads()));
+  std::vector<std::vector<float>> sums(units, std::vector<float>(size, 0.0f));
+  const float* xs = x.typed_data();
+  const float* dys = dy.typed_data();
+  affectjax::ParallelFor(pool, units, [&](int64_t u) {
+    FilterGradDispatch(g, xs, dys, sums[u].data(), u * rows / units, (u + 1) * rows / units);
+  });
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t k = 0; k < size; ++k) out[k] += sums[u][k];
   return ffi::Error::Success();
 }
 }
