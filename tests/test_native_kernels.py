@@ -6,6 +6,7 @@ and channel counts that leave every tail of its tiles; its build against a
 real compiler, the cache key, and the fallback when the build fails.
 """
 import os
+import platform
 import stat
 import subprocess
 import sys
@@ -232,3 +233,48 @@ def test_kernels_stay_off_on_other_backends(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert not native_kernels.supports(x, dense, (1, 1), "SAME", dimension_numbers=DN)
   assert not native_kernels.depthwise_supported(x, depthwise_w)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_kernels_on_narrower_vectors(tmp_path, march):
+  """The AVX2 (8-float) and SSE (4-float) builds a CPU without AVX-512 gets
+  from -march=native (AMD EPYC before Zen 4), built here with -march=<march>."""
+  if platform.machine() != "x86_64":
+    pytest.fail("this test builds x86-64 variants; run it on x86-64")
+  code = f"""
+      import jax, jax.numpy as jnp, numpy as np
+      from affectjax.models import depthwise, native_kernels
+      native_kernels.CXX_FLAGS = tuple(
+          "-march={march}" if f == "-march=native" else f
+          for f in native_kernels.CXX_FLAGS)
+      assert native_kernels.available(), native_kernels.unavailable_reason()
+      dn = ("NHWC", "HWIO", "NHWC")
+      rng = np.random.default_rng(0)
+      x = jnp.asarray(rng.normal(size=(3, 9, 10, 21)), jnp.float32)
+      for s in ((1, 1), (2, 1)):
+        w = jnp.zeros((3, 3, 21, 37), jnp.float32)
+        y = jax.eval_shape(lambda x, w: jax.lax.conv_general_dilated(
+            x, w, s, "SAME", dimension_numbers=dn), x, w)
+        dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+        ref = jax.vjp(lambda w: jax.lax.conv_general_dilated(
+            x, w, s, "SAME", dimension_numbers=dn), w)[1](dy)[0]
+        ours = jax.jit(lambda x, dy: native_kernels.filter_grad(
+            x, dy, w.shape, s, "SAME"))(x, dy)
+        np.testing.assert_allclose(ours, ref, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+        wd = jnp.asarray(rng.normal(size=(5, 5, 1, 21)), jnp.float32)
+        conv = lambda fn: (lambda x, w: fn(x, w, s, "SAME", dimension_numbers=dn,
+                                           feature_group_count=21))
+        ours = jax.jit(lambda x, w: jax.value_and_grad(
+            lambda x, w: jnp.sum(jnp.sin(conv(depthwise.conv_general_dilated)(x, w))),
+            argnums=(0, 1))(x, w))(x, wd)
+        ref = jax.value_and_grad(
+            lambda x, w: jnp.sum(jnp.sin(conv(jax.lax.conv_general_dilated)(x, w))),
+            argnums=(0, 1))(x, wd)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+          np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+      print("built", native_kernels._state["path"])
+  """
+  done = _run_child(code, {}, tmp_path)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "built" in done.stdout

@@ -27,9 +27,10 @@ Variants:
              Intel Xeon VM; a slower CPU trains fewer steps, not longer
              (docs/RECIPES.md has the measured result and the commands).
              total_steps (7,000) only shapes it: 7 evaluations of PublicTest.
-             Measured: 67.07% PrivateTest in 29 minutes on the Intel Xeon
-             VM (one CPU device), ten-crop TTA (--tta=crops) and EMA
-             weights chosen on PublicTest; docs/RECIPES.md has all six runs.
+             Measured: 67.79% PrivateTest in 29 minutes on the Intel Xeon
+             VM (one CPU device, the native CPU kernels: 9,200 steps),
+             ten-crop TTA (--tta=crops) and raw weights chosen on
+             PublicTest; docs/RECIPES.md has all seven runs.
   :cpu_hour  the same network for a fixed 11,000 steps (24.5 epochs), the
              earlier hour-long run: 66.79% PrivateTest on the 2-core AMD EPYC
              VM in 58 minutes (about 1 h 45 on the Intel Xeon VM).
