@@ -30,6 +30,18 @@ using affectjax::vf;
 // Shapes: x (n, h, w, c), y (n, ho, wo, c), taps kh x kw, strides, padding before.
 struct G { int64_t n, h, w, c, ho, wo, kh, kw, sh, sw, pt, pl; };
 
+// x (n, h, w, c), an output-shaped y or dy (n, ho, wo, c) and a (kh, kw, c)
+// filter; false where the shapes or strides do not match.
+template <typename Dims>
+bool MakeGeometry(Dims xd, Dims yd, Dims wd, int64_t sh, int64_t sw, int64_t pt,
+                  int64_t pl, G* g) {
+  if (xd.size() != 4 || yd.size() != 4 || wd.size() != 3 || wd[2] != xd[3] ||
+      yd[0] != xd[0] || yd[3] != xd[3] || sh < 1 || sw < 1)
+    return false;
+  *g = G{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], wd[0], wd[1], sh, sw, pt, pl};
+  return true;
+}
+
 // Output rows [r0, r1) (r = n*ho + p): y[r, q, :] = sum_ij x[..] * w[i, j, :].
 void Rows(const G& g, const float* x, const float* w, float* y, int64_t r0, int64_t r1) {
   constexpr int QB = 4;
@@ -81,13 +93,9 @@ void Rows(const G& g, const float* x, const float* w, float* y, int64_t r0, int6
 // Rows in 4 blocks per thread, claimed by whichever thread is free.
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                 ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  auto yd = y->dimensions();
-  if (xd.size() != 4 || wd.size() != 3 || yd.size() != 4 || wd[2] != xd[3] ||
-      yd[0] != xd[0] || yd[3] != xd[3] || sh < 1 || sw < 1)
+  G g;
+  if (!MakeGeometry(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pl, &g))
     return ffi::Error::InvalidArgument("depthwise_conv: shapes or strides do not match.");
-  G g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], wd[0], wd[1], sh, sw, pt, pl};
   const int64_t rows = g.n * g.ho;
   if (rows == 0) return ffi::Error::Success();
   const int64_t units = std::min<int64_t>(rows, std::max<int64_t>(1, pool.num_threads()) * 4);
@@ -173,13 +181,9 @@ void FilterGradDispatch(const G& g, const float* x, const float* dy, float* out,
 ffi::Error GradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
                     int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
-  auto xd = x.dimensions();
-  auto dyd = dy.dimensions();
-  auto wd = dw->dimensions();
-  if (xd.size() != 4 || dyd.size() != 4 || wd.size() != 3 || wd[2] != xd[3] ||
-      dyd[0] != xd[0] || dyd[3] != xd[3] || sh < 1 || sw < 1)
+  G g;
+  if (!MakeGeometry(x.dimensions(), dy.dimensions(), dw->dimensions(), sh, sw, pt, pl, &g))
     return ffi::Error::InvalidArgument("depthwise_filter_grad: shapes or strides do not match.");
-  G g{xd[0], xd[1], xd[2], xd[3], dyd[1], dyd[2], wd[0], wd[1], sh, sw, pt, pl};
   const int64_t size = g.kh * g.kw * g.c;
   float* out = dw->typed_data();
   std::fill(out, out + size, 0.0f);
