@@ -128,6 +128,8 @@ def build() -> Path:
   fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
                              dir=path.parent)
   os.close(fd)
+  logging.info("Compiling the native CPU kernels (once per machine and "
+               "jaxlib, about 10 s): %s", " ".join(cmd + [str(path)]))
   try:
     done = subprocess.run(cmd + [tmp], capture_output=True, text=True)
     if done.returncode:
@@ -146,7 +148,7 @@ def _opted_out() -> bool:
 
 
 def available() -> bool:
-  """Whether the kernel is built, loaded and registered with XLA:CPU (once).
+  """Whether the kernels are built, loaded and registered with XLA:CPU (once).
 
   False when ``AFFECTJAX_NATIVE_KERNELS=0``, or when the build or load
   failed; the reason is logged once and kept in `unavailable_reason()`.
@@ -169,8 +171,8 @@ def available() -> bool:
       logging.warning(
           "The native CPU kernels are off (%s); convolutions keep XLA's "
           "filter gradients and depthwise convolutions, which train the "
-          "models about 10-20%% slower on the CPU. They need a C++17 "
-          "compiler (g++, or $CXX).", e)
+          "models 7-35%% slower on the CPU (docs/BENCHMARKS.md). They need "
+          "a C++17 compiler (g++, or $CXX).", e)
       return False
     _state.update(ok=True, reason="", path=str(path))
     logging.info("Native CPU kernels: %s", path)
