@@ -151,14 +151,20 @@ def own_folder() -> str:
   return f"affectjax-{os.getuid()}"
 
 
+def root() -> str:
+  """The per-user cache folder: ``$AFFECTJAX_CACHE_DIR``, else
+  ``~/.cache/affectjax`` (the pixel cache's first choice, the native
+  kernels' builds)."""
+  env = os.environ.get(LOCATION_ENV)
+  return os.path.expanduser(env or os.path.join("~", ".cache", "affectjax"))
+
+
 def auto_locations() -> list[str]:
   """`auto`'s candidate locations, in order (see `affectjax.pixel_cache`)."""
-  env = os.environ.get(LOCATION_ENV)
-  if env:
-    return [os.path.join(os.path.expanduser(env), "pixels")]
+  if os.environ.get(LOCATION_ENV):
+    return [os.path.join(root(), "pixels")]
   own = own_folder()
-  found = [os.path.expanduser(os.path.join("~", ".cache", "affectjax",
-                                           "pixels"))]
+  found = [os.path.join(root(), "pixels")]
   if os.environ.get("TMPDIR"):
     found.append(os.path.join(os.environ["TMPDIR"], own, "pixels"))
   found.append(os.path.join("/tmp", own, "pixels"))

@@ -57,6 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from affectjax import cache_location
+
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("conv_filter_grad.cc", "depthwise_conv.cc"))
 HEADERS = (Path(__file__).with_name("csrc") / "cpu_kernel.h",)
@@ -76,9 +78,7 @@ _state: dict[str, object] = {}
 
 
 def _cache_dir() -> Path:
-  root = os.environ.get("AFFECTJAX_CACHE_DIR")
-  base = Path(root) if root else Path.home() / ".cache" / "affectjax"
-  return base / "native"
+  return Path(cache_location.root()) / "native"
 
 
 def _cpu_signature() -> str:
